@@ -1,0 +1,1 @@
+from semsearch import logs as _logs  # noqa: F401  (structured logging defaults)

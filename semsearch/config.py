@@ -1,0 +1,95 @@
+"""Settings for every semsearch command: CLI flag > environment (SEMSEARCH_*) > config file > default."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Any
+
+from pydantic import Field, SecretStr
+from pydantic_settings import (
+    BaseSettings,
+    PydanticBaseSettingsSource,
+    SettingsConfigDict,
+    YamlConfigSettingsSource,
+)
+
+DEFAULT_MODEL = "BAAI/bge-large-zh-v1.5"
+
+
+def default_data_dir() -> Path:
+    base = os.environ.get("XDG_DATA_HOME") or str(Path.home() / ".local" / "share")
+    return Path(base) / "semsearch"
+
+
+def default_milvus_uri() -> str:
+    # Milvus Lite takes a local directory whose name ends in .db.
+    return str(default_data_dir() / "milvus.db")
+
+
+class Settings(BaseSettings):
+    """One flat namespace: the same name is the same setting in every command."""
+
+    model_config = SettingsConfigDict(env_prefix="SEMSEARCH_", extra="ignore", protected_namespaces=())
+
+    # Storage
+    milvus_uri: str = Field(default_factory=default_milvus_uri)
+    milvus_token: SecretStr | None = None
+    collection: str = "semsearch"
+    milvus_timeout_s: float = 10.0
+    hnsw_m: int = 16
+    hnsw_ef_construction: int = 200
+    search_ef: int = 128
+
+    # Model and encoding
+    model: str = DEFAULT_MODEL
+    device: str = "auto"
+    encoder_url: str | None = None
+    encode_batch_size: int = 32
+    torch_threads: int | None = None
+
+    # Service
+    host: str = "127.0.0.1"
+    port: int = 50051
+    default_top_k: int = 10
+    max_top_k: int = 100
+    max_query_chars: int = 2048
+    max_batch_queries: int = 64
+    max_upsert_documents: int = 1000
+    max_document_chars: int = 20000
+    max_metadata_bytes: int = 16384
+    max_filters: int = 16
+    microbatch_max_size: int = 32
+    microbatch_max_wait_ms: float = 2.0
+    microbatch_queue_size: int = 1024
+    shutdown_grace_s: float = 10.0
+    max_message_bytes: int = 16 * 1024 * 1024
+
+    # Logging
+    log_level: str = "INFO"
+    log_json: bool = False
+
+    @classmethod
+    def settings_customise_sources(
+        cls,
+        settings_cls: type[BaseSettings],
+        init_settings: PydanticBaseSettingsSource,
+        env_settings: PydanticBaseSettingsSource,
+        dotenv_settings: PydanticBaseSettingsSource,
+        file_secret_settings: PydanticBaseSettingsSource,
+    ) -> tuple[PydanticBaseSettingsSource, ...]:
+        sources: list[PydanticBaseSettingsSource] = [init_settings, env_settings]
+        config_file = os.environ.get("SEMSEARCH_CONFIG")
+        if config_file:
+            sources.append(YamlConfigSettingsSource(settings_cls, yaml_file=config_file))
+        return tuple(sources)
+
+
+def load_settings(config_file: Path | None = None, **overrides: Any) -> Settings:
+    """Build settings; `overrides` are CLI flags, and None means 'not given on the command line'."""
+    if config_file is not None:
+        if not config_file.exists():
+            raise FileNotFoundError(f"config file not found: {config_file}")
+        os.environ["SEMSEARCH_CONFIG"] = str(config_file)
+    given = {key: value for key, value in overrides.items() if value is not None}
+    return Settings(**given)

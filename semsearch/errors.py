@@ -1,0 +1,48 @@
+"""Errors shared by every part of semsearch, each with the gRPC status it maps to.
+
+The transport layers (gRPC service, CLI) translate these; nothing below them knows about gRPC.
+"""
+
+from __future__ import annotations
+
+import grpc
+
+
+class SemsearchError(Exception):
+    """Base class: a failure with a reason a caller can read."""
+
+    status_code: grpc.StatusCode = grpc.StatusCode.INTERNAL
+
+
+class InvalidInputError(SemsearchError, ValueError):
+    """The caller sent something we will not process (empty query, bad filter, bad row)."""
+
+    status_code = grpc.StatusCode.INVALID_ARGUMENT
+
+
+class NotFoundError(SemsearchError, LookupError):
+    status_code = grpc.StatusCode.NOT_FOUND
+
+
+class ModelNotFoundError(SemsearchError):
+    """The configured model cannot be found locally or downloaded."""
+
+    status_code = grpc.StatusCode.FAILED_PRECONDITION
+
+
+class ModelMismatchError(SemsearchError):
+    """A collection's vectors were made by another model version than the serving encoder's."""
+
+    status_code = grpc.StatusCode.FAILED_PRECONDITION
+
+
+class BackendUnavailableError(SemsearchError):
+    """Milvus or a remote encoder is down or timed out; the caller may retry."""
+
+    status_code = grpc.StatusCode.UNAVAILABLE
+
+
+class OverloadedError(SemsearchError):
+    """A bounded queue is full; the caller should back off."""
+
+    status_code = grpc.StatusCode.RESOURCE_EXHAUSTED

@@ -1,0 +1,336 @@
+"""The Milvus store: one schema, model version recorded on every collection, typed filters only.
+
+Rows are chunks of documents. A document of one chunk has one row; the row id is
+`{doc_id}#{chunk_index}` so re-writing a document replaces its rows instead of adding new ones.
+"""
+
+from __future__ import annotations
+
+import json
+import threading
+import time
+from collections.abc import Iterable, Iterator, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+import structlog
+from pymilvus import DataType, MilvusClient, MilvusException
+
+from semsearch.errors import BackendUnavailableError, InvalidInputError, ModelMismatchError, NotFoundError
+from semsearch.filters import MetadataFilter, render_filters, render_string_in
+from semsearch.lite import LiteEndpoint, is_local_uri
+from semsearch.manifest import ModelManifest
+
+log = structlog.get_logger(__name__)
+
+MAX_ID_CHARS = 512
+MAX_TEXT_CHARS = 65535 // 4  # VARCHAR max_length counts bytes: 4 per character at worst
+RECORD_TAG = "semsearch"
+OUTPUT_FIELDS = ["doc_id", "chunk_index", "char_offset", "text", "metadata", "content_hash"]
+
+
+def chunk_row_id(doc_id: str, chunk_index: int) -> str:
+    return f"{doc_id}#{chunk_index}"
+
+
+@dataclass
+class ChunkRow:
+    doc_id: str
+    chunk_index: int
+    text: str
+    vector: np.ndarray
+    metadata: dict[str, Any] = field(default_factory=dict)
+    content_hash: str = ""
+    char_offset: int = 0
+
+    def to_entity(self) -> dict[str, Any]:
+        return {
+            "id": chunk_row_id(self.doc_id, self.chunk_index),
+            "doc_id": self.doc_id,
+            "chunk_index": self.chunk_index,
+            "text": self.text,
+            "metadata": self.metadata,
+            "content_hash": self.content_hash,
+            "char_offset": self.char_offset,
+            "vector": self.vector.astype(np.float32).tolist(),
+        }
+
+
+@dataclass(frozen=True)
+class Hit:
+    doc_id: str
+    chunk_index: int
+    score: float
+    text: str
+    metadata: dict[str, Any]
+
+
+@dataclass(frozen=True)
+class CollectionInfo:
+    name: str  # the physical collection, aliases resolved
+    model_version: str
+    dimension: int
+    manifest: dict[str, Any]
+
+
+class MilvusStore:
+    """A thin, typed layer over pymilvus' MilvusClient for local (Milvus Lite) and server URIs."""
+
+    def __init__(self, uri: str, *, token: str | None = None, timeout_s: float = 10.0,
+                 hnsw_m: int = 16, hnsw_ef_construction: int = 200, search_ef: int = 128) -> None:
+        self.uri = uri
+        self.timeout_s = timeout_s
+        self.hnsw_m = hnsw_m
+        self.hnsw_ef_construction = hnsw_ef_construction
+        self.search_ef = search_ef
+        self._lite: LiteEndpoint | None = None
+        if is_local_uri(uri):
+            # One process owns a Milvus Lite directory; others reach it over loopback.
+            self._lite = LiteEndpoint.attach(uri)
+            connect_uri = self._lite.url
+        else:
+            connect_uri = uri
+        self.is_lite = self._lite is not None
+        try:
+            self.client = MilvusClient(uri=connect_uri, token=token or "", timeout=timeout_s)
+        except MilvusException as exc:
+            raise BackendUnavailableError(f"cannot connect to Milvus at {uri}: {exc.message}") from exc
+        # Milvus Lite's engine is single-writer per collection: serialize our own writes.
+        self._write_lock = threading.Lock()
+
+    # ------------------------------------------------------------------ collections
+    def resolve(self, name: str) -> str:
+        """The physical collection behind a name that may be an alias ('' when neither exists)."""
+        if not self._call(self.client.has_collection, collection_name=name):
+            return ""
+        return str(self._call(self.client.describe_collection, collection_name=name)["collection_name"])
+
+    def has_collection(self, name: str) -> bool:
+        return bool(self._call(self.client.has_collection, collection_name=name))
+
+    def collection_info(self, name: str) -> CollectionInfo:
+        physical = self.resolve(name)
+        if not physical:
+            raise NotFoundError(f"collection {name!r} does not exist")
+        description = self._call(self.client.describe_collection, collection_name=physical)
+        record = read_model_record(description)
+        if record is None:
+            raise ModelMismatchError(f"collection {physical!r} was not created by semsearch (no model record)")
+        return CollectionInfo(
+            name=physical, model_version=record["model_version"], dimension=int(record["dimension"]),
+            manifest=record.get("manifest", {}),
+        )
+
+    def ensure_collection(self, name: str, manifest: ModelManifest, *, create: bool = True) -> CollectionInfo:
+        """Open `name` for `manifest`'s model, creating it if allowed; refuse a model mismatch."""
+        if self.resolve(name):
+            info = self.collection_info(name)
+            check_same_model(info, manifest)
+            return info
+        if not create:
+            raise NotFoundError(f"collection {name!r} does not exist")
+        self.create_collection(name, manifest)
+        return self.collection_info(name)
+
+    def create_collection(self, name: str, manifest: ModelManifest) -> None:
+        schema = MilvusClient.create_schema(auto_id=False, enable_dynamic_field=False)
+        schema.add_field("id", DataType.VARCHAR, is_primary=True, max_length=MAX_ID_CHARS + 16)
+        schema.add_field("doc_id", DataType.VARCHAR, max_length=MAX_ID_CHARS)
+        schema.add_field("chunk_index", DataType.INT64)
+        schema.add_field("text", DataType.VARCHAR, max_length=65535)
+        schema.add_field("metadata", DataType.JSON)
+        schema.add_field("content_hash", DataType.VARCHAR, max_length=64)
+        schema.add_field("char_offset", DataType.INT64)
+        schema.add_field("vector", DataType.FLOAT_VECTOR, dim=manifest.dimension)
+        index_params = MilvusClient.prepare_index_params()
+        index_params.add_index(
+            field_name="vector", index_type="HNSW", metric_type="COSINE",
+            params={"M": self.hnsw_m, "efConstruction": self.hnsw_ef_construction},
+        )
+        self._call(
+            self.client.create_collection, collection_name=name, schema=schema, index_params=index_params,
+            description=f"{RECORD_TAG} model {manifest.version}", properties=model_record(manifest),
+        )
+        self._call(self.client.load_collection, collection_name=name)
+        log.info("collection_created", collection=name, model_version=manifest.version)
+
+    def drop_collection(self, name: str) -> None:
+        self._call(self.client.drop_collection, collection_name=name)
+
+    def count(self, name: str) -> int:
+        rows = self._call(self.client.query, collection_name=name, filter="", output_fields=["count(*)"])
+        return int(rows[0]["count(*)"])
+
+    # ------------------------------------------------------------------ writes
+    def upsert(self, name: str, rows: Sequence[ChunkRow]) -> int:
+        if not rows:
+            return 0
+        entities = [row.to_entity() for row in rows]
+        with self._write_lock:
+            result = self._call(self.client.upsert, collection_name=name, data=entities)
+        return int(result.get("upsert_count", len(entities)))
+
+    def write_documents(self, name: str, rows: Sequence[ChunkRow]) -> int:
+        """Upsert whole documents (all of each one's chunks), then drop chunks past their new end.
+
+        New rows land before stale ones go, so a document is never absent mid-write.
+        """
+        written = self.upsert(name, rows)
+        chunk_count: dict[str, int] = {}
+        for row in rows:
+            chunk_count[row.doc_id] = max(chunk_count.get(row.doc_id, 0), row.chunk_index + 1)
+        stale = [
+            row_id for row_id, doc_id, index in self.chunk_ids(name, list(chunk_count))
+            if index >= chunk_count[doc_id]
+        ]
+        if stale:
+            with self._write_lock:
+                self._call(self.client.delete, collection_name=name, ids=stale)
+        return written
+
+    def delete_documents(self, name: str, doc_ids: Sequence[str]) -> int:
+        """Delete every chunk of these documents; returns how many documents existed."""
+        existing = self.chunk_ids(name, doc_ids)
+        if not existing:
+            return 0
+        with self._write_lock:
+            self._call(self.client.delete, collection_name=name, ids=[row_id for row_id, _, _ in existing])
+        return len({doc_id for _, doc_id, _ in existing})
+
+    def flush(self, name: str) -> None:
+        with self._write_lock:
+            self._call(self.client.flush, collection_name=name)
+
+    # ------------------------------------------------------------------ reads
+    def chunk_ids(self, name: str, doc_ids: Sequence[str]) -> list[tuple[str, str, int]]:
+        """(row id, doc id, chunk index) of every stored chunk of these documents."""
+        if not doc_ids:
+            return []
+        rows = self._call(
+            self.client.query, collection_name=name, filter=render_string_in("doc_id", list(doc_ids)),
+            output_fields=["id", "doc_id", "chunk_index"],
+        )
+        return [(str(row["id"]), str(row["doc_id"]), int(row["chunk_index"])) for row in rows]
+
+    def get_document_chunks(self, name: str, doc_id: str) -> list[dict[str, Any]]:
+        rows = self._call(
+            self.client.query, collection_name=name, filter=render_string_in("doc_id", [doc_id]),
+            output_fields=OUTPUT_FIELDS,
+        )
+        return sorted(rows, key=lambda row: int(row["chunk_index"]))
+
+    def content_hashes(self, name: str, doc_ids: Sequence[str]) -> dict[str, str]:
+        """doc_id -> content hash stored with its first chunk, for documents present."""
+        if not doc_ids:
+            return {}
+        rows = self._call(
+            self.client.query, collection_name=name,
+            filter=render_string_in("doc_id", list(doc_ids)) + " and chunk_index == 0",
+            output_fields=["doc_id", "content_hash"],
+        )
+        return {str(row["doc_id"]): str(row["content_hash"]) for row in rows}
+
+    def iter_rows(self, name: str, output_fields: Sequence[str], batch_size: int = 1000) -> Iterator[dict[str, Any]]:
+        iterator = self.client.query_iterator(
+            collection_name=name, batch_size=batch_size, filter="", output_fields=list(output_fields)
+        )
+        try:
+            while batch := iterator.next():
+                yield from batch
+        finally:
+            iterator.close()
+
+    def search(
+        self, name: str, vectors: np.ndarray, *, top_k: int, filters: Sequence[MetadataFilter] = (),
+        output_fields: Iterable[str] = ("doc_id", "chunk_index", "text", "metadata"),
+        timeout_s: float | None = None,
+    ) -> list[list[Hit]]:
+        fields = list(dict.fromkeys(["doc_id", "chunk_index", *output_fields]))
+        results = self._call(
+            self.client.search, collection_name=name, data=vectors.astype(np.float32).tolist(),
+            limit=top_k, filter=render_filters(filters), output_fields=fields, anns_field="vector",
+            search_params={"metric_type": "COSINE", "params": {"ef": max(self.search_ef, top_k)}},
+            timeout=timeout_s,
+        )
+        return [
+            [
+                Hit(
+                    doc_id=str(hit["entity"]["doc_id"]), chunk_index=int(hit["entity"]["chunk_index"]),
+                    score=float(hit["distance"]), text=str(hit["entity"].get("text", "")),
+                    metadata=dict(hit["entity"].get("metadata") or {}),
+                )
+                for hit in per_query
+            ]
+            for per_query in results
+        ]
+
+    # ------------------------------------------------------------------ aliases
+    def point_alias(self, alias: str, collection: str) -> None:
+        """Create or move `alias` to `collection` in one step."""
+        if alias in self._call(self.client.list_aliases).get("aliases", []):
+            self._call(self.client.alter_alias, collection_name=collection, alias=alias)
+        else:
+            self._call(self.client.create_alias, collection_name=collection, alias=alias)
+
+    def close(self) -> None:
+        self.client.close()
+        if self._lite is not None:
+            self._lite.release()
+
+    # ------------------------------------------------------------------ errors
+    def _call(self, method: Any, /, **kwargs: Any) -> Any:
+        kwargs.setdefault("timeout", self.timeout_s)
+        started = time.perf_counter()
+        try:
+            return method(**kwargs)
+        except MilvusException as exc:
+            raise translate_milvus_error(exc) from exc
+        except Exception as exc:  # grpc connection errors surface as many types in pymilvus
+            if "grpc" in type(exc).__module__ or isinstance(exc, ConnectionError | TimeoutError):
+                raise BackendUnavailableError(f"Milvus unavailable: {type(exc).__name__}") from exc
+            raise
+        finally:
+            log.debug("milvus_call", method=method.__name__, ms=round((time.perf_counter() - started) * 1e3, 2))
+
+
+def translate_milvus_error(exc: MilvusException) -> Exception:
+    message = str(exc.message)
+    code = getattr(exc, "code", None)
+    unavailable_markers = ("unavailable", "deadline", "timeout", "connect", "not ready")
+    if code in (1, 2) or any(marker in message.lower() for marker in unavailable_markers):
+        return BackendUnavailableError(f"Milvus unavailable: {message}")
+    if "filter" in message.lower() or "expr" in message.lower():
+        return InvalidInputError(f"filter rejected by Milvus: {message}")
+    return BackendUnavailableError(f"Milvus error: {message}")
+
+
+def model_record(manifest: ModelManifest) -> dict[str, str]:
+    """Collection properties that record which model made its vectors (strings only)."""
+    return {
+        f"{RECORD_TAG}.model_version": manifest.version,
+        f"{RECORD_TAG}.dimension": str(manifest.dimension),
+        f"{RECORD_TAG}.manifest": manifest.model_dump_json(exclude={"metrics"}),
+    }
+
+
+def read_model_record(description: dict[str, Any]) -> dict[str, Any] | None:
+    properties = description.get("properties") or {}
+    version = properties.get(f"{RECORD_TAG}.model_version")
+    if not version:
+        return None
+    manifest_json = properties.get(f"{RECORD_TAG}.manifest") or "{}"
+    return {
+        "model_version": version, "dimension": int(properties[f"{RECORD_TAG}.dimension"]),
+        "manifest": json.loads(manifest_json),
+    }
+
+
+def check_same_model(info: CollectionInfo, manifest: ModelManifest) -> None:
+    """The core invariant: a query vector only meets vectors of the same model version."""
+    if info.model_version != manifest.version or info.dimension != manifest.dimension:
+        raise ModelMismatchError(
+            f"collection {info.name!r} holds vectors of model {info.model_version} (dim {info.dimension}); "
+            f"the encoder is {manifest.version} (dim {manifest.dimension}). Re-index into a new collection "
+            "and swap (model, collection) together."
+        )

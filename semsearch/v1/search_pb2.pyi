@@ -1,0 +1,177 @@
+from google.protobuf import struct_pb2 as _struct_pb2
+from google.protobuf.internal import containers as _containers
+from google.protobuf.internal import enum_type_wrapper as _enum_type_wrapper
+from google.protobuf import descriptor as _descriptor
+from google.protobuf import message as _message
+from collections.abc import Iterable as _Iterable, Mapping as _Mapping
+from typing import ClassVar as _ClassVar, Optional as _Optional, Union as _Union
+
+DESCRIPTOR: _descriptor.FileDescriptor
+
+class FilterOperator(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
+    __slots__ = ()
+    FILTER_OPERATOR_UNSPECIFIED: _ClassVar[FilterOperator]
+    FILTER_OPERATOR_EQ: _ClassVar[FilterOperator]
+    FILTER_OPERATOR_NE: _ClassVar[FilterOperator]
+    FILTER_OPERATOR_GT: _ClassVar[FilterOperator]
+    FILTER_OPERATOR_GTE: _ClassVar[FilterOperator]
+    FILTER_OPERATOR_LT: _ClassVar[FilterOperator]
+    FILTER_OPERATOR_LTE: _ClassVar[FilterOperator]
+    FILTER_OPERATOR_IN: _ClassVar[FilterOperator]
+    FILTER_OPERATOR_NOT_IN: _ClassVar[FilterOperator]
+
+class ReturnField(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
+    __slots__ = ()
+    RETURN_FIELD_UNSPECIFIED: _ClassVar[ReturnField]
+    RETURN_FIELD_TEXT: _ClassVar[ReturnField]
+    RETURN_FIELD_METADATA: _ClassVar[ReturnField]
+FILTER_OPERATOR_UNSPECIFIED: FilterOperator
+FILTER_OPERATOR_EQ: FilterOperator
+FILTER_OPERATOR_NE: FilterOperator
+FILTER_OPERATOR_GT: FilterOperator
+FILTER_OPERATOR_GTE: FilterOperator
+FILTER_OPERATOR_LT: FilterOperator
+FILTER_OPERATOR_LTE: FilterOperator
+FILTER_OPERATOR_IN: FilterOperator
+FILTER_OPERATOR_NOT_IN: FilterOperator
+RETURN_FIELD_UNSPECIFIED: ReturnField
+RETURN_FIELD_TEXT: ReturnField
+RETURN_FIELD_METADATA: ReturnField
+
+class Document(_message.Message):
+    __slots__ = ("id", "text", "metadata")
+    ID_FIELD_NUMBER: _ClassVar[int]
+    TEXT_FIELD_NUMBER: _ClassVar[int]
+    METADATA_FIELD_NUMBER: _ClassVar[int]
+    id: str
+    text: str
+    metadata: _struct_pb2.Struct
+    def __init__(self, id: _Optional[str] = ..., text: _Optional[str] = ..., metadata: _Optional[_Union[_struct_pb2.Struct, _Mapping]] = ...) -> None: ...
+
+class FilterValue(_message.Message):
+    __slots__ = ("string_value", "int_value", "double_value", "bool_value")
+    STRING_VALUE_FIELD_NUMBER: _ClassVar[int]
+    INT_VALUE_FIELD_NUMBER: _ClassVar[int]
+    DOUBLE_VALUE_FIELD_NUMBER: _ClassVar[int]
+    BOOL_VALUE_FIELD_NUMBER: _ClassVar[int]
+    string_value: str
+    int_value: int
+    double_value: float
+    bool_value: bool
+    def __init__(self, string_value: _Optional[str] = ..., int_value: _Optional[int] = ..., double_value: _Optional[float] = ..., bool_value: _Optional[bool] = ...) -> None: ...
+
+class MetadataFilter(_message.Message):
+    __slots__ = ("field", "operator", "value", "values")
+    FIELD_FIELD_NUMBER: _ClassVar[int]
+    OPERATOR_FIELD_NUMBER: _ClassVar[int]
+    VALUE_FIELD_NUMBER: _ClassVar[int]
+    VALUES_FIELD_NUMBER: _ClassVar[int]
+    field: str
+    operator: FilterOperator
+    value: FilterValue
+    values: _containers.RepeatedCompositeFieldContainer[FilterValue]
+    def __init__(self, field: _Optional[str] = ..., operator: _Optional[_Union[FilterOperator, str]] = ..., value: _Optional[_Union[FilterValue, _Mapping]] = ..., values: _Optional[_Iterable[_Union[FilterValue, _Mapping]]] = ...) -> None: ...
+
+class SearchDocumentsRequest(_message.Message):
+    __slots__ = ("query", "top_k", "filters", "return_fields", "return_chunks")
+    QUERY_FIELD_NUMBER: _ClassVar[int]
+    TOP_K_FIELD_NUMBER: _ClassVar[int]
+    FILTERS_FIELD_NUMBER: _ClassVar[int]
+    RETURN_FIELDS_FIELD_NUMBER: _ClassVar[int]
+    RETURN_CHUNKS_FIELD_NUMBER: _ClassVar[int]
+    query: str
+    top_k: int
+    filters: _containers.RepeatedCompositeFieldContainer[MetadataFilter]
+    return_fields: _containers.RepeatedScalarFieldContainer[ReturnField]
+    return_chunks: bool
+    def __init__(self, query: _Optional[str] = ..., top_k: _Optional[int] = ..., filters: _Optional[_Iterable[_Union[MetadataFilter, _Mapping]]] = ..., return_fields: _Optional[_Iterable[_Union[ReturnField, str]]] = ..., return_chunks: _Optional[bool] = ...) -> None: ...
+
+class SearchHit(_message.Message):
+    __slots__ = ("id", "score", "text", "metadata", "chunk_index")
+    ID_FIELD_NUMBER: _ClassVar[int]
+    SCORE_FIELD_NUMBER: _ClassVar[int]
+    TEXT_FIELD_NUMBER: _ClassVar[int]
+    METADATA_FIELD_NUMBER: _ClassVar[int]
+    CHUNK_INDEX_FIELD_NUMBER: _ClassVar[int]
+    id: str
+    score: float
+    text: str
+    metadata: _struct_pb2.Struct
+    chunk_index: int
+    def __init__(self, id: _Optional[str] = ..., score: _Optional[float] = ..., text: _Optional[str] = ..., metadata: _Optional[_Union[_struct_pb2.Struct, _Mapping]] = ..., chunk_index: _Optional[int] = ...) -> None: ...
+
+class SearchTiming(_message.Message):
+    __slots__ = ("total_ms", "encode_ms", "store_ms")
+    TOTAL_MS_FIELD_NUMBER: _ClassVar[int]
+    ENCODE_MS_FIELD_NUMBER: _ClassVar[int]
+    STORE_MS_FIELD_NUMBER: _ClassVar[int]
+    total_ms: float
+    encode_ms: float
+    store_ms: float
+    def __init__(self, total_ms: _Optional[float] = ..., encode_ms: _Optional[float] = ..., store_ms: _Optional[float] = ...) -> None: ...
+
+class SearchDocumentsResponse(_message.Message):
+    __slots__ = ("hits", "model_version", "collection", "timing")
+    HITS_FIELD_NUMBER: _ClassVar[int]
+    MODEL_VERSION_FIELD_NUMBER: _ClassVar[int]
+    COLLECTION_FIELD_NUMBER: _ClassVar[int]
+    TIMING_FIELD_NUMBER: _ClassVar[int]
+    hits: _containers.RepeatedCompositeFieldContainer[SearchHit]
+    model_version: str
+    collection: str
+    timing: SearchTiming
+    def __init__(self, hits: _Optional[_Iterable[_Union[SearchHit, _Mapping]]] = ..., model_version: _Optional[str] = ..., collection: _Optional[str] = ..., timing: _Optional[_Union[SearchTiming, _Mapping]] = ...) -> None: ...
+
+class BatchSearchDocumentsRequest(_message.Message):
+    __slots__ = ("requests",)
+    REQUESTS_FIELD_NUMBER: _ClassVar[int]
+    requests: _containers.RepeatedCompositeFieldContainer[SearchDocumentsRequest]
+    def __init__(self, requests: _Optional[_Iterable[_Union[SearchDocumentsRequest, _Mapping]]] = ...) -> None: ...
+
+class BatchSearchDocumentsResponse(_message.Message):
+    __slots__ = ("responses",)
+    RESPONSES_FIELD_NUMBER: _ClassVar[int]
+    responses: _containers.RepeatedCompositeFieldContainer[SearchDocumentsResponse]
+    def __init__(self, responses: _Optional[_Iterable[_Union[SearchDocumentsResponse, _Mapping]]] = ...) -> None: ...
+
+class UpsertDocumentsRequest(_message.Message):
+    __slots__ = ("documents",)
+    DOCUMENTS_FIELD_NUMBER: _ClassVar[int]
+    documents: _containers.RepeatedCompositeFieldContainer[Document]
+    def __init__(self, documents: _Optional[_Iterable[_Union[Document, _Mapping]]] = ...) -> None: ...
+
+class UpsertDocumentsResponse(_message.Message):
+    __slots__ = ("upserted_count", "model_version", "collection")
+    UPSERTED_COUNT_FIELD_NUMBER: _ClassVar[int]
+    MODEL_VERSION_FIELD_NUMBER: _ClassVar[int]
+    COLLECTION_FIELD_NUMBER: _ClassVar[int]
+    upserted_count: int
+    model_version: str
+    collection: str
+    def __init__(self, upserted_count: _Optional[int] = ..., model_version: _Optional[str] = ..., collection: _Optional[str] = ...) -> None: ...
+
+class DeleteDocumentsRequest(_message.Message):
+    __slots__ = ("ids",)
+    IDS_FIELD_NUMBER: _ClassVar[int]
+    ids: _containers.RepeatedScalarFieldContainer[str]
+    def __init__(self, ids: _Optional[_Iterable[str]] = ...) -> None: ...
+
+class DeleteDocumentsResponse(_message.Message):
+    __slots__ = ("deleted_count",)
+    DELETED_COUNT_FIELD_NUMBER: _ClassVar[int]
+    deleted_count: int
+    def __init__(self, deleted_count: _Optional[int] = ...) -> None: ...
+
+class GetDocumentRequest(_message.Message):
+    __slots__ = ("id",)
+    ID_FIELD_NUMBER: _ClassVar[int]
+    id: str
+    def __init__(self, id: _Optional[str] = ...) -> None: ...
+
+class GetDocumentResponse(_message.Message):
+    __slots__ = ("document", "collection")
+    DOCUMENT_FIELD_NUMBER: _ClassVar[int]
+    COLLECTION_FIELD_NUMBER: _ClassVar[int]
+    document: Document
+    collection: str
+    def __init__(self, document: _Optional[_Union[Document, _Mapping]] = ..., collection: _Optional[str] = ...) -> None: ...

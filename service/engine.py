@@ -1,0 +1,193 @@
+"""The search engine behind the gRPC API: encoding, storage and the serving (model, collection) pair.
+
+Transport-free: the servicer converts protobuf messages to these types and back.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+import structlog
+
+from semsearch.chunking import Chunker, content_hash, reassemble
+from semsearch.config import Settings
+from semsearch.encoders import Encoder
+from semsearch.errors import InvalidInputError, NotFoundError
+from semsearch.filters import MetadataFilter
+from semsearch.store import ChunkRow, CollectionInfo, Hit, MilvusStore
+from service.batching import MicroBatcher
+
+log = structlog.get_logger(__name__)
+
+# When returning one hit per document, fetch more chunks than asked so that documents with
+# several matching chunks still fill top_k.
+DOCUMENT_OVERSAMPLE = 3
+
+
+@dataclass(frozen=True)
+class SearchQuery:
+    text: str
+    top_k: int
+    filters: tuple[MetadataFilter, ...] = ()
+    with_text: bool = True
+    with_metadata: bool = True
+    return_chunks: bool = False
+
+
+@dataclass
+class SearchResult:
+    hits: list[Hit]
+    model_version: str
+    collection: str
+    encode_ms: float
+    store_ms: float
+    total_ms: float
+
+
+@dataclass(frozen=True)
+class DocumentInput:
+    doc_id: str
+    text: str
+    metadata: dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class StoredDocument:
+    doc_id: str
+    text: str
+    metadata: dict[str, Any]
+
+
+@dataclass
+class ServingPair:
+    """The encoder and the collection its vectors match: swapped together, never apart."""
+
+    encoder: Encoder
+    batcher: MicroBatcher
+    collection: CollectionInfo
+    chunker: Chunker
+
+    @property
+    def model_version(self) -> str:
+        return self.encoder.manifest.version
+
+
+def build_pair(settings: Settings, encoder: Encoder, store: MilvusStore, collection: str) -> ServingPair:
+    info = store.ensure_collection(collection, encoder.manifest)
+    batcher = MicroBatcher(
+        encoder.encode_queries, max_batch=settings.microbatch_max_size,
+        max_wait_s=settings.microbatch_max_wait_ms / 1000.0, queue_size=settings.microbatch_queue_size,
+    )
+    chunker = Chunker(encoder.count_tokens, encoder.manifest.max_tokens)
+    return ServingPair(encoder=encoder, batcher=batcher, collection=info, chunker=chunker)
+
+
+class SearchEngine:
+    def __init__(self, settings: Settings, store: MilvusStore, pair: ServingPair) -> None:
+        self.settings = settings
+        self.store = store
+        # Read once per request: a swap replaces this reference, in-flight requests keep theirs.
+        self.pair = pair
+
+    async def start(self) -> None:
+        self.pair.batcher.start()
+
+    async def warm_up(self) -> None:
+        """One real encode and search, so the first user call pays no lazy initialization."""
+        await self.search([SearchQuery(text="预热", top_k=1)])
+
+    async def search(self, queries: Sequence[SearchQuery]) -> list[SearchResult]:
+        pair = self.pair
+        started = time.perf_counter()
+        vectors = await pair.batcher.encode([q.text for q in queries])
+        encoded = time.perf_counter()
+        encode_ms = (encoded - started) * 1e3
+        # Queries with the same filters and limits share one Milvus call.
+        groups: dict[tuple[Any, ...], list[int]] = {}
+        for i, query in enumerate(queries):
+            key = (query.filters, query.top_k, query.return_chunks, query.with_text, query.with_metadata)
+            groups.setdefault(key, []).append(i)
+        hits_per_query: list[list[Hit]] = [[] for _ in queries]
+        store_ms: list[float] = [0.0] * len(queries)
+
+        async def run_group(indices: list[int]) -> None:
+            first = queries[indices[0]]
+            limit = first.top_k if first.return_chunks else first.top_k * DOCUMENT_OVERSAMPLE
+            fields = [name for name, wanted in (("text", first.with_text), ("metadata", first.with_metadata))
+                      if wanted]
+            group_started = time.perf_counter()
+            results = await asyncio.to_thread(
+                self.store.search, pair.collection.name, np.asarray(vectors[indices]), top_k=limit,
+                filters=first.filters, output_fields=fields,
+            )
+            elapsed = (time.perf_counter() - group_started) * 1e3
+            for i, hits in zip(indices, results, strict=True):
+                hits_per_query[i] = hits if first.return_chunks else best_chunk_per_document(hits, first.top_k)
+                store_ms[i] = elapsed
+
+        await asyncio.gather(*(run_group(indices) for indices in groups.values()))
+        total_ms = (time.perf_counter() - started) * 1e3
+        return [
+            SearchResult(hits=hits_per_query[i], model_version=pair.model_version,
+                         collection=pair.collection.name, encode_ms=encode_ms, store_ms=store_ms[i],
+                         total_ms=total_ms)
+            for i in range(len(queries))
+        ]
+
+    async def upsert(self, documents: Sequence[DocumentInput]) -> tuple[int, ServingPair]:
+        pair = self.pair
+        rows = await asyncio.to_thread(self._embed_documents, pair, documents)
+        await asyncio.to_thread(self.store.write_documents, pair.collection.name, rows)
+        return len(documents), pair
+
+    def _embed_documents(self, pair: ServingPair, documents: Sequence[DocumentInput]) -> list[ChunkRow]:
+        planned: list[tuple[DocumentInput, int, str, int]] = []
+        for document in documents:
+            for chunk in pair.chunker.chunk(document.text):
+                planned.append((document, chunk.index, chunk.text, chunk.start))
+        vectors = pair.encoder.encode_documents([text for _, _, text, _ in planned])
+        return [
+            ChunkRow(doc_id=doc.doc_id, chunk_index=index, text=text, vector=vector, metadata=doc.metadata,
+                     content_hash=content_hash(doc.text, doc.metadata), char_offset=start)
+            for (doc, index, text, start), vector in zip(planned, vectors, strict=True)
+        ]
+
+    async def delete(self, doc_ids: Sequence[str]) -> int:
+        return await asyncio.to_thread(self.store.delete_documents, self.pair.collection.name, doc_ids)
+
+    async def get(self, doc_id: str) -> tuple[StoredDocument, str]:
+        collection = self.pair.collection.name
+        rows = await asyncio.to_thread(self.store.get_document_chunks, collection, doc_id)
+        if not rows:
+            raise NotFoundError(f"document {doc_id!r} not found")
+        text = reassemble([(int(row["char_offset"]), str(row["text"])) for row in rows])
+        return StoredDocument(doc_id=doc_id, text=text, metadata=dict(rows[0].get("metadata") or {})), collection
+
+    async def close(self) -> None:
+        await self.pair.batcher.close()
+
+
+def best_chunk_per_document(hits: Sequence[Hit], top_k: int) -> list[Hit]:
+    seen: set[str] = set()
+    best: list[Hit] = []
+    for hit in hits:  # already sorted by score, best first
+        if hit.doc_id in seen:
+            continue
+        seen.add(hit.doc_id)
+        best.append(hit)
+        if len(best) == top_k:
+            break
+    return best
+
+
+def check_unique_ids(ids: Sequence[str]) -> None:
+    seen: set[str] = set()
+    for doc_id in ids:
+        if doc_id in seen:
+            raise InvalidInputError(f"document id {doc_id!r} appears twice in one request")
+        seen.add(doc_id)

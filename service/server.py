@@ -1,0 +1,121 @@
+"""The gRPC server: health (NOT_SERVING until warm), reflection, graceful drain on SIGTERM."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import signal
+from dataclasses import dataclass
+
+import grpc
+import structlog
+from grpc_health.v1 import health, health_pb2, health_pb2_grpc
+from grpc_reflection.v1alpha import reflection
+
+from semsearch.config import Settings
+from semsearch.encoders import Encoder, create_encoder
+from semsearch.store import MilvusStore
+from semsearch.v1 import search_pb2, search_pb2_grpc
+from service.engine import SearchEngine, build_pair
+from service.servicer import SearchServicer
+
+log = structlog.get_logger(__name__)
+
+SERVICE_NAME = search_pb2.DESCRIPTOR.services_by_name["SearchService"].full_name
+
+
+@dataclass
+class RunningServer:
+    server: grpc.aio.Server
+    port: int
+    servicer: SearchServicer
+    health: health.aio.HealthServicer
+    store: MilvusStore
+    settings: Settings
+
+    @property
+    def address(self) -> str:
+        return f"{self.settings.host}:{self.port}"
+
+    async def set_serving(self, serving: bool) -> None:
+        status = health_pb2.HealthCheckResponse.SERVING if serving else health_pb2.HealthCheckResponse.NOT_SERVING
+        for name in ("", SERVICE_NAME):
+            await self.health.set(name, status)
+
+    async def load(self, encoder: Encoder | None = None, *, allow_stand_in: bool = False) -> SearchEngine:
+        """Load the model (unless given), open its collection, warm up, then report SERVING."""
+        if encoder is None:
+            encoder = await asyncio.to_thread(create_encoder, self.settings, allow_stand_in=allow_stand_in)
+        pair = await asyncio.to_thread(build_pair, self.settings, encoder, self.store, self.settings.collection)
+        engine = SearchEngine(self.settings, self.store, pair)
+        await engine.start()
+        await engine.warm_up()
+        self.servicer.engine = engine
+        await self.set_serving(True)
+        log.info("serving", address=self.address, model_version=pair.model_version,
+                 collection=pair.collection.name)
+        return engine
+
+    async def stop(self, grace_s: float | None = None) -> None:
+        """Stop accepting calls, let in-flight ones finish (up to the grace period), release resources."""
+        await self.set_serving(False)
+        await self.server.stop(self.settings.shutdown_grace_s if grace_s is None else grace_s)
+        if self.servicer.engine is not None:
+            await self.servicer.engine.close()
+            self.servicer.engine.pair.encoder.close()
+        await asyncio.to_thread(self.store.close)
+        log.info("stopped", address=self.address)
+
+
+async def start_server(settings: Settings, store: MilvusStore | None = None) -> RunningServer:
+    """Bind and start answering (health NOT_SERVING) before the model is loaded."""
+    if store is None:
+        store = await asyncio.to_thread(
+            MilvusStore, settings.milvus_uri,
+            token=settings.milvus_token.get_secret_value() if settings.milvus_token else None,
+            timeout_s=settings.milvus_timeout_s, hnsw_m=settings.hnsw_m,
+            hnsw_ef_construction=settings.hnsw_ef_construction, search_ef=settings.search_ef,
+        )
+    server = grpc.aio.server(options=[
+        ("grpc.max_receive_message_length", settings.max_message_bytes),
+        ("grpc.max_send_message_length", settings.max_message_bytes),
+        ("grpc.so_reuseport", 0),
+    ])
+    servicer = SearchServicer(settings)
+    search_pb2_grpc.add_SearchServiceServicer_to_server(servicer, server)
+    health_servicer = health.aio.HealthServicer()
+    health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
+    reflection.enable_server_reflection(
+        (SERVICE_NAME, health_pb2.DESCRIPTOR.services_by_name["Health"].full_name, reflection.SERVICE_NAME), server
+    )
+    port = server.add_insecure_port(f"{settings.host}:{settings.port}")
+    if port == 0:
+        raise OSError(f"cannot bind {settings.host}:{settings.port}")
+    await server.start()
+    running = RunningServer(server=server, port=port, servicer=servicer, health=health_servicer, store=store,
+                            settings=settings)
+    await running.set_serving(False)
+    log.info("listening", address=running.address)
+    return running
+
+
+async def serve(settings: Settings) -> None:
+    """`semsearch serve`: run until SIGTERM/SIGINT, then drain."""
+    running = await start_server(settings)
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, stop.set)
+    try:
+        load = asyncio.create_task(running.load())
+        done, _ = await asyncio.wait({load, asyncio.create_task(stop.wait())}, return_when=asyncio.FIRST_COMPLETED)
+        if load in done:
+            load.result()  # a missing model raises here: fail fast
+            await stop.wait()
+        else:
+            load.cancel()
+            with contextlib.suppress(asyncio.CancelledError, Exception):
+                await load
+        log.info("draining", grace_s=settings.shutdown_grace_s)
+    finally:
+        await running.stop()

@@ -1,0 +1,128 @@
+"""gRPC transport for semsearch.v1.SearchService: a thin shell over SearchEngine."""
+
+from __future__ import annotations
+
+import functools
+import time
+import uuid
+from collections.abc import Awaitable, Callable
+from typing import Any, TypeVar
+
+import grpc
+import structlog
+from google.protobuf import json_format, struct_pb2
+
+from semsearch.config import Settings
+from semsearch.errors import SemsearchError
+from semsearch.store import Hit
+from semsearch.v1 import search_pb2 as pb
+from semsearch.v1 import search_pb2_grpc
+from service import validation
+from service.engine import SearchEngine, SearchResult
+
+log = structlog.get_logger(__name__)
+
+Request = TypeVar("Request")
+Response = TypeVar("Response")
+Handler = Callable[[Any, Request, grpc.aio.ServicerContext], Awaitable[Response]]
+
+
+def rpc(handler: Handler[Request, Response]) -> Handler[Request, Response]:
+    """Map domain errors to status codes with a reason; never leak a stack trace to the caller."""
+
+    @functools.wraps(handler)
+    async def wrapper(self: Any, request: Request, context: grpc.aio.ServicerContext) -> Response:
+        metadata = dict(context.invocation_metadata() or ())
+        request_id = str(metadata.get("x-request-id") or uuid.uuid4().hex[:16])
+        method = handler.__name__
+        started = time.perf_counter()
+        with structlog.contextvars.bound_contextvars(request_id=request_id, rpc=method):
+            try:
+                if self.engine is None:
+                    await context.abort(grpc.StatusCode.UNAVAILABLE, "the model is still loading")
+                response = await handler(self, request, context)
+            except SemsearchError as exc:
+                log.info("rpc_rejected", code=exc.status_code.name, reason=str(exc))
+                await context.abort(exc.status_code, str(exc))
+            except grpc.aio.AbortError:
+                raise
+            except Exception:
+                log.exception("rpc_failed")
+                await context.abort(grpc.StatusCode.INTERNAL, f"internal error (request id {request_id})")
+            log.debug("rpc_ok", ms=round((time.perf_counter() - started) * 1e3, 2))
+            return response
+
+    return wrapper
+
+
+def _struct(value: dict[str, Any]) -> struct_pb2.Struct:
+    message = struct_pb2.Struct()
+    if value:
+        json_format.ParseDict(value, message)
+    return message
+
+
+def _hit(hit: Hit) -> pb.SearchHit:
+    return pb.SearchHit(id=hit.doc_id, score=hit.score, text=hit.text, metadata=_struct(hit.metadata),
+                        chunk_index=hit.chunk_index)
+
+
+def _response(result: SearchResult) -> pb.SearchDocumentsResponse:
+    return pb.SearchDocumentsResponse(
+        hits=[_hit(h) for h in result.hits], model_version=result.model_version, collection=result.collection,
+        timing=pb.SearchTiming(total_ms=result.total_ms, encode_ms=result.encode_ms, store_ms=result.store_ms),
+    )
+
+
+class SearchServicer(search_pb2_grpc.SearchServiceServicer):
+    def __init__(self, settings: Settings, engine: SearchEngine | None = None) -> None:
+        self.settings = settings
+        self.engine = engine
+
+    @rpc
+    async def SearchDocuments(
+        self, request: pb.SearchDocumentsRequest, context: grpc.aio.ServicerContext
+    ) -> pb.SearchDocumentsResponse:
+        assert self.engine is not None
+        query = validation.search_query(request, self.settings)
+        (result,) = await self.engine.search([query])
+        return _response(result)
+
+    @rpc
+    async def BatchSearchDocuments(
+        self, request: pb.BatchSearchDocumentsRequest, context: grpc.aio.ServicerContext
+    ) -> pb.BatchSearchDocumentsResponse:
+        assert self.engine is not None
+        queries = validation.batch_queries(request, self.settings)
+        results = await self.engine.search(queries)
+        return pb.BatchSearchDocumentsResponse(responses=[_response(r) for r in results])
+
+    @rpc
+    async def UpsertDocuments(
+        self, request: pb.UpsertDocumentsRequest, context: grpc.aio.ServicerContext
+    ) -> pb.UpsertDocumentsResponse:
+        assert self.engine is not None
+        documents = validation.documents(request, self.settings)
+        count, pair = await self.engine.upsert(documents)
+        return pb.UpsertDocumentsResponse(upserted_count=count, model_version=pair.model_version,
+                                          collection=pair.collection.name)
+
+    @rpc
+    async def DeleteDocuments(
+        self, request: pb.DeleteDocumentsRequest, context: grpc.aio.ServicerContext
+    ) -> pb.DeleteDocumentsResponse:
+        assert self.engine is not None
+        ids = validation.delete_ids(request.ids, self.settings)
+        return pb.DeleteDocumentsResponse(deleted_count=await self.engine.delete(ids))
+
+    @rpc
+    async def GetDocument(
+        self, request: pb.GetDocumentRequest, context: grpc.aio.ServicerContext
+    ) -> pb.GetDocumentResponse:
+        assert self.engine is not None
+        doc_id = validation.document_id(request.id, "id")
+        document, collection = await self.engine.get(doc_id)
+        return pb.GetDocumentResponse(
+            document=pb.Document(id=document.doc_id, text=document.text, metadata=_struct(document.metadata)),
+            collection=collection,
+        )

@@ -1,0 +1,161 @@
+"""Request validation: protobuf messages in, typed domain values out, or InvalidInputError with a reason."""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Sequence
+from typing import Any
+
+from google.protobuf import json_format
+
+from semsearch.config import Settings
+from semsearch.errors import InvalidInputError
+from semsearch.filters import MetadataFilter, Operator, Scalar
+from semsearch.store import MAX_ID_CHARS
+from semsearch.v1 import search_pb2 as pb
+from service.engine import DocumentInput, SearchQuery, check_unique_ids
+
+_OPERATORS = {
+    pb.FILTER_OPERATOR_EQ: Operator.EQ, pb.FILTER_OPERATOR_NE: Operator.NE,
+    pb.FILTER_OPERATOR_GT: Operator.GT, pb.FILTER_OPERATOR_GTE: Operator.GTE,
+    pb.FILTER_OPERATOR_LT: Operator.LT, pb.FILTER_OPERATOR_LTE: Operator.LTE,
+    pb.FILTER_OPERATOR_IN: Operator.IN, pb.FILTER_OPERATOR_NOT_IN: Operator.NOT_IN,
+}
+MAX_METADATA_DEPTH = 8
+
+
+def _has_bad_chars(text: str) -> bool:
+    # Controls other than tab/newline/CR, and lone surrogates, have no place in ids or queries.
+    return any((ord(ch) < 0x20 and ch not in "\t\n\r") or 0xD800 <= ord(ch) <= 0xDFFF for ch in text)
+
+
+def query_text(text: str, settings: Settings, where: str = "query") -> str:
+    if not text.strip():
+        raise InvalidInputError(f"{where} is empty")
+    if len(text) > settings.max_query_chars:
+        raise InvalidInputError(f"{where} is {len(text)} characters; the limit is {settings.max_query_chars}")
+    if _has_bad_chars(text):
+        raise InvalidInputError(f"{where} contains control characters")
+    return text
+
+
+def top_k(value: int, settings: Settings, where: str = "top_k") -> int:
+    """AIP-158 style: 0 means default, above the maximum is lowered to it, negative is an error."""
+    if value < 0:
+        raise InvalidInputError(f"{where} must not be negative (got {value})")
+    if value == 0:
+        return min(settings.default_top_k, settings.max_top_k)
+    return min(value, settings.max_top_k)
+
+
+def filter_value(value: pb.FilterValue, where: str) -> Scalar:
+    kind = value.WhichOneof("kind")
+    if kind is None:
+        raise InvalidInputError(f"{where}: value is not set")
+    return getattr(value, kind)  # type: ignore[no-any-return]
+
+
+def metadata_filter(item: pb.MetadataFilter, where: str) -> MetadataFilter:
+    operator = _OPERATORS.get(item.operator)
+    if operator is None:
+        raise InvalidInputError(f"{where}: operator is unspecified or unknown ({item.operator})")
+    if operator in (Operator.IN, Operator.NOT_IN):
+        if item.HasField("value"):
+            raise InvalidInputError(f"{where}: {operator.name} takes `values`, not `value`")
+        values = tuple(filter_value(v, f"{where}.values[{i}]") for i, v in enumerate(item.values))
+    else:
+        if item.values:
+            raise InvalidInputError(f"{where}: {operator.name} takes `value`, not `values`")
+        if not item.HasField("value"):
+            raise InvalidInputError(f"{where}: value is not set")
+        values = (filter_value(item.value, where),)
+    return MetadataFilter(field=item.field, operator=operator, values=values)
+
+
+def search_query(request: pb.SearchDocumentsRequest, settings: Settings, where: str = "") -> SearchQuery:
+    prefix = f"{where}." if where else ""
+    if len(request.filters) > settings.max_filters:
+        raise InvalidInputError(f"{prefix}filters: at most {settings.max_filters} filters")
+    filters = tuple(
+        metadata_filter(f, f"{prefix}filters[{i}]") for i, f in enumerate(request.filters)
+    )
+    fields = set(request.return_fields)
+    if pb.RETURN_FIELD_UNSPECIFIED in fields or not fields <= {pb.RETURN_FIELD_TEXT, pb.RETURN_FIELD_METADATA}:
+        raise InvalidInputError(f"{prefix}return_fields: unspecified or unknown field")
+    return SearchQuery(
+        text=query_text(request.query, settings, f"{prefix}query"),
+        top_k=top_k(request.top_k, settings, f"{prefix}top_k"),
+        filters=filters,
+        with_text=not fields or pb.RETURN_FIELD_TEXT in fields,
+        with_metadata=not fields or pb.RETURN_FIELD_METADATA in fields,
+        return_chunks=request.return_chunks,
+    )
+
+
+def batch_queries(request: pb.BatchSearchDocumentsRequest, settings: Settings) -> list[SearchQuery]:
+    if not request.requests:
+        raise InvalidInputError("requests is empty")
+    if len(request.requests) > settings.max_batch_queries:
+        raise InvalidInputError(f"at most {settings.max_batch_queries} queries per batch")
+    return [search_query(r, settings, f"requests[{i}]") for i, r in enumerate(request.requests)]
+
+
+def document_id(value: str, where: str) -> str:
+    if not value:
+        raise InvalidInputError(f"{where} is empty")
+    if len(value) > MAX_ID_CHARS:
+        raise InvalidInputError(f"{where} is longer than {MAX_ID_CHARS} characters")
+    if _has_bad_chars(value) or value != value.strip():
+        raise InvalidInputError(f"{where} has control characters or surrounding whitespace")
+    return value
+
+
+def _depth(value: Any) -> int:
+    if isinstance(value, dict):
+        return 1 + max((_depth(v) for v in value.values()), default=0)
+    if isinstance(value, list):
+        return 1 + max((_depth(v) for v in value), default=0)
+    return 0
+
+
+def metadata(struct: Any, settings: Settings, where: str) -> dict[str, Any]:
+    value: dict[str, Any] = json_format.MessageToDict(struct)
+    if _depth(value) > MAX_METADATA_DEPTH:
+        raise InvalidInputError(f"{where} is nested deeper than {MAX_METADATA_DEPTH} levels")
+    size = len(json.dumps(value, ensure_ascii=False).encode("utf-8"))
+    if size > settings.max_metadata_bytes:
+        raise InvalidInputError(f"{where} is {size} bytes as JSON; the limit is {settings.max_metadata_bytes}")
+    return value
+
+
+def documents(request: pb.UpsertDocumentsRequest, settings: Settings) -> list[DocumentInput]:
+    if not request.documents:
+        raise InvalidInputError("documents is empty")
+    if len(request.documents) > settings.max_upsert_documents:
+        raise InvalidInputError(f"at most {settings.max_upsert_documents} documents per call")
+    out = []
+    for i, doc in enumerate(request.documents):
+        where = f"documents[{i}]"
+        text = doc.text
+        if not text.strip():
+            raise InvalidInputError(f"{where}.text is empty")
+        if len(text) > settings.max_document_chars:
+            raise InvalidInputError(
+                f"{where}.text is {len(text)} characters; the limit is {settings.max_document_chars}"
+            )
+        if any(0xD800 <= ord(ch) <= 0xDFFF for ch in text):
+            raise InvalidInputError(f"{where}.text contains lone surrogates")
+        out.append(DocumentInput(
+            doc_id=document_id(doc.id, f"{where}.id"), text=text,
+            metadata=metadata(doc.metadata, settings, f"{where}.metadata"),
+        ))
+    check_unique_ids([d.doc_id for d in out])
+    return out
+
+
+def delete_ids(ids: Sequence[str], settings: Settings) -> list[str]:
+    if not ids:
+        raise InvalidInputError("ids is empty")
+    if len(ids) > settings.max_upsert_documents:
+        raise InvalidInputError(f"at most {settings.max_upsert_documents} ids per call")
+    return list(dict.fromkeys(document_id(v, f"ids[{i}]") for i, v in enumerate(ids)))

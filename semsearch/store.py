@@ -25,6 +25,10 @@ from semsearch.manifest import ModelManifest
 log = structlog.get_logger(__name__)
 
 MAX_ID_CHARS = 512
+# Bookkeeping reads (counts, chunk lists, hashes) must see every acknowledged write: Strong.
+# Searches read this client's own writes (Session) and otherwise never wait on the server.
+BOOKKEEPING_CONSISTENCY = "Strong"
+SEARCH_CONSISTENCY = "Session"
 MAX_TEXT_CHARS = 65535 // 4  # VARCHAR max_length counts bytes: 4 per character at worst
 RECORD_TAG = "semsearch"
 OUTPUT_FIELDS = ["doc_id", "chunk_index", "char_offset", "text", "metadata", "content_hash"]
@@ -151,6 +155,8 @@ class MilvusStore:
         self._call(
             self.client.create_collection, collection_name=name, schema=schema, index_params=index_params,
             description=f"{RECORD_TAG} model {manifest.version}", properties=model_record(manifest),
+            # Session: a client reads its own writes; others see them within the bounded staleness.
+            consistency_level="Session",
         )
         self._call(self.client.load_collection, collection_name=name)
         log.info("collection_created", collection=name, model_version=manifest.version)
@@ -159,7 +165,7 @@ class MilvusStore:
         self._call(self.client.drop_collection, collection_name=name)
 
     def count(self, name: str) -> int:
-        rows = self._call(self.client.query, collection_name=name, filter="", output_fields=["count(*)"])
+        rows = self._query(collection_name=name, filter="", output_fields=["count(*)"])
         return int(rows[0]["count(*)"])
 
     # ------------------------------------------------------------------ writes
@@ -207,15 +213,15 @@ class MilvusStore:
         """(row id, doc id, chunk index) of every stored chunk of these documents."""
         if not doc_ids:
             return []
-        rows = self._call(
-            self.client.query, collection_name=name, filter=render_string_in("doc_id", list(doc_ids)),
+        rows = self._query(
+            collection_name=name, filter=render_string_in("doc_id", list(doc_ids)),
             output_fields=["id", "doc_id", "chunk_index"],
         )
         return [(str(row["id"]), str(row["doc_id"]), int(row["chunk_index"])) for row in rows]
 
     def get_document_chunks(self, name: str, doc_id: str) -> list[dict[str, Any]]:
-        rows = self._call(
-            self.client.query, collection_name=name, filter=render_string_in("doc_id", [doc_id]),
+        rows = self._query(
+            collection_name=name, filter=render_string_in("doc_id", [doc_id]),
             output_fields=OUTPUT_FIELDS,
         )
         return sorted(rows, key=lambda row: int(row["chunk_index"]))
@@ -224,8 +230,8 @@ class MilvusStore:
         """doc_id -> content hash stored with its first chunk, for documents present."""
         if not doc_ids:
             return {}
-        rows = self._call(
-            self.client.query, collection_name=name,
+        rows = self._query(
+            collection_name=name,
             filter=render_string_in("doc_id", list(doc_ids)) + " and chunk_index == 0",
             output_fields=["doc_id", "content_hash"],
         )
@@ -233,7 +239,8 @@ class MilvusStore:
 
     def iter_rows(self, name: str, output_fields: Sequence[str], batch_size: int = 1000) -> Iterator[dict[str, Any]]:
         iterator = self.client.query_iterator(
-            collection_name=name, batch_size=batch_size, filter="", output_fields=list(output_fields)
+            collection_name=name, batch_size=batch_size, filter="", output_fields=list(output_fields),
+            consistency_level=BOOKKEEPING_CONSISTENCY,
         )
         try:
             while batch := iterator.next():
@@ -251,7 +258,7 @@ class MilvusStore:
             self.client.search, collection_name=name, data=vectors.astype(np.float32).tolist(),
             limit=top_k, filter=render_filters(filters), output_fields=fields, anns_field="vector",
             search_params={"metric_type": "COSINE", "params": {"ef": max(self.search_ef, top_k)}},
-            timeout=timeout_s,
+            timeout=timeout_s, consistency_level=SEARCH_CONSISTENCY,
         )
         return [
             [
@@ -278,6 +285,9 @@ class MilvusStore:
         if self._lite is not None:
             self._lite.release()
 
+    def _query(self, **kwargs: Any) -> Any:
+        return self._call(self.client.query, consistency_level=BOOKKEEPING_CONSISTENCY, **kwargs)
+
     # ------------------------------------------------------------------ errors
     def _call(self, method: Any, /, **kwargs: Any) -> Any:
         kwargs.setdefault("timeout", self.timeout_s)
@@ -292,6 +302,86 @@ class MilvusStore:
             raise
         finally:
             log.debug("milvus_call", method=method.__name__, ms=round((time.perf_counter() - started) * 1e3, 2))
+
+    # ------------------------------------------------------------------ batch indexer (indexer/)
+    # Reads here use Strong consistency: the indexer decides what to write from them, so they must
+    # see every write Milvus has acknowledged (the default, Bounded, may lag by seconds on a server).
+    QUERY_WINDOW = 16384  # Milvus' largest query result (offset + limit)
+
+    def stored_chunks(self, name: str, doc_ids: Sequence[str]) -> list[tuple[str, str, int, str]]:
+        """(row id, doc id, chunk index, content hash) of every stored chunk of these documents."""
+        if not doc_ids:
+            return []
+        rows = self._call(
+            self.client.query, collection_name=name, filter=render_string_in("doc_id", list(doc_ids)),
+            output_fields=["id", "doc_id", "chunk_index", "content_hash"], limit=self.QUERY_WINDOW,
+            consistency_level="Strong",
+        )
+        if len(rows) >= self.QUERY_WINDOW and len(doc_ids) > 1:  # truncated: ask in halves
+            half = len(doc_ids) // 2
+            return self.stored_chunks(name, doc_ids[:half]) + self.stored_chunks(name, doc_ids[half:])
+        if len(rows) >= self.QUERY_WINDOW:  # one document with more chunks than a query returns
+            return [
+                (str(row["id"]), str(row["doc_id"]), int(row["chunk_index"]), str(row["content_hash"]))
+                for row in self.iter_rows_where(
+                    name, ["id", "doc_id", "chunk_index", "content_hash"], render_string_in("doc_id", doc_ids)
+                )
+            ]
+        return [
+            (str(row["id"]), str(row["doc_id"]), int(row["chunk_index"]), str(row["content_hash"]))
+            for row in rows
+        ]
+
+    def delete_rows(self, name: str, row_ids: Sequence[str]) -> None:
+        """Delete rows by primary key (`{doc_id}#{chunk_index}`)."""
+        if not row_ids:
+            return
+        with self._write_lock:
+            self._call(self.client.delete, collection_name=name, ids=list(row_ids))
+
+    def count_where(self, name: str, filter: str = "") -> int:
+        rows = self._call(self.client.query, collection_name=name, filter=filter, output_fields=["count(*)"],
+                          consistency_level="Strong")
+        return int(rows[0]["count(*)"])
+
+    def iter_rows_where(self, name: str, output_fields: Sequence[str], filter: str = "",
+                        batch_size: int = 1000) -> Iterator[dict[str, Any]]:
+        iterator = self._call(
+            self.client.query_iterator, collection_name=name, batch_size=batch_size, filter=filter,
+            output_fields=list(output_fields), consistency_level="Strong",
+        )
+        try:
+            while batch := iterator.next():
+                yield from batch
+        finally:
+            iterator.close()
+
+    def chunks_with_vectors(self, name: str, doc_ids: Sequence[str]) -> list[dict[str, Any]]:
+        """Every stored field, vector included, of these documents' chunks."""
+        if not doc_ids:
+            return []
+        rows = self._call(
+            self.client.query, collection_name=name, filter=render_string_in("doc_id", list(doc_ids)),
+            output_fields=[*OUTPUT_FIELDS, "vector"], limit=self.QUERY_WINDOW, consistency_level="Strong",
+        )
+        return sorted((dict(row) for row in rows), key=lambda row: (str(row["doc_id"]), int(row["chunk_index"])))
+
+    def collection_properties(self, name: str) -> dict[str, str]:
+        description = self._call(self.client.describe_collection, collection_name=self.resolve(name) or name)
+        return {str(k): str(v) for k, v in (description.get("properties") or {}).items()}
+
+    def set_collection_properties(self, name: str, properties: dict[str, str]) -> None:
+        """Add or replace these collection properties (others are kept)."""
+        with self._write_lock:
+            self._call(self.client.alter_collection_properties, collection_name=name, properties=properties)
+
+    def ping(self) -> bool:
+        """Whether Milvus answers at all (tells an outage from a request it refuses)."""
+        try:
+            self._call(self.client.list_collections)
+        except Exception:
+            return False
+        return True
 
 
 def translate_milvus_error(exc: MilvusException) -> Exception:

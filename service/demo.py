@@ -14,6 +14,7 @@ from google.protobuf import json_format
 from rich.console import Console
 
 from semsearch.config import Settings
+from semsearch.encoders.local import STAND_IN_PROFILE, stand_in_model_path
 from semsearch.manifest import profile_name_for
 from semsearch.v1 import search_pb2 as pb
 from semsearch.v1 import search_pb2_grpc
@@ -71,7 +72,9 @@ async def run_demo(settings: Settings, *, corpus: Path | None = None, milvus_uri
         try:
             engine = await running.load(allow_stand_in=True)
             manifest = engine.pair.encoder.manifest
-            if not settings.encoder_url and profile_name_for(settings.model) != manifest.name:
+            used_stand_in = (Path(manifest.model_path) == stand_in_model_path()
+                             and profile_name_for(settings.model) != STAND_IN_PROFILE)
+            if not settings.encoder_url and used_stand_in:
                 console.print(
                     f"[bold yellow]WARNING:[/bold yellow] model {settings.model!r} is not available here "
                     f"(no local copy, hub unreachable); using the packaged stand-in {manifest.name}. Its "

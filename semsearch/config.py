@@ -4,9 +4,9 @@ from __future__ import annotations
 
 import os
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
-from pydantic import Field, SecretStr
+from pydantic import BaseModel, Field, SecretStr
 from pydantic_settings import (
     BaseSettings,
     PydanticBaseSettingsSource,
@@ -25,6 +25,19 @@ def default_data_dir() -> Path:
 def default_milvus_uri() -> str:
     # Milvus Lite takes a local directory whose name ends in .db.
     return str(default_data_dir() / "milvus.db")
+
+
+Scope = Literal["search", "write", "admin"]
+# Each scope includes the ones before it.
+SCOPE_ORDER: dict[str, int] = {"search": 0, "write": 1, "admin": 2}
+
+
+class ApiKey(BaseModel):
+    """One client credential: send it as `authorization: Bearer <key>` (or `x-api-key`)."""
+
+    name: str
+    key: SecretStr
+    scope: Scope = "search"
 
 
 class Settings(BaseSettings):
@@ -65,9 +78,18 @@ class Settings(BaseSettings):
     shutdown_grace_s: float = 10.0
     max_message_bytes: int = 16 * 1024 * 1024
 
-    # Logging
+    # Security: no keys configured means no authentication (loopback development only).
+    api_keys: list[ApiKey] = Field(default_factory=list)
+    tls_cert_file: Path | None = None
+    tls_key_file: Path | None = None
+    tls_client_ca_file: Path | None = None  # set: clients must present a certificate (mutual TLS)
+
+    # Observability and health
+    metrics_port: int | None = 9090  # Prometheus /metrics on host:metrics_port; 0 or unset disables
+    health_probe_interval_s: float = 5.0
     log_level: str = "INFO"
     log_json: bool = False
+    log_document_text: bool = False  # queries and document text stay out of logs unless enabled
 
     @classmethod
     def settings_customise_sources(

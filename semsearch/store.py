@@ -21,6 +21,7 @@ from semsearch.errors import BackendUnavailableError, InvalidInputError, ModelMi
 from semsearch.filters import MetadataFilter, render_filters, render_string_in
 from semsearch.lite import LiteEndpoint, is_local_uri
 from semsearch.manifest import ModelManifest
+from semsearch.metrics import STORE_LATENCY
 
 log = structlog.get_logger(__name__)
 
@@ -29,6 +30,8 @@ MAX_ID_CHARS = 512
 # Searches read this client's own writes (Session) and otherwise never wait on the server.
 BOOKKEEPING_CONSISTENCY = "Strong"
 SEARCH_CONSISTENCY = "Session"
+# Creating and loading a collection may take far longer than a request's timeout.
+ADMIN_TIMEOUT_S = 120.0
 MAX_TEXT_CHARS = 65535 // 4  # VARCHAR max_length counts bytes: 4 per character at worst
 RECORD_TAG = "semsearch"
 OUTPUT_FIELDS = ["doc_id", "chunk_index", "char_offset", "text", "metadata", "content_hash"]
@@ -156,9 +159,9 @@ class MilvusStore:
             self.client.create_collection, collection_name=name, schema=schema, index_params=index_params,
             description=f"{RECORD_TAG} model {manifest.version}", properties=model_record(manifest),
             # Session: a client reads its own writes; others see them within the bounded staleness.
-            consistency_level="Session",
+            consistency_level="Session", timeout=ADMIN_TIMEOUT_S,
         )
-        self._call(self.client.load_collection, collection_name=name)
+        self._call(self.client.load_collection, collection_name=name, timeout=ADMIN_TIMEOUT_S)
         log.info("collection_created", collection=name, model_version=manifest.version)
 
     def drop_collection(self, name: str) -> None:
@@ -258,7 +261,8 @@ class MilvusStore:
             self.client.search, collection_name=name, data=vectors.astype(np.float32).tolist(),
             limit=top_k, filter=render_filters(filters), output_fields=fields, anns_field="vector",
             search_params={"metric_type": "COSINE", "params": {"ef": max(self.search_ef, top_k)}},
-            timeout=timeout_s, consistency_level=SEARCH_CONSISTENCY,
+            timeout=self.timeout_s if timeout_s is None else min(timeout_s, self.timeout_s),
+            consistency_level=SEARCH_CONSISTENCY,
         )
         return [
             [
@@ -292,8 +296,11 @@ class MilvusStore:
     def _call(self, method: Any, /, **kwargs: Any) -> Any:
         kwargs.setdefault("timeout", self.timeout_s)
         started = time.perf_counter()
+        outcome = "error"
         try:
-            return method(**kwargs)
+            result = method(**kwargs)
+            outcome = "ok"
+            return result
         except MilvusException as exc:
             raise translate_milvus_error(exc) from exc
         except Exception as exc:  # grpc connection errors surface as many types in pymilvus
@@ -301,7 +308,7 @@ class MilvusStore:
                 raise BackendUnavailableError(f"Milvus unavailable: {type(exc).__name__}") from exc
             raise
         finally:
-            log.debug("milvus_call", method=method.__name__, ms=round((time.perf_counter() - started) * 1e3, 2))
+            STORE_LATENCY.labels(operation=method.__name__, outcome=outcome).observe(time.perf_counter() - started)
 
     # ------------------------------------------------------------------ batch indexer (indexer/)
     # Reads here use Strong consistency: the indexer decides what to write from them, so they must
@@ -374,6 +381,10 @@ class MilvusStore:
         """Add or replace these collection properties (others are kept)."""
         with self._write_lock:
             self._call(self.client.alter_collection_properties, collection_name=name, properties=properties)
+
+    def load(self, name: str) -> None:
+        """Load a collection for queries (a collection reopened by a new Lite process is 'released')."""
+        self._call(self.client.load_collection, collection_name=name)
 
     def ping(self) -> bool:
         """Whether Milvus answers at all (tells an outage from a request it refuses)."""

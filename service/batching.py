@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import time
 from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
@@ -18,16 +19,18 @@ import numpy as np
 import structlog
 
 from semsearch.errors import OverloadedError
+from semsearch.metrics import ENCODER_BATCH_SIZE, ENCODER_LATENCY, ENCODER_QUEUE_DEPTH, ENCODER_QUEUE_WAIT
 
 log = structlog.get_logger(__name__)
 
-EncodeFn = Callable[[Sequence[str]], np.ndarray]
+EncodeFn = Callable[..., np.ndarray]  # (texts, *, timeout_s) -> vectors
 
 
 @dataclass
 class _Pending:
     texts: list[str]
     future: asyncio.Future[np.ndarray]
+    deadline: float | None  # time.monotonic() by which the caller gives up
     enqueued_at: float = field(default_factory=time.perf_counter)
 
 
@@ -54,13 +57,15 @@ class MicroBatcher:
         if self._worker is None:
             self._worker = asyncio.get_running_loop().create_task(self._run(), name="micro-batcher")
 
-    async def encode(self, texts: Sequence[str]) -> np.ndarray:
+    async def encode(self, texts: Sequence[str], timeout_s: float | None = None) -> np.ndarray:
         loop = asyncio.get_running_loop()
-        pending = _Pending(list(texts), loop.create_future())
+        deadline = None if timeout_s is None else time.monotonic() + timeout_s
+        pending = _Pending(list(texts), loop.create_future(), deadline)
         try:
             self._queue.put_nowait(pending)
         except asyncio.QueueFull:
             raise OverloadedError("encoder queue is full; retry with backoff") from None
+        ENCODER_QUEUE_DEPTH.set(self._queue.qsize())
         return await pending.future
 
     async def _run(self) -> None:
@@ -85,8 +90,18 @@ class MicroBatcher:
             if not live:
                 continue
             texts = [text for p in live for text in p.texts]
+            now = time.perf_counter()
+            for p in live:
+                ENCODER_QUEUE_WAIT.observe(now - p.enqueued_at)
+            ENCODER_BATCH_SIZE.observe(len(texts))
+            ENCODER_QUEUE_DEPTH.set(self._queue.qsize())
+            # The batch may run as long as its most patient caller waits; others leave on their own.
+            deadlines = [p.deadline for p in live]
+            timeout_s = None if None in deadlines else max(0.0, max(deadlines) - time.monotonic())  # type: ignore[type-var]
+            call = functools.partial(self._encode_fn, texts, timeout_s=timeout_s)
             try:
-                vectors = await loop.run_in_executor(self._executor, self._encode_fn, texts)
+                with ENCODER_LATENCY.labels(kind="query").time():
+                    vectors = await loop.run_in_executor(self._executor, call)
             except Exception as exc:
                 for p in live:
                     if not p.future.done():

@@ -19,6 +19,7 @@ from semsearch.config import Settings
 from semsearch.encoders import Encoder
 from semsearch.errors import InvalidInputError, NotFoundError
 from semsearch.filters import MetadataFilter
+from semsearch.metrics import ENCODER_LATENCY
 from semsearch.store import ChunkRow, CollectionInfo, Hit, MilvusStore
 from service.batching import MicroBatcher
 
@@ -101,10 +102,10 @@ class SearchEngine:
         """One real encode and search, so the first user call pays no lazy initialization."""
         await self.search([SearchQuery(text="预热", top_k=1)])
 
-    async def search(self, queries: Sequence[SearchQuery]) -> list[SearchResult]:
+    async def search(self, queries: Sequence[SearchQuery], timeout_s: float | None = None) -> list[SearchResult]:
         pair = self.pair
         started = time.perf_counter()
-        vectors = await pair.batcher.encode([q.text for q in queries])
+        vectors = await pair.batcher.encode([q.text for q in queries], timeout_s)
         encoded = time.perf_counter()
         encode_ms = (encoded - started) * 1e3
         # Queries with the same filters and limits share one Milvus call.
@@ -121,9 +122,10 @@ class SearchEngine:
             fields = [name for name, wanted in (("text", first.with_text), ("metadata", first.with_metadata))
                       if wanted]
             group_started = time.perf_counter()
+            remaining = None if timeout_s is None else max(0.05, timeout_s - (time.perf_counter() - started))
             results = await asyncio.to_thread(
                 self.store.search, pair.collection.name, np.asarray(vectors[indices]), top_k=limit,
-                filters=first.filters, output_fields=fields,
+                filters=first.filters, output_fields=fields, timeout_s=remaining,
             )
             elapsed = (time.perf_counter() - group_started) * 1e3
             for i, hits in zip(indices, results, strict=True):
@@ -139,18 +141,20 @@ class SearchEngine:
             for i in range(len(queries))
         ]
 
-    async def upsert(self, documents: Sequence[DocumentInput]) -> tuple[int, ServingPair]:
+    async def upsert(self, documents: Sequence[DocumentInput], timeout_s: float | None = None) -> tuple[int, ServingPair]:
         pair = self.pair
-        rows = await asyncio.to_thread(self._embed_documents, pair, documents)
+        rows = await asyncio.to_thread(self._embed_documents, pair, documents, timeout_s)
         await asyncio.to_thread(self.store.write_documents, pair.collection.name, rows)
         return len(documents), pair
 
-    def _embed_documents(self, pair: ServingPair, documents: Sequence[DocumentInput]) -> list[ChunkRow]:
+    def _embed_documents(self, pair: ServingPair, documents: Sequence[DocumentInput],
+                         timeout_s: float | None = None) -> list[ChunkRow]:
         planned: list[tuple[DocumentInput, int, str, int]] = []
         for document in documents:
             for chunk in pair.chunker.chunk(document.text):
                 planned.append((document, chunk.index, chunk.text, chunk.start))
-        vectors = pair.encoder.encode_documents([text for _, _, text, _ in planned])
+        with ENCODER_LATENCY.labels(kind="document").time():
+            vectors = pair.encoder.encode_documents([text for _, _, text, _ in planned], timeout_s=timeout_s)
         return [
             ChunkRow(doc_id=doc.doc_id, chunk_index=index, text=text, vector=vector, metadata=doc.metadata,
                      content_hash=content_hash(doc.text, doc.metadata), char_offset=start)

@@ -12,11 +12,16 @@ import structlog
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
+from prometheus_client import start_http_server
+
 from semsearch.config import Settings
 from semsearch.encoders import Encoder, create_encoder
+from semsearch.errors import SemsearchError
+from semsearch.metrics import SERVING, set_model_info
 from semsearch.store import MilvusStore
 from semsearch.v1 import search_pb2, search_pb2_grpc
 from service.engine import SearchEngine, build_pair
+from service.security import ApiKeyInterceptor, server_credentials
 from service.servicer import SearchServicer
 
 log = structlog.get_logger(__name__)
@@ -32,6 +37,8 @@ class RunningServer:
     health: health.aio.HealthServicer
     store: MilvusStore
     settings: Settings
+    stopping: bool = False
+    _watcher: asyncio.Task[None] | None = None
 
     @property
     def address(self) -> str:
@@ -41,6 +48,33 @@ class RunningServer:
         status = health_pb2.HealthCheckResponse.SERVING if serving else health_pb2.HealthCheckResponse.NOT_SERVING
         for name in ("", SERVICE_NAME):
             await self.health.set(name, status)
+        SERVING.set(1 if serving else 0)
+
+    async def probe_backends(self) -> bool:
+        """Is the serving collection reachable? (and, for remote encoders, is one server up)"""
+        engine = self.servicer.engine
+        if engine is None:
+            return False
+        try:
+            await asyncio.wait_for(
+                asyncio.to_thread(self.store.has_collection, engine.pair.collection.name),
+                timeout=max(1.0, self.settings.health_probe_interval_s),
+            )
+        except (SemsearchError, asyncio.TimeoutError):
+            return False
+        encoder_healthy = getattr(engine.pair.encoder, "healthy", None)
+        return bool(encoder_healthy()) if callable(encoder_healthy) else True
+
+    async def watch_health(self) -> None:
+        """Health follows the backends: NOT_SERVING while Milvus (or every encoder server) is down."""
+        serving = True
+        while True:
+            await asyncio.sleep(self.settings.health_probe_interval_s)
+            healthy = await self.probe_backends()
+            if healthy != serving and not self.stopping:
+                serving = healthy
+                log.warning("backend_health_changed", serving=healthy)
+                await self.set_serving(healthy)
 
     async def load(self, encoder: Encoder | None = None, *, allow_stand_in: bool = False) -> SearchEngine:
         """Load the model (unless given), open its collection, warm up, then report SERVING."""
@@ -51,13 +85,18 @@ class RunningServer:
         await engine.start()
         await engine.warm_up()
         self.servicer.engine = engine
+        set_model_info(pair.model_version, pair.collection.name)
         await self.set_serving(True)
+        self._watcher = asyncio.create_task(self.watch_health(), name="health-watch")
         log.info("serving", address=self.address, model_version=pair.model_version,
                  collection=pair.collection.name)
         return engine
 
     async def stop(self, grace_s: float | None = None) -> None:
         """Stop accepting calls, let in-flight ones finish (up to the grace period), release resources."""
+        self.stopping = True
+        if self._watcher is not None:
+            self._watcher.cancel()
         await self.set_serving(False)
         await self.server.stop(self.settings.shutdown_grace_s if grace_s is None else grace_s)
         if self.servicer.engine is not None:
@@ -76,7 +115,11 @@ async def start_server(settings: Settings, store: MilvusStore | None = None) -> 
             timeout_s=settings.milvus_timeout_s, hnsw_m=settings.hnsw_m,
             hnsw_ef_construction=settings.hnsw_ef_construction, search_ef=settings.search_ef,
         )
-    server = grpc.aio.server(options=[
+    interceptors = [ApiKeyInterceptor(settings.api_keys)] if settings.api_keys else []
+    if not settings.api_keys and settings.host not in ("127.0.0.1", "localhost", "::1"):
+        log.warning("no_authentication", host=settings.host,
+                    note="no api_keys configured: anyone who reaches this port can read and write")
+    server = grpc.aio.server(interceptors=interceptors, options=[
         ("grpc.max_receive_message_length", settings.max_message_bytes),
         ("grpc.max_send_message_length", settings.max_message_bytes),
         ("grpc.so_reuseport", 0),
@@ -88,10 +131,16 @@ async def start_server(settings: Settings, store: MilvusStore | None = None) -> 
     reflection.enable_server_reflection(
         (SERVICE_NAME, health_pb2.DESCRIPTOR.services_by_name["Health"].full_name, reflection.SERVICE_NAME), server
     )
-    port = server.add_insecure_port(f"{settings.host}:{settings.port}")
+    credentials = server_credentials(settings)
+    address = f"{settings.host}:{settings.port}"
+    port = (server.add_secure_port(address, credentials) if credentials is not None
+            else server.add_insecure_port(address))
     if port == 0:
         raise OSError(f"cannot bind {settings.host}:{settings.port}")
     await server.start()
+    if settings.metrics_port:
+        start_http_server(settings.metrics_port, addr=settings.host)
+        log.info("metrics", address=f"http://{settings.host}:{settings.metrics_port}/metrics")
     running = RunningServer(server=server, port=port, servicer=servicer, health=health_servicer, store=store,
                             settings=settings)
     await running.set_serving(False)

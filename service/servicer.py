@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import functools
 import time
 import uuid
@@ -14,6 +15,7 @@ from google.protobuf import json_format, struct_pb2
 
 from semsearch.config import Settings
 from semsearch.errors import SemsearchError
+from semsearch.metrics import RPC_LATENCY, RPC_REQUESTS
 from semsearch.store import Hit
 from semsearch.v1 import search_pb2 as pb
 from semsearch.v1 import search_pb2_grpc
@@ -36,21 +38,31 @@ def rpc(handler: Handler[Request, Response]) -> Handler[Request, Response]:
         request_id = str(metadata.get("x-request-id") or uuid.uuid4().hex[:16])
         method = handler.__name__
         started = time.perf_counter()
+        code = grpc.StatusCode.OK
         with structlog.contextvars.bound_contextvars(request_id=request_id, rpc=method):
             try:
                 if self.engine is None:
-                    await context.abort(grpc.StatusCode.UNAVAILABLE, "the model is still loading")
-                response = await handler(self, request, context)
+                    code = grpc.StatusCode.UNAVAILABLE
+                    await context.abort(code, "the model is still loading")
+                return await handler(self, request, context)
             except SemsearchError as exc:
-                log.info("rpc_rejected", code=exc.status_code.name, reason=str(exc))
-                await context.abort(exc.status_code, str(exc))
+                code = exc.status_code
+                log.info("rpc_rejected", code=code.name, reason=str(exc))
+                await context.abort(code, str(exc))
             except grpc.aio.AbortError:
                 raise
+            except asyncio.CancelledError:
+                code = grpc.StatusCode.CANCELLED  # the client left or its deadline passed
+                raise
             except Exception:
+                code = grpc.StatusCode.INTERNAL
                 log.exception("rpc_failed")
-                await context.abort(grpc.StatusCode.INTERNAL, f"internal error (request id {request_id})")
-            log.debug("rpc_ok", ms=round((time.perf_counter() - started) * 1e3, 2))
-            return response
+                await context.abort(code, f"internal error (request id {request_id})")
+            finally:
+                elapsed = time.perf_counter() - started
+                RPC_REQUESTS.labels(method=method, code=code.name).inc()
+                RPC_LATENCY.labels(method=method, code=code.name).observe(elapsed)
+            raise AssertionError("unreachable")  # abort() always raises
 
     return wrapper
 
@@ -85,7 +97,7 @@ class SearchServicer(search_pb2_grpc.SearchServiceServicer):
     ) -> pb.SearchDocumentsResponse:
         assert self.engine is not None
         query = validation.search_query(request, self.settings)
-        (result,) = await self.engine.search([query])
+        (result,) = await self.engine.search([query], context.time_remaining())
         return _response(result)
 
     @rpc
@@ -94,7 +106,7 @@ class SearchServicer(search_pb2_grpc.SearchServiceServicer):
     ) -> pb.BatchSearchDocumentsResponse:
         assert self.engine is not None
         queries = validation.batch_queries(request, self.settings)
-        results = await self.engine.search(queries)
+        results = await self.engine.search(queries, context.time_remaining())
         return pb.BatchSearchDocumentsResponse(responses=[_response(r) for r in results])
 
     @rpc
@@ -103,7 +115,7 @@ class SearchServicer(search_pb2_grpc.SearchServiceServicer):
     ) -> pb.UpsertDocumentsResponse:
         assert self.engine is not None
         documents = validation.documents(request, self.settings)
-        count, pair = await self.engine.upsert(documents)
+        count, pair = await self.engine.upsert(documents, context.time_remaining())
         return pb.UpsertDocumentsResponse(upserted_count=count, model_version=pair.model_version,
                                           collection=pair.collection.name)
 

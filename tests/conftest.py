@@ -23,6 +23,8 @@ from tests.tinymodel import build_tiny_bert
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+# Tests run many services in one process: Prometheus ports are opened only where a test asks.
+os.environ["SEMSEARCH_METRICS_PORT"] = "0"
 
 
 def free_port() -> int:
@@ -115,6 +117,7 @@ def make_service(tmp_path: Path) -> Iterator[Callable[..., LiveService]]:
 
     def make(encoder: Encoder, **overrides: Any) -> LiveService:
         values: dict[str, Any] = {"milvus_uri": str(tmp_path / "milvus.db"), "host": "127.0.0.1", "port": 0,
+                                  "metrics_port": 0,
                                   "collection": "docs"}
         values.update(overrides)
         service = LiveService(Settings(**values), encoder)

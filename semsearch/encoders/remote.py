@@ -12,20 +12,22 @@ sglang adds no query instruction and, up to 0.5.x, ignores `encoding_format` (al
 client adds the manifest's instruction to queries only, and decodes whichever form comes back.
 
 Model identity (core invariant: a query vector is only compared with vectors of the same model
-version). The manifest comes from a local copy of `settings.model` when there is one (exactly as the
-in-process encoder resolves it, so both backends report the same version), otherwise from a known
-profile with a version derived from the server's (model_path, weight_version). At start-up and then
-every `identity_recheck_s` each server's /model_info must name the same model (same base name) and,
-when the server was launched with `--weight-version`, exactly the manifest version; every response's
-`model` must be the server's model_path and every vector the manifest's dimension. A server that
-fails any of these is quarantined (never used again unless it reports its original identity); when
-no server is left, calls raise ModelMismatchError. Vectors of an unexpected model are never returned.
+version). The manifest comes from a local copy of `settings.model` when there is one (resolved as the
+in-process encoder does, so both backends report the same version for the same weights), otherwise
+from a known profile with a version derived from the first server's (model_path, weight_version).
+At start-up and every `identity_recheck_s` after, each server's /model_info is read: launched with
+`--weight-version`, it must report exactly the manifest version; without it, a model of the same base
+name (weaker). What it reports is then pinned: a later change (a hot swap) quarantines it. Every
+answer's `model` must be one of the server's names and every vector of the manifest's dimension, or
+the server is quarantined for good. With no server left, calls raise ModelMismatchError
+(FAILED_PRECONDITION): vectors of an unexpected model are never returned.
 """
 
 from __future__ import annotations
 
 import base64
 import binascii
+import dataclasses
 import functools
 import hashlib
 import json
@@ -60,7 +62,13 @@ from semsearch.errors import (
     ModelMismatchError,
     ModelNotFoundError,
 )
-from semsearch.manifest import KNOWN_PROFILES, ModelManifest, profile_name_for, resolve_manifest
+from semsearch.manifest import (
+    KNOWN_PROFILES,
+    MANIFEST_FILENAME,
+    ModelManifest,
+    profile_name_for,
+    resolve_manifest,
+)
 
 if TYPE_CHECKING:
     from transformers import PreTrainedTokenizerBase
@@ -75,7 +83,9 @@ DEFAULT_TIMEOUT_S = 10.0
 DEFAULT_MAX_BATCH = 32
 DEFAULT_CONCURRENCY = 4
 DEFAULT_RETRIES = 3
-DEFAULT_ENCODING_FORMAT: EncodingFormat = "float"
+# Asking for base64 is safe everywhere: sglang <= 0.5.x ignores the field and answers floats (which
+# we decode too); newer sglang, vLLM, TEI and infinity answer 4x smaller bodies that decode ~20x faster.
+DEFAULT_ENCODING_FORMAT: EncodingFormat = "base64"
 # A unit vector from an fp16/bf16 server lands within ~1e-3 of norm 1; far beyond that means the
 # server does not normalize (wrong pooling config?) and is worth a warning, even though we fix it.
 NORM_TOLERANCE = 0.05
@@ -92,11 +102,9 @@ IDENTITY_PATHS = ("/model_info", "/get_model_info", "/info", "/v1/models")
 class _Transient(Exception):
     """One attempt failed in a way another attempt may not (connection, timeout, 408/429/5xx)."""
 
-    def __init__(self, message: str, *, retry_after: float | None = None, server_fault: bool = True) -> None:
+    def __init__(self, message: str, *, retry_after: float | None = None) -> None:
         super().__init__(message)
         self.retry_after = retry_after
-        # 429 says the server is alive but busy: retry, but do not count it towards its circuit.
-        self.server_fault = server_fault
 
 
 class _Quarantined(Exception):
@@ -111,6 +119,14 @@ class ServerIdentity:
     weight_version: str | None
     # Names the server may write in a response's `model` field (model path, served names).
     served_names: frozenset[str] = frozenset()
+    # What to put in a request's `model`: vLLM wants its served name; sglang and TEI ignore it.
+    request_name: str = ""
+    # A revision that is not our manifest version but must not change either (TEI's model_sha).
+    revision: str | None = None
+
+    @property
+    def model_name(self) -> str:
+        return self.request_name or self.model_path
 
     @property
     def versioned(self) -> bool:
@@ -118,10 +134,12 @@ class ServerIdentity:
 
     @property
     def key(self) -> str:
-        return f"{self.model_path}@{self.weight_version or 'unversioned'}"
+        revision = f"#{self.revision}" if self.revision else ""
+        return f"{self.model_path}@{self.weight_version or 'unversioned'}{revision}"
 
     def same_as(self, other: ServerIdentity) -> bool:
-        return self.model_path == other.model_path and self.weight_version == other.weight_version
+        return (self.model_path, self.weight_version, self.revision) == (
+            other.model_path, other.weight_version, other.revision)
 
 
 class _StopAtDeadline(stop_base):
@@ -362,12 +380,20 @@ class RemoteEncoder:
         self._tokenizer_lock = threading.Lock()
         verify: ssl.SSLContext | bool = ssl.create_default_context(cafile=ca_file) if ca_file else True
         headers = {"Authorization": f"Bearer {api_key}"} if api_key else {}
+        if api_key:
+            for url in self.urls:
+                parsed = httpx.URL(url)
+                if parsed.scheme == "http" and parsed.host not in ("127.0.0.1", "localhost", "::1"):
+                    log.warning("encoder_api_key_over_plain_http", server=url,
+                                note="the key crosses the network in clear text: use https")
         self._servers = [
             _Server(
                 url=url,
                 client=httpx.Client(
                     base_url=url, headers=headers, verify=verify, timeout=timeout_s,
-                    limits=httpx.Limits(max_connections=concurrency, max_keepalive_connections=concurrency),
+                    # One connection more than slots: an identity re-check never waits for a request.
+                    limits=httpx.Limits(max_connections=concurrency + 1,
+                                        max_keepalive_connections=concurrency + 1),
                 ),
                 breaker=CircuitBreaker(failure_threshold, reset_s, clock),
                 slots=threading.BoundedSemaphore(concurrency),
@@ -390,20 +416,23 @@ class RemoteEncoder:
         encoder_ca_file; read with defaults so that older Settings without them still work."""
         if not settings.encoder_url:
             raise ValueError("RemoteEncoder.from_settings needs settings.encoder_url")
-        api_key = getattr(settings, "encoder_api_key", None)
+        def setting(name: str, default: Any) -> Any:
+            value = getattr(settings, name, None)
+            return default if value is None else value
+
+        api_key = setting("encoder_api_key", None)
         if isinstance(api_key, SecretStr):
             api_key = api_key.get_secret_value()
         return cls(
             parse_encoder_urls(settings.encoder_url),
             model_ref=settings.model,
             api_key=api_key or None,
-            timeout_s=float(getattr(settings, "encoder_timeout_s", None) or DEFAULT_TIMEOUT_S),
-            max_batch=int(getattr(settings, "encoder_max_batch", None) or DEFAULT_MAX_BATCH),
-            concurrency=int(getattr(settings, "encoder_concurrency", None) or DEFAULT_CONCURRENCY),
-            encoding_format=cast(EncodingFormat, getattr(settings, "encoder_encoding_format", None)
-                                 or DEFAULT_ENCODING_FORMAT),
-            retries=int(getattr(settings, "encoder_retries", DEFAULT_RETRIES)),
-            ca_file=getattr(settings, "encoder_ca_file", None),
+            timeout_s=float(setting("encoder_timeout_s", DEFAULT_TIMEOUT_S)),
+            max_batch=int(setting("encoder_max_batch", DEFAULT_MAX_BATCH)),
+            concurrency=int(setting("encoder_concurrency", DEFAULT_CONCURRENCY)),
+            encoding_format=cast(EncodingFormat, setting("encoder_encoding_format", DEFAULT_ENCODING_FORMAT)),
+            retries=int(setting("encoder_retries", DEFAULT_RETRIES)),
+            ca_file=setting("encoder_ca_file", None),
         )
 
     # ----- the Encoder protocol -----
@@ -508,14 +537,20 @@ class RemoteEncoder:
 
     def _local_manifest(self) -> tuple[ModelManifest, PreTrainedTokenizerBase | None] | None:
         """The manifest (and tokenizer) from a local copy of the model, as the in-process encoder
-        resolves it; None when there is no local copy. Weights are not needed, only the manifest
-        file (or a known profile), config.json and the tokenizer files."""
+        resolves it; None when there is no usable local copy. The weights may be left out when a
+        semsearch_manifest.json (which holds the version) sits beside config.json and the tokenizer;
+        without it the version is a hash of the weights, so they must be there."""
         from semsearch.encoders.local import locate_model
 
         try:
             model_dir = locate_model(self.model_ref)
         except ModelNotFoundError as exc:
             log.info("remote_encoder_no_local_model", model=self.model_ref, reason=str(exc))
+            return None
+        has_weights = any(model_dir.glob("*.safetensors")) or any(model_dir.glob("pytorch_model*.bin"))
+        if not (model_dir / MANIFEST_FILENAME).exists() and not has_weights:
+            log.warning("remote_encoder_local_copy_unversioned", model_dir=str(model_dir),
+                        note=f"neither {MANIFEST_FILENAME} nor weights: the version comes from the server")
             return None
         manifest = resolve_manifest(model_dir, self.model_ref)
         return manifest, self._load_tokenizer(model_dir)
@@ -540,8 +575,11 @@ class RemoteEncoder:
                 "instruction and dimension are unknown: put its semsearch_manifest.json, config.json and "
                 "tokenizer files in a local directory and pass that as --model"
             )
-        identity_text = f"{identity.model_path}\n{identity.weight_version or ''}"
+        identity_text = f"{identity.model_path}\n{identity.weight_version or ''}\n{identity.revision or ''}"
         digest = hashlib.sha256(identity_text.encode()).hexdigest()[:12]
+        log.warning("remote_encoder_profile_manifest", profile=profile, identity=identity.key,
+                    note="no local copy of the model: the version is derived from the server's identity, "
+                         "so collections made in-process (version from the weights) are not served")
         return ModelManifest(**KNOWN_PROFILES[profile], name=profile, version=f"{profile}-remote-{digest}",
                              model_path=identity.model_path)
 
@@ -611,12 +649,14 @@ class RemoteEncoder:
         if path == "/info" and body.get("model_id"):  # text-embeddings-inference
             model_id = str(body["model_id"])
             sha = body.get("model_sha")
-            return ServerIdentity(model_id, None if sha is None else str(sha), frozenset({model_id}))
+            return ServerIdentity(model_id, None, frozenset({model_id}),
+                                  revision=None if sha is None else str(sha))
         if path == "/v1/models" and isinstance(body.get("data"), list) and body["data"]:
             card = body["data"][0]
             if isinstance(card, dict) and card.get("id"):
                 names = {str(card["id"])} | ({str(card["root"])} if card.get("root") else set())
-                return ServerIdentity(str(card.get("root") or card["id"]), None, frozenset(names))
+                return ServerIdentity(str(card.get("root") or card["id"]), None, frozenset(names),
+                                      request_name=str(card["id"]))
         return None
 
     @staticmethod
@@ -629,7 +669,7 @@ class RemoteEncoder:
             return identity
         names = {str(card["id"]) for card in cards if isinstance(card, dict) and card.get("id")
                  and (card.get("root") in (None, identity.model_path))}
-        return ServerIdentity(identity.model_path, identity.weight_version, identity.served_names | names)
+        return dataclasses.replace(identity, served_names=identity.served_names | names)
 
     def _verify(self, server: _Server, deadline: float | None) -> None:
         """Re-read the server's identity; quarantine it when it changed or no longer fits."""
@@ -803,7 +843,7 @@ class RemoteEncoder:
             server.breaker.release()
             raise
         assert server.pinned is not None
-        body = {"model": server.pinned.model_path, "input": texts, "encoding_format": self.encoding_format}
+        body = {"model": server.pinned.model_name, "input": texts, "encoding_format": self.encoding_format}
         # Chinese stays UTF-8 (3 bytes a character) rather than \\uXXXX escapes (6).
         content = json.dumps(body, ensure_ascii=False, separators=(",", ":")).encode("utf-8")
         self._bump("requests", server.url)
@@ -828,8 +868,7 @@ class RemoteEncoder:
         message = _error_message(response)
         if status == 429:
             self._server_ok(server)  # alive, only busy: no reason to open its circuit
-            raise _Transient(f"{server.url}: HTTP 429 {message}", retry_after=_retry_after_seconds(response),
-                             server_fault=False)
+            raise _Transient(f"{server.url}: HTTP 429 {message}", retry_after=_retry_after_seconds(response))
         if status == 408 or status >= 500:
             self._server_failed(server, f"HTTP {status}")
             raise _Transient(f"{server.url}: HTTP {status} {message}",
@@ -838,8 +877,9 @@ class RemoteEncoder:
         if status in (401, 403):
             raise BackendUnavailableError(f"{server.url} rejected the API key (HTTP {status}): {message}")
         if status == 404:
-            raise BackendUnavailableError(f"{server.url} has no /v1/embeddings (HTTP 404): not an embeddings "
-                                          "server, or sglang launched without --is-embedding")
+            raise BackendUnavailableError(
+                f"{server.url}/v1/embeddings answered 404 ({message}): not an embeddings server, an unknown "
+                "model name, or sglang launched without --is-embedding")
         raise InvalidInputError(f"the embedding server rejected the input (HTTP {status}): {message}")
 
     def _server_ok(self, server: _Server) -> None:

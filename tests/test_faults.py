@@ -1,0 +1,123 @@
+"""Faults against real processes on loopback: Milvus stopped and restarted under load, deadlines."""
+
+from __future__ import annotations
+
+import threading
+import time
+from collections.abc import Callable, Iterator
+from pathlib import Path
+
+import grpc
+import pytest
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+from semsearch.encoders import TorchEncoder
+from semsearch.v1 import search_pb2 as pb
+from tests.conftest import LiveService, free_port
+from tests.test_service_grpc import SlowEncoder
+
+DEADLINE_S = 3.0
+
+
+@pytest.fixture
+def own_milvus_server(tmp_path: Path) -> Iterator[object]:
+    """A Milvus server this test may stop and restart (the session one is shared)."""
+    from milvus import MilvusServer
+
+    server = MilvusServer()
+    server.set_base_dir(str(tmp_path / "milvus-server"))
+    server.listen_port = free_port()
+    server.start()
+    try:
+        yield server
+    finally:
+        server.stop()
+
+
+def health_status(service: LiveService) -> int:
+    return health_pb2_grpc.HealthStub(service.channel).Check(health_pb2.HealthCheckRequest(), timeout=5).status
+
+
+def wait_for(condition: Callable[[], bool], timeout: float, what: str) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if condition():
+            return
+        time.sleep(0.2)
+    raise AssertionError(f"timed out waiting for {what}")
+
+
+def test_milvus_restart_under_load(make_service: Callable[..., LiveService], tiny_encoder: TorchEncoder,
+                                   own_milvus_server: object) -> None:
+    server = own_milvus_server
+    uri = f"http://127.0.0.1:{server.listen_port}"  # type: ignore[attr-defined]
+    service = make_service(tiny_encoder, milvus_uri=uri, milvus_timeout_s=2.0, health_probe_interval_s=0.5)
+    acknowledged = [pb.Document(id=f"doc-{n}", text=f"第{n}个问题：如何申请退款？") for n in range(20)]
+    service.stub.UpsertDocuments(pb.UpsertDocumentsRequest(documents=acknowledged), timeout=30)
+
+    outcomes: list[tuple[float, grpc.StatusCode]] = []
+    stop = threading.Event()
+
+    def load() -> None:
+        while not stop.is_set():
+            started = time.monotonic()
+            try:
+                service.stub.SearchDocuments(pb.SearchDocumentsRequest(query="退款", top_k=3), timeout=DEADLINE_S)
+                code = grpc.StatusCode.OK
+            except grpc.RpcError as exc:
+                code = exc.code()
+            outcomes.append((time.monotonic() - started, code))
+            time.sleep(0.05)
+
+    worker = threading.Thread(target=load, daemon=True)
+    worker.start()
+    try:
+        time.sleep(1)
+        server.stop()  # type: ignore[attr-defined]
+        wait_for(lambda: health_status(service) == health_pb2.HealthCheckResponse.NOT_SERVING, 30, "NOT_SERVING")
+        down_since = len(outcomes)
+        time.sleep(2 * DEADLINE_S)
+        during = outcomes[down_since:]
+        with pytest.raises(grpc.RpcError) as refused:
+            service.stub.UpsertDocuments(pb.UpsertDocumentsRequest(documents=[
+                pb.Document(id="during-outage", text="不会被确认的写入")]), timeout=DEADLINE_S)
+        assert refused.value.code() in (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED)
+        server.start()  # type: ignore[attr-defined]  # same data directory, same port
+        wait_for(lambda: health_status(service) == health_pb2.HealthCheckResponse.SERVING, 90, "SERVING again")
+        wait_for(lambda: bool(outcomes) and outcomes[-1][1] == grpc.StatusCode.OK, 30, "searches to succeed")
+    finally:
+        stop.set()
+        worker.join(30)
+    assert during, "no calls were made while Milvus was down"
+    assert {code for _, code in during} <= {grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED}
+    assert grpc.StatusCode.UNAVAILABLE in {code for _, code in during}
+    # Fail fast: nothing hangs past its deadline (plus scheduling slack).
+    assert max(elapsed for elapsed, _ in outcomes) < DEADLINE_S + 1.0
+    # No acknowledged write was lost.
+    assert service.running.store.count(service.running.servicer.engine.pair.collection.name) == 20  # type: ignore[union-attr]
+    for document in acknowledged[:3]:
+        assert service.stub.GetDocument(pb.GetDocumentRequest(id=document.id), timeout=10).document.text == document.text
+
+
+def test_deadline_exceeded_work_is_abandoned(make_service: Callable[..., LiveService],
+                                             tiny_encoder: TorchEncoder) -> None:
+    slow = SlowEncoder(tiny_encoder, delay_s=0.5)
+    service = make_service(slow, microbatch_max_size=1)
+    slow.batch_sizes.clear()
+    futures = [service.stub.SearchDocuments.future(pb.SearchDocumentsRequest(query=f"退款{n}"), timeout=0.3)
+               for n in range(10)]
+    codes = []
+    for future in futures:
+        try:
+            future.result()
+            codes.append(grpc.StatusCode.OK)
+        except grpc.RpcError as exc:
+            codes.append(exc.code())
+    assert set(codes) == {grpc.StatusCode.DEADLINE_EXCEEDED}
+    time.sleep(1.5)
+    # Callers that left before their turn cost no forward pass.
+    assert len(slow.batch_sizes) <= 2
+    cancelled = service.stub.SearchDocuments.future(pb.SearchDocumentsRequest(query="退款"), timeout=30)
+    cancelled.cancel()
+    ok = service.stub.SearchDocuments(pb.SearchDocumentsRequest(query="退款"), timeout=30)
+    assert ok.model_version == tiny_encoder.manifest.version

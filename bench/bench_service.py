@@ -25,15 +25,15 @@ from pathlib import Path
 import grpc
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from loadgen import closed_loop  # noqa: E402
+from loadgen import closed_loop
 
-from semsearch.config import Settings  # noqa: E402
-from semsearch.encoders import STAND_IN_MODEL, TorchEncoder  # noqa: E402
-from semsearch.logs import configure_logging  # noqa: E402
-from semsearch.v1 import search_pb2 as pb  # noqa: E402
-from semsearch.v1 import search_pb2_grpc  # noqa: E402
-from service.demo import read_corpus, shipped_corpus, to_document  # noqa: E402
-from service.server import start_server  # noqa: E402
+from semsearch.config import Settings
+from semsearch.encoders import STAND_IN_MODEL, TorchEncoder
+from semsearch.logs import configure_logging
+from semsearch.v1 import search_pb2 as pb
+from semsearch.v1 import search_pb2_grpc
+from service.demo import read_corpus, shipped_corpus, to_document
+from service.server import start_server
 
 QUERIES = ["退钱怎么操作？", "包裹好几天没动静了", "手机开不了机", "密码忘了登不上去", "发票抬头写错了能改吗",
            "保修期是多久", "会员积分怎么用", "可以分期付款吗", "how do I get a refund", "where is my parcel"]

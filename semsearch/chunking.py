@@ -74,13 +74,13 @@ class Chunker:
         groups: list[list[tuple[str, int, int]]] = []
         current: list[tuple[str, int, int]] = []
         used = 0
-        for piece in pieces:
-            if current and used + piece[1] > self.budget:
+        for entry in pieces:
+            if current and used + entry[1] > self.budget:
                 groups.append(current)
-                current = self._overlap_tail(current, room=self.budget - piece[1])
+                current = self._overlap_tail(current, room=self.budget - entry[1])
                 used = sum(p[1] for p in current)
-            current.append(piece)
-            used += piece[1]
+            current.append(entry)
+            used += entry[1]
         if current:
             groups.append(current)
         return [Chunk(i, "".join(p[0] for p in group), group[0][2]) for i, group in enumerate(groups)]

@@ -31,7 +31,8 @@ EncoderUrlOption = Annotated[str | None, typer.Option(
 DeviceOption = Annotated[str | None, typer.Option("--device", help="auto, cpu or cuda[:N] [env SEMSEARCH_DEVICE]")]
 HostOption = Annotated[str | None, typer.Option("--host", help="Bind address [env SEMSEARCH_HOST]")]
 PortOption = Annotated[int | None, typer.Option("--port", help="gRPC port [env SEMSEARCH_PORT]")]
-LogLevelOption = Annotated[str | None, typer.Option("--log-level", help="DEBUG, INFO, WARNING [env SEMSEARCH_LOG_LEVEL]")]
+LogLevelOption = Annotated[str | None, typer.Option(
+    "--log-level", help="DEBUG, INFO, WARNING [env SEMSEARCH_LOG_LEVEL]")]
 
 
 def settings_from_cli(config: Path | None = None, **flags: Any) -> Settings:

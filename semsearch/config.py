@@ -57,7 +57,14 @@ class Settings(BaseSettings):
     # Model and encoding
     model: str = DEFAULT_MODEL
     device: str = "auto"
-    encoder_url: str | None = None
+    encoder_url: str | None = None  # comma-separated embedding servers (sglang/OpenAI-compatible)
+    encoder_api_key: SecretStr | None = None  # bearer token (sglang --api-key)
+    encoder_timeout_s: float = 10.0  # per HTTP request; a gRPC deadline bounds the whole call
+    encoder_max_batch: int = 32  # texts per HTTP request
+    encoder_concurrency: int = 4  # concurrent requests per server
+    encoder_encoding_format: Literal["float", "base64"] = "base64"
+    encoder_retries: int = 3  # on connection errors, timeouts, 408/429/5xx
+    encoder_ca_file: str | None = None  # CA bundle for https encoder URLs
     encode_batch_size: int = 32
     torch_threads: int | None = None
 

@@ -11,7 +11,7 @@ import math
 import re
 from collections.abc import Sequence
 from dataclasses import dataclass
-from enum import Enum
+from enum import StrEnum
 
 from semsearch.errors import InvalidInputError
 
@@ -22,7 +22,7 @@ MAX_STRING_VALUE_CHARS = 1024
 Scalar = str | int | float | bool
 
 
-class Operator(str, Enum):
+class Operator(StrEnum):
     EQ = "=="
     NE = "!="
     GT = ">"
@@ -68,7 +68,7 @@ def check_scalar(field: str, value: Scalar) -> None:
     if isinstance(value, str):
         if len(value) > MAX_STRING_VALUE_CHARS:
             raise InvalidInputError(f"filter on {field!r}: string value longer than {MAX_STRING_VALUE_CHARS}")
-        if any(ord(ch) < 0x20 or 0xD800 <= ord(ch) <= 0xDFFF for ch in value):
+        if any(ord(ch) < 0x20 or ord(ch) == 0x7F or 0xD800 <= ord(ch) <= 0xDFFF for ch in value):
             raise InvalidInputError(f"filter on {field!r}: string value has control or surrogate characters")
 
 

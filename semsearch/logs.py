@@ -29,7 +29,8 @@ def configure_logging(level: str = "INFO", json_output: bool | None = None) -> N
         logger_factory=structlog.PrintLoggerFactory(file=sys.stderr),
         cache_logger_on_first_use=False,
     )
-    logging.basicConfig(level=max(numeric, logging.WARNING), stream=sys.stderr, format="%(levelname)s %(name)s: %(message)s")
+    logging.basicConfig(level=max(numeric, logging.WARNING), stream=sys.stderr,
+                        format="%(levelname)s %(name)s: %(message)s")
     # pymilvus logs every failed call at ERROR with a traceback; we report those ourselves.
     logging.getLogger("pymilvus").setLevel(logging.CRITICAL)
     # The only sync gRPC server in our processes is Milvus Lite's; it logs calls it does not

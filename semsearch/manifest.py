@@ -125,10 +125,10 @@ def resolve_manifest(
     overrides = {k: v for k, v in (overrides or {}).items() if v is not None}
     manifest_file = model_dir / MANIFEST_FILENAME
     if manifest_file.exists():
-        data = json.loads(manifest_file.read_text(encoding="utf-8"))
-        data.update(overrides)
-        data["model_path"] = str(model_dir)
-        return ModelManifest.model_validate(data)
+        stored = json.loads(manifest_file.read_text(encoding="utf-8"))
+        stored.update(overrides)
+        stored["model_path"] = str(model_dir)
+        return ModelManifest.model_validate(stored)
 
     profile_name = profile_name_for(model_ref) or profile_name_for(str(model_dir))
     data: dict[str, Any] = {}

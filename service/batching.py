@@ -81,7 +81,7 @@ class MicroBatcher:
                     item = self._queue.get_nowait() if timeout <= 0 else await asyncio.wait_for(
                         self._queue.get(), timeout
                     )
-                except (asyncio.TimeoutError, asyncio.QueueEmpty):
+                except (TimeoutError, asyncio.QueueEmpty):
                     break
                 batch.append(item)
                 size += len(item.texts)
@@ -96,8 +96,8 @@ class MicroBatcher:
             ENCODER_BATCH_SIZE.observe(len(texts))
             ENCODER_QUEUE_DEPTH.set(self._queue.qsize())
             # The batch may run as long as its most patient caller waits; others leave on their own.
-            deadlines = [p.deadline for p in live]
-            timeout_s = None if None in deadlines else max(0.0, max(deadlines) - time.monotonic())  # type: ignore[type-var]
+            deadlines = [p.deadline for p in live if p.deadline is not None]
+            timeout_s = None if len(deadlines) < len(live) else max(0.0, max(deadlines) - time.monotonic())
             call = functools.partial(self._encode_fn, texts, timeout_s=timeout_s)
             try:
                 with ENCODER_LATENCY.labels(kind="query").time():

@@ -35,14 +35,13 @@ console = Console(stderr=False)
 
 def parse_filter(spec: str) -> pb.MetadataFilter:
     """`field=value`, `field!=value`, `field>=3`...; values parse as JSON numbers/booleans, else strings."""
-    for token, operator in ((">=", pb.FILTER_OPERATOR_GTE), ("<=", pb.FILTER_OPERATOR_LTE),
-                            ("!=", pb.FILTER_OPERATOR_NE), ("=", pb.FILTER_OPERATOR_EQ),
-                            (">", pb.FILTER_OPERATOR_GT), ("<", pb.FILTER_OPERATOR_LT)):
-        if token in spec:
-            field, raw = spec.split(token, 1)
-            break
-    else:
+    tokens = ((">=", pb.FILTER_OPERATOR_GTE), ("<=", pb.FILTER_OPERATOR_LTE), ("!=", pb.FILTER_OPERATOR_NE),
+              ("=", pb.FILTER_OPERATOR_EQ), (">", pb.FILTER_OPERATOR_GT), ("<", pb.FILTER_OPERATOR_LT))
+    found = next(((token, operator) for token, operator in tokens if token in spec), None)
+    if found is None:
         raise typer.BadParameter(f"filter {spec!r} must look like field=value or field>=number")
+    token, operator = found
+    field, raw = spec.split(token, 1)
     try:
         value: Any = json.loads(raw)
     except json.JSONDecodeError:
@@ -108,7 +107,8 @@ def register(app: typer.Typer) -> None:
     @app.command()
     def search(
         query: Annotated[str, typer.Argument(help="The query text (no instruction: the service adds it)")],
-        addr: Annotated[str | None, typer.Option("--addr", help="Service HOST:PORT (default from --host/--port)")] = None,
+        addr: Annotated[str | None, typer.Option(
+            "--addr", help="Service HOST:PORT (default from --host/--port)")] = None,
         top_k: Annotated[int, typer.Option("--top-k", help="How many hits")] = 10,
         filters: Annotated[list[str] | None, typer.Option("--filter", help="field=value, field>=3 ... (ANDed)")] = None,
         chunks: Annotated[bool, typer.Option("--chunks", help="Return matching chunks, not documents")] = False,

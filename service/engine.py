@@ -141,7 +141,9 @@ class SearchEngine:
             for i in range(len(queries))
         ]
 
-    async def upsert(self, documents: Sequence[DocumentInput], timeout_s: float | None = None) -> tuple[int, ServingPair]:
+    async def upsert(
+        self, documents: Sequence[DocumentInput], timeout_s: float | None = None
+    ) -> tuple[int, ServingPair]:
         pair = self.pair
         rows = await asyncio.to_thread(self._embed_documents, pair, documents, timeout_s)
         await asyncio.to_thread(self.store.write_documents, pair.collection.name, rows)

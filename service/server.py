@@ -6,12 +6,12 @@ import asyncio
 import contextlib
 import signal
 from dataclasses import dataclass
+from typing import Any
 
 import grpc
 import structlog
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
-
 from prometheus_client import start_http_server
 
 from semsearch.config import Settings
@@ -19,10 +19,10 @@ from semsearch.encoders import Encoder, create_encoder
 from semsearch.errors import SemsearchError
 from semsearch.metrics import SERVING, set_model_info
 from semsearch.store import MilvusStore
-from semsearch.v1 import search_pb2, search_pb2_grpc
+from semsearch.v1 import search_pb2
 from service.engine import SearchEngine, build_pair
 from service.security import ApiKeyInterceptor, server_credentials
-from service.servicer import SearchServicer
+from service.servicer import SearchServicer, add_search_service
 
 log = structlog.get_logger(__name__)
 
@@ -34,7 +34,7 @@ class RunningServer:
     server: grpc.aio.Server
     port: int
     servicer: SearchServicer
-    health: health.aio.HealthServicer
+    health: Any  # grpc_health's health.aio.HealthServicer (untyped re-export)
     store: MilvusStore
     settings: Settings
     stopping: bool = False
@@ -60,7 +60,7 @@ class RunningServer:
                 asyncio.to_thread(self.store.has_collection, engine.pair.collection.name),
                 timeout=max(1.0, self.settings.health_probe_interval_s),
             )
-        except (SemsearchError, asyncio.TimeoutError):
+        except (TimeoutError, SemsearchError):
             return False
         encoder_healthy = getattr(engine.pair.encoder, "healthy", None)
         return bool(encoder_healthy()) if callable(encoder_healthy) else True
@@ -125,8 +125,8 @@ async def start_server(settings: Settings, store: MilvusStore | None = None) -> 
         ("grpc.so_reuseport", 0),
     ])
     servicer = SearchServicer(settings)
-    search_pb2_grpc.add_SearchServiceServicer_to_server(servicer, server)
-    health_servicer = health.aio.HealthServicer()
+    add_search_service(servicer, server)
+    health_servicer = health.aio.HealthServicer()  # type: ignore[attr-defined]
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
     reflection.enable_server_reflection(
         (SERVICE_NAME, health_pb2.DESCRIPTOR.services_by_name["Health"].full_name, reflection.SERVICE_NAME), server

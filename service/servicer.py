@@ -12,9 +12,10 @@ from typing import Any, TypeVar
 import grpc
 import structlog
 from google.protobuf import json_format, struct_pb2
+from google.protobuf.message import DecodeError
 
 from semsearch.config import Settings
-from semsearch.errors import SemsearchError
+from semsearch.errors import InvalidInputError, SemsearchError
 from semsearch.metrics import RPC_LATENCY, RPC_REQUESTS
 from semsearch.store import Hit
 from semsearch.v1 import search_pb2 as pb
@@ -41,6 +42,8 @@ def rpc(handler: Handler[Request, Response]) -> Handler[Request, Response]:
         code = grpc.StatusCode.OK
         with structlog.contextvars.bound_contextvars(request_id=request_id, rpc=method):
             try:
+                if isinstance(request, MalformedRequest):
+                    raise InvalidInputError(f"malformed request: {request.reason}")
                 if self.engine is None:
                     code = grpc.StatusCode.UNAVAILABLE
                     await context.abort(code, "the model is still loading")
@@ -65,6 +68,38 @@ def rpc(handler: Handler[Request, Response]) -> Handler[Request, Response]:
             raise AssertionError("unreachable")  # abort() always raises
 
     return wrapper
+
+
+class MalformedRequest:
+    """What a request that is not valid protobuf (e.g. invalid UTF-8 in a string) decodes to."""
+
+    def __init__(self, reason: str) -> None:
+        self.reason = reason
+
+
+def lenient(parse: Callable[[bytes], Any]) -> Callable[[bytes], Any]:
+    # grpc answers a deserializer exception with a bare INTERNAL; we want INVALID_ARGUMENT.
+    def deserialize(data: bytes) -> Any:
+        try:
+            return parse(data)
+        except DecodeError as exc:
+            return MalformedRequest(str(exc) or "cannot parse the request")
+
+    return deserialize
+
+
+def add_search_service(servicer: SearchServicer, server: grpc.aio.Server) -> None:
+    """Like the generated add_SearchServiceServicer_to_server, with lenient request decoding."""
+    service = pb.DESCRIPTOR.services_by_name["SearchService"]
+    handlers = {
+        method.name: grpc.unary_unary_rpc_method_handler(
+            getattr(servicer, method.name),
+            request_deserializer=lenient(getattr(pb, method.input_type.name).FromString),
+            response_serializer=getattr(pb, method.output_type.name).SerializeToString,
+        )
+        for method in service.methods
+    }
+    server.add_generic_rpc_handlers((grpc.method_handlers_generic_handler(service.full_name, handlers),))
 
 
 def _struct(value: dict[str, Any]) -> struct_pb2.Struct:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import math
 from collections.abc import Sequence
 from typing import Any
 
@@ -11,7 +12,7 @@ from google.protobuf import json_format
 from semsearch.config import Settings
 from semsearch.errors import InvalidInputError
 from semsearch.filters import MetadataFilter, Operator, Scalar
-from semsearch.store import MAX_ID_CHARS
+from semsearch.store import check_doc_id
 from semsearch.v1 import search_pb2 as pb
 from service.engine import DocumentInput, SearchQuery, check_unique_ids
 
@@ -101,13 +102,25 @@ def batch_queries(request: pb.BatchSearchDocumentsRequest, settings: Settings) -
 
 
 def document_id(value: str, where: str) -> str:
-    if not value:
-        raise InvalidInputError(f"{where} is empty")
-    if len(value) > MAX_ID_CHARS:
-        raise InvalidInputError(f"{where} is longer than {MAX_ID_CHARS} characters")
-    if _has_bad_chars(value) or value != value.strip():
-        raise InvalidInputError(f"{where} has control characters or surrounding whitespace")
-    return value
+    return check_doc_id(value, where)
+
+
+def _depth_of_struct(struct: Any, limit: int = MAX_METADATA_DEPTH + 1) -> int:
+    """Depth of a protobuf Struct without converting it (a hostile one may be very deep)."""
+    depth, frontier = 0, [struct]
+    while frontier and depth <= limit:
+        depth += 1
+        children = []
+        for node in frontier:
+            values = node.fields.values() if hasattr(node, "fields") else node.values
+            for item in values:
+                kind = item.WhichOneof("kind")
+                if kind == "struct_value":
+                    children.append(item.struct_value)
+                elif kind == "list_value":
+                    children.append(item.list_value)
+        frontier = children
+    return depth
 
 
 def _depth(value: Any) -> int:
@@ -118,8 +131,25 @@ def _depth(value: Any) -> int:
     return 0
 
 
+def _finite(value: Any) -> bool:
+    if isinstance(value, float):
+        return math.isfinite(value)
+    if isinstance(value, dict):
+        return all(_finite(v) for v in value.values())
+    if isinstance(value, list):
+        return all(_finite(v) for v in value)
+    return True
+
+
 def metadata(struct: Any, settings: Settings, where: str) -> dict[str, Any]:
-    value: dict[str, Any] = json_format.MessageToDict(struct)
+    if _depth_of_struct(struct) > MAX_METADATA_DEPTH:
+        raise InvalidInputError(f"{where} is nested deeper than {MAX_METADATA_DEPTH} levels")
+    try:
+        value: dict[str, Any] = json_format.MessageToDict(struct)
+    except (ValueError, json_format.Error) as exc:
+        raise InvalidInputError(f"{where} is not valid JSON: {exc}") from exc
+    if not _finite(value):
+        raise InvalidInputError(f"{where} contains NaN or infinite numbers")
     if _depth(value) > MAX_METADATA_DEPTH:
         raise InvalidInputError(f"{where} is nested deeper than {MAX_METADATA_DEPTH} levels")
     size = len(json.dumps(value, ensure_ascii=False).encode("utf-8"))

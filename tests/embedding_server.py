@@ -90,8 +90,12 @@ class EmbeddingServer:
         legacy_model_info: bool = False,
         ssl_context: ssl.SSLContext | None = None,
         cache_responses: bool = False,
+        flavor: str = "sglang",
+        served_name: str | None = None,
         port: int = 0,
     ) -> None:
+        if flavor not in ("sglang", "vllm", "tei"):
+            raise ValueError(f"unknown flavor {flavor!r}")
         self.embed = embed
         self.model_path = model_path
         self.weight_version = weight_version
@@ -102,6 +106,11 @@ class EmbeddingServer:
         self.legacy_model_info = legacy_model_info
         self.ssl_context = ssl_context
         self.cache_responses = cache_responses
+        # Other OpenAI-compatible servers: "vllm" (no /model_info; /v1/models lists the served name,
+        # which requests must use and answers carry), "tei" (/info with model_id and model_sha).
+        self.flavor = flavor
+        self.served_name = served_name or model_path
+        self.revision = "0123abcd"
         self.port = port
         # Faults.
         self.statuses: deque[int] = deque()
@@ -205,9 +214,14 @@ class EmbeddingServer:
 
     def models(self) -> dict[str, Any]:
         return {"object": "list", "data": [{
-            "id": self.model_path, "object": "model", "created": int(time.time()), "owned_by": "sglang",
+            "id": self.served_name, "object": "model", "created": int(time.time()), "owned_by": self.flavor,
             "root": self.model_path, "max_model_len": self.max_tokens,
         }]}
+
+    def tei_info(self) -> dict[str, Any]:
+        return {"model_id": self.model_path, "model_sha": self.revision, "model_dtype": "float16",
+                "model_type": {"embedding": {"pooling": "cls"}}, "max_input_length": self.max_tokens,
+                "version": "1.5.0"}
 
     def embeddings(self, body: Any) -> tuple[int, bytes]:
         """(status, body) for one POST /v1/embeddings."""
@@ -221,6 +235,8 @@ class EmbeddingServer:
                 return _error(400, "All items in input list must be strings")
             if not text.strip():
                 return _error(400, f"Input at index {i} cannot be empty or whitespace only")
+        if self.flavor == "vllm" and body.get("model") != self.served_name:
+            return _error(404, f"The model `{body.get('model')}` does not exist.", "NotFoundError")
         fmt = body.get("encoding_format", "float")
         with self.model_lock:
             counts = self.count_tokens(texts) if self.count_tokens else [0] * len(texts)
@@ -246,7 +262,8 @@ class EmbeddingServer:
             data.reverse()
         tokens = sum(counts)
         payload = json.dumps({
-            "data": data, "model": self.response_model or self.model_path, "object": "list",
+            "data": data, "object": "list",
+            "model": self.response_model or (self.served_name if self.flavor == "vllm" else self.model_path),
             "usage": {"prompt_tokens": tokens, "total_tokens": tokens, "completion_tokens": 0,
                       "prompt_tokens_details": None},
         }).encode()
@@ -262,6 +279,9 @@ def _error(status: int, message: str, kind: str = "BadRequestError") -> tuple[in
 
 class _Handler(BaseHTTPRequestHandler):
     protocol_version = "HTTP/1.1"  # keep-alive, as uvicorn: the client reuses connections
+    # TCP_NODELAY, as uvicorn: headers and body go out in two writes, and Nagle's algorithm with
+    # delayed ACKs would add ~40 ms to every small answer.
+    disable_nagle_algorithm = True
     server: _Server
 
     def setup(self) -> None:
@@ -301,11 +321,15 @@ class _Handler(BaseHTTPRequestHandler):
         owner = self.server.owner
         if not self._authorized(owner):
             return
+        sglang = owner.flavor == "sglang"
         if self.path in ("/health", "/health_generate"):
             self._send(200)
-        elif self.path == "/get_model_info" or (self.path == "/model_info" and not owner.legacy_model_info):
+        elif sglang and (self.path == "/get_model_info"
+                         or (self.path == "/model_info" and not owner.legacy_model_info)):
             self._send(200, json.dumps(owner.model_info()).encode())
-        elif self.path == "/v1/models":
+        elif owner.flavor == "tei" and self.path == "/info":
+            self._send(200, json.dumps(owner.tei_info()).encode())
+        elif self.path == "/v1/models" and owner.flavor != "tei":
             self._send(200, json.dumps(owner.models()).encode())
         else:
             self._send(404, json.dumps({"detail": "Not Found"}).encode())

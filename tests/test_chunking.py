@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import itertools
+
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
@@ -31,7 +33,7 @@ def test_chunks_fit_the_limit_end_on_sentence_boundaries_and_overlap(tiny_encode
         assert tiny_encoder.count_tokens([chunk.text])[0] <= 48
         assert chunk.text[-1] in "？。！"  # whole sentences only
         assert text[chunk.start : chunk.start + len(chunk.text)] == chunk.text
-    for before, after in zip(chunks, chunks[1:], strict=False):
+    for before, after in itertools.pairwise(chunks):
         assert after.start < before.start + len(before.text)  # overlap
     assert reassemble([(c.start, c.text) for c in chunks]) == text
 

@@ -94,9 +94,11 @@ def test_milvus_restart_under_load(make_service: Callable[..., LiveService], tin
     # Fail fast: nothing hangs past its deadline (plus scheduling slack).
     assert max(elapsed for elapsed, _ in outcomes) < DEADLINE_S + 1.0
     # No acknowledged write was lost.
-    assert service.running.store.count(service.running.servicer.engine.pair.collection.name) == 20  # type: ignore[union-attr]
+    engine = service.running.servicer.engine
+    assert engine is not None and service.running.store.count(engine.pair.collection.name) == 20
     for document in acknowledged[:3]:
-        assert service.stub.GetDocument(pb.GetDocumentRequest(id=document.id), timeout=10).document.text == document.text
+        got = service.stub.GetDocument(pb.GetDocumentRequest(id=document.id), timeout=10)
+        assert got.document.text == document.text
 
 
 def test_deadline_exceeded_work_is_abandoned(make_service: Callable[..., LiveService],

@@ -10,7 +10,7 @@ import pytest
 
 from semsearch.encoders import locate_model, stand_in_model_path
 from semsearch.errors import ModelNotFoundError
-from semsearch.manifest import BGE_ZH_INSTRUCTION, MANIFEST_FILENAME, KNOWN_PROFILES, resolve_manifest
+from semsearch.manifest import BGE_ZH_INSTRUCTION, KNOWN_PROFILES, MANIFEST_FILENAME, resolve_manifest
 from tests.tinymodel import build_tiny_bert
 
 
@@ -63,7 +63,7 @@ def test_locate_model_paths_and_hub_ids(tmp_path: Path) -> None:
     with pytest.raises(ModelNotFoundError, match="not found"):
         locate_model(str(tmp_path / "missing"))
     (tmp_path / "empty").mkdir()
-    with pytest.raises(ModelNotFoundError, match="config.json"):
+    with pytest.raises(ModelNotFoundError, match=r"config\.json"):
         locate_model(str(tmp_path / "empty"))
     with pytest.raises(ModelNotFoundError, match="hub"):
         locate_model("BAAI/bge-large-zh-v1.5")  # not cached, hub unreachable here

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import urllib.request
 from collections.abc import Callable
 from pathlib import Path
@@ -117,10 +118,8 @@ def test_prometheus_metrics_on_a_separate_port(make_service: Callable[..., LiveS
     service = make_service(tiny_encoder, metrics_port=port)
     service.stub.UpsertDocuments(pb.UpsertDocumentsRequest(documents=[pb.Document(id="a", text="退款")]), timeout=30)
     service.stub.SearchDocuments(pb.SearchDocumentsRequest(query="退款"), timeout=30)
-    try:
+    with contextlib.suppress(grpc.RpcError):
         service.stub.SearchDocuments(pb.SearchDocumentsRequest(query=""), timeout=30)
-    except grpc.RpcError:
-        pass
     body = urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=10).read().decode()
     assert 'semsearch_rpc_requests_total{code="OK",method="SearchDocuments"}' in body
     assert 'semsearch_rpc_requests_total{code="INVALID_ARGUMENT",method="SearchDocuments"}' in body

@@ -97,6 +97,8 @@ class TorchEncoder:
         self.max_tokens = min(manifest.max_tokens, limit)
         # One forward pass at a time: torch already uses every core for one batch.
         self._lock = threading.Lock()
+        # Fast tokenizers are not re-entrant ("Already borrowed" across threads).
+        self._tokenizer_lock = threading.Lock()
 
     @classmethod
     def from_ref(
@@ -119,13 +121,15 @@ class TorchEncoder:
         return self._encode(list(documents))
 
     def count_tokens(self, texts: Sequence[str]) -> list[int]:
-        encoded = self.tokenizer(list(texts), add_special_tokens=True, truncation=False)["input_ids"]
+        with self._tokenizer_lock:
+            encoded = self.tokenizer(list(texts), add_special_tokens=True, truncation=False)["input_ids"]
         return [len(ids) for ids in encoded]
 
     def tokenize(self, texts: Sequence[str]) -> dict[str, torch.Tensor]:
-        return self.tokenizer(
-            list(texts), padding=True, truncation=True, max_length=self.max_tokens, return_tensors="pt"
-        )
+        with self._tokenizer_lock:
+            return self.tokenizer(  # type: ignore[no-any-return]
+                list(texts), padding=True, truncation=True, max_length=self.max_tokens, return_tensors="pt"
+            )
 
     def _encode(self, texts: list[str]) -> np.ndarray:
         out = np.empty((len(texts), self._manifest.dimension), dtype=np.float32)

@@ -607,7 +607,7 @@ class RemoteEncoder:
                 response = server.client.get(path, timeout=timeout)
             except httpx.TimeoutException as exc:
                 raise _Transient(f"{server.url}{path}: timed out after {timeout:.2f}s") from exc
-            except httpx.TransportError as exc:
+            except httpx.RequestError as exc:  # connection, protocol, decoding
                 raise _Transient(f"{server.url}{path}: {type(exc).__name__}: {exc}") from exc
             status = response.status_code
             if status in (404, 405):
@@ -737,10 +737,7 @@ class RemoteEncoder:
                     self._release(server)
             raise ModelMismatchError(f"no encoder server kept serving {self._manifest.version!r}")
 
-        try:
-            return self._retrying(attempt, deadline)
-        except _Quarantined as exc:  # pragma: no cover - attempt() never lets it out
-            raise ModelMismatchError(str(exc)) from exc
+        return cast(np.ndarray, self._retrying(attempt, deadline))
 
     def _retrying(self, fn: Callable[[], Any], deadline: float | None) -> Any:
         """Run `fn`, retrying `_Transient` failures; the last one becomes BackendUnavailableError."""
@@ -754,7 +751,6 @@ class RemoteEncoder:
             if deadline is not None:
                 delay = min(delay, max(0.0, deadline - self._clock()))
             return delay
-
 
         def before_sleep(state: RetryCallState) -> None:
             self._bump("retries")
@@ -844,7 +840,7 @@ class RemoteEncoder:
             raise
         assert server.pinned is not None
         body = {"model": server.pinned.model_name, "input": texts, "encoding_format": self.encoding_format}
-        # Chinese stays UTF-8 (3 bytes a character) rather than \\uXXXX escapes (6).
+        # Chinese stays UTF-8 (3 bytes a character) rather than \uXXXX escapes (6).
         content = json.dumps(body, ensure_ascii=False, separators=(",", ":")).encode("utf-8")
         self._bump("requests", server.url)
         try:
@@ -853,7 +849,7 @@ class RemoteEncoder:
         except httpx.TimeoutException as exc:
             self._server_failed(server, f"timed out after {timeout:.2f}s")
             raise _Transient(f"{server.url}: timed out after {timeout:.2f}s") from exc
-        except httpx.TransportError as exc:
+        except httpx.RequestError as exc:  # connection, protocol, decoding
             self._server_failed(server, f"{type(exc).__name__}: {exc}")
             raise _Transient(f"{server.url}: {type(exc).__name__}: {exc}") from exc
         status = response.status_code

@@ -91,6 +91,10 @@ class Settings(BaseSettings):
     tls_key_file: Path | None = None
     tls_client_ca_file: Path | None = None  # set: clients must present a certificate (mutual TLS)
 
+    # Model registry: the durable record of which (model, collection) pair serves `collection`
+    use_registry: bool = True
+    registry_poll_s: float = 5.0
+
     # Observability and health
     metrics_port: int | None = 9090  # Prometheus /metrics on host:metrics_port; 0 or unset disables
     health_probe_interval_s: float = 5.0

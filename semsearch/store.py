@@ -6,7 +6,9 @@ Rows are chunks of documents. A document of one chunk has one row; the row id is
 
 from __future__ import annotations
 
+import hashlib
 import json
+import re
 import threading
 import time
 from collections.abc import Iterable, Iterator, Sequence
@@ -35,6 +37,15 @@ ADMIN_TIMEOUT_S = 120.0
 MAX_TEXT_CHARS = 65535 // 4  # VARCHAR max_length counts bytes: 4 per character at worst
 RECORD_TAG = "semsearch"
 OUTPUT_FIELDS = ["doc_id", "chunk_index", "char_offset", "text", "metadata", "content_hash"]
+
+
+def versioned_name(name: str, model_version: str) -> str:
+    """`{name}__{model version}`: the physical collection of one model's vectors, behind alias `name`."""
+    slug = re.sub(r"[^A-Za-z0-9_]+", "_", model_version).strip("_") or "model"
+    full = f"{name}__{slug}"
+    if len(full) > 255:  # Milvus' limit on collection names
+        full = f"{full[:230]}_{hashlib.sha256(model_version.encode()).hexdigest()[:16]}"
+    return full
 
 
 def check_doc_id(doc_id: str, where: str = "document id") -> str:
@@ -72,6 +83,8 @@ class ChunkRow:
             "metadata": self.metadata,
             "content_hash": self.content_hash,
             "char_offset": self.char_offset,
+            # When the row was written: promotion replays rows written during a re-embed.
+            "updated_at": int(time.time() * 1000),
             "vector": self.vector.astype(np.float32).tolist(),
         }
 
@@ -161,6 +174,7 @@ class MilvusStore:
         schema.add_field("metadata", DataType.JSON)
         schema.add_field("content_hash", DataType.VARCHAR, max_length=64)
         schema.add_field("char_offset", DataType.INT64)
+        schema.add_field("updated_at", DataType.INT64)
         schema.add_field("vector", DataType.FLOAT_VECTOR, dim=manifest.dimension)
         index_params = MilvusClient.prepare_index_params()
         index_params.add_index(

@@ -6,8 +6,9 @@ Transport-free: the servicer converts protobuf messages to these types and back.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import time
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -72,10 +73,22 @@ class ServingPair:
     batcher: MicroBatcher
     collection: CollectionInfo
     chunker: Chunker
+    in_flight: int = 0  # requests holding this pair; it is retired only at zero
 
     @property
     def model_version(self) -> str:
         return self.encoder.manifest.version
+
+    def same_as(self, model_version: str, collection: str) -> bool:
+        return (self.model_version, self.collection.name) == (model_version, collection)
+
+    @contextlib.contextmanager
+    def held(self) -> Iterator[ServingPair]:
+        self.in_flight += 1
+        try:
+            yield self
+        finally:
+            self.in_flight -= 1
 
 
 def build_pair(settings: Settings, encoder: Encoder, store: MilvusStore, collection: str) -> ServingPair:
@@ -85,7 +98,10 @@ def build_pair(settings: Settings, encoder: Encoder, store: MilvusStore, collect
         max_wait_s=settings.microbatch_max_wait_ms / 1000.0, queue_size=settings.microbatch_queue_size,
     )
     chunker = Chunker(encoder.count_tokens, encoder.manifest.max_tokens)
-    return ServingPair(encoder=encoder, batcher=batcher, collection=info, chunker=chunker)
+    pair = ServingPair(encoder=encoder, batcher=batcher, collection=info, chunker=chunker)
+    if collection != info.name:
+        log.info("collection_alias", name=collection, collection=info.name)
+    return pair
 
 
 class SearchEngine:
@@ -94,16 +110,39 @@ class SearchEngine:
         self.store = store
         # Read once per request: a swap replaces this reference, in-flight requests keep theirs.
         self.pair = pair
+        # A promotion in progress: writes go to this pair too, so nothing is lost at the swap.
+        self.shadow: ServingPair | None = None
 
     async def start(self) -> None:
         self.pair.batcher.start()
+
+    def swap(self, new: ServingPair) -> ServingPair:
+        """Make `new` the serving pair in one reference change; returns the old one to retire."""
+        new.batcher.start()
+        old, self.pair = self.pair, new
+        if self.shadow is new:
+            self.shadow = None
+        return old
+
+    async def retire(self, old: ServingPair, timeout_s: float = 120.0) -> None:
+        """Close a replaced pair once no request holds it (in-flight calls finish on it)."""
+        deadline = time.monotonic() + timeout_s
+        while old.in_flight and time.monotonic() < deadline:
+            await asyncio.sleep(0.05)
+        await old.batcher.close()
+        if old.encoder is not self.pair.encoder and (self.shadow is None or old.encoder is not self.shadow.encoder):
+            old.encoder.close()
 
     async def warm_up(self) -> None:
         """One real encode and search, so the first user call pays no lazy initialization."""
         await self.search([SearchQuery(text="预热", top_k=1)])
 
     async def search(self, queries: Sequence[SearchQuery], timeout_s: float | None = None) -> list[SearchResult]:
-        pair = self.pair
+        with self.pair.held() as pair:
+            return await self._search(pair, queries, timeout_s)
+
+    async def _search(self, pair: ServingPair, queries: Sequence[SearchQuery],
+                      timeout_s: float | None) -> list[SearchResult]:
         started = time.perf_counter()
         vectors = await pair.batcher.encode([q.text for q in queries], timeout_s)
         encoded = time.perf_counter()
@@ -144,10 +183,14 @@ class SearchEngine:
     async def upsert(
         self, documents: Sequence[DocumentInput], timeout_s: float | None = None
     ) -> tuple[int, ServingPair]:
-        pair = self.pair
-        rows = await asyncio.to_thread(self._embed_documents, pair, documents, timeout_s)
-        await asyncio.to_thread(self.store.write_documents, pair.collection.name, rows)
-        return len(documents), pair
+        with self.pair.held() as pair:
+            shadow = self.shadow
+            for target in (pair, shadow):
+                if target is None:
+                    continue
+                rows = await asyncio.to_thread(self._embed_documents, target, documents, timeout_s)
+                await asyncio.to_thread(self.store.write_documents, target.collection.name, rows)
+            return len(documents), pair
 
     def _embed_documents(self, pair: ServingPair, documents: Sequence[DocumentInput],
                          timeout_s: float | None = None) -> list[ChunkRow]:
@@ -164,10 +207,15 @@ class SearchEngine:
         ]
 
     async def delete(self, doc_ids: Sequence[str]) -> int:
-        return await asyncio.to_thread(self.store.delete_documents, self.pair.collection.name, doc_ids)
+        with self.pair.held() as pair:
+            shadow = self.shadow
+            deleted = await asyncio.to_thread(self.store.delete_documents, pair.collection.name, doc_ids)
+            if shadow is not None:
+                await asyncio.to_thread(self.store.delete_documents, shadow.collection.name, doc_ids)
+            return deleted
 
     async def get(self, doc_id: str) -> tuple[StoredDocument, str]:
-        collection = self.pair.collection.name
+        collection = self.pair.collection.name  # reads need no model: no hold
         rows = await asyncio.to_thread(self.store.get_document_chunks, collection, doc_id)
         if not rows:
             raise NotFoundError(f"document {doc_id!r} not found")
@@ -176,6 +224,9 @@ class SearchEngine:
 
     async def close(self) -> None:
         await self.pair.batcher.close()
+        if self.shadow is not None:
+            await self.shadow.batcher.close()
+            self.shadow.encoder.close()
 
 
 def best_chunk_per_document(hits: Sequence[Hit], top_k: int) -> list[Hit]:

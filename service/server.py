@@ -15,18 +15,21 @@ from grpc_reflection.v1alpha import reflection
 from prometheus_client import start_http_server
 
 from semsearch.config import Settings
-from semsearch.encoders import Encoder, create_encoder
+from semsearch.encoders import Encoder
 from semsearch.errors import SemsearchError
 from semsearch.metrics import SERVING, set_model_info
 from semsearch.store import MilvusStore
-from semsearch.v1 import search_pb2
-from service.engine import SearchEngine, build_pair
+from semsearch.v1 import admin_pb2, admin_pb2_grpc, search_pb2
+from service.admin import AdminServicer
+from service.engine import SearchEngine
+from service.serving_state import ServingState
 from service.security import ApiKeyInterceptor, server_credentials
 from service.servicer import SearchServicer, add_search_service
 
 log = structlog.get_logger(__name__)
 
 SERVICE_NAME = search_pb2.DESCRIPTOR.services_by_name["SearchService"].full_name
+ADMIN_SERVICE_NAME = admin_pb2.DESCRIPTOR.services_by_name["AdminService"].full_name
 
 
 @dataclass
@@ -37,8 +40,10 @@ class RunningServer:
     health: Any  # grpc_health's health.aio.HealthServicer (untyped re-export)
     store: MilvusStore
     settings: Settings
+    state: ServingState
     stopping: bool = False
     _watcher: asyncio.Task[None] | None = None
+    _registry_watcher: asyncio.Task[None] | None = None
 
     @property
     def address(self) -> str:
@@ -77,17 +82,19 @@ class RunningServer:
                 await self.set_serving(healthy)
 
     async def load(self, encoder: Encoder | None = None, *, allow_stand_in: bool = False) -> SearchEngine:
-        """Load the model (unless given), open its collection, warm up, then report SERVING."""
-        if encoder is None:
-            encoder = await asyncio.to_thread(create_encoder, self.settings, allow_stand_in=allow_stand_in)
-        pair = await asyncio.to_thread(build_pair, self.settings, encoder, self.store, self.settings.collection)
+        """Load the model (the registry's current pair, else the configured or given one), open its
+        collection, warm up, then report SERVING and start following the registry."""
+        pair = await self.state.initial_pair(encoder, allow_stand_in=allow_stand_in)
         engine = SearchEngine(self.settings, self.store, pair)
         await engine.start()
         await engine.warm_up()
         self.servicer.engine = engine
+        self.state.engine = engine
         set_model_info(pair.model_version, pair.collection.name)
         await self.set_serving(True)
         self._watcher = asyncio.create_task(self.watch_health(), name="health-watch")
+        if self.settings.use_registry:
+            self._registry_watcher = asyncio.create_task(self.state.watch(), name="registry-watch")
         log.info("serving", address=self.address, model_version=pair.model_version,
                  collection=pair.collection.name)
         return engine
@@ -95,8 +102,9 @@ class RunningServer:
     async def stop(self, grace_s: float | None = None) -> None:
         """Stop accepting calls, let in-flight ones finish (up to the grace period), release resources."""
         self.stopping = True
-        if self._watcher is not None:
-            self._watcher.cancel()
+        for task in (self._watcher, self._registry_watcher):
+            if task is not None:
+                task.cancel()
         await self.set_serving(False)
         await self.server.stop(self.settings.shutdown_grace_s if grace_s is None else grace_s)
         if self.servicer.engine is not None:
@@ -126,10 +134,12 @@ async def start_server(settings: Settings, store: MilvusStore | None = None) -> 
     ])
     servicer = SearchServicer(settings)
     add_search_service(servicer, server)
+    state = ServingState(settings, store)
+    admin_pb2_grpc.add_AdminServiceServicer_to_server(AdminServicer(state), server)
     health_servicer = health.aio.HealthServicer()  # type: ignore[attr-defined]
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
     reflection.enable_server_reflection(
-        (SERVICE_NAME, health_pb2.DESCRIPTOR.services_by_name["Health"].full_name, reflection.SERVICE_NAME), server
+        (SERVICE_NAME, ADMIN_SERVICE_NAME, health_pb2.DESCRIPTOR.services_by_name["Health"].full_name, reflection.SERVICE_NAME), server
     )
     credentials = server_credentials(settings)
     address = f"{settings.host}:{settings.port}"
@@ -142,7 +152,7 @@ async def start_server(settings: Settings, store: MilvusStore | None = None) -> 
         start_http_server(settings.metrics_port, addr=settings.host)
         log.info("metrics", address=f"http://{settings.host}:{settings.metrics_port}/metrics")
     running = RunningServer(server=server, port=port, servicer=servicer, health=health_servicer, store=store,
-                            settings=settings)
+                            settings=settings, state=state)
     await running.set_serving(False)
     log.info("listening", address=running.address)
     return running

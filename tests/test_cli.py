@@ -106,7 +106,7 @@ def test_search_command_prints_the_documented_json(serve_process: tuple[str, sub
     assert set(payload) == {"hits", "model_version", "collection", "took_ms"}
     assert {h["id"] for h in payload["hits"]} == {"refund", "invoice"}
     assert all(set(h) == {"id", "text", "score", "metadata"} for h in payload["hits"])
-    assert payload["collection"] == "docs" and payload["model_version"].startswith("tiny-zh-bert")
+    assert payload["collection"].startswith("docs__") and payload["model_version"].startswith("tiny-zh-bert")
     table = run_cli("search", "退钱怎么操作？", "--addr", address, "--filter", "category=none")
     assert table.returncode == 0 and "refund" not in table.stdout
     bad = run_cli("search", "", "--addr", address)

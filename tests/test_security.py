@@ -16,6 +16,7 @@ from semsearch.config import ApiKey
 from semsearch.encoders import TorchEncoder
 from semsearch.v1 import search_pb2 as pb
 from semsearch.v1 import search_pb2_grpc
+from semsearch.store import versioned_name
 from service.security import find_key, required_scope
 from tests.conftest import LiveService, free_port
 
@@ -126,5 +127,6 @@ def test_prometheus_metrics_on_a_separate_port(make_service: Callable[..., LiveS
     assert "semsearch_encoder_batch_texts_bucket" in body
     assert "semsearch_encoder_queue_wait_seconds_bucket" in body
     assert 'semsearch_store_latency_seconds_bucket{le="0.001",operation="search",outcome="ok"}' in body
-    assert f'semsearch_model_info{{collection="docs",model_version="{tiny_encoder.manifest.version}"}} 1.0' in body
+    version = tiny_encoder.manifest.version
+    assert f'semsearch_model_info{{collection="{versioned_name("docs", version)}",model_version="{version}"}} 1.0' in body
     assert "semsearch_serving 1.0" in body

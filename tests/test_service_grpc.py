@@ -19,7 +19,7 @@ from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
 from semsearch.config import Settings
 from semsearch.encoders import TorchEncoder
 from semsearch.errors import ModelMismatchError
-from semsearch.store import MilvusStore
+from semsearch.store import MilvusStore, versioned_name
 from semsearch.v1 import search_pb2 as pb
 from service.server import start_server
 from tests.conftest import LiveService
@@ -67,7 +67,8 @@ def test_round_trip_on_lite_and_on_the_milvus_server(
     assert len(response.hits) == 3
     assert [h.score for h in response.hits] == sorted((h.score for h in response.hits), reverse=True)
     assert response.model_version == tiny_encoder.manifest.version
-    assert response.collection == collection_name
+    # A new name gets a versioned collection behind an alias of that name.
+    assert response.collection == versioned_name(collection_name, tiny_encoder.manifest.version)
     assert response.timing.total_ms >= response.timing.encode_ms > 0
     # The hit scores are the cosine of the instruction-prefixed query and each document.
     query_vector = tiny_encoder.encode_queries(["如何申请退款？"])[0]

@@ -1,12 +1,10 @@
-from collections.abc import Iterable as _Iterable
-from collections.abc import Mapping as _Mapping
-from typing import ClassVar as _ClassVar
-
-from google.protobuf import descriptor as _descriptor
-from google.protobuf import message as _message
 from google.protobuf import struct_pb2 as _struct_pb2
 from google.protobuf.internal import containers as _containers
 from google.protobuf.internal import enum_type_wrapper as _enum_type_wrapper
+from google.protobuf import descriptor as _descriptor
+from google.protobuf import message as _message
+from collections.abc import Iterable as _Iterable, Mapping as _Mapping
+from typing import ClassVar as _ClassVar, Optional as _Optional, Union as _Union
 
 DESCRIPTOR: _descriptor.FileDescriptor
 
@@ -41,17 +39,17 @@ RETURN_FIELD_TEXT: ReturnField
 RETURN_FIELD_METADATA: ReturnField
 
 class Document(_message.Message):
-    __slots__ = ("id", "metadata", "text")
+    __slots__ = ("id", "text", "metadata")
     ID_FIELD_NUMBER: _ClassVar[int]
     TEXT_FIELD_NUMBER: _ClassVar[int]
     METADATA_FIELD_NUMBER: _ClassVar[int]
     id: str
     text: str
     metadata: _struct_pb2.Struct
-    def __init__(self, id: str | None = ..., text: str | None = ..., metadata: _struct_pb2.Struct | _Mapping | None = ...) -> None: ...
+    def __init__(self, id: _Optional[str] = ..., text: _Optional[str] = ..., metadata: _Optional[_Union[_struct_pb2.Struct, _Mapping]] = ...) -> None: ...
 
 class FilterValue(_message.Message):
-    __slots__ = ("bool_value", "double_value", "int_value", "string_value")
+    __slots__ = ("string_value", "int_value", "double_value", "bool_value")
     STRING_VALUE_FIELD_NUMBER: _ClassVar[int]
     INT_VALUE_FIELD_NUMBER: _ClassVar[int]
     DOUBLE_VALUE_FIELD_NUMBER: _ClassVar[int]
@@ -60,7 +58,7 @@ class FilterValue(_message.Message):
     int_value: int
     double_value: float
     bool_value: bool
-    def __init__(self, string_value: str | None = ..., int_value: int | None = ..., double_value: float | None = ..., bool_value: bool | None = ...) -> None: ...
+    def __init__(self, string_value: _Optional[str] = ..., int_value: _Optional[int] = ..., double_value: _Optional[float] = ..., bool_value: _Optional[bool] = ...) -> None: ...
 
 class MetadataFilter(_message.Message):
     __slots__ = ("field", "operator", "value", "values")
@@ -72,10 +70,10 @@ class MetadataFilter(_message.Message):
     operator: FilterOperator
     value: FilterValue
     values: _containers.RepeatedCompositeFieldContainer[FilterValue]
-    def __init__(self, field: str | None = ..., operator: FilterOperator | str | None = ..., value: FilterValue | _Mapping | None = ..., values: _Iterable[FilterValue | _Mapping] | None = ...) -> None: ...
+    def __init__(self, field: _Optional[str] = ..., operator: _Optional[_Union[FilterOperator, str]] = ..., value: _Optional[_Union[FilterValue, _Mapping]] = ..., values: _Optional[_Iterable[_Union[FilterValue, _Mapping]]] = ...) -> None: ...
 
 class SearchDocumentsRequest(_message.Message):
-    __slots__ = ("filters", "query", "return_chunks", "return_fields", "top_k")
+    __slots__ = ("query", "top_k", "filters", "return_fields", "return_chunks")
     QUERY_FIELD_NUMBER: _ClassVar[int]
     TOP_K_FIELD_NUMBER: _ClassVar[int]
     FILTERS_FIELD_NUMBER: _ClassVar[int]
@@ -86,10 +84,10 @@ class SearchDocumentsRequest(_message.Message):
     filters: _containers.RepeatedCompositeFieldContainer[MetadataFilter]
     return_fields: _containers.RepeatedScalarFieldContainer[ReturnField]
     return_chunks: bool
-    def __init__(self, query: str | None = ..., top_k: int | None = ..., filters: _Iterable[MetadataFilter | _Mapping] | None = ..., return_fields: _Iterable[ReturnField | str] | None = ..., return_chunks: bool | None = ...) -> None: ...
+    def __init__(self, query: _Optional[str] = ..., top_k: _Optional[int] = ..., filters: _Optional[_Iterable[_Union[MetadataFilter, _Mapping]]] = ..., return_fields: _Optional[_Iterable[_Union[ReturnField, str]]] = ..., return_chunks: _Optional[bool] = ...) -> None: ...
 
 class SearchHit(_message.Message):
-    __slots__ = ("chunk_index", "id", "metadata", "score", "text")
+    __slots__ = ("id", "score", "text", "metadata", "chunk_index")
     ID_FIELD_NUMBER: _ClassVar[int]
     SCORE_FIELD_NUMBER: _ClassVar[int]
     TEXT_FIELD_NUMBER: _ClassVar[int]
@@ -100,20 +98,20 @@ class SearchHit(_message.Message):
     text: str
     metadata: _struct_pb2.Struct
     chunk_index: int
-    def __init__(self, id: str | None = ..., score: float | None = ..., text: str | None = ..., metadata: _struct_pb2.Struct | _Mapping | None = ..., chunk_index: int | None = ...) -> None: ...
+    def __init__(self, id: _Optional[str] = ..., score: _Optional[float] = ..., text: _Optional[str] = ..., metadata: _Optional[_Union[_struct_pb2.Struct, _Mapping]] = ..., chunk_index: _Optional[int] = ...) -> None: ...
 
 class SearchTiming(_message.Message):
-    __slots__ = ("encode_ms", "store_ms", "total_ms")
+    __slots__ = ("total_ms", "encode_ms", "store_ms")
     TOTAL_MS_FIELD_NUMBER: _ClassVar[int]
     ENCODE_MS_FIELD_NUMBER: _ClassVar[int]
     STORE_MS_FIELD_NUMBER: _ClassVar[int]
     total_ms: float
     encode_ms: float
     store_ms: float
-    def __init__(self, total_ms: float | None = ..., encode_ms: float | None = ..., store_ms: float | None = ...) -> None: ...
+    def __init__(self, total_ms: _Optional[float] = ..., encode_ms: _Optional[float] = ..., store_ms: _Optional[float] = ...) -> None: ...
 
 class SearchDocumentsResponse(_message.Message):
-    __slots__ = ("collection", "hits", "model_version", "timing")
+    __slots__ = ("hits", "model_version", "collection", "timing")
     HITS_FIELD_NUMBER: _ClassVar[int]
     MODEL_VERSION_FIELD_NUMBER: _ClassVar[int]
     COLLECTION_FIELD_NUMBER: _ClassVar[int]
@@ -122,58 +120,58 @@ class SearchDocumentsResponse(_message.Message):
     model_version: str
     collection: str
     timing: SearchTiming
-    def __init__(self, hits: _Iterable[SearchHit | _Mapping] | None = ..., model_version: str | None = ..., collection: str | None = ..., timing: SearchTiming | _Mapping | None = ...) -> None: ...
+    def __init__(self, hits: _Optional[_Iterable[_Union[SearchHit, _Mapping]]] = ..., model_version: _Optional[str] = ..., collection: _Optional[str] = ..., timing: _Optional[_Union[SearchTiming, _Mapping]] = ...) -> None: ...
 
 class BatchSearchDocumentsRequest(_message.Message):
     __slots__ = ("requests",)
     REQUESTS_FIELD_NUMBER: _ClassVar[int]
     requests: _containers.RepeatedCompositeFieldContainer[SearchDocumentsRequest]
-    def __init__(self, requests: _Iterable[SearchDocumentsRequest | _Mapping] | None = ...) -> None: ...
+    def __init__(self, requests: _Optional[_Iterable[_Union[SearchDocumentsRequest, _Mapping]]] = ...) -> None: ...
 
 class BatchSearchDocumentsResponse(_message.Message):
     __slots__ = ("responses",)
     RESPONSES_FIELD_NUMBER: _ClassVar[int]
     responses: _containers.RepeatedCompositeFieldContainer[SearchDocumentsResponse]
-    def __init__(self, responses: _Iterable[SearchDocumentsResponse | _Mapping] | None = ...) -> None: ...
+    def __init__(self, responses: _Optional[_Iterable[_Union[SearchDocumentsResponse, _Mapping]]] = ...) -> None: ...
 
 class UpsertDocumentsRequest(_message.Message):
     __slots__ = ("documents",)
     DOCUMENTS_FIELD_NUMBER: _ClassVar[int]
     documents: _containers.RepeatedCompositeFieldContainer[Document]
-    def __init__(self, documents: _Iterable[Document | _Mapping] | None = ...) -> None: ...
+    def __init__(self, documents: _Optional[_Iterable[_Union[Document, _Mapping]]] = ...) -> None: ...
 
 class UpsertDocumentsResponse(_message.Message):
-    __slots__ = ("collection", "model_version", "upserted_count")
+    __slots__ = ("upserted_count", "model_version", "collection")
     UPSERTED_COUNT_FIELD_NUMBER: _ClassVar[int]
     MODEL_VERSION_FIELD_NUMBER: _ClassVar[int]
     COLLECTION_FIELD_NUMBER: _ClassVar[int]
     upserted_count: int
     model_version: str
     collection: str
-    def __init__(self, upserted_count: int | None = ..., model_version: str | None = ..., collection: str | None = ...) -> None: ...
+    def __init__(self, upserted_count: _Optional[int] = ..., model_version: _Optional[str] = ..., collection: _Optional[str] = ...) -> None: ...
 
 class DeleteDocumentsRequest(_message.Message):
     __slots__ = ("ids",)
     IDS_FIELD_NUMBER: _ClassVar[int]
     ids: _containers.RepeatedScalarFieldContainer[str]
-    def __init__(self, ids: _Iterable[str] | None = ...) -> None: ...
+    def __init__(self, ids: _Optional[_Iterable[str]] = ...) -> None: ...
 
 class DeleteDocumentsResponse(_message.Message):
     __slots__ = ("deleted_count",)
     DELETED_COUNT_FIELD_NUMBER: _ClassVar[int]
     deleted_count: int
-    def __init__(self, deleted_count: int | None = ...) -> None: ...
+    def __init__(self, deleted_count: _Optional[int] = ...) -> None: ...
 
 class GetDocumentRequest(_message.Message):
     __slots__ = ("id",)
     ID_FIELD_NUMBER: _ClassVar[int]
     id: str
-    def __init__(self, id: str | None = ...) -> None: ...
+    def __init__(self, id: _Optional[str] = ...) -> None: ...
 
 class GetDocumentResponse(_message.Message):
-    __slots__ = ("collection", "document")
+    __slots__ = ("document", "collection")
     DOCUMENT_FIELD_NUMBER: _ClassVar[int]
     COLLECTION_FIELD_NUMBER: _ClassVar[int]
     document: Document
     collection: str
-    def __init__(self, document: Document | _Mapping | None = ..., collection: str | None = ...) -> None: ...
+    def __init__(self, document: _Optional[_Union[Document, _Mapping]] = ..., collection: _Optional[str] = ...) -> None: ...

@@ -1,0 +1,44 @@
+from google.protobuf import descriptor as _descriptor
+from google.protobuf import message as _message
+from collections.abc import Mapping as _Mapping
+from typing import ClassVar as _ClassVar, Optional as _Optional, Union as _Union
+
+DESCRIPTOR: _descriptor.FileDescriptor
+
+class ServingPairState(_message.Message):
+    __slots__ = ("model_version", "collection", "in_flight")
+    MODEL_VERSION_FIELD_NUMBER: _ClassVar[int]
+    COLLECTION_FIELD_NUMBER: _ClassVar[int]
+    IN_FLIGHT_FIELD_NUMBER: _ClassVar[int]
+    model_version: str
+    collection: str
+    in_flight: int
+    def __init__(self, model_version: _Optional[str] = ..., collection: _Optional[str] = ..., in_flight: _Optional[int] = ...) -> None: ...
+
+class GetServingStateRequest(_message.Message):
+    __slots__ = ()
+    def __init__(self) -> None: ...
+
+class GetServingStateResponse(_message.Message):
+    __slots__ = ("current", "pending", "registry_generation", "name")
+    CURRENT_FIELD_NUMBER: _ClassVar[int]
+    PENDING_FIELD_NUMBER: _ClassVar[int]
+    REGISTRY_GENERATION_FIELD_NUMBER: _ClassVar[int]
+    NAME_FIELD_NUMBER: _ClassVar[int]
+    current: ServingPairState
+    pending: ServingPairState
+    registry_generation: int
+    name: str
+    def __init__(self, current: _Optional[_Union[ServingPairState, _Mapping]] = ..., pending: _Optional[_Union[ServingPairState, _Mapping]] = ..., registry_generation: _Optional[int] = ..., name: _Optional[str] = ...) -> None: ...
+
+class ReloadServingStateRequest(_message.Message):
+    __slots__ = ()
+    def __init__(self) -> None: ...
+
+class ReloadServingStateResponse(_message.Message):
+    __slots__ = ("state", "changed")
+    STATE_FIELD_NUMBER: _ClassVar[int]
+    CHANGED_FIELD_NUMBER: _ClassVar[int]
+    state: GetServingStateResponse
+    changed: bool
+    def __init__(self, state: _Optional[_Union[GetServingStateResponse, _Mapping]] = ..., changed: _Optional[bool] = ...) -> None: ...

@@ -1,0 +1,49 @@
+"""gRPC transport for semsearch.v1.AdminService (admin scope when API keys are configured)."""
+
+from __future__ import annotations
+
+import grpc
+
+from semsearch.errors import SemsearchError
+from semsearch.v1 import admin_pb2 as pb
+from semsearch.v1 import admin_pb2_grpc
+from service.engine import ServingPair
+from service.serving_state import ServingState
+
+
+def _pair_state(pair: ServingPair | None) -> pb.ServingPairState | None:
+    if pair is None:
+        return None
+    return pb.ServingPairState(model_version=pair.model_version, collection=pair.collection.name,
+                               in_flight=pair.in_flight)
+
+
+class AdminServicer(admin_pb2_grpc.AdminServiceServicer):
+    def __init__(self, state: ServingState) -> None:
+        self.state = state
+
+    def _state(self) -> pb.GetServingStateResponse:
+        engine = self.state.engine
+        return pb.GetServingStateResponse(
+            current=_pair_state(engine.pair if engine else None),
+            pending=_pair_state(engine.shadow if engine else None),
+            registry_generation=self.state.generation, name=self.state.name,
+        )
+
+    async def GetServingState(
+        self, request: pb.GetServingStateRequest, context: grpc.aio.ServicerContext
+    ) -> pb.GetServingStateResponse:
+        if self.state.engine is None:
+            await context.abort(grpc.StatusCode.UNAVAILABLE, "the model is still loading")
+        return self._state()
+
+    async def ReloadServingState(
+        self, request: pb.ReloadServingStateRequest, context: grpc.aio.ServicerContext
+    ) -> pb.ReloadServingStateResponse:
+        if self.state.engine is None:
+            await context.abort(grpc.StatusCode.UNAVAILABLE, "the model is still loading")
+        try:
+            changed = await self.state.reconcile()
+        except SemsearchError as exc:
+            await context.abort(exc.status_code, str(exc))
+        return pb.ReloadServingStateResponse(state=self._state(), changed=changed)

@@ -1,0 +1,122 @@
+"""Follow the model registry: load a promotion's pair, dual-write to it, swap it in, retire the old one.
+
+Each service instance polls the registry record of the name it serves (and reloads on the admin
+RPC). A pending pair is loaded and warmed, then receives every write (dual-write); when the record's
+current pair changes, the instance swaps (encoder, collection) as one reference. In-flight requests
+finish on the pair they started with; the old pair closes when none holds it.
+"""
+
+from __future__ import annotations
+
+import asyncio
+
+import structlog
+
+from semsearch.config import Settings
+from semsearch.encoders import Encoder, create_encoder
+from semsearch.errors import SemsearchError
+from semsearch.metrics import set_model_info
+from semsearch.registry import ModelRegistry, PairRecord, RegistryRecord, open_pair_encoder
+from semsearch.store import MilvusStore, versioned_name
+from service.engine import SearchEngine, ServingPair, build_pair
+
+log = structlog.get_logger(__name__)
+
+
+class ServingState:
+    def __init__(self, settings: Settings, store: MilvusStore) -> None:
+        self.settings = settings
+        self.store = store
+        self.registry = ModelRegistry(store)
+        self.name = settings.collection
+        self.generation = 0
+        self.engine: SearchEngine | None = None
+        self._lock = asyncio.Lock()
+
+    async def initial_pair(self, encoder: Encoder | None, *, allow_stand_in: bool = False) -> ServingPair:
+        """The registry's current pair if there is one, else the configured model (recorded as current)."""
+        record = await asyncio.to_thread(self.registry.get, self.name) if self.settings.use_registry else None
+        if record is not None and record.current is not None:
+            current = record.current
+            if encoder is None or encoder.manifest.version != current.model_version:
+                if encoder is not None:
+                    log.warning("registry_overrides_model", configured=encoder.manifest.version,
+                                registry=current.model_version)
+                encoder = await asyncio.to_thread(open_pair_encoder, current, self.settings)
+            self.generation = record.generation
+            return await asyncio.to_thread(build_pair, self.settings, encoder, self.store, current.collection)
+        if encoder is None:
+            encoder = await asyncio.to_thread(create_encoder, self.settings, allow_stand_in=allow_stand_in)
+        await asyncio.to_thread(self._create_if_missing, encoder)
+        pair = await asyncio.to_thread(build_pair, self.settings, encoder, self.store, self.name)
+        if self.settings.use_registry:
+            record = await asyncio.to_thread(
+                self.registry.bootstrap, self.name, encoder.manifest, pair.collection.name, self.settings.encoder_url
+            )
+            self.generation = record.generation
+        return pair
+
+    def _create_if_missing(self, encoder: Encoder) -> None:
+        """A new name gets a versioned collection behind an alias, so a later promotion can move it."""
+        if self.store.resolve(self.name):
+            return
+        physical = versioned_name(self.name, encoder.manifest.version)
+        self.store.ensure_collection(physical, encoder.manifest)
+        self.store.point_alias(self.name, physical)
+
+    async def reconcile(self) -> bool:
+        """Apply the registry record; True when the serving or pending pair changed."""
+        engine = self.engine
+        if engine is None or not self.settings.use_registry:
+            return False
+        async with self._lock:
+            record = await asyncio.to_thread(self.registry.get, self.name)
+            if record is None or record.generation == self.generation:
+                return False
+            changed = await self._apply(engine, record)
+            self.generation = record.generation
+            return changed
+
+    async def _apply(self, engine: SearchEngine, record: RegistryRecord) -> bool:
+        changed = False
+        pending = record.pending
+        if pending is not None and not _holds(engine.shadow, pending) and not _holds(engine.pair, pending):
+            engine.shadow = await self._load(pending)
+            log.info("dual_write_started", model_version=pending.model_version, collection=pending.collection)
+            changed = True
+        current = record.current
+        if current is not None and not _holds(engine.pair, current):
+            shadow = engine.shadow
+            new = shadow if shadow is not None and _holds(shadow, current) else await self._load(current)
+            old = engine.swap(new)
+            set_model_info(new.model_version, new.collection.name)
+            log.info("pair_swapped", model_version=new.model_version, collection=new.collection.name,
+                     previous_model_version=old.model_version, previous_collection=old.collection.name)
+            asyncio.get_running_loop().create_task(engine.retire(old))
+            changed = True
+        if pending is None and engine.shadow is not None:
+            shadow, engine.shadow = engine.shadow, None
+            log.info("dual_write_stopped", model_version=shadow.model_version, collection=shadow.collection.name)
+            asyncio.get_running_loop().create_task(engine.retire(shadow))
+            changed = True
+        return changed
+
+    async def _load(self, record: PairRecord) -> ServingPair:
+        encoder = await asyncio.to_thread(open_pair_encoder, record, self.settings)
+        pair = await asyncio.to_thread(build_pair, self.settings, encoder, self.store, record.collection)
+        pair.batcher.start()
+        # Warm before it takes traffic: the first query must not pay lazy initialization.
+        await pair.batcher.encode(["预热"])
+        return pair
+
+    async def watch(self) -> None:
+        while True:
+            await asyncio.sleep(self.settings.registry_poll_s)
+            try:
+                await self.reconcile()
+            except (SemsearchError, OSError) as exc:
+                log.warning("registry_reconcile_failed", reason=str(exc))
+
+
+def _holds(pair: ServingPair | None, record: PairRecord) -> bool:
+    return pair is not None and pair.same_as(record.model_version, record.collection)

@@ -1,0 +1,197 @@
+"""`semsearch promote`, `semsearch rollback`, `semsearch gc`."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Annotated
+
+import typer
+from rich.console import Console
+
+from semsearch.cli import (
+    CollectionOption,
+    ConfigOption,
+    DeviceOption,
+    EncoderUrlOption,
+    MilvusUriOption,
+    fail,
+    settings_from_cli,
+)
+from semsearch.config import Settings
+from semsearch.encoders import create_encoder
+from semsearch.errors import SemsearchError
+from semsearch.store import MilvusStore
+from trainer.promotion import GateResult, Promoter, PromotionReport, gate
+
+console = Console(stderr=True)
+
+
+def _store(settings: Settings) -> MilvusStore:
+    return MilvusStore(
+        settings.milvus_uri,
+        token=settings.milvus_token.get_secret_value() if settings.milvus_token else None,
+        timeout_s=max(settings.milvus_timeout_s, 60.0),
+    )
+
+
+def _print_report(report: PromotionReport) -> None:
+    copy, replay = report.copy, report.replay
+    console.print(
+        f"[bold]{report.name}[/bold]: {report.from_pair.model_version} ({report.from_pair.collection}) "
+        f"→ {report.to_pair.model_version} ({report.to_pair.collection})"
+    )
+    if copy is not None:
+        console.print(
+            f"re-embedded {copy.written} chunks ({copy.skipped} already there) in {copy.seconds:.1f} s, "
+            f"{copy.chunks_per_s:.1f} chunks/s"
+        )
+    if replay is not None:
+        console.print(f"replayed {replay.written} chunks written meanwhile; removed {report.orphans_removed} orphans")
+    console.print(f"validation: {json.dumps(report.validation, ensure_ascii=False)}")
+    console.print(f"timings (s): {report.timings_s}")
+
+
+def _progress(phase: str, stats: object) -> None:
+    console.print(
+        f"  {phase}: {getattr(stats, 'written', 0)} written, {getattr(stats, 'skipped', 0)} skipped", end="\r"
+    )
+
+
+def register(app: typer.Typer) -> None:
+    @app.command()
+    def promote(
+        candidate: Annotated[
+            str, typer.Argument(help="Candidate model: local directory (with its manifest) or hub id")
+        ],
+        collection: CollectionOption = None,
+        milvus_uri: MilvusUriOption = None,
+        config: ConfigOption = None,
+        device: DeviceOption = None,
+        encoder_url: EncoderUrlOption = None,
+        eval_data: Annotated[
+            Path | None, typer.Option("--eval-data", help="Held-out JSONL rows {query, pos, neg} for the gate")
+        ] = None,
+        metric: Annotated[str, typer.Option("--metric", help="Gate metric (global pool)")] = "recall@1",
+        min_improvement: Annotated[float, typer.Option("--min-improvement", help="Required gain in the metric")] = 0.01,
+        guards: Annotated[
+            list[str] | None,
+            typer.Option("--guard", help="METRIC=TOLERANCE that must not regress more than TOLERANCE (repeatable)"),
+        ] = None,
+        force: Annotated[bool, typer.Option("--force", help="Skip the gate (logged in the registry)")] = False,
+        abort: Annotated[bool, typer.Option("--abort", help="Forget a pending promotion and stop")] = False,
+        candidate_encoder_url: Annotated[
+            str | None,
+            typer.Option("--candidate-encoder-url", help="Servers that serve the candidate (blue/green sglang)"),
+        ] = None,
+    ) -> None:
+        """Gate, re-embed, validate and swap a candidate model in, without a failed query."""
+        settings = settings_from_cli(
+            config, collection=collection, milvus_uri=milvus_uri, device=device, encoder_url=encoder_url
+        )
+        name = settings.collection
+        store = _store(settings)
+        promoter = Promoter(settings, store, progress=_progress)
+        try:
+            if abort:
+                record = promoter.abort(name)
+                console.print(
+                    f"{name}: no pending promotion; serving {record.current.model_version if record.current else '-'}"
+                )
+                return
+            record = promoter.record(name, persist=False)  # a failed gate must leave no trace
+            assert record.current is not None
+            guard_map = dict(_parse_guard(g) for g in guards or ["mrr@10=0.02"])
+            if record.pending is not None and record.pending.metrics.get("gate"):
+                result = None  # resuming: the gate already passed for this candidate
+            elif force:
+                result = GateResult(passed=True, metric=metric, current={}, candidate={}, forced=True)
+                console.print("[yellow]gate skipped (--force); recorded in the registry[/yellow]")
+            else:
+                if eval_data is None:
+                    raise fail("the gate needs --eval-data (held-out rows), or --force to skip it", 2)
+                result = gate(
+                    record.current,
+                    candidate,
+                    eval_data,
+                    settings,
+                    metric=metric,
+                    min_improvement=min_improvement,
+                    guards=guard_map,
+                )
+                console.print(result.table())
+                if not result.passed:
+                    for reason in result.reasons:
+                        console.print(f"[red]gate failed:[/red] {reason}")
+                    raise typer.Exit(1)
+            encoder = create_encoder(
+                settings.model_copy(update={"model": candidate, "encoder_url": candidate_encoder_url})
+            )
+            try:
+                metrics = (
+                    {
+                        "gate": {
+                            "metric": metric,
+                            "forced": result.forced,
+                            "current": result.current,
+                            "candidate": result.candidate,
+                        }
+                    }
+                    if result
+                    else {}
+                )
+                target = promoter.candidate_pair(name, encoder, candidate_encoder_url, metrics)
+                if record.pending is not None and record.pending.same_pair(target):
+                    target = record.pending
+                report = promoter.move(name, target, encoder, replay_since_ms=None, event="promote")
+            finally:
+                encoder.close()
+            _print_report(report)
+        except SemsearchError as exc:
+            raise fail(str(exc)) from exc
+        finally:
+            store.close()
+
+    @app.command()
+    def rollback(
+        collection: CollectionOption = None,
+        milvus_uri: MilvusUriOption = None,
+        config: ConfigOption = None,
+        device: DeviceOption = None,
+        encoder_url: EncoderUrlOption = None,
+    ) -> None:
+        """Return to the previous (model, collection) pair the same way a promotion goes forward."""
+        settings = settings_from_cli(
+            config, collection=collection, milvus_uri=milvus_uri, device=device, encoder_url=encoder_url
+        )
+        store = _store(settings)
+        try:
+            _print_report(Promoter(settings, store, progress=_progress).rollback(settings.collection))
+        except SemsearchError as exc:
+            raise fail(str(exc)) from exc
+        finally:
+            store.close()
+
+    @app.command()
+    def gc(
+        milvus_uri: MilvusUriOption = None,
+        config: ConfigOption = None,
+        yes: Annotated[bool, typer.Option("--yes", help="Drop them (default: only list)")] = False,
+    ) -> None:
+        """List (or drop, with --yes) collections no registry pointer or alias references."""
+        settings = settings_from_cli(config, milvus_uri=milvus_uri)
+        store = _store(settings)
+        try:
+            garbage = Promoter(settings, store).gc(dry_run=not yes)
+        finally:
+            store.close()
+        verb = "dropped" if yes else "unreferenced (drop with --yes)"
+        typer.echo(f"{len(garbage)} collections {verb}" + "".join(f"\n  {name}" for name in garbage))
+
+
+def _parse_guard(spec: str) -> tuple[str, float]:
+    name, _, tolerance = spec.partition("=")
+    try:
+        return name.strip(), float(tolerance)
+    except ValueError:
+        raise typer.BadParameter(f"--guard {spec!r}: use METRIC=TOLERANCE, e.g. mrr@10=0.02") from None

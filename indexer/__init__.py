@@ -1,0 +1,1 @@
+"""The batch indexer behind `semsearch index`: files in, a versioned Milvus collection out."""

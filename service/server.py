@@ -22,9 +22,9 @@ from semsearch.store import MilvusStore
 from semsearch.v1 import admin_pb2, admin_pb2_grpc, search_pb2
 from service.admin import AdminServicer
 from service.engine import SearchEngine
-from service.serving_state import ServingState
 from service.security import ApiKeyInterceptor, server_credentials
 from service.servicer import SearchServicer, add_search_service
+from service.serving_state import ServingState
 
 log = structlog.get_logger(__name__)
 
@@ -138,8 +138,9 @@ async def start_server(settings: Settings, store: MilvusStore | None = None) -> 
     admin_pb2_grpc.add_AdminServiceServicer_to_server(AdminServicer(state), server)
     health_servicer = health.aio.HealthServicer()  # type: ignore[attr-defined]
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
+    health_name = health_pb2.DESCRIPTOR.services_by_name["Health"].full_name
     reflection.enable_server_reflection(
-        (SERVICE_NAME, ADMIN_SERVICE_NAME, health_pb2.DESCRIPTOR.services_by_name["Health"].full_name, reflection.SERVICE_NAME), server
+        (SERVICE_NAME, ADMIN_SERVICE_NAME, health_name, reflection.SERVICE_NAME), server
     )
     credentials = server_credentials(settings)
     address = f"{settings.host}:{settings.port}"

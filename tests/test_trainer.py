@@ -250,8 +250,9 @@ def test_prepare_reads_pairs_and_triplets(tmp_path: Path) -> None:
 # ---------------------------------------------------------------- mining
 
 
-def _ranking(encoder: TorchEncoder, query: str, pool: list[str]) -> list[str]:
-    scores = encoder.encode_documents(pool) @ encoder.encode_queries([query])[0]
+def _ranking(encoder: TorchEncoder, query: str, pool: list[str], pool_vectors: np.ndarray) -> list[str]:
+    """The pool ranked for `query`, computed independently of the miner (ties: lower index first)."""
+    scores = pool_vectors @ encoder.encode_queries([query])[0]
     order = sorted(range(len(pool)), key=lambda i: (-scores[i], i))
     return [pool[i] for i in order]
 
@@ -261,10 +262,11 @@ def test_mining_never_returns_a_positive_and_respects_range_and_seed(tiny: Torch
     pool = list(dict.fromkeys(t for g in INTENTS for t in g))
     corpus = [Candidate(t, f"d{i}") for i, t in enumerate(pool)]
     config = MineConfig(range_lo=2, range_hi=12, negative_number=4, fn_margin=None, seed=3)
+    pool_vectors = tiny.encode_documents(pool)
     mined, stats = mine_hard_negatives(rows, tiny, config, corpus=corpus, show_progress=False)
     assert stats["mined"] > 0
     for row, out in zip(rows, mined, strict=True):
-        ranking = _ranking(tiny, row.query, pool)
+        ranking = _ranking(tiny, row.query, pool, pool_vectors)
         assert out.neg, row.query
         assert len(out.neg) <= 4
         for negative in out.neg:

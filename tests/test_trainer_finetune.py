@@ -38,9 +38,7 @@ def _training_rows() -> list[TrainRow]:
 
 
 @pytest.fixture(scope="module")
-def finetuned(
-    tmp_path_factory: pytest.TempPathFactory, tiny_model_dir: Path
-) -> tuple[FinetuneConfig, ModelManifest]:
+def finetuned(tmp_path_factory: pytest.TempPathFactory, tiny_model_dir: Path) -> tuple[FinetuneConfig, ModelManifest]:
     work = tmp_path_factory.mktemp("finetune")
     data = work / "train.jsonl"
     write_rows(data, _training_rows())
@@ -147,17 +145,16 @@ def test_config_maps_to_flagembedding_arguments(tmp_path: Path) -> None:
     assert pairs["--query_instruction_for_retrieval"] == BGE_ZH_INSTRUCTION
     assert pairs["--knowledge_distillation"] == "False" and pairs["--num_train_epochs"] == "3.0"
     assert pairs["--query_max_len"] == "64"  # None from the CLI means "not given": the default stays
-    assert pairs["--use_cpu"] == "True" and pairs["--fp16"] == "False"
+    assert pairs["--use_cpu"] == "True" and pairs["--fp16"] == pairs["--bf16"] == "False"
     assert launcher(config)[-2:] == ["-m", "trainer._flag_entry"]
+    assert "torch.distributed.run" in launcher(config.model_copy(update={"launcher": "torchrun"}))
     gpu = config.model_copy(update={"device": "cuda", "nproc_per_node": 4})
     assert launcher(gpu)[1:6] == ["-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "4"]
     assert "--use_cpu" not in flag_arguments(
         gpu, model_dir=tmp_path, pooling="cls", train_file=tmp_path, cache_dir=tmp_path
     )
     yaml_file = tmp_path / "ft.yaml"
-    yaml_file.write_text(
-        "model: m\ntrain_data: [a.jsonl]\noutput_dir: o\nepochs: 2\npooling: mean\n", encoding="utf-8"
-    )
+    yaml_file.write_text("model: m\ntrain_data: [a.jsonl]\noutput_dir: o\nepochs: 2\npooling: mean\n", encoding="utf-8")
     loaded = FinetuneConfig.load(yaml_file, epochs=5)
     assert loaded.epochs == 5 and loaded.pooling == "mean"
     with pytest.raises(ValueError, match="pooling"):

@@ -1,9 +1,350 @@
-"""`semsearch train ...` (placeholder until the trainer lands)."""
+"""`semsearch train ...`: prepare, extend-vocab, mine, score, finetune, evaluate.
+
+Every step reads and writes FlagEmbedding's JSONL rows, so steps can be rerun, skipped or replaced
+by another tool. Bad rows stop a step with `file:line: reason`.
+"""
 
 from __future__ import annotations
 
+import json
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Annotated, Any
+
 import typer
+
+from semsearch.cli import ConfigOption, DeviceOption, EncoderUrlOption, ModelOption, fail, settings_from_cli
+from semsearch.errors import SemsearchError
+
+train_app = typer.Typer(
+    name="train",
+    no_args_is_help=True,
+    add_completion=False,
+    pretty_exceptions_enable=False,
+    help="Fine-tune an embedding model on your own data: "
+    "prepare -> extend-vocab -> mine -> score -> finetune -> evaluate.",
+)
+
+DataOption = Annotated[Path, typer.Option("--data", help="Input rows (FlagEmbedding JSONL)")]
+OutOption = Annotated[Path, typer.Option("--out", help="Output file")]
+SeedOption = Annotated[int, typer.Option("--seed", help="Random seed")]
+
+
+@contextmanager
+def _cli_errors() -> Iterator[None]:
+    """Known failures as one readable message and a non-zero exit, never a traceback."""
+    try:
+        yield
+    except SemsearchError as exc:
+        raise fail(str(exc), code=2) from exc
+    except RuntimeError as exc:
+        raise fail(str(exc)) from exc
+
+
+def _echo_json(data: dict[str, Any]) -> None:
+    typer.echo(json.dumps(data, ensure_ascii=False, indent=2, default=str))
+
+
+@train_app.command("prepare")
+def prepare_cmd(
+    out_dir: Annotated[Path, typer.Option("--out-dir", help="Writes train.jsonl, test.jsonl, prepare_stats.json")],
+    pairs: Annotated[
+        list[Path] | None, typer.Option("--pairs", help="query/answer pairs: TSV or JSONL {query, answer}")
+    ] = None,
+    labelled: Annotated[
+        list[Path] | None, typer.Option("--labelled", help="labelled question pairs: TSV q1, q2, 0/1")
+    ] = None,
+    triplets: Annotated[list[Path] | None, typer.Option("--triplets", help="JSONL {query, title, neg_title}")] = None,
+    test_ratio: Annotated[float, typer.Option("--test-ratio", help="Share of intent groups held out")] = 0.1,
+    seed: SeedOption = 42,
+    config: ConfigOption = None,
+) -> None:
+    """Build training rows and split train/test by intent group (no group on both sides)."""
+    from trainer.prepare import prepare
+    from trainer.rows import write_rows
+
+    settings_from_cli(config)
+    with _cli_errors():
+        result = prepare(pairs=pairs, labelled=labelled, triplets=triplets, test_ratio=test_ratio, seed=seed)
+        write_rows(out_dir / "train.jsonl", result.train)
+        write_rows(out_dir / "test.jsonl", result.test)
+        (out_dir / "prepare_stats.json").write_text(json.dumps(result.stats, ensure_ascii=False, indent=2), "utf-8")
+    _echo_json(result.stats)
+
+
+@train_app.command("extend-vocab")
+def extend_vocab_cmd(
+    data: Annotated[list[Path], typer.Option("--data", help="Training rows whose characters to add")],
+    out: Annotated[Path, typer.Option("--out", help="Output model directory")],
+    model: ModelOption = None,
+    min_count: Annotated[int, typer.Option("--min-count", help="Add characters seen at least this often")] = 1,
+    max_new: Annotated[
+        int | None, typer.Option("--max-new", help="At most this many characters (most frequent)")
+    ] = None,
+    query_instruction: Annotated[
+        str | None,
+        typer.Option(
+            "--query-instruction",
+            help="Manifest query instruction (default: the parent's); its characters are always added",
+        ),
+    ] = None,
+    include_instruction: Annotated[
+        str | None,
+        typer.Option(
+            "--include-chars-of",
+            help="Also add the characters of this text (e.g. the instruction you will train with)",
+        ),
+    ] = None,
+    name: Annotated[str | None, typer.Option("--name", help="Manifest name")] = None,
+    seed: SeedOption = 0,
+    config: ConfigOption = None,
+) -> None:
+    """Add the corpus's unknown characters to a WordPiece model (new embedding rows, saved tokenizer)."""
+    from trainer.rows import read_rows
+    from trainer.vocab import extend_vocabulary
+
+    settings = settings_from_cli(config, model=model)
+    with _cli_errors():
+        texts = [t for path in data for row in read_rows(path) for t in (row.query, *row.pos, *row.neg)]
+        always = (query_instruction or "") + (include_instruction or "")
+        result = extend_vocabulary(
+            settings.model,
+            texts,
+            out,
+            min_count=min_count,
+            max_new=max_new,
+            always=always,
+            seed=seed,
+            name=name,
+            query_instruction=query_instruction,
+        )
+    _echo_json(result.stats | {"out": str(result.out_dir)})
+
+
+@train_app.command("mine")
+def mine_cmd(
+    data: DataOption,
+    out: OutOption,
+    model: ModelOption = None,
+    encoder_url: EncoderUrlOption = None,
+    device: DeviceOption = None,
+    corpus: Annotated[
+        Path | None,
+        typer.Option("--corpus", help="Candidate pool: JSONL {id, text} or text lines; default all pos/neg texts"),
+    ] = None,
+    rank_range: Annotated[
+        str, typer.Option("--range", help="Sample from these ranks (0-based, hi exclusive)")
+    ] = "10-210",
+    negative_number: Annotated[int, typer.Option("--negative-number", help="Negatives per row")] = 15,
+    fn_margin: Annotated[
+        float,
+        typer.Option(
+            "--fn-margin",
+            help="Drop candidates above the best positive score minus this (likely false negatives), <0 off",
+        ),
+    ] = 0.05,
+    keep_negs: Annotated[
+        bool, typer.Option("--keep-negs/--replace-negs", help="Keep the rows' own negatives too")
+    ] = False,
+    batch_size: Annotated[int | None, typer.Option("--batch-size", help="Encoder batch size")] = None,
+    seed: SeedOption = 42,
+    config: ConfigOption = None,
+) -> None:
+    """Hard negatives from the current model's ranking of the candidate pool."""
+    from trainer.encoding import open_encoder
+    from trainer.mine import MineConfig, mine_hard_negatives, parse_range, read_corpus
+    from trainer.rows import read_rows, write_rows
+
+    settings = settings_from_cli(
+        config, model=model, encoder_url=encoder_url, device=device, encode_batch_size=batch_size
+    )
+    with _cli_errors():
+        lo, hi = parse_range(rank_range)
+        rows = read_rows(data)
+        candidates = read_corpus(corpus) if corpus else None
+        mine_config = MineConfig(
+            range_lo=lo,
+            range_hi=hi,
+            negative_number=negative_number,
+            fn_margin=None if fn_margin < 0 else fn_margin,
+            seed=seed,
+            keep_existing=keep_negs,
+        )
+        encoder = open_encoder(settings)
+        try:
+            mined, stats = mine_hard_negatives(rows, encoder, mine_config, corpus=candidates)
+        finally:
+            encoder.close()
+        write_rows(out, mined)
+    _echo_json(stats | {"model_version": encoder.manifest.version, "out": str(out)})
+
+
+@train_app.command("score")
+def score_cmd(
+    data: DataOption,
+    out: OutOption,
+    reranker: Annotated[
+        str, typer.Option("--reranker", help="Cross-encoder: local directory or hub id (bge-reranker-v2-m3)")
+    ],
+    device: DeviceOption = None,
+    batch_size: Annotated[int, typer.Option("--batch-size", help="Pairs per forward pass")] = 64,
+    chunk_rows: Annotated[int, typer.Option("--chunk-rows", help="Rows written (and resumable) per chunk")] = 64,
+    max_length: Annotated[int, typer.Option("--max-length", help="Tokens per query+passage pair")] = 512,
+    normalize: Annotated[bool, typer.Option("--sigmoid/--raw", help="Sigmoid scores instead of raw logits")] = False,
+    restart: Annotated[bool, typer.Option("--restart", help="Ignore an existing output instead of resuming")] = False,
+    config: ConfigOption = None,
+) -> None:
+    """Teacher scores (pos_scores, neg_scores) from a cross-encoder; resumes an interrupted run."""
+    from trainer.score import ScoreConfig, flag_reranker_scorer, score_file
+
+    settings = settings_from_cli(config, device=device)
+    score_config = ScoreConfig(batch_size=batch_size, chunk_rows=chunk_rows, max_length=max_length, normalize=normalize)
+    with _cli_errors():
+        stats = score_file(
+            data,
+            out,
+            lambda: flag_reranker_scorer(reranker, device=settings.device, config=score_config),
+            chunk_rows=chunk_rows,
+            restart=restart,
+        )
+    _echo_json(stats | {"out": str(out)})
+
+
+@train_app.command("finetune")
+def finetune_cmd(
+    train_config: Annotated[
+        Path | None, typer.Option("--train-config", help="YAML of finetune settings (FinetuneConfig)")
+    ] = None,
+    model: ModelOption = None,
+    data: Annotated[list[Path] | None, typer.Option("--data", help="Training rows (with neg)")] = None,
+    out: Annotated[Path | None, typer.Option("--out", help="Output model directory")] = None,
+    name: Annotated[str | None, typer.Option("--name", help="Manifest name")] = None,
+    instruction: Annotated[
+        str | None, typer.Option("--query-instruction", help="Query instruction ('' for none)")
+    ] = None,
+    pooling: Annotated[str | None, typer.Option("--pooling", help="cls or mean (default: the base model's)")] = None,
+    temperature: Annotated[float | None, typer.Option("--temperature")] = None,
+    group_size: Annotated[int | None, typer.Option("--group-size", help="train_group_size: 1 pos + n-1 negs")] = None,
+    query_max_len: Annotated[int | None, typer.Option("--query-max-len")] = None,
+    passage_max_len: Annotated[int | None, typer.Option("--passage-max-len")] = None,
+    epochs: Annotated[float | None, typer.Option("--epochs")] = None,
+    max_steps: Annotated[int | None, typer.Option("--max-steps")] = None,
+    learning_rate: Annotated[float | None, typer.Option("--lr")] = None,
+    batch_size: Annotated[int | None, typer.Option("--batch-size", help="Queries per device per step")] = None,
+    kd: Annotated[bool | None, typer.Option("--kd/--no-kd", help="Knowledge distillation from pos/neg scores")] = None,
+    nproc: Annotated[int | None, typer.Option("--nproc", help="GPUs: > 1 runs torchrun")] = None,
+    launcher: Annotated[str | None, typer.Option("--launcher", help="auto, python or torchrun")] = None,
+    device: DeviceOption = None,
+    seed: Annotated[int | None, typer.Option("--seed")] = None,
+    threads: Annotated[int | None, typer.Option("--threads", help="CPU threads (OMP_NUM_THREADS)")] = None,
+    eval_data: Annotated[
+        Path | None, typer.Option("--eval-data", help="Test rows: evaluate after training, into the manifest")
+    ] = None,
+    eval_pool: Annotated[list[Path] | None, typer.Option("--eval-pool", help="More rows for the global pool")] = None,
+    overwrite: Annotated[bool, typer.Option("--overwrite", help="Replace a non-empty output directory")] = False,
+    config: ConfigOption = None,
+) -> None:
+    """Fine-tune with FlagEmbedding (encoder_only.base) and write the model with its manifest."""
+    from trainer.evaluate import evaluate_models, record_metrics
+    from trainer.finetune import FinetuneConfig, run_finetune
+    from trainer.rows import read_rows
+
+    settings = settings_from_cli(config, model=model, device=device)
+    with _cli_errors():
+        try:
+            ft_config = FinetuneConfig.load(
+                train_config,
+                model=model or (None if train_config else settings.model),
+                train_data=data,
+                output_dir=out,
+                name=name,
+                query_instruction=instruction,
+                pooling=pooling,
+                temperature=temperature,
+                train_group_size=group_size,
+                query_max_len=query_max_len,
+                passage_max_len=passage_max_len,
+                epochs=epochs,
+                max_steps=max_steps,
+                learning_rate=learning_rate,
+                batch_size=batch_size,
+                knowledge_distillation=kd,
+                nproc_per_node=nproc,
+                launcher=launcher,
+                device=device,
+                seed=seed,
+                torch_threads=threads,
+            )
+        except ValueError as exc:
+            raise fail(f"finetune config: {exc}", code=2) from exc
+        manifest = run_finetune(ft_config, overwrite=overwrite)
+        if eval_data is not None:
+            report, _ = evaluate_models(
+                read_rows(eval_data),
+                [("finetuned", str(ft_config.output_dir))],
+                settings.model_copy(update={"encoder_url": None}),
+                pool_rows=[r for p in eval_pool or [] for r in read_rows(p)],
+            )
+            record_metrics(ft_config.output_dir, report["models"][0])
+    _echo_json(
+        {
+            "out": str(ft_config.output_dir),
+            "version": manifest.version,
+            "train": manifest.metrics.get("train"),
+        }
+    )
+
+
+@train_app.command("evaluate")
+def evaluate_cmd(
+    data: Annotated[Path, typer.Option("--data", help="Test rows (held-out intents)")],
+    out_dir: Annotated[Path, typer.Option("--out-dir", help="Writes report.json, report.md, scores.png")],
+    models: Annotated[
+        list[str] | None,
+        typer.Option("--model", help="LABEL=REF or REF, repeatable: models side by side [default: SEMSEARCH_MODEL]"),
+    ] = None,
+    pool: Annotated[
+        list[Path] | None, typer.Option("--pool", help="More rows whose candidates join the global pool")
+    ] = None,
+    corpus: Annotated[
+        Path | None,
+        typer.Option("--corpus", help="More candidates for the global pool (JSONL {text} or lines)"),
+    ] = None,
+    encoder_url: EncoderUrlOption = None,
+    device: DeviceOption = None,
+    batch_size: Annotated[int | None, typer.Option("--batch-size", help="Encoder batch size")] = None,
+    record: Annotated[bool, typer.Option("--record", help="Store the metrics in each local model's manifest")] = False,
+    config: ConfigOption = None,
+) -> None:
+    """recall@1/5/10, MRR@10, nDCG@10 on the test and global pools, side by side; JSON, Markdown, PNG."""
+    from trainer.evaluate import evaluate_models, parse_model_spec, record_metrics, write_report
+    from trainer.mine import read_corpus
+    from trainer.rows import read_rows
+
+    settings = settings_from_cli(config, encoder_url=encoder_url, device=device, encode_batch_size=batch_size)
+    specs = [parse_model_spec(m) for m in models] if models else [parse_model_spec(settings.model)]
+    if settings.encoder_url and len(specs) > 1:
+        raise fail("--encoder-url evaluates the one served model: give at most one --model", code=2)
+    with _cli_errors():
+        started = time.perf_counter()
+        report, distributions = evaluate_models(
+            read_rows(data),
+            specs,
+            settings,
+            pool_rows=[r for p in pool or [] for r in read_rows(p)],
+            corpus=[c.text for c in read_corpus(corpus)] if corpus else (),
+        )
+        report["wall_s"] = round(time.perf_counter() - started, 1)
+        paths = write_report(report, distributions, out_dir)
+        if record:
+            for entry in report["models"]:
+                if Path(entry["model"]).is_dir():
+                    record_metrics(Path(entry["model"]), entry)
+    typer.echo((out_dir / "report.md").read_text(encoding="utf-8"))
+    typer.echo(" ".join(f"{kind}={path}" for kind, path in paths.items()))
 
 
 def register(app: typer.Typer) -> None:
-    pass
+    app.add_typer(train_app, name="train")

@@ -28,8 +28,8 @@ import structlog
 from semsearch.config import Settings
 from semsearch.encoders import Encoder
 from semsearch.errors import InvalidInputError, ModelMismatchError, NotFoundError, SemsearchError
-from semsearch.registry import ModelRegistry, PairRecord, RegistryRecord, now_iso, open_pair_encoder, pair_for
 from semsearch.reembed import CopyStats, copy_rows, remove_orphans, validate
+from semsearch.registry import ModelRegistry, PairRecord, RegistryRecord, now_iso, open_pair_encoder, pair_for
 from semsearch.store import MilvusStore, versioned_name
 
 log = structlog.get_logger(__name__)

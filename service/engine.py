@@ -22,7 +22,7 @@ from semsearch.errors import InvalidInputError, NotFoundError
 from semsearch.filters import MetadataFilter
 from semsearch.metrics import ENCODER_LATENCY
 from semsearch.store import ChunkRow, CollectionInfo, Hit, MilvusStore
-from service.batching import MicroBatcher
+from service.batching import EncodeBatcher, SearchBatcher, SearchJob
 
 log = structlog.get_logger(__name__)
 
@@ -70,7 +70,7 @@ class ServingPair:
     """The encoder and the collection its vectors match: swapped together, never apart."""
 
     encoder: Encoder
-    batcher: MicroBatcher
+    batcher: EncodeBatcher
     collection: CollectionInfo
     chunker: Chunker
     in_flight: int = 0  # requests holding this pair; it is retired only at zero
@@ -93,7 +93,7 @@ class ServingPair:
 
 def build_pair(settings: Settings, encoder: Encoder, store: MilvusStore, collection: str) -> ServingPair:
     info = store.ensure_collection(collection, encoder.manifest)
-    batcher = MicroBatcher(
+    batcher = EncodeBatcher(
         encoder.encode_queries, max_batch=settings.microbatch_max_size,
         max_wait_s=settings.microbatch_max_wait_ms / 1000.0, queue_size=settings.microbatch_queue_size,
     )
@@ -112,9 +112,14 @@ class SearchEngine:
         self.pair = pair
         # A promotion in progress: writes go to this pair too, so nothing is lost at the swap.
         self.shadow: ServingPair | None = None
+        self.search_batcher = SearchBatcher(
+            store, max_batch=settings.microbatch_max_size * 4, max_wait_s=0.0,
+            queue_size=settings.microbatch_queue_size,
+        )
 
     async def start(self) -> None:
         self.pair.batcher.start()
+        self.search_batcher.start()
 
     def swap(self, new: ServingPair) -> ServingPair:
         """Make `new` the serving pair in one reference change; returns the old one to retire."""
@@ -162,10 +167,10 @@ class SearchEngine:
                       if wanted]
             group_started = time.perf_counter()
             remaining = None if timeout_s is None else max(0.05, timeout_s - (time.perf_counter() - started))
-            results = await asyncio.to_thread(
-                self.store.search, pair.collection.name, np.asarray(vectors[indices]), top_k=limit,
-                filters=first.filters, output_fields=fields, timeout_s=remaining,
-            )
+            results = await self.search_batcher.submit(SearchJob(
+                collection=pair.collection.name, vectors=np.asarray(vectors[indices]), top_k=limit,
+                filters=first.filters, fields=tuple(fields),
+            ), remaining)
             elapsed = (time.perf_counter() - group_started) * 1e3
             for i, hits in zip(indices, results, strict=True):
                 hits_per_query[i] = hits if first.return_chunks else best_chunk_per_document(hits, first.top_k)
@@ -223,6 +228,7 @@ class SearchEngine:
         return StoredDocument(doc_id=doc_id, text=text, metadata=dict(rows[0].get("metadata") or {})), collection
 
     async def close(self) -> None:
+        await self.search_batcher.close()
         await self.pair.batcher.close()
         if self.shadow is not None:
             await self.shadow.batcher.close()

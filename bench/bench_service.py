@@ -15,7 +15,6 @@ import contextlib
 import json
 import os
 import platform
-import socket
 import statistics
 import sys
 import tempfile
@@ -102,20 +101,10 @@ async def run(args: argparse.Namespace) -> dict[str, object]:
 
 @contextlib.contextmanager
 def milvus_server() -> Iterator[str]:
-    from milvus import MilvusServer
+    from semsearch.testing import MilvusTestServer
 
-    with tempfile.TemporaryDirectory() as data_dir, socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        port = probe.getsockname()[1]
-        probe.close()
-        server = MilvusServer()
-        server.set_base_dir(data_dir)
-        server.listen_port = port
-        server.start()
-        try:
-            yield f"http://127.0.0.1:{port}"
-        finally:
-            server.stop()
+    with tempfile.TemporaryDirectory() as data_dir, MilvusTestServer(data_dir) as server:
+        yield server.uri
 
 
 def main() -> None:

@@ -34,6 +34,7 @@ BOOKKEEPING_CONSISTENCY = "Strong"
 SEARCH_CONSISTENCY = "Session"
 # Creating and loading a collection may take far longer than a request's timeout.
 ADMIN_TIMEOUT_S = 120.0
+LITE_FLUSH_ROWS = 4096
 MAX_TEXT_CHARS = 65535 // 4  # VARCHAR max_length counts bytes: 4 per character at worst
 RECORD_TAG = "semsearch"
 OUTPUT_FIELDS = ["doc_id", "chunk_index", "char_offset", "text", "metadata", "content_hash"]
@@ -130,6 +131,7 @@ class MilvusStore:
             raise BackendUnavailableError(f"cannot connect to Milvus at {uri}: {exc.message}") from exc
         # Milvus Lite's engine is single-writer per collection: serialize our own writes.
         self._write_lock = threading.Lock()
+        self._unflushed: dict[str, int] = {}
 
     # ------------------------------------------------------------------ collections
     def resolve(self, name: str) -> str:
@@ -204,7 +206,18 @@ class MilvusStore:
         entities = [row.to_entity() for row in rows]
         with self._write_lock:
             result = self._call(self.client.upsert, collection_name=name, data=entities)
+        if self.is_lite:
+            self._flush_lite_when_due(name, len(entities))
         return int(result.get("upsert_count", len(entities)))
+
+    def _flush_lite_when_due(self, name: str, written: int) -> None:
+        # Milvus Lite indexes only flushed segments and converts unflushed rows one by one on every
+        # search (bench/STORE_NOTES.md): flush every few thousand rows instead of at 128 MiB.
+        pending = self._unflushed.get(name, 0) + written
+        if pending >= LITE_FLUSH_ROWS:
+            self.flush(name)
+            pending = 0
+        self._unflushed[name] = pending
 
     def write_documents(self, name: str, rows: Sequence[ChunkRow]) -> int:
         """Upsert whole documents (all of each one's chunks), then drop chunks past their new end.
@@ -310,6 +323,12 @@ class MilvusStore:
             self._call(self.client.create_alias, collection_name=collection, alias=alias)
 
     def close(self) -> None:
+        for name, pending in self._unflushed.items():
+            if pending:  # leave Lite's data indexed for the next process
+                try:
+                    self.flush(name)
+                except Exception as exc:  # closing must not fail on a dropped collection
+                    log.debug("flush_on_close_skipped", collection=name, reason=str(exc))
         self.client.close()
         if self._lite is not None:
             self._lite.release()

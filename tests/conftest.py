@@ -52,17 +52,13 @@ def minilm_encoder() -> TorchEncoder:
 def milvus_server_uri(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
     """The real Milvus 2.3.5 standalone binary, on a free loopback port, for the whole session."""
     try:
-        from milvus import MilvusServer
+        from semsearch.testing import MilvusTestServer
+
+        server = MilvusTestServer(tmp_path_factory.mktemp("milvus-server"))
     except ImportError:
         pytest.skip("the milvus package (real Milvus server) is not installed")
-    server = MilvusServer()
-    server.set_base_dir(str(tmp_path_factory.mktemp("milvus-server")))
-    server.listen_port = free_port()
-    server.start()
-    try:
-        yield f"http://127.0.0.1:{server.listen_port}"
-    finally:
-        server.stop()
+    with server:
+        yield server.uri
 
 
 @pytest.fixture(params=["lite", "server"])

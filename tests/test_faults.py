@@ -13,7 +13,7 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from semsearch.encoders import TorchEncoder
 from semsearch.v1 import search_pb2 as pb
-from tests.conftest import LiveService, free_port
+from tests.conftest import LiveService
 from tests.test_service_grpc import SlowEncoder
 
 DEADLINE_S = 3.0
@@ -22,16 +22,10 @@ DEADLINE_S = 3.0
 @pytest.fixture
 def own_milvus_server(tmp_path: Path) -> Iterator[object]:
     """A Milvus server this test may stop and restart (the session one is shared)."""
-    from milvus import MilvusServer
+    from semsearch.testing import MilvusTestServer
 
-    server = MilvusServer()
-    server.set_base_dir(str(tmp_path / "milvus-server"))
-    server.listen_port = free_port()
-    server.start()
-    try:
+    with MilvusTestServer(tmp_path / "milvus-server") as server:
         yield server
-    finally:
-        server.stop()
 
 
 def health_status(service: LiveService) -> int:
@@ -50,7 +44,7 @@ def wait_for(condition: Callable[[], bool], timeout: float, what: str) -> None:
 def test_milvus_restart_under_load(make_service: Callable[..., LiveService], tiny_encoder: TorchEncoder,
                                    own_milvus_server: object) -> None:
     server = own_milvus_server
-    uri = f"http://127.0.0.1:{server.listen_port}"  # type: ignore[attr-defined]
+    uri = server.uri  # type: ignore[attr-defined]
     service = make_service(tiny_encoder, milvus_uri=uri, milvus_timeout_s=2.0, health_probe_interval_s=0.5)
     acknowledged = [pb.Document(id=f"doc-{n}", text=f"第{n}个问题：如何申请退款？") for n in range(20)]
     service.stub.UpsertDocuments(pb.UpsertDocumentsRequest(documents=acknowledged), timeout=30)

@@ -137,11 +137,12 @@ class TorchEncoder:
             return out
         # Longest first, as sentence-transformers does: batches hold similar lengths, less padding.
         order = sorted(range(len(texts)), key=lambda i: -len(texts[i]))
-        with self._lock, torch.inference_mode():
-            for start in range(0, len(order), self.batch_size):
-                batch_ids = order[start : start + self.batch_size]
-                features = self.tokenize([texts[i] for i in batch_ids])
-                features = {k: v.to(self.device) for k, v in features.items()}
+        for start in range(0, len(order), self.batch_size):
+            batch_ids = order[start : start + self.batch_size]
+            features = self.tokenize([texts[i] for i in batch_ids])
+            features = {k: v.to(self.device) for k, v in features.items()}
+            # The lock is per batch: a large upsert lets waiting queries in between its batches.
+            with self._lock, torch.inference_mode():
                 hidden = self.model(**features).last_hidden_state
                 pooled = pool(hidden, features["attention_mask"], self._manifest.pooling)
                 if self._manifest.normalize:

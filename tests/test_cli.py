@@ -194,7 +194,10 @@ def test_demo_falls_back_to_the_packaged_model_with_a_warning(tmp_path: Path) ->
 def test_generated_stubs_are_current(tmp_path: Path) -> None:
     subprocess.run([sys.executable, str(REPO / "scripts" / "gen_proto.py"), str(tmp_path)], check=True,
                    capture_output=True)
-    for name in ("search_pb2.py", "search_pb2.pyi", "search_pb2_grpc.py"):
+    generated_files = sorted(p.name for p in (tmp_path / "semsearch" / "v1").glob("*_pb2*"))
+    assert generated_files == sorted(p.name for p in (REPO / "semsearch" / "v1").glob("*_pb2*"))
+    assert {"admin_pb2.py", "search_pb2.py", "search_pb2_grpc.py"} <= set(generated_files)
+    for name in generated_files:
         generated = (tmp_path / "semsearch" / "v1" / name).read_text()
         committed = (REPO / "semsearch" / "v1" / name).read_text()
         assert generated == committed, f"semsearch/v1/{name} is stale: run scripts/gen_proto.py"

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import importlib.util
 import itertools
 import json
 import math
@@ -72,11 +73,8 @@ def tiny(tiny_settings: Settings) -> TorchEncoder:
 
 
 def _rows() -> list[TrainRow]:
-    return [
-        TrainRow(query=group[0], pos=group[1:], neg=[], group=f"g{i}") for i, group in enumerate(INTENTS)
-    ] + [
-        TrainRow(query=group[1], pos=[group[0], *group[2:]], neg=[], group=f"g{i}")
-        for i, group in enumerate(INTENTS)
+    return [TrainRow(query=group[0], pos=group[1:], neg=[], group=f"g{i}") for i, group in enumerate(INTENTS)] + [
+        TrainRow(query=group[1], pos=[group[0], *group[2:]], neg=[], group=f"g{i}") for i, group in enumerate(INTENTS)
     ]
 
 
@@ -115,9 +113,7 @@ def test_bad_rows_are_reported_by_file_and_line(tmp_path: Path) -> None:
 
 def test_rows_without_negatives_are_rejected_where_needed(tmp_path: Path) -> None:
     path = tmp_path / "rows.jsonl"
-    write_rows(
-        path, [TrainRow(query="退款", pos=["退钱"], neg=["快递"]), TrainRow(query="退款", pos=["退钱"])]
-    )
+    write_rows(path, [TrainRow(query="退款", pos=["退钱"], neg=["快递"]), TrainRow(query="退款", pos=["退钱"])])
     assert len(read_rows(path)) == 2
     with pytest.raises(RowError, match=r":2: neg is empty"):
         read_rows(path, require_neg=True)
@@ -129,11 +125,7 @@ def test_rows_are_written_as_utf8_not_escapes(tmp_path: Path) -> None:
     path = tmp_path / "rows.jsonl"
     write_rows(
         path,
-        [
-            TrainRow(
-                query="如何申请退款", pos=["退钱怎么操作"], neg=["快递"], pos_scores=[1.0], neg_scores=[0.5]
-            )
-        ],
+        [TrainRow(query="如何申请退款", pos=["退钱怎么操作"], neg=["快递"], pos_scores=[1.0], neg_scores=[0.5])],
     )
     text = path.read_text(encoding="utf-8")
     assert "如何申请退款" in text and "\\u" not in text
@@ -173,9 +165,7 @@ def test_cli_reports_bad_rows_by_line(tmp_path: Path, tiny_model_dir: Path) -> N
     assert f"{bad}:2: pos: Input should be a valid list" in result.output
     tsv = tmp_path / "pairs.tsv"
     tsv.write_text("退款\t退钱\t1\n退款\t退钱\tyes\n退款 退钱\n", encoding="utf-8")
-    result = CliRunner().invoke(
-        app, ["train", "prepare", "--labelled", str(tsv), "--out-dir", str(tmp_path / "p")]
-    )
+    result = CliRunner().invoke(app, ["train", "prepare", "--labelled", str(tsv), "--out-dir", str(tmp_path / "p")])
     assert result.exit_code == 2
     assert f"{tsv}:2: label must be 0 or 1" in result.output
     assert f"{tsv}:3: expected 3 tab-separated columns, got 1" in result.output
@@ -210,8 +200,7 @@ def test_group_split_is_seeded(tmp_path: Path) -> None:
     again = prepare(labelled=[tsv], test_ratio=0.3, seed=1)
     assert [r.query for r in first.test] == [r.query for r in again.test]
     splits = {
-        tuple(sorted(r.group or "" for r in prepare(labelled=[tsv], test_ratio=0.3, seed=s).test))
-        for s in range(6)
+        tuple(sorted(r.group or "" for r in prepare(labelled=[tsv], test_ratio=0.3, seed=s).test)) for s in range(6)
     }
     assert len(splits) > 1
 
@@ -275,9 +264,7 @@ def test_mining_never_returns_a_positive_and_respects_range_and_seed(tiny: Torch
         assert out.neg_ids == [f"d{pool.index(n)}" for n in out.neg]
     again, _ = mine_hard_negatives(rows, tiny, config, corpus=corpus, show_progress=False)
     assert [r.neg for r in again] == [r.neg for r in mined]
-    other, _ = mine_hard_negatives(
-        rows, tiny, MineConfig(2, 12, 4, None, seed=4), corpus=corpus, show_progress=False
-    )
+    other, _ = mine_hard_negatives(rows, tiny, MineConfig(2, 12, 4, None, seed=4), corpus=corpus, show_progress=False)
     assert [r.neg for r in other] != [r.neg for r in mined]
 
 
@@ -295,14 +282,9 @@ def test_mining_drops_positives_by_id_and_by_normalized_text(tiny: TorchEncoder)
         Candidate("退款处理完成", "refund-1"),  # same id, another text
         Candidate(" 退钱怎么操作 ", "x"),  # same text once normalized
         Candidate("如何申请退款", "q"),  # the query itself
-        *[
-            Candidate(t, f"c{i}")
-            for i, t in enumerate(["快递几天没动静", "手机开不了机", "密码忘记了", "发票写错了"])
-        ],
+        *[Candidate(t, f"c{i}") for i, t in enumerate(["快递几天没动静", "手机开不了机", "密码忘记了", "发票写错了"])],
     ]
-    mined, stats = mine_hard_negatives(
-        [row], tiny, MineConfig(0, 50, 10, None), corpus=corpus, show_progress=False
-    )
+    mined, stats = mine_hard_negatives([row], tiny, MineConfig(0, 50, 10, None), corpus=corpus, show_progress=False)
     assert set(mined[0].neg) == {"快递几天没动静", "手机开不了机", "密码忘记了", "发票写错了"}
     assert stats["dropped_positive"] == 3  # the normalized duplicate was deduplicated from the pool
     assert mined[0].pos_scores is None and mined[0].neg_scores is None  # negatives changed: scores are stale
@@ -355,9 +337,7 @@ def _build_tiny_cross_encoder(out_dir: Path) -> Path:
     out_dir.mkdir(parents=True, exist_ok=True)
     vocab = SPECIAL + CHINESE
     (out_dir / "vocab.txt").write_text("\n".join(vocab) + "\n", encoding="utf-8")
-    BertTokenizerFast(vocab_file=str(out_dir / "vocab.txt"), tokenize_chinese_chars=True).save_pretrained(
-        str(out_dir)
-    )
+    BertTokenizerFast(vocab_file=str(out_dir / "vocab.txt"), tokenize_chinese_chars=True).save_pretrained(str(out_dir))
     torch.manual_seed(1)
     config = BertConfig(
         vocab_size=len(vocab),
@@ -386,9 +366,9 @@ def _direct_score(model_dir: Path, query: str, passage: str) -> float:
         return float(model(**tokenizer(query, passage, return_tensors="pt")).logits[0, 0])
 
 
-def test_teacher_scores_align_with_pos_and_neg_order_and_resume(
-    tmp_path: Path, cross_encoder_dir: Path
-) -> None:
+def test_teacher_scores_align_with_pos_and_neg_order_and_resume(tmp_path: Path, cross_encoder_dir: Path) -> None:
+    if importlib.util.find_spec("FlagEmbedding") is None:
+        pytest.skip("the trainer extra (FlagEmbedding) is not installed")
     from trainer.score import ScoreConfig, flag_reranker_scorer
 
     rows = [TrainRow(query=g[0], pos=g[1:2], neg=[h[0] for h in INTENTS if h is not g][:3]) for g in INTENTS]
@@ -415,9 +395,7 @@ def test_teacher_scores_align_with_pos_and_neg_order_and_resume(
         assert row.neg_scores is not None and row.pos_scores is not None
         for negative, score in zip(row.neg, row.neg_scores, strict=True):
             assert score == pytest.approx(_direct_score(cross_encoder_dir, row.query, negative), abs=1e-4)
-        assert row.pos_scores[0] == pytest.approx(
-            _direct_score(cross_encoder_dir, row.query, row.pos[0]), abs=1e-4
-        )
+        assert row.pos_scores[0] == pytest.approx(_direct_score(cross_encoder_dir, row.query, row.pos[0]), abs=1e-4)
     assert score_file(data, out, lambda: pytest.fail("no work left"), show_progress=False)["scored"] == 0
 
 
@@ -534,9 +512,7 @@ def test_evaluate_pools_metrics_and_report(
 ) -> None:
     import trainer.evaluate as evaluate_module
 
-    test_rows = [
-        TrainRow(query=g[0], pos=g[1:], neg=[INTENTS[(i + 1) % 4][0]]) for i, g in enumerate(INTENTS[:4])
-    ]
+    test_rows = [TrainRow(query=g[0], pos=g[1:], neg=[INTENTS[(i + 1) % 4][0]]) for i, g in enumerate(INTENTS[:4])]
     pool_rows = [TrainRow(query=g[0], pos=g[1:], neg=[]) for g in INTENTS[4:]]
     real_open = evaluate_module.open_encoder
 
@@ -559,11 +535,7 @@ def test_evaluate_pools_metrics_and_report(
     assert perfect["pools"]["global"]["candidates"] == test_candidates + sum(len(g) - 1 for g in INTENTS[4:])
     for pool in ("test", "global"):
         metrics = perfect["pools"][pool]["metrics"]
-        assert (
-            metrics["hit@1"] == 1.0
-            and metrics["ndcg@10"] == pytest.approx(1.0)
-            and metrics["recall@10"] == 1.0
-        )
+        assert metrics["hit@1"] == 1.0 and metrics["ndcg@10"] == pytest.approx(1.0) and metrics["recall@10"] == 1.0
         # Relevant items tie at the top; recall@1 is 1/|positives| per query.
         assert metrics["recall@1"] == pytest.approx(np.mean([1 / len(r.pos) for r in test_rows]))
     assert perfect["similarity"]["gap"] == pytest.approx(1.0)
@@ -587,9 +559,7 @@ def test_evaluation_excludes_the_query_itself_from_the_pool(
 ) -> None:
     import trainer.evaluate as evaluate_module
 
-    monkeypatch.setattr(
-        evaluate_module, "open_encoder", lambda settings, model=None: _IntentEncoder(tiny.manifest)
-    )
+    monkeypatch.setattr(evaluate_module, "open_encoder", lambda settings, model=None: _IntentEncoder(tiny.manifest))
     # The query is also a candidate (paraphrase data); found at rank 1 it would count as a miss.
     rows = [TrainRow(query=INTENTS[0][0], pos=[INTENTS[0][1]], neg=[INTENTS[0][0], INTENTS[1][0]])]
     report, _ = evaluate_models(rows, [("perfect", "perfect")], tiny_settings, show_progress=False)

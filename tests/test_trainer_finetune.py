@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import importlib.util
 import json
 from pathlib import Path
 
@@ -12,6 +13,9 @@ from semsearch.encoders import TorchEncoder
 from semsearch.manifest import BGE_ZH_INSTRUCTION, MANIFEST_FILENAME, ModelManifest
 from trainer.finetune import FinetuneConfig, flag_arguments, launcher, run_finetune
 from trainer.rows import RowError, TrainRow, file_hash, write_rows
+
+if importlib.util.find_spec("FlagEmbedding") is None:  # found without importing it (slow)
+    pytest.skip("the trainer extra (FlagEmbedding) is not installed", allow_module_level=True)
 
 GROUPS = [
     ["如何申请退款", "退钱怎么操作", "申请退款几天"],
@@ -107,6 +111,11 @@ def test_refuses_to_overwrite_and_rejects_bad_rows_before_training(
     config, _ = finetuned
     with pytest.raises(ValueError, match="not empty"):
         run_finetune(config)
+    stranger = tmp_path / "not-a-model"
+    (stranger / "notes").mkdir(parents=True)
+    with pytest.raises(ValueError, match="not the output of an earlier fine-tune"):
+        run_finetune(config.model_copy(update={"output_dir": stranger}), overwrite=True)
+    assert (stranger / "notes").exists()
     bad = tmp_path / "bad.jsonl"
     write_rows(bad, [*_training_rows()[:2], TrainRow(query="退款", pos=["退钱"])])
     with pytest.raises(RowError, match=r"bad.jsonl:3: neg is empty"):

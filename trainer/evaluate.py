@@ -1,0 +1,227 @@
+"""`evaluate`: offline retrieval metrics for one or more models, side by side.
+
+Two pools:
+- test pool: the test rows' own candidates (their pos and neg texts) — the held-out intents alone;
+- global pool: every candidate (test + training rows + an optional corpus) — what production sees,
+  where a model must also not pull in near-duplicates from other intents.
+Each query's own text is removed from the pool (with paraphrase data the query is also a candidate
+of other queries); its relevant items are its positives. Also the mean similarity of positives minus
+negatives per query, and the distributions of both as a PNG. Encoding goes through the serving
+encoder, instruction on queries from the model's manifest.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import json
+import math
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import structlog
+
+from semsearch.config import Settings
+from semsearch.manifest import MANIFEST_FILENAME, ModelManifest
+from trainer.encoding import ExactIndex, encode_texts, open_encoder
+from trainer.metrics import mean_metrics, query_metrics, similarity_gap
+from trainer.rows import TrainRow, candidate_texts, distinct_texts, normalize_text
+
+log = structlog.get_logger(__name__)
+
+TABLE_COLUMNS = ("recall@1", "recall@5", "recall@10", "hit@1", "hit@10", "mrr@10", "ndcg@10")
+
+
+@dataclass
+class ModelScores:
+    """One model's raw similarity distributions, for the plot."""
+
+    label: str
+    positives: list[float] = field(default_factory=list)
+    negatives: list[float] = field(default_factory=list)
+
+
+def parse_model_spec(spec: str) -> tuple[str, str]:
+    """'LABEL=REF' or 'REF' (label = last path part)."""
+    if "=" in spec:
+        label, ref = spec.split("=", 1)
+        return label.strip(), ref.strip()
+    return spec.rstrip("/").rsplit("/", 1)[-1], spec
+
+
+def _pool_metrics(
+    query_vectors: np.ndarray,
+    doc_vectors: np.ndarray,
+    pool: Sequence[int],
+    query_keys: Sequence[str],
+    relevant_keys: Sequence[set[str]],
+    keys: Sequence[str],
+) -> dict[str, Any]:
+    local = {keys[g]: i for i, g in enumerate(pool)}
+    index = ExactIndex(doc_vectors[list(pool)])
+    exclude = [[local[q]] if q in local else [] for q in query_keys]
+    relevant = [
+        {local[k] for k in rel if k in local and k != q} for rel, q in zip(relevant_keys, query_keys, strict=True)
+    ]
+    kept = [i for i, rel in enumerate(relevant) if rel]
+    ids, _ = index.search(query_vectors[kept], 10, exclude=[exclude[i] for i in kept])
+    per_query = [query_metrics([int(x) for x in ids[j]], relevant[i]) for j, i in enumerate(kept)]
+    return {
+        "candidates": len(pool),
+        "queries": len(kept),
+        "skipped_queries": len(query_keys) - len(kept),
+        "metrics": mean_metrics(per_query),
+    }
+
+
+def evaluate_models(
+    test_rows: Sequence[TrainRow],
+    models: Sequence[tuple[str, str]],
+    settings: Settings,
+    *,
+    pool_rows: Sequence[TrainRow] = (),
+    corpus: Sequence[str] = (),
+    show_progress: bool = True,
+) -> tuple[dict[str, Any], list[ModelScores]]:
+    test_texts = candidate_texts(test_rows)
+    all_texts = distinct_texts([*test_texts, *candidate_texts(pool_rows), *corpus])
+    keys = [normalize_text(t) for t in all_texts]
+    position = {k: i for i, k in enumerate(keys)}
+    test_pool = [position[normalize_text(t)] for t in test_texts]
+    query_keys = [normalize_text(r.query) for r in test_rows]
+    relevant_keys = [{normalize_text(p) for p in r.pos} for r in test_rows]
+
+    report: dict[str, Any] = {
+        "created_at": dt.datetime.now(dt.UTC).isoformat(timespec="seconds"),
+        "queries": len(test_rows),
+        "pools": {"test": len(test_pool), "global": len(all_texts)},
+        "models": [],
+    }
+    distributions: list[ModelScores] = []
+    for label, ref in models:
+        started = time.perf_counter()
+        encoder = open_encoder(settings, ref)
+        try:
+            manifest = encoder.manifest
+            doc_vectors = encode_texts(
+                encoder.encode_documents, all_texts, desc=f"{label}: candidates", show=show_progress
+            )
+            query_vectors = encode_texts(
+                encoder.encode_queries,
+                [r.query for r in test_rows],
+                desc=f"{label}: queries",
+                show=show_progress,
+            )
+        finally:
+            encoder.close()
+        encode_s = time.perf_counter() - started
+        pools = {
+            "test": _pool_metrics(query_vectors, doc_vectors, test_pool, query_keys, relevant_keys, keys),
+            "global": _pool_metrics(query_vectors, doc_vectors, range(len(all_texts)), query_keys, relevant_keys, keys),
+        }
+        scores = ModelScores(label)
+        pos_lists, neg_lists = [], []
+        for i, row in enumerate(test_rows):
+            pos = [float(query_vectors[i] @ doc_vectors[position[normalize_text(t)]]) for t in row.pos]
+            neg = [float(query_vectors[i] @ doc_vectors[position[normalize_text(t)]]) for t in row.neg]
+            pos_lists.append(pos)
+            neg_lists.append(neg)
+            scores.positives += pos
+            scores.negatives += neg
+        distributions.append(scores)
+        entry = {
+            "label": label,
+            "model": ref,
+            "version": manifest.version,
+            "pooling": manifest.pooling,
+            "query_instruction": manifest.query_instruction,
+            "parent_model": manifest.parent_model,
+            "pools": pools,
+            "similarity": similarity_gap(pos_lists, neg_lists),
+            "seconds": round(time.perf_counter() - started, 1),
+            "encode_seconds": round(encode_s, 1),
+        }
+        report["models"].append(entry)
+        log.info(
+            "evaluated",
+            model=label,
+            version=manifest.version,
+            **{f"{p}_{m}": round(v["metrics"][m], 4) for p, v in pools.items() for m in ("hit@1", "ndcg@10")},
+        )
+    return report, distributions
+
+
+def _fmt(value: float) -> str:
+    return "n/a" if math.isnan(value) else f"{value:.4f}"
+
+
+def markdown_table(report: dict[str, Any]) -> str:
+    lines: list[str] = []
+    for pool in ("test", "global"):
+        first = report["models"][0]["pools"][pool] if report["models"] else {"candidates": 0, "queries": 0}
+        lines.append(f"**{pool} pool** ({first['candidates']} candidates, {first['queries']} queries)\n")
+        lines.append("| model | " + " | ".join(TABLE_COLUMNS) + " | sim pos−neg |")
+        lines.append("|---|" + "---:|" * (len(TABLE_COLUMNS) + 1))
+        for entry in report["models"]:
+            metrics = entry["pools"][pool]["metrics"]
+            cells = [_fmt(metrics[c]) for c in TABLE_COLUMNS] + [_fmt(entry["similarity"]["gap"])]
+            lines.append(f"| {entry['label']} | " + " | ".join(cells) + " |")
+        lines.append("")
+    return "\n".join(lines)
+
+
+def plot_distributions(distributions: Sequence[ModelScores], path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")  # headless: no display on servers
+    import matplotlib.pyplot as plt
+
+    n = max(1, len(distributions))
+    fig, axes = plt.subplots(1, n, figsize=(4.2 * n, 3.4), squeeze=False, sharey=False)
+    # One x-range for all models, fitted to the data: cosines of a trained model crowd into a narrow band.
+    values = [v for d in distributions for v in (*d.positives, *d.negatives)]
+    low, high = (min(values), max(values)) if values else (-1.0, 1.0)
+    bins = np.linspace(low, high + 1e-6, 61)
+    for ax, scores in zip(axes[0], distributions, strict=False):
+        if scores.negatives:
+            ax.hist(scores.negatives, bins=bins, alpha=0.6, density=True, label="negatives", color="tab:red")
+        if scores.positives:
+            ax.hist(scores.positives, bins=bins, alpha=0.6, density=True, label="positives", color="tab:green")
+        ax.set_title(scores.label, fontsize=9)
+        ax.set_xlabel("cosine(query, candidate)")
+        ax.legend(fontsize=8)
+    fig.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def write_report(report: dict[str, Any], distributions: Sequence[ModelScores], out_dir: Path) -> dict[str, Path]:
+    out_dir.mkdir(parents=True, exist_ok=True)
+    paths = {
+        "json": out_dir / "report.json",
+        "markdown": out_dir / "report.md",
+        "plot": out_dir / "scores.png",
+    }
+    paths["json"].write_text(json.dumps(report, ensure_ascii=False, indent=2), encoding="utf-8")
+    paths["markdown"].write_text(markdown_table(report), encoding="utf-8")
+    plot_distributions(distributions, paths["plot"])
+    return paths
+
+
+def record_metrics(model_dir: Path, entry: dict[str, Any], name: str = "eval") -> bool:
+    """Store an evaluation in the model's own manifest (metrics never change vectors or version)."""
+    manifest_path = Path(model_dir) / MANIFEST_FILENAME
+    if not manifest_path.exists():
+        return False
+    manifest = ModelManifest.load(manifest_path)
+    metrics = dict(manifest.metrics)
+    metrics[name] = {
+        pool: data["metrics"] | {"candidates": data["candidates"], "queries": data["queries"]}
+        for pool, data in entry["pools"].items()
+    } | {"similarity": entry["similarity"]}
+    manifest.model_copy(update={"metrics": metrics}).save(model_dir)
+    return True

@@ -1,0 +1,292 @@
+"""`prepare`: common inputs -> FlagEmbedding rows, split train/test by intent group.
+
+Inputs, any mix:
+- query/answer pairs: TSV `query<TAB>answer` or JSONL `{query, answer | pos (str or list), group?}`;
+- labelled question pairs: TSV `q1<TAB>q2<TAB>label` (BQ, LCQMC): label 1 joins two questions' intents,
+  label 0 makes each the other's (human-labelled, hence hard) negative;
+- triplets: JSONL `{query, title | pos, neg_title | neg}` (SimCLUE).
+
+Intent groups are the connected components of the positive links (plus explicit `group` fields).
+A question from labelled pairs is a query whose positives are all other members of its group, since
+paraphrase is transitive; a pair/triplet query's positives are its own answers. The split puts whole
+groups on one side, and a negative is kept only if it is on its query's side, so no text of a test
+intent is ever seen in training.
+"""
+
+from __future__ import annotations
+
+import json
+import random
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import structlog
+
+from semsearch.errors import InvalidInputError
+from trainer.rows import RowError, TrainRow, iter_jsonl, normalize_text
+
+log = structlog.get_logger(__name__)
+
+
+@dataclass
+class _Graph:
+    surface: dict[str, str] = field(default_factory=dict)  # normalized key -> first surface form
+    parent: dict[str, str] = field(default_factory=dict)
+    pos_links: dict[str, list[str]] = field(default_factory=dict)
+    neg_links: dict[str, list[str]] = field(default_factory=dict)
+    symmetric: set[str] = field(default_factory=set)  # questions from labelled pairs
+    explicit_group: dict[str, str] = field(default_factory=dict)  # group label -> a member key
+
+    def key(self, text: str) -> str:
+        k = normalize_text(text)
+        if k not in self.surface:
+            self.surface[k] = text.strip()
+            self.parent[k] = k
+        return k
+
+    def find(self, k: str) -> str:
+        root = k
+        while self.parent[root] != root:
+            root = self.parent[root]
+        while self.parent[k] != root:  # path compression
+            self.parent[k], k = root, self.parent[k]
+        return root
+
+    def union(self, a: str, b: str) -> None:
+        ra, rb = self.find(a), self.find(b)
+        if ra != rb:
+            self.parent[rb] = ra
+
+    def link(self, query: str, positive: str) -> None:
+        q, p = self.key(query), self.key(positive)
+        if q == p:
+            return
+        self.pos_links.setdefault(q, [])
+        if p not in self.pos_links[q]:
+            self.pos_links[q].append(p)
+        self.union(q, p)
+
+    def unlink(self, query: str, negative: str) -> None:
+        q, n = self.key(query), self.key(negative)
+        if q != n and n not in self.neg_links.setdefault(q, []):
+            self.neg_links[q].append(n)
+
+    def group(self, text: str, label: str) -> None:
+        k = self.key(text)
+        if label in self.explicit_group:
+            self.union(self.explicit_group[label], k)
+        else:
+            self.explicit_group[label] = k
+
+
+@dataclass
+class PrepareResult:
+    train: list[TrainRow]
+    test: list[TrainRow]
+    stats: dict[str, Any]
+
+
+def _split_line(path: Path, number: int, line: str, columns: int, problems: list[tuple[int, str]]) -> list[str] | None:
+    parts = line.split("\t")
+    if len(parts) != columns:
+        problems.append((number, f"expected {columns} tab-separated columns, got {len(parts)}"))
+        return None
+    if any(not p.strip() for p in parts):
+        problems.append((number, "empty column"))
+        return None
+    return parts
+
+
+def _json_object(number: int, line: str, problems: list[tuple[int, str]]) -> dict[str, Any] | None:
+    try:
+        data = json.loads(line)
+    except json.JSONDecodeError as exc:
+        problems.append((number, f"not JSON ({exc.msg})"))
+        return None
+    if not isinstance(data, dict):
+        problems.append((number, "not a JSON object"))
+        return None
+    return data
+
+
+def _texts(value: Any) -> list[str] | None:
+    """A string or a list of strings, non-blank; None if anything else."""
+    items = [value] if isinstance(value, str) else value
+    if not isinstance(items, list) or not items or not all(isinstance(t, str) and t.strip() for t in items):
+        return None
+    return list(items)
+
+
+def _lines(path: Path) -> Iterator[tuple[int, str]]:
+    if not path.exists():
+        raise InvalidInputError(f"input not found: {path}")
+    yield from iter_jsonl(path)
+
+
+def add_pairs(graph: _Graph, path: Path) -> int:
+    problems: list[tuple[int, str]] = []
+    count = 0
+    is_json = path.suffix in (".jsonl", ".json")
+    for number, line in _lines(path):
+        if is_json:
+            data = _json_object(number, line, problems)
+            if data is None:
+                continue
+            query = data.get("query")
+            answers = _texts(data.get("answer", data.get("pos")))
+            if not isinstance(query, str) or not query.strip() or answers is None:
+                problems.append((number, "needs a non-empty `query` and `answer` (or `pos`)"))
+                continue
+            for answer in answers:
+                graph.link(query, answer)
+            if isinstance(data.get("group"), str | int):
+                graph.group(query, str(data["group"]))
+        else:
+            parts = _split_line(path, number, line, 2, problems)
+            if parts is None:
+                continue
+            query, answer = parts
+            graph.link(query, answer)
+        count += 1
+    if problems:
+        raise RowError(path, problems)
+    return count
+
+
+def add_labelled_pairs(graph: _Graph, path: Path) -> int:
+    problems: list[tuple[int, str]] = []
+    labelled: list[tuple[str, str, str]] = []
+    for number, line in _lines(path):
+        parts = _split_line(path, number, line, 3, problems)
+        if parts is None:
+            continue
+        a, b, label = (p.strip() for p in parts)
+        if label not in ("0", "1"):
+            problems.append((number, f"label must be 0 or 1, got {label!r}"))
+            continue
+        labelled.append((a, b, label))
+    if problems:
+        raise RowError(path, problems)
+    for a, b, label in labelled:
+        graph.symmetric.update((graph.key(a), graph.key(b)))
+        if label == "1":
+            graph.link(a, b)
+            graph.link(b, a)
+        else:
+            graph.unlink(a, b)
+            graph.unlink(b, a)
+    return len(labelled)
+
+
+def add_triplets(graph: _Graph, path: Path) -> int:
+    problems: list[tuple[int, str]] = []
+    count = 0
+    for number, line in _lines(path):
+        data = _json_object(number, line, problems)
+        if data is None:
+            continue
+        query = data.get("query")
+        positives = _texts(data.get("title", data.get("pos")))
+        negatives = _texts(data.get("neg_title", data.get("neg"))) if ("neg_title" in data or "neg" in data) else []
+        if not isinstance(query, str) or not query.strip() or positives is None or negatives is None:
+            problems.append((number, "needs `query`, `title` (or `pos`) and `neg_title` (or `neg`) texts"))
+            continue
+        for positive in positives:
+            graph.link(query, positive)
+        for negative in negatives:
+            graph.unlink(query, negative)
+        count += 1
+    if problems:
+        raise RowError(path, problems)
+    return count
+
+
+def build_rows(graph: _Graph, test_ratio: float, seed: int) -> PrepareResult:
+    if not 0.0 <= test_ratio < 1.0:
+        raise InvalidInputError(f"test ratio must be in [0, 1), got {test_ratio}")
+    # Stable group ids in order of first appearance.
+    group_of: dict[str, str] = {}
+    members: dict[str, list[str]] = {}
+    for k in graph.surface:
+        root = graph.find(k)
+        if root not in group_of:
+            group_of[root] = f"g{len(group_of)}"
+        members.setdefault(group_of[root], []).append(k)
+    gid = {k: group_of[graph.find(k)] for k in graph.surface}
+
+    queries: list[str] = [k for k in graph.surface if k in graph.pos_links]
+    query_groups = list(dict.fromkeys(gid[q] for q in queries))
+    other_groups = [g for g in members if g not in set(query_groups)]
+    rng = random.Random(seed)
+    test_groups: set[str] = set()
+    for groups in (query_groups, other_groups):
+        shuffled = sorted(groups, key=lambda g: int(g[1:]))
+        rng.shuffle(shuffled)
+        n_test = round(len(shuffled) * test_ratio)
+        if test_ratio > 0 and len(groups) > 1:
+            n_test = max(1, min(n_test, len(groups) - 1))
+        test_groups.update(shuffled[:n_test])
+
+    train: list[TrainRow] = []
+    test: list[TrainRow] = []
+    dropped_conflicting = dropped_cross_split = 0
+    for q in queries:
+        group = gid[q]
+        positives = list(graph.pos_links[q])
+        if q in graph.symmetric:
+            positives += [m for m in members[group] if m in graph.symmetric and m != q and m not in positives]
+        negatives: list[str] = []
+        for n in graph.neg_links.get(q, []):
+            if gid[n] == group:
+                dropped_conflicting += 1  # labelled "different" but linked through other pairs
+            elif (gid[n] in test_groups) != (group in test_groups):
+                dropped_cross_split += 1
+            else:
+                negatives.append(n)
+        row = TrainRow(
+            query=graph.surface[q],
+            pos=[graph.surface[p] for p in positives],
+            neg=[graph.surface[n] for n in negatives],
+            group=group,
+        )
+        (test if group in test_groups else train).append(row)
+    stats = {
+        "texts": len(graph.surface),
+        "groups": len(members),
+        "query_groups": len(query_groups),
+        "test_groups": len(test_groups & set(query_groups)),
+        "train_rows": len(train),
+        "test_rows": len(test),
+        "rows_without_neg": sum(1 for r in (*train, *test) if not r.neg),
+        "dropped_conflicting_neg": dropped_conflicting,
+        "dropped_cross_split_neg": dropped_cross_split,
+        "test_ratio": test_ratio,
+        "seed": seed,
+    }
+    return PrepareResult(train, test, stats)
+
+
+def prepare(
+    *,
+    pairs: list[Path] | None = None,
+    labelled: list[Path] | None = None,
+    triplets: list[Path] | None = None,
+    test_ratio: float = 0.1,
+    seed: int = 42,
+) -> PrepareResult:
+    graph = _Graph()
+    counts: dict[str, int] = {}
+    for path in pairs or []:
+        counts[str(path)] = add_pairs(graph, path)
+    for path in labelled or []:
+        counts[str(path)] = add_labelled_pairs(graph, path)
+    for path in triplets or []:
+        counts[str(path)] = add_triplets(graph, path)
+    if not counts:
+        raise InvalidInputError("no input: give --pairs, --labelled or --triplets")
+    result = build_rows(graph, test_ratio, seed)
+    result.stats["inputs"] = counts
+    log.info("prepared", **{k: v for k, v in result.stats.items() if k != "inputs"})
+    return result

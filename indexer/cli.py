@@ -120,12 +120,16 @@ def register(app: typer.Typer) -> None:
     @index_app.command(
         DEFAULT_ACTION, cls=DefaultCommand, hidden=True,
         epilog="Also: [bold]semsearch index verify[/bold] [INPUT]... checks count parity with the source and "
-               "re-encodes a random sample (see semsearch index verify --help).\n\n"
-               "Examples: semsearch index corpus/ --collection docs · "
-               "semsearch index data.csv --text-field body --metadata-field source,date --prune · "
-               "semsearch index --resume · semsearch index part.parquet --shard 0/4 --resume",
+               "re-encodes a random sample (semsearch index verify --help). Details: indexer/README.md\n\n"
+               "Examples:\n\n"
+               "  semsearch index corpus/ --collection docs\n\n"
+               "  semsearch index faq.csv --text-field answer --title-field question --metadata-field category --prune"
+               "\n\n"
+               "  semsearch index --resume\n\n"
+               "  semsearch index /data --shard $JOB_COMPLETION_INDEX/8 --resume --state-dir /state",
     )
     def run(
+        ctx: typer.Context,
         inputs: InputsArg = None,
         config: ConfigOption = None, milvus_uri: MilvusUriOption = None, collection: CollectionOption = None,
         model: ModelOption = None, encoder_url: EncoderUrlOption = None, device: DeviceOption = None,
@@ -188,7 +192,7 @@ def register(app: typer.Typer) -> None:
         from semsearch.errors import SemsearchError
 
         if not inputs and not resume:
-            typer.echo(typer.get_current_context().get_help())
+            typer.echo(ctx.get_help())
             raise typer.Exit(EXIT_USAGE)
         if no_alias and move_alias:
             raise fail("--no-alias and --move-alias contradict each other", EXIT_USAGE)

@@ -27,7 +27,7 @@ from typer.testing import CliRunner
 
 from indexer.checkpoint import JobState, Progress, read_progress
 from indexer.cli import register
-from indexer.job import IndexOptions, IndexResult, JobError, run_index, versioned_name
+from indexer.job import IndexOptions, IndexResult, JobError, run_index
 from indexer.pipeline import PipelineConfig, StrictModeError, build_rows, plan_document, token_counter
 from indexer.sources import (
     FieldMap,
@@ -43,7 +43,8 @@ from indexer.sources import (
 from indexer.verify import run_verify
 from semsearch.chunking import Chunker, reassemble
 from semsearch.encoders import TorchEncoder
-from semsearch.store import MilvusStore
+from semsearch.registry import ModelRegistry
+from semsearch.store import MilvusStore, versioned_name
 from tests.tinymodel import build_tiny_bert
 
 REPO = Path(__file__).resolve().parents[1]
@@ -93,8 +94,10 @@ def index(tiny_encoder: TorchEncoder) -> Callable[..., IndexResult]:
 
 # ---------------------------------------------------------------------------------------- sources
 def test_formats_and_field_mapping_read_the_same_documents(tmp_path: Path) -> None:
-    rows = [{"key": "a1", "body": "第一段。", "head": "标题", "src": "web", "meta": {"lang": "zh"}},
-            {"key": "", "body": "没有编号的文档。", "head": "", "src": "faq", "meta": None}]
+    rows: list[dict[str, Any]] = [
+        {"key": "a1", "body": "第一段。", "head": "标题", "src": "web", "meta": {"lang": "zh"}},
+        {"key": "", "body": "没有编号的文档。", "head": "", "src": "faq", "meta": None},
+    ]
     fields = FieldMap(id="key", text="body", title="head", metadata=("src",), metadata_object="meta")
     (tmp_path / "dir").mkdir()
     write_jsonl(tmp_path / "dir" / "a.jsonl", rows)
@@ -386,6 +389,16 @@ def test_alias_of_another_model_is_not_moved_without_a_flag(
     moved = index(store, "live", options(tmp_path, [source], alias_policy="move"))
     assert store.resolve("live") == moved.collection == built.collection and moved.totals["written"] == 0
 
+    # A name the model registry serves: the registry decides, promotion (not the indexer) swaps.
+    ModelRegistry(store).bootstrap("live", other.manifest, old.collection)
+    for policy in ("auto", "move"):
+        with pytest.raises(JobError, match="semsearch promote"):
+            index(store, "live", options(tmp_path, [source], alias_policy=policy))
+    beside = index(store, "live", options(tmp_path, [source], alias_policy="none"))
+    assert beside.collection == built.collection and store.resolve("live") == built.collection
+    served = index(store, "live", options(tmp_path, [source]), encoder=other)  # the registry's own model
+    assert served.collection == old.collection and served.totals["skipped"] == 10
+
 
 def test_chunking_change_needs_force_and_interrupted_job_needs_resume(
     tmp_path: Path, store_factory: Callable[[str], MilvusStore], index: Callable[..., IndexResult],
@@ -420,12 +433,76 @@ def test_cli_index_and_verify(tmp_path: Path, tiny_model_dir: Path) -> None:
     source = write_jsonl(tmp_path / "docs.jsonl", corpus(15))
     common = ["--milvus-uri", str(tmp_path / "milvus.db"), "--model", str(tiny_model_dir),
               "--collection", "cli", "--device", "cpu", "--state-dir", str(tmp_path / "state")]
-    result = runner.invoke(app, ["index", str(source), *common, "--json"])
+    result = runner.invoke(app, ["index", str(source), *common, "--json", "--progress", "log",
+                                 "--progress-every", "0", "--max-rate", "20"])
     assert result.exit_code == 0, result.output
+    assert '"index_progress"' in result.output and '"docs_per_s"' in result.output  # plain log lines
     summary = json.loads(result.output.strip().splitlines()[-1])
     assert summary["totals"]["written"] == 15 and summary["alias"] == "cli"
+    rerun = runner.invoke(app, ["index", str(source), *common])
+    assert rerun.exit_code == 0 and "unchanged (skipped)" in rerun.output and "documents written" in rerun.output
     # No INPUT: verify reads the source of the collection's last job.
     result = runner.invoke(app, ["index", "verify", *common, "--json", "--sample", "5"])
     assert result.exit_code == 0, result.output
     assert json.loads(result.output.strip().splitlines()[-1])["ok"] is True
     assert runner.invoke(app, ["index", str(tmp_path / "missing.jsonl"), *common]).exit_code == 2
+
+
+@pytest.mark.slow
+@pytest.mark.milvus_server
+def test_milvus_server_restart_mid_run_loses_nothing(tmp_path: Path, tiny_model_dir: Path,
+                                                     index: Callable[..., IndexResult],
+                                                     tiny_encoder: TorchEncoder) -> None:
+    """The server is stopped (SIGTERM, then SIGKILL) and restarted under a running indexer: the
+    indexer retries through the outage, and the collection ends exact. Needs the fixed etcd ports
+    free, so run it alone: pytest -m slow -k restart."""
+    milvus = pytest.importorskip("milvus")
+    from tests.conftest import free_port
+
+    server = milvus.MilvusServer()
+    server.set_base_dir(str(tmp_path / "milvus"))
+    server.listen_port = free_port()
+    try:
+        server.start()
+    except Exception as exc:  # another server holds etcd's fixed ports
+        pytest.skip(f"cannot start a dedicated Milvus server: {exc}")
+    uri = f"http://127.0.0.1:{server.listen_port}"
+    docs = corpus(300, seed=13, max_sentences=30)
+    source = write_jsonl(tmp_path / "docs.jsonl", docs)
+    state_dir = tmp_path / "state"
+    command = [sys.executable, "-m", "indexer", str(source), "--milvus-uri", uri, "--model", str(tiny_model_dir),
+               "--collection", "restarted", "--state-dir", str(state_dir), "--device", "cpu",
+               "--checkpoint-interval", "1", "--batch-chunks", "16", "--max-rate", "40", "--retry-timeout", "300",
+               "--progress", "off"]
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false", "OMP_NUM_THREADS": "1"}
+    process = subprocess.Popen(command, cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        deadline = time.monotonic() + 180
+        while time.monotonic() < deadline and process.poll() is None:
+            jobs = list(state_dir.glob("*.sqlite"))
+            progress = read_progress(state_dir, jobs[0].stem) if jobs else None
+            if progress is not None and progress.totals.get("documents", 0) >= 30:
+                break
+            time.sleep(0.1)
+        assert process.poll() is None
+        port = server.listen_port
+        server.stop()
+        time.sleep(3)
+        server.listen_port = port
+        server.start()
+        _, err = process.communicate(timeout=600)
+        assert process.returncode == 0, err[-3000:]
+        assert "milvus_retry" in err  # it did live through the outage
+        store = MilvusStore(uri, timeout_s=60)
+        try:
+            physical = versioned_name("restarted", tiny_encoder.manifest.version)
+            rows = stored(store, physical)
+            assert [i for i, n in Counter(r["id"] for r in rows).items() if n > 1] == []
+            assert len(rows) == expected_chunk_count(tiny_encoder, docs)
+            assert store.count_where(physical, "chunk_index == 0") == len(docs)
+        finally:
+            store.close()
+    finally:
+        if process.poll() is None:
+            process.kill()
+        server.stop()

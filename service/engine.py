@@ -22,6 +22,7 @@ from semsearch.errors import InvalidInputError, NotFoundError
 from semsearch.filters import MetadataFilter
 from semsearch.metrics import ENCODER_LATENCY
 from semsearch.store import ChunkRow, CollectionInfo, Hit, MilvusStore
+from semsearch.tracing import span
 from service.batching import EncodeBatcher, SearchBatcher, SearchJob
 
 log = structlog.get_logger(__name__)
@@ -149,7 +150,8 @@ class SearchEngine:
     async def _search(self, pair: ServingPair, queries: Sequence[SearchQuery],
                       timeout_s: float | None) -> list[SearchResult]:
         started = time.perf_counter()
-        vectors = await pair.batcher.encode([q.text for q in queries], timeout_s)
+        with span("semsearch.encode", queries=len(queries), model_version=pair.model_version):
+            vectors = await pair.batcher.encode([q.text for q in queries], timeout_s)
         encoded = time.perf_counter()
         encode_ms = (encoded - started) * 1e3
         # Queries with the same filters and limits share one Milvus call.
@@ -167,10 +169,11 @@ class SearchEngine:
                       if wanted]
             group_started = time.perf_counter()
             remaining = None if timeout_s is None else max(0.05, timeout_s - (time.perf_counter() - started))
-            results = await self.search_batcher.submit(SearchJob(
-                collection=pair.collection.name, vectors=np.asarray(vectors[indices]), top_k=limit,
-                filters=first.filters, fields=tuple(fields),
-            ), remaining)
+            with span("semsearch.search", collection=pair.collection.name, queries=len(indices), top_k=limit):
+                results = await self.search_batcher.submit(SearchJob(
+                    collection=pair.collection.name, vectors=np.asarray(vectors[indices]), top_k=limit,
+                    filters=first.filters, fields=tuple(fields),
+                ), remaining)
             elapsed = (time.perf_counter() - group_started) * 1e3
             for i, hits in zip(indices, results, strict=True):
                 hits_per_query[i] = hits if first.return_chunks else best_chunk_per_document(hits, first.top_k)

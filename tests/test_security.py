@@ -14,9 +14,9 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from semsearch.config import ApiKey
 from semsearch.encoders import TorchEncoder
+from semsearch.store import versioned_name
 from semsearch.v1 import search_pb2 as pb
 from semsearch.v1 import search_pb2_grpc
-from semsearch.store import versioned_name
 from service.security import find_key, required_scope
 from tests.conftest import LiveService, free_port
 
@@ -128,5 +128,24 @@ def test_prometheus_metrics_on_a_separate_port(make_service: Callable[..., LiveS
     assert "semsearch_encoder_queue_wait_seconds_bucket" in body
     assert 'semsearch_store_latency_seconds_bucket{le="0.001",operation="search",outcome="ok"}' in body
     version = tiny_encoder.manifest.version
-    assert f'semsearch_model_info{{collection="{versioned_name("docs", version)}",model_version="{version}"}} 1.0' in body
+    collection = versioned_name("docs", version)
+    assert f'semsearch_model_info{{collection="{collection}",model_version="{version}"}} 1.0' in body
     assert "semsearch_serving 1.0" in body
+
+
+def test_opentelemetry_spans_for_encode_and_search(make_service: Callable[..., LiveService],
+                                                   tiny_encoder: TorchEncoder) -> None:
+    from opentelemetry import trace
+    from opentelemetry.sdk.trace import TracerProvider
+    from opentelemetry.sdk.trace.export import SimpleSpanProcessor
+    from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
+
+    exporter = InMemorySpanExporter()
+    provider = TracerProvider()
+    provider.add_span_processor(SimpleSpanProcessor(exporter))
+    trace.set_tracer_provider(provider)  # the API's proxy tracer forwards to it from now on
+    service = make_service(tiny_encoder)
+    service.stub.SearchDocuments(pb.SearchDocumentsRequest(query="退款"), timeout=30)
+    spans = {s.name: s for s in exporter.get_finished_spans()}
+    assert {"semsearch.encode", "semsearch.search"} <= set(spans)
+    assert spans["semsearch.encode"].attributes["model_version"] == tiny_encoder.manifest.version

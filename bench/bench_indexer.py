@@ -33,6 +33,7 @@ import statistics
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 from pathlib import Path
 from typing import Any
@@ -154,24 +155,47 @@ def bare_encode(encoder: Any, texts: list[str], batch_chunks: int) -> float:
     return time.perf_counter() - started
 
 
-def index_once(source: Path, uri: str, collection: str, encoder: Any, state_dir: Path, batch_chunks: int,
-               checkpoint_interval: float) -> Any:
-    from indexer.job import IndexOptions, run_index
-    from indexer.pipeline import PipelineConfig
+@contextlib.contextmanager
+def warm_store(uri: str) -> Any:
+    """One client for the whole benchmark, kept warm while the bare encoder runs: Milvus Lite's gRPC
+    server drops a connection that idles under keepalive pings ("too many pings")."""
     from semsearch.store import MilvusStore
 
     store = MilvusStore(uri, timeout_s=120)
+    stop = threading.Event()
+
+    def ping() -> None:
+        while not stop.wait(5.0):
+            store.ping()
+
+    pinger = threading.Thread(target=ping, daemon=True)
+    pinger.start()
     try:
-        options = IndexOptions(
-            inputs=[str(source)], state_dir=state_dir, progress="off",
-            pipeline=PipelineConfig(batch_chunks=batch_chunks, checkpoint_interval_s=checkpoint_interval),
-        )
-        return run_index(options, encoder=encoder, store=store, collection=collection, milvus_uri=uri)
+        yield store
     finally:
+        stop.set()
+        pinger.join()
         store.close()
 
 
+def index_once(source: Path, store: Any, collection: str, encoder: Any, state_dir: Path, batch_chunks: int,
+               checkpoint_interval: float) -> Any:
+    from indexer.job import IndexOptions, run_index
+    from indexer.pipeline import PipelineConfig
+
+    options = IndexOptions(
+        inputs=[str(source)], state_dir=state_dir, progress="off",
+        pipeline=PipelineConfig(batch_chunks=batch_chunks, checkpoint_interval_s=checkpoint_interval),
+    )
+    return run_index(options, encoder=encoder, store=store, collection=collection)
+
+
 def throughput(args: argparse.Namespace, uri: str, work: Path) -> dict[str, Any] | None:
+    with warm_store(uri) as store:
+        return _throughput(args, store, work)
+
+
+def _throughput(args: argparse.Namespace, store: Any, work: Path) -> dict[str, Any] | None:
     from indexer.pipeline import token_counter
     from semsearch.chunking import Chunker
 
@@ -194,13 +218,13 @@ def throughput(args: argparse.Namespace, uri: str, work: Path) -> dict[str, Any]
     for round_index in range(args.rounds):
         bare_s.append(bare_encode(encoder, texts, args.batch_chunks))
         say(f"bare pass {round_index + 1}: {len(texts) / bare_s[-1]:.2f} chunks/s; indexing")
-        runs.append(index_once(source, uri, f"bench_cmrc_{int(time.time())}_{round_index}", encoder,
+        runs.append(index_once(source, store, f"bench_cmrc_{int(time.time())}_{round_index}", encoder,
                                work / "state", args.batch_chunks, args.checkpoint_interval))
         result = runs[-1]
         say(f"indexer pass {round_index + 1}: {result.totals['chunks_written'] / result.elapsed_s:.2f} chunks/s")
     bare_s.append(bare_encode(encoder, texts, args.batch_chunks))
     say(f"bare pass {args.rounds + 1}: {len(texts) / bare_s[-1]:.2f} chunks/s; idempotent re-run")
-    rerun = index_once(source, uri, runs[-1].alias or "", encoder, work / "state", args.batch_chunks,
+    rerun = index_once(source, store, runs[-1].alias or "", encoder, work / "state", args.batch_chunks,
                        args.checkpoint_interval)
     passes = []
     for i, result in enumerate(runs):
@@ -237,8 +261,9 @@ def memory_child(args: argparse.Namespace) -> None:
             model = str(build_tiny_bert(work / "tiny-bert", max_tokens=128))
         encoder = encoder_for(model, args.encode_batch_size)
         rss_before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-        result = index_once(source, args.milvus_uri, f"bench_mem_{args.memory_docs}_{int(time.time())}", encoder,
-                            work / "state", args.batch_chunks, args.checkpoint_interval)
+        with warm_store(args.milvus_uri) as store:
+            result = index_once(source, store, f"bench_mem_{args.memory_docs}_{int(time.time())}", encoder,
+                                work / "state", args.batch_chunks, args.checkpoint_interval)
         print(json.dumps({
             "documents": result.totals["documents"], "chunks": result.totals["chunks_written"],
             "seconds": result.elapsed_s, "docs_per_s": round(result.totals["documents"] / result.elapsed_s, 2),

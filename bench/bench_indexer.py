@@ -269,6 +269,7 @@ def memory_child(args: argparse.Namespace) -> None:
             "seconds": result.elapsed_s, "docs_per_s": round(result.totals["documents"] / result.elapsed_s, 2),
             "rss_after_model_mib": round(rss_before / 1024, 1),
             "peak_rss_mib": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1),
+            "stage_busy_s": result.busy_s,
         }))
     finally:
         shutil.rmtree(work, ignore_errors=True)

@@ -16,6 +16,7 @@ which is what lets the checkpoint be a single position: "everything before here 
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import queue
@@ -30,19 +31,29 @@ from typing import Any, TypeVar
 
 import numpy as np
 import structlog
+from pymilvus.exceptions import (
+    DataNotMatchException,
+    DataTypeNotMatchException,
+    DataTypeNotSupportException,
+    FieldTypeException,
+    ParamError,
+    PrimaryKeyException,
+)
 
 from indexer.checkpoint import JobState, Progress
 from indexer.sources import FieldMap, Limits, Position, Reject, SourceDoc, SourceFile, read_all, shard_of
 from semsearch.chunking import Chunk, Chunker, content_hash
 from semsearch.encoders.base import Encoder
-from semsearch.store import ChunkRow, MilvusStore
+from semsearch.store import ChunkRow, MilvusStore, chunk_row_id
 
 log = structlog.get_logger(__name__)
 
 T = TypeVar("T")
-PLAN_QUERY_DOCS = 256  # documents per "what is stored" query
+PLAN_QUERY_IDS = 2048  # primary keys per "what is stored" lookup
+PLAN_QUERY_DOCS = 256  # documents per doc_id filter query
 MAX_REQUEST_BYTES = 16 * 1024 * 1024  # one upsert call; Milvus' default gRPC limit is 64 MiB
 KEEPALIVE_S = 5.0
+MAX_CHUNK_BYTES = 65535  # the text field's VARCHAR limit (Milvus Lite does not even check it)
 
 
 class StrictModeError(Exception):
@@ -149,7 +160,7 @@ def build_rows(planned: PlannedDoc, vectors: np.ndarray) -> list[ChunkRow]:
 
 
 def is_unchanged(planned: PlannedDoc, stored: Sequence[tuple[str, str, int, str]]) -> bool:
-    """Stored exactly as we would write it: every chunk present, none extra, same content hash."""
+    """Stored exactly as we would write it: chunks 0..n-1 present, not chunk n, all the same content hash."""
     if len(stored) != len(planned.chunks):
         return False
     return sorted(index for _, _, index, _ in stored) == list(range(len(planned.chunks))) and all(
@@ -157,9 +168,28 @@ def is_unchanged(planned: PlannedDoc, stored: Sequence[tuple[str, str, int, str]
     )
 
 
-def transient(exc: BaseException) -> bool:
+def not_loaded(exc: BaseException) -> bool:
+    """A restarted Milvus reloads collections in the background; Lite reopens them released."""
     text = str(exc).lower()
-    return text.startswith("milvus unavailable") or "rate limit" in text
+    return "not loaded" in text or "state 'released'" in text
+
+
+_DATA_ERRORS = (ParamError, DataTypeNotMatchException, DataNotMatchException, DataTypeNotSupportException,
+                PrimaryKeyException, FieldTypeException)
+_TRANSIENT_MARKERS = ("milvus unavailable", "rate limit", "timeout", "deadline", "not ready", "too many")
+_DATA_MARKERS = ("exceed", "invalid", "illegal", "expected dim", "parse", "malformed", "too long", "out of range")
+
+
+def permanent(exc: BaseException) -> bool:
+    """The request itself is refused (retrying cannot help); anything else — down, restarting,
+    recovering ("node not match", "not loaded"), rate limited — is retried until --retry-timeout."""
+    text = str(exc).lower()
+    if not_loaded(exc) or any(marker in text for marker in _TRANSIENT_MARKERS):
+        return False
+    cause = exc.__cause__ if isinstance(exc.__cause__, Exception) else exc
+    if isinstance(cause, _DATA_ERRORS) or getattr(cause, "code", None) == 1100:  # 1100: ParameterInvalid
+        return True
+    return any(marker in text for marker in _DATA_MARKERS)
 
 
 class Pipeline:
@@ -296,6 +326,14 @@ class Pipeline:
                 began = time.perf_counter()
                 planned = plan_document(self.chunker, record)
                 self.busy_s["chunk"] += time.perf_counter() - began
+                longest = max(len(chunk.text.encode("utf-8")) for chunk in planned.chunks)
+                if longest > MAX_CHUNK_BYTES:  # e.g. a run of [UNK]s: few tokens, many characters
+                    self._reject(batch, Reject(
+                        record.file, record.line, "chunk_too_long",
+                        f"a chunk is {longest} bytes; Milvus stores at most {MAX_CHUNK_BYTES}",
+                        "", record.doc_id, record.position,
+                    ))
+                    continue
                 batch.docs.append(planned)
                 batch.chunk_total += len(planned.chunks)
                 accepted += 1
@@ -330,25 +368,48 @@ class Pipeline:
     def _planner(self) -> None:
         for batch in self._items(self._to_plan):
             began = time.perf_counter()
-            stored: dict[str, list[tuple[str, str, int, str]]] = {}
-            ids = [planned.doc.doc_id for planned in batch.docs]
-            for start in range(0, len(ids), PLAN_QUERY_DOCS):
-                part = ids[start : start + PLAN_QUERY_DOCS]
-                # Strong until our first write is acknowledged; from then on Session sees every write
-                # acknowledged before our last one (all earlier jobs included) at a fraction of the cost.
-                consistency = "Session" if self._wrote.is_set() else "Strong"
-                for row in self._retry(partial(self.store.stored_chunks, self.collection, part, consistency)):
-                    stored.setdefault(row[1], []).append(row)
-            for planned in batch.docs:
-                rows = stored.get(planned.doc.doc_id, [])
-                if not self.config.force and is_unchanged(planned, rows):
-                    batch.counts["skipped"] += 1
-                    continue
-                planned.stale = [row_id for row_id, _, index, _ in rows if index >= len(planned.chunks)]
-                batch.to_write.append(planned)
+            self._plan(batch)
             self.busy_s["plan"] += time.perf_counter() - began
             self._put(self._to_encode, batch)
         self._put(self._to_encode, None)
+
+    def _plan(self, batch: Batch) -> None:
+        """Skip documents stored exactly as they would be written; find the stale tail of the others.
+
+        Every writer (this one, the service) upserts all of a document's chunks and then deletes
+        those past its end, so a document's rows are always the prefix 0..k-1. Looking up the
+        primary keys `doc#0`..`doc#n` (n = its chunk count now) therefore tells: unchanged (0..n-1
+        present with the same hash), new (none), or changed; `doc#n` present means the stored
+        version is longer, and only then is its tail searched by doc_id (a scan of the collection).
+        """
+        # Strong until our first write is acknowledged; from then on Session sees every write
+        # acknowledged before our last one (all earlier jobs included) without Strong's wait.
+        consistency = "Session" if self._wrote.is_set() else "Strong"
+        ids = [chunk_row_id(p.doc.doc_id, index) for p in batch.docs for index in range(len(p.chunks) + 1)]
+        found: dict[str, list[tuple[str, str, int, str]]] = {}
+        for start in range(0, len(ids), PLAN_QUERY_IDS):
+            part = ids[start : start + PLAN_QUERY_IDS]
+            for row in self._retry(partial(self.store.rows_by_id, self.collection, part, consistency)):
+                found.setdefault(row[1], []).append(row)
+        longer: list[PlannedDoc] = []
+        for planned in batch.docs:
+            rows = found.get(planned.doc.doc_id, [])
+            if not self.config.force and is_unchanged(planned, rows):
+                batch.counts["skipped"] += 1
+                continue
+            if any(index == len(planned.chunks) for _, _, index, _ in rows):
+                longer.append(planned)
+            batch.to_write.append(planned)
+        for start in range(0, len(longer), PLAN_QUERY_DOCS):
+            group = longer[start : start + PLAN_QUERY_DOCS]
+            ends = {p.doc.doc_id: len(p.chunks) for p in group}
+            tails = self._retry(partial(self.store.stored_chunks, self.collection, list(ends), consistency))
+            stale: dict[str, list[str]] = {}
+            for row_id, doc_id, index, _ in tails:
+                if index >= ends[doc_id]:
+                    stale.setdefault(doc_id, []).append(row_id)
+            for planned in group:
+                planned.stale = stale.get(planned.doc.doc_id, [])
 
     def _encoder(self) -> None:
         for batch in self._items(self._to_encode):
@@ -419,12 +480,14 @@ class Pipeline:
     def _upsert(self, group: list[tuple[PlannedDoc, list[ChunkRow], int]]) -> list[Reject]:
         rows = [row for _, doc_rows, _ in group for row in doc_rows]
         try:
-            self._retry(lambda: self.store.upsert(self.collection, rows), permanent_after=2)
+            self._retry(lambda: self.store.upsert(self.collection, rows))
             self._wrote.set()
             return []
         except _Abort:
             raise
         except Exception as exc:
+            if not permanent(exc):
+                raise  # Milvus stayed unavailable past --retry-timeout: the job fails, resumable
             if len(group) > 1:  # find the documents Milvus refuses; write the others
                 half = len(group) // 2
                 return self._upsert(group[:half]) + self._upsert(group[half:])
@@ -433,27 +496,27 @@ class Pipeline:
             return [Reject(doc.file, doc.line, "milvus_rejected", f"Milvus refused the document: {exc}", "",
                            doc.doc_id, doc.position)]
 
-    def _retry(self, call: Callable[[], T], permanent_after: int = 0) -> T:
-        """Retry while Milvus is unavailable (restarts, network), up to retry_timeout_s.
-
-        With `permanent_after`, an error while Milvus is otherwise healthy is raised after that
-        many attempts: the request itself is refused and retrying will not help.
-        """
-        deadline = time.monotonic() + self.config.retry_timeout_s
+    def _retry(self, call: Callable[[], T], *, deadline_s: float | None = None, abortable: bool = True) -> T:
+        """Call, retrying with backoff whatever is not a refusal of the request itself (see
+        `permanent`) for up to `deadline_s` (--retry-timeout): Milvus down, restarting, recovering."""
+        deadline = time.monotonic() + (self.config.retry_timeout_s if deadline_s is None else deadline_s)
         delay, attempts = 0.5, 0
         while True:
             try:
                 return call()
             except Exception as exc:
                 attempts += 1
-                outage = transient(exc) or not self.store.ping()
-                if not outage and (permanent_after == 0 or attempts >= permanent_after):
+                if permanent(exc) or time.monotonic() + delay > deadline:
                     raise
-                if time.monotonic() + delay > deadline:
-                    raise
-                log.warning("milvus_retry", error=str(exc), attempt=attempts, retry_in_s=delay)
-            if self._abort.wait(delay):
-                raise _Abort
+                if not_loaded(exc):
+                    with contextlib.suppress(Exception):
+                        self.store.load(self.collection)
+                log.warning("milvus_retry", error=str(exc)[:500], attempt=attempts, retry_in_s=delay)
+            if abortable:
+                if self._abort.wait(delay):
+                    raise _Abort
+            else:
+                time.sleep(delay)
             delay = min(delay * 2, 30.0)
 
     # ------------------------------------------------------------------ checkpoints
@@ -491,7 +554,11 @@ class Pipeline:
         began = time.perf_counter()
         # Acknowledged is not yet durable: flush makes Milvus persist everything acknowledged so far.
         if any(item.wrote for item in acked):
-            self._retry_final(lambda: self.store.flush(self.collection))
+            # The last checkpoint also runs after an abort: it may not be cut short by it, but after
+            # a failure (Milvus down) it does not wait out the whole retry timeout either.
+            final = self._abort.is_set()
+            self._retry(lambda: self.store.flush(self.collection), abortable=not final,
+                        deadline_s=min(self.config.retry_timeout_s, 30.0) if self._errors else None)
         rejects = [reject for item in acked for reject in item.rejects]
         reject_bytes = self.progress.reject_bytes
         if rejects:
@@ -517,22 +584,6 @@ class Pipeline:
                     self._inflight.pop(doc_id, None)
         self.busy_s["checkpoint"] += time.perf_counter() - began
         log.debug("checkpoint", position=progress.position.to_json(), documents=totals["documents"])
-
-    def _retry_final(self, call: Callable[[], T]) -> T:
-        # The last checkpoint runs after an abort too: retry without the abort short-cut.
-        deadline = time.monotonic() + self.config.retry_timeout_s
-        delay = 0.5
-        while True:
-            try:
-                return call()
-            except Exception as exc:
-                if self._abort.is_set() or time.monotonic() + delay > deadline:
-                    raise
-                if not (transient(exc) or not self.store.ping()):
-                    raise
-                log.warning("milvus_retry", error=str(exc), retry_in_s=delay)
-            time.sleep(delay)
-            delay = min(delay * 2, 30.0)
 
 
 def rejects_in(path: Path) -> Iterator[dict[str, Any]]:

@@ -382,10 +382,13 @@ def _read_csv(source: SourceFile, file_index: int, fields: FieldMap, limits: Lim
                 reader = csv.reader(lines(), delimiter=delimiter)
                 ordinal = start.ordinal
                 line_base = start.line
-            else:
+            else:  # gzip: read through the records already done
                 for _ in range(start.ordinal):
-                    if next(reader, None) is None:
-                        break
+                    try:
+                        if next(reader, None) is None:
+                            break
+                    except csv.Error:
+                        continue
                 ordinal = start.ordinal
                 line_base = 0
         else:

@@ -389,6 +389,23 @@ class MilvusStore:
             for row in rows
         ]
 
+    def rows_by_id(self, name: str, row_ids: Sequence[str],
+                   consistency: str = "Strong") -> list[tuple[str, str, int, str]]:
+        """(row id, doc id, chunk index, content hash) of the rows among these primary keys.
+
+        A primary-key lookup costs the same however large the collection; a `doc_id in [...]`
+        filter (stored_chunks) scans every row."""
+        if not row_ids:
+            return []
+        rows = self._call(
+            self.client.query, collection_name=name, ids=list(row_ids),
+            output_fields=["id", "doc_id", "chunk_index", "content_hash"], consistency_level=consistency,
+        )
+        return [
+            (str(row["id"]), str(row["doc_id"]), int(row["chunk_index"]), str(row["content_hash"]))
+            for row in rows
+        ]
+
     def delete_rows(self, name: str, row_ids: Sequence[str]) -> None:
         """Delete rows by primary key (`{doc_id}#{chunk_index}`)."""
         if not row_ids:

@@ -28,7 +28,14 @@ from typer.testing import CliRunner
 from indexer.checkpoint import JobState, Progress, read_progress
 from indexer.cli import register
 from indexer.job import IndexOptions, IndexResult, JobError, run_index
-from indexer.pipeline import PipelineConfig, StrictModeError, build_rows, plan_document, token_counter
+from indexer.pipeline import (
+    PipelineConfig,
+    StrictModeError,
+    build_rows,
+    permanent,
+    plan_document,
+    token_counter,
+)
 from indexer.sources import (
     FieldMap,
     Limits,
@@ -38,6 +45,7 @@ from indexer.sources import (
     derived_id,
     discover,
     read_all,
+    read_file,
     shard_of,
 )
 from indexer.verify import run_verify
@@ -68,7 +76,7 @@ def write_jsonl(path: Path, rows: list[dict[str, Any]]) -> Path:
 
 
 def options(tmp_path: Path, inputs: list[Path | str], **overrides: Any) -> IndexOptions:
-    pipeline = PipelineConfig(batch_chunks=96, checkpoint_interval_s=0.05, retry_timeout_s=20,
+    pipeline = PipelineConfig(batch_chunks=96, checkpoint_interval_s=0.5, retry_timeout_s=20,
                               **overrides.pop("pipeline", {}))
     return IndexOptions(inputs=[str(p) for p in inputs], state_dir=tmp_path / "state", progress="off",
                         pipeline=pipeline, **overrides)
@@ -135,6 +143,27 @@ def test_formats_and_field_mapping_read_the_same_documents(tmp_path: Path) -> No
     assert [(r.doc_id, r.text) for r in from_stdin if isinstance(r, SourceDoc)] == [d[:2] for d in first]
 
 
+def test_reading_resumes_at_a_checkpointed_position_in_every_format(tmp_path: Path) -> None:
+    rows = corpus(30, seed=2, max_sentences=3)
+    for i in range(0, 30, 4):
+        rows[i]["text"] += "\n第二行，引号\"在内\"。"  # multi-line quoted CSV fields
+    write_jsonl(tmp_path / "a.jsonl", rows)
+    with gzip.open(tmp_path / "b.jsonl.gz", "wt", encoding="utf-8") as handle:
+        handle.writelines(json.dumps(row, ensure_ascii=False) + "\n" for row in rows)
+    with (tmp_path / "c.csv").open("w", encoding="utf-8", newline="") as handle:
+        writer = csv.writer(handle)
+        writer.writerow(["id", "text"])
+        writer.writerows([row["id"], row["text"]] for row in rows)
+    pq.write_table(pa.Table.from_pylist([{"id": r["id"], "text": r["text"]} for r in rows]), tmp_path / "d.parquet",
+                   row_group_size=7)
+    for source in discover([str(tmp_path)]):
+        full = list(read_file(source, 0, FieldMap(), Limits()))
+        assert [r.doc_id for r in full] == [r["id"] for r in rows], source.path
+        for done in (1, 8, 15, 29):
+            rest = list(read_file(source, 0, FieldMap(), Limits(), start=full[done - 1].position))
+            assert [(r.doc_id, r.line) for r in rest] == [(r.doc_id, r.line) for r in full[done:]], (source, done)
+
+
 def test_each_kind_of_bad_row_is_reported_with_file_and_line(tmp_path: Path) -> None:
     lines = [
         b'{"id": "ok-1", "text": "\xe5\xa5\xbd\xe7\x9a\x84\xe3\x80\x82"}',
@@ -161,6 +190,24 @@ def test_each_kind_of_bad_row_is_reported_with_file_and_line(tmp_path: Path) -> 
     }
     no_text = next(r for r in records if isinstance(r, Reject) and r.kind == "missing_text")
     assert no_text.doc_id == "no-text"  # known ids are kept from --prune
+
+
+def test_only_refused_requests_are_permanent_errors() -> None:
+    from pymilvus.exceptions import MilvusException, ParamError
+
+    from semsearch.errors import BackendUnavailableError
+
+    def wrapped(message: str, cause: Exception) -> Exception:
+        try:
+            raise BackendUnavailableError(message) from cause
+        except BackendUnavailableError as exc:
+            return exc
+
+    assert permanent(wrapped("Milvus error: bad row", ParamError(message="x")))
+    assert permanent(wrapped("Milvus error: length exceeds max length", MilvusException(65535, "x")))
+    for recovering in ("Milvus unavailable: connect failed", "Milvus error: node not match[expectedNodeID=1]",
+                       "Milvus error: failed to query: collection not loaded", "Milvus error: rate limit exceeded"):
+        assert not permanent(wrapped(recovering, MilvusException(65535, "x"))), recovering
 
 
 def test_shards_partition_every_id() -> None:
@@ -243,13 +290,16 @@ def test_bad_rows_go_to_the_reject_file_and_strict_stops(
     path = tmp_path / "mixed.jsonl"
     path.write_bytes(b"".join(json.dumps(row, ensure_ascii=False).encode() + b"\n" for row in good)
                      + b'{"id": "x", "text": "\xff"}\nnot json\n{"id": "y"}\n'
-                     + json.dumps(good[0], ensure_ascii=False).encode() + b"\n")
+                     + json.dumps(good[0], ensure_ascii=False).encode() + b"\n"
+                     # One 70,000-character "word" is a single [UNK] token: a chunk over Milvus' VARCHAR limit.
+                     + b'{"id": "huge", "text": "' + b"x" * 70000 + b'"}\n')
     result = index(store, "mixed", options(tmp_path, [path]))
-    assert result.totals["written"] == 5 and result.totals["rejected"] == 4
-    assert result.reasons == {"not_utf8": 1, "invalid_json": 1, "missing_text": 1, "duplicate_id": 1}
+    assert result.totals["written"] == 5 and result.totals["rejected"] == 5
+    assert result.reasons == {"not_utf8": 1, "invalid_json": 1, "missing_text": 1, "duplicate_id": 1,
+                              "chunk_too_long": 1}
     rejects = [json.loads(line) for line in Path(result.reject_file).read_text().splitlines()]
     assert [(r["line"], r["kind"]) for r in rejects] == [
-        (6, "not_utf8"), (7, "invalid_json"), (8, "missing_text"), (9, "duplicate_id")]
+        (6, "not_utf8"), (7, "invalid_json"), (8, "missing_text"), (9, "duplicate_id"), (10, "chunk_too_long")]
     assert all(r["file"] == str(path) for r in rejects)
     with pytest.raises(StrictModeError, match=r"mixed.jsonl:6"):
         index(store, "mixed", options(tmp_path, [path], restart=True, pipeline={"strict": True}))

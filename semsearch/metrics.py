@@ -20,6 +20,8 @@ STORE_LATENCY = Histogram("semsearch_store_latency_seconds", "Milvus call latenc
                           ["operation", "outcome"], buckets=LATENCY_BUCKETS)
 MODEL_INFO = Gauge("semsearch_model_info", "The serving (model version, collection) pair: 1 for the current one",
                    ["model_version", "collection"])
+REGISTRY_WATCH_ERRORS = Counter("semsearch_registry_watch_errors_total",
+                                "Registry polls that failed (the instance keeps serving its pair and retries)")
 SERVING = Gauge("semsearch_serving", "1 when health reports SERVING")
 INDEXER_DOCUMENTS = Counter("semsearch_indexer_documents_total", "Documents processed by the indexer", ["outcome"])
 INDEXER_CHUNKS = Counter("semsearch_indexer_chunks_written_total", "Chunks written by the indexer")

@@ -11,6 +11,7 @@ import json
 import re
 import threading
 import time
+import uuid
 from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
 from typing import Any
@@ -35,6 +36,7 @@ SEARCH_CONSISTENCY = "Session"
 # Creating and loading a collection may take far longer than a request's timeout.
 ADMIN_TIMEOUT_S = 120.0
 LITE_FLUSH_ROWS = 4096
+RECONNECT_INTERVAL_S = 1.0
 MAX_TEXT_CHARS = 65535 // 4  # VARCHAR max_length counts bytes: 4 per character at worst
 RECORD_TAG = "semsearch"
 OUTPUT_FIELDS = ["doc_id", "chunk_index", "char_offset", "text", "metadata", "content_hash"]
@@ -75,7 +77,7 @@ class ChunkRow:
     content_hash: str = ""
     char_offset: int = 0
 
-    def to_entity(self) -> dict[str, Any]:
+    def to_entity(self, written_at: int | None = None) -> dict[str, Any]:
         return {
             "id": chunk_row_id(self.doc_id, self.chunk_index),
             "doc_id": self.doc_id,
@@ -85,7 +87,7 @@ class ChunkRow:
             "content_hash": self.content_hash,
             "char_offset": self.char_offset,
             # When the row was written: promotion replays rows written during a re-embed.
-            "updated_at": int(time.time() * 1000),
+            "updated_at": int(time.time() * 1000) if written_at is None else written_at,
             "vector": self.vector.astype(np.float32).tolist(),
         }
 
@@ -125,13 +127,56 @@ class MilvusStore:
         else:
             connect_uri = uri
         self.is_lite = self._lite is not None
-        try:
-            self.client = MilvusClient(uri=connect_uri, token=token or "", timeout=timeout_s)
-        except MilvusException as exc:
-            raise BackendUnavailableError(f"cannot connect to Milvus at {uri}: {exc.message}") from exc
+        self._token = token or ""
+        self._client_lock = threading.Lock()
+        self._last_reconnect = 0.0
+        self.client = self._connect(connect_uri)
         # Milvus Lite's engine is single-writer per collection: serialize our own writes.
         self._write_lock = threading.Lock()
         self._unflushed: dict[str, int] = {}
+
+    def _connect(self, connect_uri: str) -> MilvusClient:
+        # Dedicated: pymilvus otherwise shares one handler per URI in the process, and after a
+        # server restart that handler never recovers ("Fail connecting to server" for good).
+        # A channel argument unique to this connection: gRPC shares subchannels between channels
+        # with equal arguments, and a new client would inherit the dead one's reconnect backoff.
+        options = {"grpc.primary_user_agent": f"semsearch/{uuid.uuid4().hex}"}
+        try:
+            return MilvusClient(uri=connect_uri, token=self._token, timeout=self.timeout_s, dedicated=True,
+                                grpc_options=options)
+        except MilvusException as exc:
+            raise BackendUnavailableError(f"cannot connect to Milvus at {self.uri}: {exc.message}") from exc
+
+    def reconnect(self) -> bool:
+        """Replace the client with a fresh connection (at most every RECONNECT_INTERVAL_S).
+
+        A Milvus server killed and restarted on the same address is reachable again, but the old
+        client's channel is not; a Lite directory whose owner process exited is re-attached (this
+        process may become its owner). True when a new client is in place.
+        """
+        with self._client_lock:
+            now = time.monotonic()
+            if now - self._last_reconnect < RECONNECT_INTERVAL_S:
+                return False
+            self._last_reconnect = now
+            old = self.client
+            try:
+                if self._lite is not None and not self._lite.owner:
+                    self._lite.release()
+                    self._lite = LiteEndpoint.attach(self.uri)
+                    url = self._lite.url
+                else:
+                    url = self._lite.url if self._lite is not None else self.uri
+                self.client = self._connect(url)
+            except Exception as exc:
+                log.warning("milvus_reconnect_failed", uri=self.uri, reason=str(exc)[:300])
+                return False
+        try:
+            old.close()
+        except Exception as exc:  # the old channel may be half-dead: closing it must not fail us
+            log.debug("milvus_old_client_close_failed", reason=str(exc))
+        log.info("milvus_reconnected", uri=self.uri)
+        return True
 
     # ------------------------------------------------------------------ collections
     def resolve(self, name: str) -> str:
@@ -161,6 +206,7 @@ class MilvusStore:
         if self.resolve(name):
             info = self.collection_info(name)
             check_same_model(info, manifest)
+            self.ensure_loaded(info.name)
             return info
         if not create:
             raise NotFoundError(f"collection {name!r} does not exist")
@@ -200,10 +246,10 @@ class MilvusStore:
         return int(rows[0]["count(*)"])
 
     # ------------------------------------------------------------------ writes
-    def upsert(self, name: str, rows: Sequence[ChunkRow]) -> int:
+    def upsert(self, name: str, rows: Sequence[ChunkRow], *, written_at: int | None = None) -> int:
         if not rows:
             return 0
-        entities = [row.to_entity() for row in rows]
+        entities = [row.to_entity(written_at) for row in rows]
         with self._write_lock:
             result = self._call(self.client.upsert, collection_name=name, data=entities)
         if self.is_lite:
@@ -222,28 +268,45 @@ class MilvusStore:
     def write_documents(self, name: str, rows: Sequence[ChunkRow]) -> int:
         """Upsert whole documents (all of each one's chunks), then drop chunks past their new end.
 
-        New rows land before stale ones go, so a document is never absent mid-write.
+        New rows land before stale ones go, so a document is never absent mid-write. The stale
+        tail is deleted by a filter Milvus evaluates at delete time, limited to rows written
+        before this write (`updated_at`): a newer, longer version written meanwhile by another
+        process keeps all its chunks (no list-then-delete window).
         """
         for row in rows:  # all checks before any write: a rejected call changes nothing
             check_doc_id(row.doc_id)
-        written = self.upsert(name, rows)
+        written_at = int(time.time() * 1000)
+        written = self.upsert(name, rows, written_at=written_at)
         chunk_count: dict[str, int] = {}
         for row in rows:
             chunk_count[row.doc_id] = max(chunk_count.get(row.doc_id, 0), row.chunk_index + 1)
-        stale = [
-            row_id for row_id, doc_id, index in self.chunk_ids(name, list(chunk_count))
-            if index >= chunk_count[doc_id]
-        ]
-        self.delete_rows(name, stale)
+        by_count: dict[int, list[str]] = {}
+        for doc_id, count in chunk_count.items():
+            by_count.setdefault(count, []).append(doc_id)
+        tails = [f"({render_string_in('doc_id', ids)} and chunk_index >= {int(count)})"
+                 for count, ids in sorted(by_count.items())]
+        self._delete_where(name, f"({' or '.join(tails)}) and updated_at <= {written_at}")
         return written
 
     def delete_documents(self, name: str, doc_ids: Sequence[str]) -> int:
-        """Delete every chunk of these documents; returns how many documents existed."""
-        existing = self.chunk_ids(name, doc_ids)
-        if not existing:
+        """Delete every chunk of these documents; returns how many documents existed.
+
+        One delete by filter (evaluated by Milvus at delete time) rather than listing chunk ids
+        first: a version written between a listing and the delete would lose some chunks only.
+        """
+        if not doc_ids:
             return 0
-        self.delete_rows(name, [row_id for row_id, _, _ in existing])
-        return len({doc_id for _, doc_id, _ in existing})
+        existing = self._query(  # a stored document always has its chunk 0
+            collection_name=name, filter=render_string_in("doc_id", list(doc_ids)) + " and chunk_index == 0",
+            output_fields=["doc_id"],
+        )
+        self._delete_where(name, render_string_in("doc_id", list(doc_ids)))
+        return len({str(row["doc_id"]) for row in existing})
+
+    def _delete_where(self, name: str, expression: str) -> None:
+        """Delete by an expression built only from typed values by this module (never user text)."""
+        with self._write_lock:
+            self._call(self.client.delete, collection_name=name, filter=expression)
 
     def flush(self, name: str) -> None:
         with self._write_lock:
@@ -338,7 +401,27 @@ class MilvusStore:
 
     # ------------------------------------------------------------------ errors
     def _call(self, method: Any, /, **kwargs: Any) -> Any:
+        """Call a MilvusClient method, translating errors; heal the two states a restart leaves.
+
+        A collection found not loaded (a new Lite process, a restarted server) is loaded and the
+        call repeated once; a dead connection is replaced and the call repeated once.
+        """
         kwargs.setdefault("timeout", self.timeout_s)
+        name = method.__name__
+        try:
+            return self._call_once(method, kwargs)
+        except _NotLoaded as exc:
+            collection = kwargs.get("collection_name")
+            if not collection or name in ("load_collection", "get_load_state"):
+                raise translate_milvus_error(exc.original) from exc.original
+            log.info("collection_not_loaded", collection=collection, operation=name)
+            self.load(str(collection))
+        except BackendUnavailableError as exc:
+            if not is_connection_failure(exc) or not self.reconnect():
+                raise
+        return self._call_once(getattr(self.client, name), kwargs, heal=False)
+
+    def _call_once(self, method: Any, kwargs: dict[str, Any], *, heal: bool = True) -> Any:
         started = time.perf_counter()
         outcome = "error"
         try:
@@ -346,6 +429,8 @@ class MilvusStore:
             outcome = "ok"
             return result
         except MilvusException as exc:
+            if heal and is_not_loaded(exc):
+                raise _NotLoaded(exc) from exc
             raise translate_milvus_error(exc) from exc
         except Exception as exc:  # grpc connection errors surface as many types in pymilvus
             if "grpc" in type(exc).__module__ or isinstance(exc, ConnectionError | TimeoutError):
@@ -452,7 +537,20 @@ class MilvusStore:
 
     def load(self, name: str) -> None:
         """Load a collection for queries (a collection reopened by a new Lite process is 'released')."""
-        self._call(self.client.load_collection, collection_name=name)
+        self._call(self.client.load_collection, collection_name=self.resolve(name) or name,
+                   timeout=ADMIN_TIMEOUT_S)
+
+    def ensure_loaded(self, name: str) -> None:
+        """Load `name` unless it is loaded: whoever opens an existing collection can serve it.
+
+        Milvus Lite reopens every collection 'released' in a new process; a Milvus server may
+        still be loading after a restart, or someone released it."""
+        physical = self.resolve(name) or name
+        state = self._call(self.client.get_load_state, collection_name=physical)
+        if str(state.get("state", "")).endswith("Loaded") and "NotLoad" not in str(state.get("state", "")):
+            return
+        log.info("collection_loading", collection=physical, state=str(state.get("state", "")))
+        self.load(physical)
 
     def ping(self) -> bool:
         """Whether Milvus answers at all (tells an outage from a request it refuses)."""
@@ -461,6 +559,26 @@ class MilvusStore:
         except Exception:
             return False
         return True
+
+
+class _NotLoaded(Exception):
+    """Internal: the collection exists but is not loaded (healed by loading it)."""
+
+    def __init__(self, original: MilvusException) -> None:
+        super().__init__(str(original))
+        self.original = original
+
+
+def is_not_loaded(exc: MilvusException) -> bool:
+    """Milvus server: code 101 'collection not loaded'; Milvus Lite: "is in state 'released'"."""
+    message = str(exc.message).lower()
+    return getattr(exc, "code", None) == 101 or "not loaded" in message or "state 'released'" in message
+
+
+def is_connection_failure(exc: BaseException) -> bool:
+    """The connection itself failed (server gone, restarted, channel broken), not the request."""
+    text = str(exc).lower()
+    return any(marker in text for marker in ("fail connecting", "connect", "no channel", "rpcerror", "unavailable:"))
 
 
 def translate_milvus_error(exc: MilvusException) -> Exception:

@@ -29,6 +29,19 @@ class MilvusTestServer:
         peer_port = free_port()
 
         class LoopbackConfig(MilvusServerConfig):  # type: ignore[misc]
+            def try_bind_port(self, port: int) -> socket.socket | None:
+                # SO_REUSEADDR as Milvus itself binds: after a kill -9 the port has TIME_WAIT
+                # connections, and without it a restart would silently move to the next port.
+                sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+                sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+                try:
+                    sock.bind(("127.0.0.1", port))
+                    sock.listen()
+                except OSError:
+                    sock.close()
+                    return None
+                return sock
+
             def write_config(self) -> None:
                 super().write_config()
                 configs = Path(self.base_data_dir) / "configs"
@@ -66,12 +79,24 @@ class MilvusTestServer:
         return f"http://127.0.0.1:{self.port}"
 
     def start(self) -> str:
+        port = self.port
         try:
             self.server.start()
         except BaseException:
             self.server.stop()
             raise
+        if self.port != port:  # a restart must come back where clients expect it
+            self.server.stop()
+            raise RuntimeError(f"Milvus test server restarted on port {self.port}, not {port}")
         return self.uri
+
+    def kill(self) -> None:
+        """kill -9 the server (no graceful shutdown), as a crash or an OOM kill would."""
+        proc = self.server.server_proc
+        if proc is not None:
+            proc.kill()
+            proc.wait(timeout=30)
+            self.server.server_proc = None
 
     def stop(self) -> None:
         self.server.stop()

@@ -24,6 +24,7 @@ from semsearch.metrics import ENCODER_LATENCY
 from semsearch.store import ChunkRow, CollectionInfo, Hit, MilvusStore
 from semsearch.tracing import span
 from service.batching import EncodeBatcher, SearchBatcher, SearchJob
+from service.ordering import DocumentLocks
 
 log = structlog.get_logger(__name__)
 
@@ -117,6 +118,8 @@ class SearchEngine:
             store, max_batch=settings.microbatch_max_size * 4, max_wait_s=0.0,
             queue_size=settings.microbatch_queue_size,
         )
+        # Writes of one document id run one at a time (upsert vs delete must not interleave).
+        self.document_locks = DocumentLocks()
 
     async def start(self) -> None:
         self.pair.batcher.start()
@@ -191,6 +194,12 @@ class SearchEngine:
     async def upsert(
         self, documents: Sequence[DocumentInput], timeout_s: float | None = None
     ) -> tuple[int, ServingPair]:
+        async with self.document_locks.hold(doc.doc_id for doc in documents):
+            return await self._upsert(documents, timeout_s)
+
+    async def _upsert(
+        self, documents: Sequence[DocumentInput], timeout_s: float | None
+    ) -> tuple[int, ServingPair]:
         with self.pair.held() as pair:
             shadow = self.shadow
             for target in (pair, shadow):
@@ -215,16 +224,18 @@ class SearchEngine:
         ]
 
     async def delete(self, doc_ids: Sequence[str]) -> int:
-        with self.pair.held() as pair:
-            shadow = self.shadow
-            deleted = await asyncio.to_thread(self.store.delete_documents, pair.collection.name, doc_ids)
-            if shadow is not None:
-                await asyncio.to_thread(self.store.delete_documents, shadow.collection.name, doc_ids)
-            return deleted
+        async with self.document_locks.hold(doc_ids):
+            with self.pair.held() as pair:
+                shadow = self.shadow
+                deleted = await asyncio.to_thread(self.store.delete_documents, pair.collection.name, doc_ids)
+                if shadow is not None:
+                    await asyncio.to_thread(self.store.delete_documents, shadow.collection.name, doc_ids)
+                return deleted
 
     async def get(self, doc_id: str) -> tuple[StoredDocument, str]:
         collection = self.pair.collection.name  # reads need no model: no hold
         rows = await asyncio.to_thread(self.store.get_document_chunks, collection, doc_id)
+        rows = whole_version(rows)
         if not rows:
             raise NotFoundError(f"document {doc_id!r} not found")
         text = reassemble([(int(row["char_offset"]), str(row["text"])) for row in rows])
@@ -236,6 +247,22 @@ class SearchEngine:
         if self.shadow is not None:
             await self.shadow.batcher.close()
             self.shadow.encoder.close()
+
+
+def whole_version(rows: Sequence[dict[str, Any]]) -> list[dict[str, Any]]:
+    """The chunks 0, 1, 2... of the version chunk 0 belongs to (rows sorted by chunk index).
+
+    A reader racing a writer of another process may see a mix of two versions for a moment;
+    it returns one version's prefix rather than a blend (no chunk 0: no document)."""
+    if not rows or int(rows[0]["chunk_index"]) != 0:
+        return []
+    version = rows[0].get("content_hash")
+    whole: list[dict[str, Any]] = []
+    for expected, row in enumerate(rows):
+        if int(row["chunk_index"]) != expected or row.get("content_hash") != version:
+            break
+        whole.append(row)
+    return whole
 
 
 def best_chunk_per_document(hits: Sequence[Hit], top_k: int) -> list[Hit]:

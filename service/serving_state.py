@@ -15,7 +15,7 @@ import structlog
 from semsearch.config import Settings
 from semsearch.encoders import Encoder, create_encoder
 from semsearch.errors import SemsearchError
-from semsearch.metrics import set_model_info
+from semsearch.metrics import REGISTRY_WATCH_ERRORS, set_model_info
 from semsearch.registry import ModelRegistry, PairRecord, RegistryRecord, open_pair_encoder
 from semsearch.store import MilvusStore, versioned_name
 from service.engine import SearchEngine, ServingPair, build_pair
@@ -32,6 +32,9 @@ class ServingState:
         self.generation = 0
         self.engine: SearchEngine | None = None
         self._lock = asyncio.Lock()
+        # Reported by AdminService.GetServingState: a watch that fails must not fail silently.
+        self.watch_error = ""
+        self.watch_failures = 0
 
     async def initial_pair(self, encoder: Encoder | None, *, allow_stand_in: bool = False) -> ServingPair:
         """The registry's current pair if there is one, else the configured model (recorded as current)."""
@@ -110,12 +113,25 @@ class ServingState:
         return pair
 
     async def watch(self) -> None:
+        """Poll the registry until cancelled. No error ends the loop: a malformed record or an
+        unexpected failure is logged, counted and reported (AdminService), and polled again."""
         while True:
             await asyncio.sleep(self.settings.registry_poll_s)
             try:
                 await self.reconcile()
-            except (SemsearchError, OSError) as exc:
-                log.warning("registry_reconcile_failed", reason=str(exc))
+            except asyncio.CancelledError:
+                raise
+            except Exception as exc:
+                self.watch_failures += 1
+                self.watch_error = f"{type(exc).__name__}: {exc}"[:1000]
+                REGISTRY_WATCH_ERRORS.inc()
+                expected = isinstance(exc, SemsearchError | OSError)
+                log.warning("registry_reconcile_failed", reason=self.watch_error, failures=self.watch_failures,
+                            exc_info=not expected)
+            else:
+                if self.watch_failures:
+                    log.info("registry_reconcile_recovered", after_failures=self.watch_failures)
+                self.watch_failures, self.watch_error = 0, ""
 
 
 def _holds(pair: ServingPair | None, record: PairRecord) -> bool:

@@ -32,7 +32,6 @@ from indexer.pipeline import (
     PipelineConfig,
     StrictModeError,
     build_rows,
-    permanent,
     plan_document,
     token_counter,
 )
@@ -83,7 +82,7 @@ def options(tmp_path: Path, inputs: list[Path | str], **overrides: Any) -> Index
 
 
 def stored(store: MilvusStore, collection: str) -> list[dict[str, Any]]:
-    return list(store.iter_rows_where(collection, ["id", "doc_id", "chunk_index", "content_hash", "text"]))
+    return list(store.iter_rows(collection, ["id", "doc_id", "chunk_index", "content_hash", "text"]))
 
 
 def expected_chunk_count(encoder: TorchEncoder, docs: list[dict[str, Any]]) -> int:
@@ -193,21 +192,23 @@ def test_each_kind_of_bad_row_is_reported_with_file_and_line(tmp_path: Path) -> 
 
 
 def test_only_refused_requests_are_permanent_errors() -> None:
+    import grpc
     from pymilvus.exceptions import MilvusException, ParamError
 
-    from semsearch.errors import BackendUnavailableError
+    from semsearch.errors import StoreRefusedError, retryable
+    from semsearch.store import translate_milvus_error
 
-    def wrapped(message: str, cause: Exception) -> Exception:
-        try:
-            raise BackendUnavailableError(message) from cause
-        except BackendUnavailableError as exc:
-            return exc
-
-    assert permanent(wrapped("Milvus error: bad row", ParamError(message="x")))
-    assert permanent(wrapped("Milvus error: length exceeds max length", MilvusException(65535, "x")))
-    for recovering in ("Milvus unavailable: connect failed", "Milvus error: node not match[expectedNodeID=1]",
-                       "Milvus error: failed to query: collection not loaded", "Milvus error: rate limit exceeded"):
-        assert not permanent(wrapped(recovering, MilvusException(65535, "x"))), recovering
+    for refused in (ParamError(message="bad row"), MilvusException(65535, "length exceeds max length")):
+        error = translate_milvus_error(refused)
+        assert isinstance(error, StoreRefusedError) and not retryable(error), refused
+        assert error.status_code == grpc.StatusCode.INVALID_ARGUMENT
+    for recovering in ("connect failed", "node not match[expectedNodeID=1]",
+                       "failed to query: collection not loaded", "rate limit exceeded"):
+        error = translate_milvus_error(MilvusException(65535, recovering))
+        assert retryable(error) and error.status_code == grpc.StatusCode.UNAVAILABLE, recovering
+    # Not recognised: retried by the indexer, but never reported to callers as a retryable UNAVAILABLE.
+    unknown = translate_milvus_error(MilvusException(65535, "something odd happened"))
+    assert retryable(unknown) and unknown.status_code == grpc.StatusCode.INTERNAL
 
 
 def test_shards_partition_every_id() -> None:
@@ -261,7 +262,7 @@ def test_index_rerun_update_and_prune(milvus_uri: str, store_factory: Callable[[
     assert store.collection_info(collection_name).manifest["version"] == tiny_encoder.manifest.version
     assert first.totals["written"] == 60
     assert first.totals["chunks_written"] == expected_chunk_count(tiny_encoder, docs)
-    assert store.count_where(physical, "chunk_index == 0") == 60
+    assert store.count(physical, "chunk_index == 0") == 60
 
     again = index(store, collection_name, options(tmp_path, [source]))
     assert again.totals.get("written") == 0 and again.totals["skipped"] == 60
@@ -371,7 +372,7 @@ def test_kill_9_mid_run_then_resume_is_exact(
     rows = stored(store, physical)
     assert [i for i, n in Counter(r["id"] for r in rows).items() if n > 1] == []
     assert len(rows) == expected_chunk_count(tiny_encoder, docs)
-    assert store.count_where(physical, "chunk_index == 0") == len(docs)
+    assert store.count(physical, "chunk_index == 0") == len(docs)
     assert store.resolve(collection_name) == physical
 
 
@@ -549,7 +550,7 @@ def test_milvus_server_restart_mid_run_loses_nothing(tmp_path: Path, tiny_model_
             rows = stored(store, physical)
             assert [i for i, n in Counter(r["id"] for r in rows).items() if n > 1] == []
             assert len(rows) == expected_chunk_count(tiny_encoder, docs)
-            assert store.count_where(physical, "chunk_index == 0") == len(docs)
+            assert store.count(physical, "chunk_index == 0") == len(docs)
         finally:
             store.close()
     finally:

@@ -109,7 +109,7 @@ def wait_serving(service: LiveService, pair: tuple[str, str], timeout: float = 6
 
 
 def doc_ids(store: MilvusStore, collection: str) -> set[str]:
-    return {str(row["doc_id"]) for row in store.iter_rows_where(collection, ["doc_id"])}
+    return {str(row["doc_id"]) for row in store.iter_rows(collection, ["doc_id"])}
 
 
 def test_promote_and_rollback_under_load_lose_nothing(

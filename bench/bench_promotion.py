@@ -34,7 +34,7 @@ from semsearch.v1 import search_pb2 as pb  # noqa: E402
 from semsearch.v1 import search_pb2_grpc  # noqa: E402
 from service.demo import read_corpus, shipped_corpus  # noqa: E402
 from service.server import start_server  # noqa: E402
-from trainer.promotion import Promoter  # noqa: E402
+from semsearch.promotion import Promoter  # noqa: E402
 
 
 def candidate_copy(directory: Path) -> Path:

@@ -21,7 +21,7 @@ from semsearch.v1 import admin_pb2, admin_pb2_grpc
 from semsearch.v1 import search_pb2 as pb
 from tests.conftest import LiveService
 from tests.tinymodel import build_tiny_bert
-from trainer.promotion import Promoter
+from semsearch.promotion import Promoter
 
 REPO = Path(__file__).resolve().parent.parent
 

@@ -41,6 +41,7 @@ def wait_for(condition: Callable[[], bool], timeout: float, what: str) -> None:
     raise AssertionError(f"timed out waiting for {what}")
 
 
+@pytest.mark.milvus_server
 def test_milvus_restart_under_load(make_service: Callable[..., LiveService], tiny_encoder: TorchEncoder,
                                    own_milvus_server: object) -> None:
     server = own_milvus_server

@@ -499,26 +499,17 @@ def test_cli_index_and_verify(tmp_path: Path, tiny_model_dir: Path) -> None:
     assert runner.invoke(app, ["index", str(tmp_path / "missing.jsonl"), *common]).exit_code == 2
 
 
-@pytest.mark.slow
 @pytest.mark.milvus_server
 def test_milvus_server_restart_mid_run_loses_nothing(tmp_path: Path, tiny_model_dir: Path,
-                                                     index: Callable[..., IndexResult],
                                                      tiny_encoder: TorchEncoder) -> None:
     """The server is stopped (SIGTERM, then SIGKILL) and restarted under a running indexer: the
-    indexer retries through the outage, and the collection ends exact. Needs the fixed etcd ports
-    free, so run it alone: pytest -m slow -k restart."""
-    milvus = pytest.importorskip("milvus")
-    from tests.conftest import free_port
+    indexer retries through the outage, and the collection ends exact."""
+    from semsearch.testing import MilvusTestServer
 
-    server = milvus.MilvusServer()
-    server.set_base_dir(str(tmp_path / "milvus"))
-    server.listen_port = free_port()
-    try:
-        server.start()
-    except Exception as exc:  # another server holds etcd's fixed ports
-        pytest.skip(f"cannot start a dedicated Milvus server: {exc}")
-    uri = f"http://127.0.0.1:{server.listen_port}"
-    docs = corpus(300, seed=13, max_sentences=30)
+    server = MilvusTestServer(tmp_path / "milvus")  # free loopback ports, kept across restarts
+    server.start()
+    uri = server.uri
+    docs = corpus(150, seed=13, max_sentences=30)
     source = write_jsonl(tmp_path / "docs.jsonl", docs)
     state_dir = tmp_path / "state"
     command = [sys.executable, "-m", "indexer", str(source), "--milvus-uri", uri, "--model", str(tiny_model_dir),
@@ -536,10 +527,8 @@ def test_milvus_server_restart_mid_run_loses_nothing(tmp_path: Path, tiny_model_
                 break
             time.sleep(0.1)
         assert process.poll() is None
-        port = server.listen_port
         server.stop()
         time.sleep(3)
-        server.listen_port = port
         server.start()
         _, err = process.communicate(timeout=600)
         assert process.returncode == 0, err[-3000:]

@@ -15,13 +15,13 @@ import grpc
 import pytest
 
 from semsearch.encoders import TorchEncoder
+from semsearch.promotion import Promoter
 from semsearch.registry import ModelRegistry
 from semsearch.store import MilvusStore, versioned_name
 from semsearch.v1 import admin_pb2, admin_pb2_grpc
 from semsearch.v1 import search_pb2 as pb
 from tests.conftest import LiveService
 from tests.tinymodel import build_tiny_bert
-from semsearch.promotion import Promoter
 
 REPO = Path(__file__).resolve().parent.parent
 pytestmark = pytest.mark.milvus_server  # aliases and the registry on the real server

@@ -100,6 +100,20 @@ def index(tiny_encoder: TorchEncoder) -> Callable[..., IndexResult]:
 
 
 # ---------------------------------------------------------------------------------------- sources
+def wait_for_progress(process: subprocess.Popen[Any], state_dir: Path, documents: int,
+                      timeout_s: float) -> Progress | None:
+    """Until an indexer subprocess has checkpointed `documents` documents (or exited, or time is up)."""
+    progress = None
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline and process.poll() is None:
+        jobs = list(state_dir.glob("*.sqlite"))
+        progress = read_progress(state_dir, jobs[0].stem) if jobs else None
+        if progress is not None and progress.totals.get("documents", 0) >= documents:
+            break
+        time.sleep(0.05)
+    return progress
+
+
 def test_formats_and_field_mapping_read_the_same_documents(tmp_path: Path) -> None:
     rows: list[dict[str, Any]] = [
         {"key": "a1", "body": "第一段。", "head": "标题", "src": "web", "meta": {"lang": "zh"}},
@@ -348,13 +362,7 @@ def test_kill_9_mid_run_then_resume_is_exact(
     process = subprocess.Popen(command, cwd=REPO, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
     progress = None
     try:
-        deadline = time.monotonic() + 120
-        while time.monotonic() < deadline and process.poll() is None:
-            jobs = list(state_dir.glob("*.sqlite"))
-            progress = read_progress(state_dir, jobs[0].stem) if jobs else None
-            if progress is not None and progress.totals.get("documents", 0) >= 40:
-                break
-            time.sleep(0.05)
+        progress = wait_for_progress(process, state_dir, 40, timeout_s=120)
         assert process.poll() is None, process.stderr.read().decode()[-3000:]  # type: ignore[union-attr]
         process.send_signal(signal.SIGKILL)
         process.wait(30)
@@ -519,13 +527,7 @@ def test_milvus_server_restart_mid_run_loses_nothing(tmp_path: Path, tiny_model_
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false", "OMP_NUM_THREADS": "1"}
     process = subprocess.Popen(command, cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     try:
-        deadline = time.monotonic() + 180
-        while time.monotonic() < deadline and process.poll() is None:
-            jobs = list(state_dir.glob("*.sqlite"))
-            progress = read_progress(state_dir, jobs[0].stem) if jobs else None
-            if progress is not None and progress.totals.get("documents", 0) >= 30:
-                break
-            time.sleep(0.1)
+        wait_for_progress(process, state_dir, 30, timeout_s=180)
         assert process.poll() is None
         server.stop()
         time.sleep(3)

@@ -132,7 +132,8 @@ class ModelRegistry:
                 if rivals:
                     raise ConflictError(
                         f"registry record {record.name!r}: another writer is writing generation "
-                        f"{written.generation} at the same time; re-read and retry"
+                        f"{written.generation} at the same time; re-read and retry (a claim left by a killed "
+                        f"writer expires {CLAIM_TTL_S:.0f} s after it was made)"
                     )
                 stored = self.get(record.name)
                 stored_generation = stored.generation if stored is not None else 0

@@ -38,7 +38,7 @@ def test_concurrent_writers_lose_no_update(milvus_uri: str, store_factory: Calla
                                            collection_name: str) -> None:
     """Each writer re-reads and retries on conflict. Had two writers ever both won the same
     generation, one's event would be missing and the generation would fall short."""
-    name, writers, rounds = collection_name, 3, 4
+    name, writers, rounds = collection_name, 3, 2
     registries = [ModelRegistry(store_factory(milvus_uri)) for _ in range(writers)]  # a client each
     registries[0].put(RegistryRecord(name=name))
     start = threading.Barrier(writers)

@@ -144,7 +144,7 @@ def check_chunking(store: MilvusStore, physical: str, manifest: ModelManifest, w
     recorded_json = properties.get(CHUNKING_PROPERTY)
     if recorded_json:
         recorded = json.loads(recorded_json)
-    elif store.count_where(physical) == 0:
+    elif store.count(physical) == 0:
         recorded = wanted
     else:  # written by the service: its chunker uses the model limit and no overlap
         recorded = chunking_record(manifest.max_tokens, 0)
@@ -397,7 +397,7 @@ def _prune(store: MilvusStore, physical: str, state: JobState, progress: Progres
         for start in range(0, len(gone), 256):
             pruned += store.delete_documents(physical, gone[start : start + 256])
 
-    for row in store.iter_rows_where(physical, ["doc_id"]):
+    for row in store.iter_rows(physical, ["doc_id"]):
         doc_id = str(row["doc_id"])
         if shard_of(doc_id, shards) == shard:
             pending.add(doc_id)

@@ -31,19 +31,13 @@ from typing import Any, TypeVar
 
 import numpy as np
 import structlog
-from pymilvus.exceptions import (
-    DataNotMatchException,
-    DataTypeNotMatchException,
-    DataTypeNotSupportException,
-    FieldTypeException,
-    ParamError,
-    PrimaryKeyException,
-)
 
 from indexer.checkpoint import JobState, Progress
 from indexer.sources import FieldMap, Limits, Position, Reject, SourceDoc, SourceFile, read_all, shard_of
 from semsearch.chunking import Chunk, Chunker, content_hash
 from semsearch.encoders.base import Encoder
+from semsearch.errors import CollectionNotLoadedError, StoreRefusedError, retryable
+from semsearch.retry import retry_call
 from semsearch.store import ChunkRow, MilvusStore, chunk_row_id
 
 log = structlog.get_logger(__name__)
@@ -166,30 +160,6 @@ def is_unchanged(planned: PlannedDoc, stored: Sequence[tuple[str, str, int, str]
     return sorted(index for _, _, index, _ in stored) == list(range(len(planned.chunks))) and all(
         stored_hash == planned.content_hash for _, _, _, stored_hash in stored
     )
-
-
-def not_loaded(exc: BaseException) -> bool:
-    """A restarted Milvus reloads collections in the background; Lite reopens them released."""
-    text = str(exc).lower()
-    return "not loaded" in text or "state 'released'" in text
-
-
-_DATA_ERRORS = (ParamError, DataTypeNotMatchException, DataNotMatchException, DataTypeNotSupportException,
-                PrimaryKeyException, FieldTypeException)
-_TRANSIENT_MARKERS = ("milvus unavailable", "rate limit", "timeout", "deadline", "not ready", "too many")
-_DATA_MARKERS = ("exceed", "invalid", "illegal", "expected dim", "parse", "malformed", "too long", "out of range")
-
-
-def permanent(exc: BaseException) -> bool:
-    """The request itself is refused (retrying cannot help); anything else — down, restarting,
-    recovering ("node not match", "not loaded"), rate limited — is retried until --retry-timeout."""
-    text = str(exc).lower()
-    if not_loaded(exc) or any(marker in text for marker in _TRANSIENT_MARKERS):
-        return False
-    cause = exc.__cause__ if isinstance(exc.__cause__, Exception) else exc
-    if isinstance(cause, _DATA_ERRORS) or getattr(cause, "code", None) == 1100:  # 1100: ParameterInvalid
-        return True
-    return any(marker in text for marker in _DATA_MARKERS)
 
 
 class Pipeline:
@@ -483,11 +453,7 @@ class Pipeline:
             self._retry(lambda: self.store.upsert(self.collection, rows))
             self._wrote.set()
             return []
-        except _Abort:
-            raise
-        except Exception as exc:
-            if not permanent(exc):
-                raise  # Milvus stayed unavailable past --retry-timeout: the job fails, resumable
+        except StoreRefusedError as exc:
             if len(group) > 1:  # find the documents Milvus refuses; write the others
                 half = len(group) // 2
                 return self._upsert(group[:half]) + self._upsert(group[half:])
@@ -497,27 +463,24 @@ class Pipeline:
                            doc.doc_id, doc.position)]
 
     def _retry(self, call: Callable[[], T], *, deadline_s: float | None = None, abortable: bool = True) -> T:
-        """Call, retrying with backoff whatever is not a refusal of the request itself (see
-        `permanent`) for up to `deadline_s` (--retry-timeout): Milvus down, restarting, recovering."""
-        deadline = time.monotonic() + (self.config.retry_timeout_s if deadline_s is None else deadline_s)
-        delay, attempts = 0.5, 0
-        while True:
-            try:
-                return call()
-            except Exception as exc:
-                attempts += 1
-                if permanent(exc) or time.monotonic() + delay > deadline:
-                    raise
-                if not_loaded(exc):
-                    with contextlib.suppress(Exception):
-                        self.store.load(self.collection)
-                log.warning("milvus_retry", error=str(exc)[:500], attempt=attempts, retry_in_s=delay)
-            if abortable:
-                if self._abort.wait(delay):
-                    raise _Abort
-            else:
-                time.sleep(delay)
-            delay = min(delay * 2, 30.0)
+        """Call, retrying (jittered backoff) whatever is not a refusal of the request itself for up to
+        `deadline_s` (--retry-timeout): Milvus down, restarting, recovering. Past it the job fails,
+        resumable; a refused request is raised at once."""
+
+        def before_retry(exc: BaseException, attempt: int, wait_s: float) -> None:
+            if isinstance(exc, CollectionNotLoadedError):  # a restarted Milvus, a reopened Lite
+                with contextlib.suppress(Exception):
+                    self.store.load(self.collection)
+            log.warning("milvus_retry", error=str(exc)[:500], attempt=attempt, retry_in_s=round(wait_s, 2))
+
+        def sleep(seconds: float) -> None:
+            if not abortable:
+                time.sleep(seconds)
+            elif self._abort.wait(seconds):
+                raise _Abort
+
+        return retry_call(call, retry_on=retryable, sleep=sleep, before_retry=before_retry,
+                          deadline_s=self.config.retry_timeout_s if deadline_s is None else deadline_s)
 
     # ------------------------------------------------------------------ checkpoints
     def _checkpointer(self) -> None:

@@ -25,7 +25,7 @@ from indexer.job import CHUNKING_PROPERTY
 from indexer.sources import FieldMap, Limits, SourceDoc, SourceFile, read_all
 from semsearch.chunking import Chunker, content_hash
 from semsearch.encoders.base import Encoder
-from semsearch.store import MilvusStore
+from semsearch.store import OUTPUT_FIELDS, MilvusStore
 
 log = structlog.get_logger(__name__)
 EXAMPLES = 5
@@ -95,7 +95,7 @@ def run_verify(
                 reservoir.append(record)
             elif (slot := rng.randrange(report.source_documents)) < sample:
                 reservoir[slot] = record
-        for row in store.iter_rows_where(physical, ["doc_id"]):
+        for row in store.iter_rows(physical, ["doc_id"]):
             report.stored_chunks += 1
             db.execute("INSERT OR IGNORE INTO dst VALUES (?)", (str(row["doc_id"]),))
         db.execute("COMMIT")
@@ -125,7 +125,7 @@ def _check_sample(report: VerifyReport, sample: list[SourceDoc], encoder: Encode
     texts: list[str] = []
     stored_vectors: list[list[float]] = []
     for doc in sample:
-        rows = store.chunks_with_vectors(physical, [doc.doc_id])
+        rows = store.document_rows(physical, [doc.doc_id], [*OUTPUT_FIELDS, "vector"])
         if not rows:
             continue  # counted as missing already
         report.sampled += 1

@@ -46,3 +46,29 @@ class OverloadedError(SemsearchError):
     """A bounded queue is full; the caller should back off."""
 
     status_code = grpc.StatusCode.RESOURCE_EXHAUSTED
+
+
+class CollectionNotLoadedError(BackendUnavailableError):
+    """A collection is released or still loading (a restarted Milvus, a reopened Lite): transient."""
+
+
+class StoreRefusedError(InvalidInputError):
+    """Milvus refused the data or expression of this request: retrying it cannot help."""
+
+
+class StoreError(SemsearchError):
+    """Milvus failed in a way we do not recognise: not reported as UNAVAILABLE (a retryable code)."""
+
+    status_code = grpc.StatusCode.INTERNAL
+
+
+class ConflictError(SemsearchError):
+    """A compare-and-swap lost: someone else changed the record since it was read. Re-read and retry."""
+
+    status_code = grpc.StatusCode.ABORTED
+
+
+def retryable(exc: BaseException) -> bool:
+    """Worth retrying after a wait: the backend is down or recovering, or failed in a way we do not
+    recognise. Never a refusal of the request itself (bad input, refused data, missing collection)."""
+    return isinstance(exc, BackendUnavailableError | StoreError)

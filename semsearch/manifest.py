@@ -86,7 +86,7 @@ def profile_name_for(model_ref: str) -> str | None:
     return None
 
 
-def _weights_fingerprint(model_dir: Path) -> str:
+def weights_hash(model_dir: Path) -> str:
     """A short content hash of the weights, so two different fine-tunes never share a version."""
     weight_files = sorted(
         p for pattern in ("*.safetensors", "pytorch_model*.bin") for p in model_dir.glob(pattern)
@@ -150,6 +150,6 @@ def resolve_manifest(
             f"no model manifest for {model_ref!r}: add {MANIFEST_FILENAME} beside the weights "
             "or set the pooling explicitly (cls for BGE models)"
         )
-    data.setdefault("version", f"{data['name']}-{_weights_fingerprint(model_dir)}")
+    data.setdefault("version", f"{data['name']}-{weights_hash(model_dir)}")
     data["model_path"] = str(model_dir)
     return ModelManifest.model_validate(data)

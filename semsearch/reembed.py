@@ -17,7 +17,7 @@ import numpy as np
 import structlog
 
 from semsearch.encoders import Encoder
-from semsearch.store import ChunkRow, MilvusStore, chunk_row_id
+from semsearch.store import OUTPUT_FIELDS, ChunkRow, MilvusStore, chunk_row_id
 
 log = structlog.get_logger(__name__)
 
@@ -73,12 +73,12 @@ def copy_rows(
     stats = CopyStats()
     started = time.perf_counter()
     where = "" if since_ms is None else f"updated_at >= {int(since_ms)}"
-    for batch in _batches(store.iter_rows_where(source, ROW_FIELDS, where), batch_size):
+    for batch in _batches(store.iter_rows(source, ROW_FIELDS, where), batch_size):
         stats.read += len(batch)
         if skip_existing:
             present = {
-                (row_id, content_hash)
-                for row_id, _, _, content_hash in store.stored_chunks(target, sorted({r["doc_id"] for r in batch}))
+                (chunk.row_id, chunk.content_hash)
+                for chunk in store.stored_chunks(target, sorted({r["doc_id"] for r in batch}))
             }
             todo = [r for r in batch if (r["id"], r["content_hash"]) not in present]
             stats.skipped += len(batch) - len(todo)
@@ -101,7 +101,7 @@ def copy_rows(
 
 
 def row_ids(store: MilvusStore, name: str) -> set[str]:
-    return {str(row["id"]) for row in store.iter_rows_where(name, ["id"])}
+    return {str(row["id"]) for row in store.iter_rows(name, ["id"])}
 
 
 def remove_orphans(store: MilvusStore, source: str, target: str) -> int:
@@ -123,7 +123,7 @@ def validate(store: MilvusStore, source: str, target: str, encoder: Encoder, *, 
     ids = sorted(row_ids(store, target))
     chosen = random.Random(seed).sample(ids, min(sample, len(ids)))
     doc_ids = sorted({row_id.rsplit("#", 1)[0] for row_id in chosen})
-    rows = {str(r["id"]): r for r in store.chunks_with_vectors(target, doc_ids)}
+    rows = {str(r["id"]): r for r in store.document_rows(target, doc_ids, [*OUTPUT_FIELDS, "vector"])}
     picked = [rows[row_id] for row_id in chosen if row_id in rows]
     worst = 0.0
     mismatched = [row_id for row_id in chosen if row_id not in rows]

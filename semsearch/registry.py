@@ -10,20 +10,26 @@ from __future__ import annotations
 
 import datetime as dt
 import json
+import threading
+import time
+import uuid
 from typing import Any
 
-import numpy as np
+import structlog
 from pydantic import BaseModel, Field
-from pymilvus import DataType, MilvusClient
 
 from semsearch.config import Settings
 from semsearch.encoders import Encoder, create_encoder
-from semsearch.errors import ModelMismatchError
+from semsearch.errors import ConflictError, ModelMismatchError, SemsearchError
 from semsearch.manifest import ModelManifest
-from semsearch.store import ADMIN_TIMEOUT_S, BOOKKEEPING_CONSISTENCY, MilvusStore
+from semsearch.store import MilvusStore
+
+log = structlog.get_logger(__name__)
 
 REGISTRY_COLLECTION = "semsearch_registry"
 HISTORY_LIMIT = 50
+CLAIM_SEPARATOR = "/claim/"  # collection names cannot hold "/": claim keys never shadow a name
+CLAIM_TTL_S = 60.0
 
 
 def now_iso() -> str:
@@ -69,26 +75,29 @@ class RegistryRecord(BaseModel):
 
 
 class ModelRegistry:
+    """Registry records in Milvus, written with a compare-and-swap on their generation.
+
+    Milvus has no transactions or conditional writes, so a write goes through a claim: the writer
+    of generation g+1 inserts a claim row `{name}/claim/{g+1}/{token}` (a key no collection name can
+    have), reads every claim of g+1 back with Strong consistency, and goes on only if its own is the
+    only live one and the record still has generation g; then it writes the record and drops its
+    claim. Milvus orders writes by timestamp and a Strong read sees every write acknowledged before
+    it, so of two writers racing for g+1 the later one always sees the earlier claim: at most one
+    wins (both may lose; each gets a ConflictError, re-reads and retries).
+    Limits: a claim left by a crashed writer blocks generation g+1 for CLAIM_TTL_S, and a claim
+    older than that is ignored — a writer stalled between its claim and its write for longer (and
+    clocks of writers more than that apart) void the guarantee; the writer gives up past TTL/2.
+    """
+
     def __init__(self, store: MilvusStore) -> None:
         self.store = store
         self._ready = False
+        self._lock = threading.Lock()  # threads sharing this registry queue instead of failing each other
 
     def _ensure(self) -> None:
-        if self._ready:
-            return
-        if not self.store.has_collection(REGISTRY_COLLECTION):
-            schema = MilvusClient.create_schema(auto_id=False, enable_dynamic_field=False)
-            schema.add_field("name", DataType.VARCHAR, is_primary=True, max_length=512)
-            schema.add_field("record", DataType.VARCHAR, max_length=65535)
-            schema.add_field("vector", DataType.FLOAT_VECTOR, dim=2)  # Milvus needs one; unused
-            index = MilvusClient.prepare_index_params()
-            index.add_index(field_name="vector", index_type="FLAT", metric_type="L2")
-            self.store._call(self.store.client.create_collection, collection_name=REGISTRY_COLLECTION,
-                             schema=schema, index_params=index, consistency_level="Strong",
-                             timeout=ADMIN_TIMEOUT_S)
-            self.store._call(self.store.client.load_collection, collection_name=REGISTRY_COLLECTION,
-                             timeout=ADMIN_TIMEOUT_S)
-        self._ready = True
+        if not self._ready:
+            self.store.ensure_record_table(REGISTRY_COLLECTION)
+            self._ready = True
 
     def _exists(self) -> bool:
         if not self._ready:
@@ -99,34 +108,55 @@ class ModelRegistry:
         """Read-only: a missing registry reads as no record (nothing is created)."""
         if not self._exists():
             return None
-        rows = self.store._call(
-            self.store.client.get, collection_name=REGISTRY_COLLECTION, ids=[name], output_fields=["record"],
-            consistency_level=BOOKKEEPING_CONSISTENCY,
-        )
-        if not rows:
-            return None
-        return RegistryRecord.model_validate_json(rows[0]["record"])
+        payload = self.store.read_records(REGISTRY_COLLECTION, [name]).get(name)
+        return None if payload is None else RegistryRecord.model_validate_json(payload)
 
     def put(self, record: RegistryRecord) -> RegistryRecord:
-        """Write the record (one row: atomic). Bumps the generation services watch."""
+        """Write `record` if the stored one still has `record.generation` (none stored: 0); returns it
+        with the generation services watch bumped. Raises ConflictError when someone else wrote first."""
         self._ensure()
-        record.generation += 1
-        payload = record.model_dump_json()
+        expected = record.generation
+        written = record.model_copy(deep=True, update={"generation": expected + 1})
+        payload = written.model_dump_json()
         if len(payload.encode("utf-8")) > 65535:
-            record.history = record.history[-5:]
-            payload = record.model_dump_json()
-        with self.store._write_lock:
-            self.store._call(self.store.client.upsert, collection_name=REGISTRY_COLLECTION, data=[{
-                "name": record.name, "record": payload, "vector": np.zeros(2, dtype=np.float32).tolist(),
-            }])
+            written.history = written.history[-5:]
+            payload = written.model_dump_json()
+        prefix = f"{record.name}{CLAIM_SEPARATOR}{written.generation}/"
+        claim = prefix + uuid.uuid4().hex
+        with self._lock:
+            started = time.monotonic()
+            self.store.write_record(REGISTRY_COLLECTION, claim, json.dumps({"at_ms": _now_ms()}))
+            try:
+                rivals = [key for key, value in self.store.scan_records(REGISTRY_COLLECTION, prefix).items()
+                          if key != claim and _live_claim(value)]
+                if rivals:
+                    raise ConflictError(
+                        f"registry record {record.name!r}: another writer is writing generation "
+                        f"{written.generation} at the same time; re-read and retry (a claim left by a killed "
+                        f"writer expires {CLAIM_TTL_S:.0f} s after it was made)"
+                    )
+                stored = self.get(record.name)
+                stored_generation = stored.generation if stored is not None else 0
+                if stored_generation != expected:
+                    raise ConflictError(
+                        f"registry record {record.name!r} is at generation {stored_generation}, not {expected} "
+                        "as read: another writer changed it; re-read and retry"
+                    )
+                if time.monotonic() - started > CLAIM_TTL_S / 2:
+                    raise ConflictError(f"registry record {record.name!r}: the write claim took too long; retry")
+                self.store.write_record(REGISTRY_COLLECTION, record.name, payload)
+            finally:
+                try:
+                    self.store.delete_records(REGISTRY_COLLECTION, [claim])
+                except SemsearchError as exc:  # it expires by itself
+                    log.warning("registry_claim_not_dropped", claim=claim, reason=str(exc))
+        record.generation, record.history = written.generation, written.history
         return record
 
     def names(self) -> list[str]:
         if not self._exists():
             return []
-        rows = self.store._call(self.store.client.query, collection_name=REGISTRY_COLLECTION, filter="",
-                                limit=16384, output_fields=["name"], consistency_level=BOOKKEEPING_CONSISTENCY)
-        return sorted(str(row["name"]) for row in rows)
+        return sorted(key for key in self.store.scan_records(REGISTRY_COLLECTION) if CLAIM_SEPARATOR not in key)
 
     def all_referenced_collections(self) -> set[str]:
         referenced: set[str] = set()
@@ -145,7 +175,28 @@ class ModelRegistry:
         record = record or RegistryRecord(name=name)
         record.current = pair_for(manifest, collection, encoder_url)
         record.event("bootstrap", model_version=manifest.version, collection=collection)
-        return self.put(record) if persist else record
+        if not persist:
+            return record
+        try:
+            return self.put(record)
+        except ConflictError:
+            # Two instances starting at once: the one that won wrote the record everyone uses.
+            winner = self.get(name)
+            if winner is None or winner.current is None:
+                raise
+            return winner
+
+
+def _now_ms() -> int:
+    return int(time.time() * 1000)
+
+
+def _live_claim(value: str) -> bool:
+    try:
+        at_ms = int(json.loads(value)["at_ms"])
+    except (ValueError, KeyError, TypeError):
+        return True  # unreadable: assume live until it is dropped
+    return _now_ms() - at_ms < CLAIM_TTL_S * 1000
 
 
 def pair_for(manifest: ModelManifest, collection: str, encoder_url: str | None = None,

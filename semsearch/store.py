@@ -14,14 +14,36 @@ import time
 import uuid
 from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, NamedTuple
 
 import numpy as np
 import structlog
 from pymilvus import DataType, MilvusClient, MilvusException
+from pymilvus.exceptions import (
+    AutoIDException,
+    ConnectError,
+    ConnectionNotExistException,
+    DataNotMatchException,
+    DataTypeNotMatchException,
+    DataTypeNotSupportException,
+    FieldsTypeException,
+    FieldTypeException,
+    MilvusUnavailableException,
+    ParamError,
+    PrimaryKeyException,
+)
 
-from semsearch.errors import BackendUnavailableError, InvalidInputError, ModelMismatchError, NotFoundError
-from semsearch.filters import MetadataFilter, render_filters, render_string_in
+from semsearch.errors import (
+    BackendUnavailableError,
+    CollectionNotLoadedError,
+    InvalidInputError,
+    ModelMismatchError,
+    NotFoundError,
+    SemsearchError,
+    StoreError,
+    StoreRefusedError,
+)
+from semsearch.filters import MetadataFilter, render_filters, render_literal, render_string_in
 from semsearch.lite import LiteEndpoint, is_local_uri
 from semsearch.manifest import ModelManifest
 from semsearch.metrics import STORE_LATENCY
@@ -90,6 +112,19 @@ class ChunkRow:
             "updated_at": int(time.time() * 1000) if written_at is None else written_at,
             "vector": self.vector.astype(np.float32).tolist(),
         }
+
+
+class StoredChunk(NamedTuple):
+    """What bookkeeping needs of a stored chunk (a tuple: unpacks as before)."""
+
+    row_id: str
+    doc_id: str
+    chunk_index: int
+    content_hash: str
+
+    @classmethod
+    def of(cls, row: dict[str, Any]) -> StoredChunk:
+        return cls(str(row["id"]), str(row["doc_id"]), int(row["chunk_index"]), str(row.get("content_hash", "")))
 
 
 @dataclass(frozen=True)
@@ -241,10 +276,6 @@ class MilvusStore:
     def drop_collection(self, name: str) -> None:
         self._call(self.client.drop_collection, collection_name=name)
 
-    def count(self, name: str) -> int:
-        rows = self._query(collection_name=name, filter="", output_fields=["count(*)"])
-        return int(rows[0]["count(*)"])
-
     # ------------------------------------------------------------------ writes
     def upsert(self, name: str, rows: Sequence[ChunkRow], *, written_at: int | None = None) -> int:
         if not rows:
@@ -313,44 +344,73 @@ class MilvusStore:
             self._call(self.client.flush, collection_name=name)
 
     # ------------------------------------------------------------------ reads
-    def chunk_ids(self, name: str, doc_ids: Sequence[str]) -> list[tuple[str, str, int]]:
-        """(row id, doc id, chunk index) of every stored chunk of these documents."""
-        if not doc_ids:
-            return []
-        rows = self._query(
-            collection_name=name, filter=render_string_in("doc_id", list(doc_ids)),
-            output_fields=["id", "doc_id", "chunk_index"],
-        )
-        return [(str(row["id"]), str(row["doc_id"]), int(row["chunk_index"])) for row in rows]
+    # Bookkeeping reads decide what to write (indexer plans, stale chunks, promotion copies), so they
+    # default to Strong: they see every write Milvus has acknowledged (Bounded may lag seconds on a
+    # server). `consistency="Session"` is enough once this client has itself written: it then sees
+    # every write acknowledged before its own last one, without Strong's wait (~0.3 s).
+    QUERY_WINDOW = 16384  # Milvus' largest query result (offset + limit)
 
-    def get_document_chunks(self, name: str, doc_id: str) -> list[dict[str, Any]]:
-        rows = self._query(
-            collection_name=name, filter=render_string_in("doc_id", [doc_id]),
-            output_fields=OUTPUT_FIELDS,
-        )
-        return sorted(rows, key=lambda row: int(row["chunk_index"]))
+    def count(self, name: str, filter: str = "") -> int:
+        """Rows matching `filter` (a rendered expression, never a user string; '' = all rows)."""
+        rows = self._query(collection_name=name, filter=filter, output_fields=["count(*)"])
+        return int(rows[0]["count(*)"])
 
-    def content_hashes(self, name: str, doc_ids: Sequence[str]) -> dict[str, str]:
-        """doc_id -> content hash stored with its first chunk, for documents present."""
-        if not doc_ids:
-            return {}
-        rows = self._query(
-            collection_name=name,
-            filter=render_string_in("doc_id", list(doc_ids)) + " and chunk_index == 0",
-            output_fields=["doc_id", "content_hash"],
-        )
-        return {str(row["doc_id"]): str(row["content_hash"]) for row in rows}
-
-    def iter_rows(self, name: str, output_fields: Sequence[str], batch_size: int = 1000) -> Iterator[dict[str, Any]]:
-        iterator = self.client.query_iterator(
-            collection_name=name, batch_size=batch_size, filter="", output_fields=list(output_fields),
-            consistency_level=BOOKKEEPING_CONSISTENCY,
+    def iter_rows(self, name: str, fields: Sequence[str], filter: str = "",
+                  batch_size: int = 1000) -> Iterator[dict[str, Any]]:
+        """Every row matching `filter`, in pages: no query window limits a scan."""
+        iterator = self._call(
+            self.client.query_iterator, collection_name=name, batch_size=batch_size, filter=filter,
+            output_fields=list(fields), consistency_level=BOOKKEEPING_CONSISTENCY,
         )
         try:
             while batch := iterator.next():
                 yield from batch
         finally:
             iterator.close()
+
+    def document_rows(self, name: str, doc_ids: Sequence[str], fields: Sequence[str] = OUTPUT_FIELDS,
+                      consistency: str = BOOKKEEPING_CONSISTENCY) -> list[dict[str, Any]]:
+        """`fields` of every stored chunk of these documents, by (doc id, chunk index).
+
+        The one chunk listing: a query returns at most QUERY_WINDOW rows, so a truncated answer is
+        asked again in halves, and one document with more chunks than that is scanned in pages.
+        """
+        if not doc_ids:
+            return []
+        fields = list(dict.fromkeys(["id", "doc_id", "chunk_index", *fields]))
+        where = render_string_in("doc_id", list(doc_ids))
+        rows = self._query(collection_name=name, filter=where, output_fields=fields, limit=self.QUERY_WINDOW,
+                           consistency_level=consistency)
+        if len(rows) >= self.QUERY_WINDOW and len(doc_ids) > 1:  # truncated: ask in halves
+            half = len(doc_ids) // 2
+            rows = (self.document_rows(name, doc_ids[:half], fields, consistency)
+                    + self.document_rows(name, doc_ids[half:], fields, consistency))
+        elif len(rows) >= self.QUERY_WINDOW:
+            rows = list(self.iter_rows(name, fields, where))
+        return sorted((dict(row) for row in rows), key=lambda row: (str(row["doc_id"]), int(row["chunk_index"])))
+
+    def stored_chunks(self, name: str, doc_ids: Sequence[str],
+                      consistency: str = BOOKKEEPING_CONSISTENCY) -> list[StoredChunk]:
+        """(row id, doc id, chunk index, content hash) of every stored chunk of these documents."""
+        return [StoredChunk.of(row) for row in self.document_rows(name, doc_ids, ["content_hash"], consistency)]
+
+    def rows_by_id(self, name: str, row_ids: Sequence[str],
+                   consistency: str = BOOKKEEPING_CONSISTENCY) -> list[StoredChunk]:
+        """The stored chunks among these primary keys (`{doc_id}#{chunk_index}`).
+
+        A primary-key lookup costs the same however large the collection; a `doc_id in [...]`
+        filter (stored_chunks) scans every row. At most QUERY_WINDOW ids per call."""
+        if not row_ids:
+            return []
+        rows = self._query(collection_name=name, ids=list(row_ids),
+                           output_fields=["id", "doc_id", "chunk_index", "content_hash"], consistency_level=consistency)
+        return [StoredChunk.of(row) for row in rows]
+
+    def list_collections(self) -> list[str]:
+        return [str(name) for name in self._call(self.client.list_collections)]
+
+    def list_aliases(self) -> list[str]:
+        return [str(alias) for alias in self._call(self.client.list_aliases).get("aliases", [])]
 
     def search(
         self, name: str, vectors: np.ndarray, *, top_k: int, filters: Sequence[MetadataFilter] = (),
@@ -397,7 +457,8 @@ class MilvusStore:
             self._lite.release()
 
     def _query(self, **kwargs: Any) -> Any:
-        return self._call(self.client.query, consistency_level=BOOKKEEPING_CONSISTENCY, **kwargs)
+        kwargs.setdefault("consistency_level", BOOKKEEPING_CONSISTENCY)
+        return self._call(self.client.query, **kwargs)
 
     # ------------------------------------------------------------------ errors
     def _call(self, method: Any, /, **kwargs: Any) -> Any:
@@ -439,58 +500,7 @@ class MilvusStore:
         finally:
             STORE_LATENCY.labels(operation=method.__name__, outcome=outcome).observe(time.perf_counter() - started)
 
-    # ------------------------------------------------------------------ batch indexer (indexer/)
-    # Reads here use Strong consistency: the indexer decides what to write from them, so they must
-    # see every write Milvus has acknowledged (the default, Bounded, may lag by seconds on a server).
-    QUERY_WINDOW = 16384  # Milvus' largest query result (offset + limit)
-
-    def stored_chunks(self, name: str, doc_ids: Sequence[str],
-                      consistency: str = "Strong") -> list[tuple[str, str, int, str]]:
-        """(row id, doc id, chunk index, content hash) of every stored chunk of these documents.
-
-        `consistency="Session"` is enough once this client has written to the collection: it then
-        sees every write acknowledged before its own last one, without Strong's wait (~0.3 s).
-        """
-        if not doc_ids:
-            return []
-        rows = self._call(
-            self.client.query, collection_name=name, filter=render_string_in("doc_id", list(doc_ids)),
-            output_fields=["id", "doc_id", "chunk_index", "content_hash"], limit=self.QUERY_WINDOW,
-            consistency_level=consistency,
-        )
-        if len(rows) >= self.QUERY_WINDOW and len(doc_ids) > 1:  # truncated: ask in halves
-            half = len(doc_ids) // 2
-            return (self.stored_chunks(name, doc_ids[:half], consistency)
-                    + self.stored_chunks(name, doc_ids[half:], consistency))
-        if len(rows) >= self.QUERY_WINDOW:  # one document with more chunks than a query returns
-            return [
-                (str(row["id"]), str(row["doc_id"]), int(row["chunk_index"]), str(row["content_hash"]))
-                for row in self.iter_rows_where(
-                    name, ["id", "doc_id", "chunk_index", "content_hash"], render_string_in("doc_id", doc_ids)
-                )
-            ]
-        return [
-            (str(row["id"]), str(row["doc_id"]), int(row["chunk_index"]), str(row["content_hash"]))
-            for row in rows
-        ]
-
-    def rows_by_id(self, name: str, row_ids: Sequence[str],
-                   consistency: str = "Strong") -> list[tuple[str, str, int, str]]:
-        """(row id, doc id, chunk index, content hash) of the rows among these primary keys.
-
-        A primary-key lookup costs the same however large the collection; a `doc_id in [...]`
-        filter (stored_chunks) scans every row."""
-        if not row_ids:
-            return []
-        rows = self._call(
-            self.client.query, collection_name=name, ids=list(row_ids),
-            output_fields=["id", "doc_id", "chunk_index", "content_hash"], consistency_level=consistency,
-        )
-        return [
-            (str(row["id"]), str(row["doc_id"]), int(row["chunk_index"]), str(row["content_hash"]))
-            for row in rows
-        ]
-
+    # ------------------------------------------------------------------ maintenance
     def delete_rows(self, name: str, row_ids: Sequence[str]) -> None:
         """Delete rows by primary key (`{doc_id}#{chunk_index}`)."""
         if not row_ids:
@@ -498,33 +508,6 @@ class MilvusStore:
         with self._write_lock:
             # Not `delete(ids=...)`: pymilvus quotes those without escaping backslashes.
             self._call(self.client.delete, collection_name=name, filter=render_string_in("id", list(row_ids)))
-
-    def count_where(self, name: str, filter: str = "") -> int:
-        rows = self._call(self.client.query, collection_name=name, filter=filter, output_fields=["count(*)"],
-                          consistency_level="Strong")
-        return int(rows[0]["count(*)"])
-
-    def iter_rows_where(self, name: str, output_fields: Sequence[str], filter: str = "",
-                        batch_size: int = 1000) -> Iterator[dict[str, Any]]:
-        iterator = self._call(
-            self.client.query_iterator, collection_name=name, batch_size=batch_size, filter=filter,
-            output_fields=list(output_fields), consistency_level="Strong",
-        )
-        try:
-            while batch := iterator.next():
-                yield from batch
-        finally:
-            iterator.close()
-
-    def chunks_with_vectors(self, name: str, doc_ids: Sequence[str]) -> list[dict[str, Any]]:
-        """Every stored field, vector included, of these documents' chunks."""
-        if not doc_ids:
-            return []
-        rows = self._call(
-            self.client.query, collection_name=name, filter=render_string_in("doc_id", list(doc_ids)),
-            output_fields=[*OUTPUT_FIELDS, "vector"], limit=self.QUERY_WINDOW, consistency_level="Strong",
-        )
-        return sorted((dict(row) for row in rows), key=lambda row: (str(row["doc_id"]), int(row["chunk_index"])))
 
     def collection_properties(self, name: str) -> dict[str, str]:
         description = self._call(self.client.describe_collection, collection_name=self.resolve(name) or name)
@@ -560,6 +543,51 @@ class MilvusStore:
             return False
         return True
 
+    # ------------------------------------------------------------------ small record tables (registry)
+    # A key -> text table in Milvus (one VARCHAR primary key, one VARCHAR value; Milvus insists on a
+    # vector field, so a 2-d dummy). Always Strong: these records decide what gets written.
+    RECORD_KEY_FIELD = "name"
+
+    def ensure_record_table(self, name: str) -> None:
+        if self.has_collection(name):
+            return
+        schema = MilvusClient.create_schema(auto_id=False, enable_dynamic_field=False)
+        schema.add_field(self.RECORD_KEY_FIELD, DataType.VARCHAR, is_primary=True, max_length=512)
+        schema.add_field("record", DataType.VARCHAR, max_length=65535)
+        schema.add_field("vector", DataType.FLOAT_VECTOR, dim=2)
+        index = MilvusClient.prepare_index_params()
+        index.add_index(field_name="vector", index_type="FLAT", metric_type="L2")
+        self._call(self.client.create_collection, collection_name=name, schema=schema, index_params=index,
+                   consistency_level="Strong", timeout=ADMIN_TIMEOUT_S)
+        self._call(self.client.load_collection, collection_name=name, timeout=ADMIN_TIMEOUT_S)
+
+    def read_records(self, name: str, keys: Sequence[str]) -> dict[str, str]:
+        if not keys:
+            return {}
+        rows = self._query(collection_name=name, ids=list(keys), output_fields=[self.RECORD_KEY_FIELD, "record"],
+                           consistency_level="Strong")
+        return {str(row[self.RECORD_KEY_FIELD]): str(row["record"]) for row in rows}
+
+    def scan_records(self, name: str, prefix: str = "") -> dict[str, str]:
+        """Every record whose key starts with `prefix`."""
+        where = f"{self.RECORD_KEY_FIELD} like {render_literal(prefix + '%')}" if prefix else ""
+        rows = self.iter_rows(name, [self.RECORD_KEY_FIELD, "record"], where)
+        # `like` may treat `_` as a wildcard on some versions: the prefix is checked here exactly.
+        return {str(row[self.RECORD_KEY_FIELD]): str(row["record"]) for row in rows
+                if str(row[self.RECORD_KEY_FIELD]).startswith(prefix)}
+
+    def write_record(self, name: str, key: str, value: str) -> None:
+        with self._write_lock:
+            self._call(self.client.upsert, collection_name=name, data=[{
+                self.RECORD_KEY_FIELD: key, "record": value, "vector": [0.0, 0.0]}])
+
+    def delete_records(self, name: str, keys: Sequence[str]) -> None:
+        if not keys:
+            return
+        with self._write_lock:
+            self._call(self.client.delete, collection_name=name,
+                       filter=render_string_in(self.RECORD_KEY_FIELD, list(keys)))
+
 
 class _NotLoaded(Exception):
     """Internal: the collection exists but is not loaded (healed by loading it)."""
@@ -581,15 +609,36 @@ def is_connection_failure(exc: BaseException) -> bool:
     return any(marker in text for marker in ("fail connecting", "connect", "no channel", "rpcerror", "unavailable:"))
 
 
-def translate_milvus_error(exc: MilvusException) -> Exception:
+# Milvus error codes (merr, 2.3+) that mean "not now": not ready, unavailable, memory/request/disk
+# limits, rate limit, collection/partition/segment not loaded, channel or query node not available.
+_TRANSIENT_CODES = frozenset({1, 2, 3, 4, 7, 8, 101, 103, 201, 503, 601, 602, 901, 902, 903, 904, 905})
+_INPUT_CODES = frozenset({1100, 1101})  # ParameterInvalid, ParameterMissing
+_REFUSED_TYPES = (ParamError, DataTypeNotMatchException, DataNotMatchException, DataTypeNotSupportException,
+                  PrimaryKeyException, FieldTypeException, FieldsTypeException, AutoIDException)
+_UNAVAILABLE_TYPES = (ConnectError, MilvusUnavailableException, ConnectionNotExistException)
+_NOT_LOADED_MARKERS = ("not loaded", "state 'released'", "not fully loaded")
+_UNAVAILABLE_MARKERS = ("unavailable", "deadline", "timeout", "connect", "not ready", "rate limit", "too many",
+                        "node not match", "node not found", "recovering")
+_REFUSED_MARKERS = ("exceed", "invalid", "illegal", "expected dim", "parse", "malformed", "too long",
+                    "out of range", "filter", "expr")
+
+
+def translate_milvus_error(exc: MilvusException) -> SemsearchError:
+    """A typed error: transient (BackendUnavailableError, retried), refused (StoreRefusedError,
+    INVALID_ARGUMENT, never retried) or unknown (StoreError, INTERNAL)."""
     message = str(exc.message)
+    text = message.lower()
     code = getattr(exc, "code", None)
-    unavailable_markers = ("unavailable", "deadline", "timeout", "connect", "not ready")
-    if code in (1, 2) or any(marker in message.lower() for marker in unavailable_markers):
+    if any(marker in text for marker in _NOT_LOADED_MARKERS) or code in (101, 103, 201, 601):
+        return CollectionNotLoadedError(f"Milvus unavailable: {message}")
+    if isinstance(exc, _REFUSED_TYPES) or code in _INPUT_CODES or getattr(exc, "is_input_error", False):
+        return StoreRefusedError(f"Milvus refused the request: {message}")
+    if (isinstance(exc, _UNAVAILABLE_TYPES) or code in _TRANSIENT_CODES or getattr(exc, "retriable", False)
+            or any(marker in text for marker in _UNAVAILABLE_MARKERS)):
         return BackendUnavailableError(f"Milvus unavailable: {message}")
-    if "filter" in message.lower() or "expr" in message.lower():
-        return InvalidInputError(f"filter rejected by Milvus: {message}")
-    return BackendUnavailableError(f"Milvus error: {message}")
+    if any(marker in text for marker in _REFUSED_MARKERS):
+        return StoreRefusedError(f"Milvus refused the request: {message}")
+    return StoreError(f"Milvus error: {message}")
 
 
 def model_record(manifest: ModelManifest) -> dict[str, str]:

@@ -66,7 +66,13 @@ class MilvusTestServer:
         self.server: Any = MilvusServer(LoopbackConfig())
         self.server.set_base_dir(self.base_dir)
         self.server.listen_port = free_port()
-        self.server.config.set("etcd_port", free_port())
+        # Every port explicit: the package would otherwise probe upwards from fixed defaults (proxy
+        # internal 19529, coordinators, nodes, metrics 9091), and servers starting at the same time
+        # on one host race for the same ones. Set once, they stay across stop()/start().
+        for key in [k for k in self.server.config.configurable_items if k.endswith("_port")]:
+            if key != "proxy_port":
+                self.server.config.set(key, free_port())
+        self.server.webservice_port = free_port()
         for component in COMPONENTS:
             self.server.config.set(f"{component}.ip", "127.0.0.1")
 

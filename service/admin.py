@@ -4,10 +4,10 @@ from __future__ import annotations
 
 import grpc
 
-from semsearch.errors import SemsearchError
 from semsearch.v1 import admin_pb2 as pb
 from semsearch.v1 import admin_pb2_grpc
-from service.engine import ServingPair
+from service.engine import SearchEngine, ServingPair
+from service.servicer import rpc
 from service.serving_state import ServingState
 
 
@@ -22,6 +22,11 @@ class AdminServicer(admin_pb2_grpc.AdminServiceServicer):
     def __init__(self, state: ServingState) -> None:
         self.state = state
 
+    @property
+    def engine(self) -> SearchEngine | None:
+        """What `rpc` checks: UNAVAILABLE while the model is still loading."""
+        return self.state.engine
+
     def _state(self) -> pb.GetServingStateResponse:
         engine = self.state.engine
         return pb.GetServingStateResponse(
@@ -31,20 +36,16 @@ class AdminServicer(admin_pb2_grpc.AdminServiceServicer):
             registry_watch_error=self.state.watch_error, registry_watch_failures=self.state.watch_failures,
         )
 
+    # `rpc`: request id, metrics per method and status, domain errors to status codes.
+    @rpc
     async def GetServingState(
         self, request: pb.GetServingStateRequest, context: grpc.aio.ServicerContext
     ) -> pb.GetServingStateResponse:
-        if self.state.engine is None:
-            await context.abort(grpc.StatusCode.UNAVAILABLE, "the model is still loading")
         return self._state()
 
+    @rpc
     async def ReloadServingState(
         self, request: pb.ReloadServingStateRequest, context: grpc.aio.ServicerContext
     ) -> pb.ReloadServingStateResponse:
-        if self.state.engine is None:
-            await context.abort(grpc.StatusCode.UNAVAILABLE, "the model is still loading")
-        try:
-            changed = await self.state.reconcile()
-        except SemsearchError as exc:
-            await context.abort(exc.status_code, str(exc))
+        changed = await self.state.reconcile()
         return pb.ReloadServingStateResponse(state=self._state(), changed=changed)

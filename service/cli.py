@@ -11,7 +11,6 @@ import grpc
 import typer
 from google.protobuf import json_format
 from rich.console import Console
-from rich.table import Table
 
 from semsearch.cli import (
     CollectionOption,
@@ -29,6 +28,7 @@ from semsearch.cli import (
 from semsearch.errors import ModelMismatchError, ModelNotFoundError, SemsearchError
 from semsearch.v1 import search_pb2 as pb
 from semsearch.v1 import search_pb2_grpc
+from service.output import print_hits
 
 console = Console(stderr=False)
 
@@ -69,19 +69,6 @@ def response_to_json(response: pb.SearchDocumentsResponse) -> dict[str, Any]:
         "collection": response.collection,
         "took_ms": round(response.timing.total_ms, 3),
     }
-
-
-def print_hits(query: str, response: pb.SearchDocumentsResponse) -> None:
-    table = Table(title=f"「{query}」", title_justify="left", show_lines=False)
-    table.add_column("#", justify="right", no_wrap=True, min_width=2)
-    table.add_column("score", justify="right", no_wrap=True, min_width=6)
-    table.add_column("id", no_wrap=True, min_width=len(max((h.id for h in response.hits), key=len, default="")))
-    table.add_column("text", overflow="ellipsis", no_wrap=True, max_width=48)
-    for rank, hit in enumerate(response.hits, 1):
-        table.add_row(str(rank), f"{hit.score:.4f}", hit.id, hit.text.replace("\n", " "))
-    console.print(table)
-    console.print(f"[dim]model {response.model_version} · collection {response.collection} · "
-                  f"{response.timing.total_ms:.1f} ms[/dim]")
 
 
 def register(app: typer.Typer) -> None:

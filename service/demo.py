@@ -18,7 +18,7 @@ from semsearch.encoders.local import STAND_IN_PROFILE, stand_in_model_path
 from semsearch.manifest import profile_name_for
 from semsearch.v1 import search_pb2 as pb
 from semsearch.v1 import search_pb2_grpc
-from service.cli import print_hits
+from service.output import print_hits
 from service.server import start_server
 
 console = Console()

@@ -234,8 +234,7 @@ class SearchEngine:
 
     async def get(self, doc_id: str) -> tuple[StoredDocument, str]:
         collection = self.pair.collection.name  # reads need no model: no hold
-        rows = await asyncio.to_thread(self.store.get_document_chunks, collection, doc_id)
-        rows = whole_version(rows)
+        rows = whole_version(await asyncio.to_thread(self.store.document_rows, collection, [doc_id]))
         if not rows:
             raise NotFoundError(f"document {doc_id!r} not found")
         text = reassemble([(int(row["char_offset"]), str(row["text"])) for row in rows])

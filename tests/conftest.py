@@ -61,7 +61,7 @@ def milvus_server_uri(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]
         yield server.uri
 
 
-@pytest.fixture(params=["lite", "server"])
+@pytest.fixture(params=["lite", pytest.param("server", marks=pytest.mark.milvus_server)])
 def milvus_uri(request: pytest.FixtureRequest, tmp_path: Path) -> str:
     """Each store test runs on Milvus Lite and on the real Milvus server."""
     if request.param == "lite":
@@ -137,3 +137,13 @@ def store_factory() -> Iterator[Callable[[str], MilvusStore]]:
     yield make
     for store in stores:
         store.close()
+
+
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    """A test that starts or shares a Milvus server must say so (`-m "not milvus_server"` skips them)."""
+    unmarked = [item.nodeid for item in items
+                if any("milvus_server" in name for name in getattr(item, "fixturenames", ()))
+                and item.get_closest_marker("milvus_server") is None]
+    if unmarked:
+        raise pytest.UsageError("tests that need the Milvus server lack @pytest.mark.milvus_server: "
+                                + ", ".join(unmarked))

@@ -41,6 +41,7 @@ def wait_for(condition: Callable[[], bool], timeout: float, what: str) -> None:
     raise AssertionError(f"timed out waiting for {what}")
 
 
+@pytest.mark.milvus_server
 def test_milvus_restart_under_load(make_service: Callable[..., LiveService], tiny_encoder: TorchEncoder,
                                    own_milvus_server: object) -> None:
     server = own_milvus_server
@@ -97,9 +98,15 @@ def test_milvus_restart_under_load(make_service: Callable[..., LiveService], tin
 
 def test_deadline_exceeded_work_is_abandoned(make_service: Callable[..., LiveService],
                                              tiny_encoder: TorchEncoder) -> None:
+    from semsearch.metrics import RPC_REQUESTS
+
     slow = SlowEncoder(tiny_encoder, delay_s=0.5)
     service = make_service(slow, microbatch_max_size=1)
     slow.batch_sizes.clear()
+    # Server-side outcomes: the client's own timeout makes every client see DEADLINE_EXCEEDED
+    # whatever the server does; what is tested is that the server stops working for it.
+    left = RPC_REQUESTS.labels(method="SearchDocuments", code="CANCELLED")
+    left_before = left._value.get()
     futures = [service.stub.SearchDocuments.future(pb.SearchDocumentsRequest(query=f"退款{n}"), timeout=0.3)
                for n in range(10)]
     codes = []
@@ -111,9 +118,22 @@ def test_deadline_exceeded_work_is_abandoned(make_service: Callable[..., LiveSer
             codes.append(exc.code())
     assert set(codes) == {grpc.StatusCode.DEADLINE_EXCEEDED}
     time.sleep(1.5)
+    assert left._value.get() - left_before == 10  # every handler was cancelled, none ran to its end
     # Callers that left before their turn cost no forward pass.
     assert len(slow.batch_sizes) <= 2
+
+    # A call cancelled while queued behind another: the server drops it and never encodes it.
+    engine = service.running.servicer.engine
+    assert engine is not None
+    slow.batch_sizes.clear()
+    left_before = left._value.get()
+    blocker = service.stub.SearchDocuments.future(pb.SearchDocumentsRequest(query="占用编码器"), timeout=30)
     cancelled = service.stub.SearchDocuments.future(pb.SearchDocumentsRequest(query="退款"), timeout=30)
-    cancelled.cancel()
+    wait_for(lambda: engine.pair.batcher.depth >= 1, 10, "the second call to queue behind the first")
+    assert cancelled.cancel()
+    assert blocker.result().model_version == tiny_encoder.manifest.version
+    wait_for(lambda: left._value.get() - left_before == 1, 10, "the server to see the cancellation")
+    assert cancelled.cancelled()
+    assert slow.batch_sizes == [1]  # the blocker only: the cancelled call cost no forward pass
     ok = service.stub.SearchDocuments(pb.SearchDocumentsRequest(query="退款"), timeout=30)
     assert ok.model_version == tiny_encoder.manifest.version

@@ -32,7 +32,6 @@ from indexer.pipeline import (
     PipelineConfig,
     StrictModeError,
     build_rows,
-    permanent,
     plan_document,
     token_counter,
 )
@@ -83,7 +82,7 @@ def options(tmp_path: Path, inputs: list[Path | str], **overrides: Any) -> Index
 
 
 def stored(store: MilvusStore, collection: str) -> list[dict[str, Any]]:
-    return list(store.iter_rows_where(collection, ["id", "doc_id", "chunk_index", "content_hash", "text"]))
+    return list(store.iter_rows(collection, ["id", "doc_id", "chunk_index", "content_hash", "text"]))
 
 
 def expected_chunk_count(encoder: TorchEncoder, docs: list[dict[str, Any]]) -> int:
@@ -101,6 +100,20 @@ def index(tiny_encoder: TorchEncoder) -> Callable[..., IndexResult]:
 
 
 # ---------------------------------------------------------------------------------------- sources
+def wait_for_progress(process: subprocess.Popen[Any], state_dir: Path, documents: int,
+                      timeout_s: float) -> Progress | None:
+    """Until an indexer subprocess has checkpointed `documents` documents (or exited, or time is up)."""
+    progress = None
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline and process.poll() is None:
+        jobs = list(state_dir.glob("*.sqlite"))
+        progress = read_progress(state_dir, jobs[0].stem) if jobs else None
+        if progress is not None and progress.totals.get("documents", 0) >= documents:
+            break
+        time.sleep(0.05)
+    return progress
+
+
 def test_formats_and_field_mapping_read_the_same_documents(tmp_path: Path) -> None:
     rows: list[dict[str, Any]] = [
         {"key": "a1", "body": "第一段。", "head": "标题", "src": "web", "meta": {"lang": "zh"}},
@@ -193,21 +206,23 @@ def test_each_kind_of_bad_row_is_reported_with_file_and_line(tmp_path: Path) -> 
 
 
 def test_only_refused_requests_are_permanent_errors() -> None:
+    import grpc
     from pymilvus.exceptions import MilvusException, ParamError
 
-    from semsearch.errors import BackendUnavailableError
+    from semsearch.errors import StoreRefusedError, retryable
+    from semsearch.store import translate_milvus_error
 
-    def wrapped(message: str, cause: Exception) -> Exception:
-        try:
-            raise BackendUnavailableError(message) from cause
-        except BackendUnavailableError as exc:
-            return exc
-
-    assert permanent(wrapped("Milvus error: bad row", ParamError(message="x")))
-    assert permanent(wrapped("Milvus error: length exceeds max length", MilvusException(65535, "x")))
-    for recovering in ("Milvus unavailable: connect failed", "Milvus error: node not match[expectedNodeID=1]",
-                       "Milvus error: failed to query: collection not loaded", "Milvus error: rate limit exceeded"):
-        assert not permanent(wrapped(recovering, MilvusException(65535, "x"))), recovering
+    for refused in (ParamError(message="bad row"), MilvusException(65535, "length exceeds max length")):
+        error = translate_milvus_error(refused)
+        assert isinstance(error, StoreRefusedError) and not retryable(error), refused
+        assert error.status_code == grpc.StatusCode.INVALID_ARGUMENT
+    for recovering in ("connect failed", "node not match[expectedNodeID=1]",
+                       "failed to query: collection not loaded", "rate limit exceeded"):
+        error = translate_milvus_error(MilvusException(65535, recovering))
+        assert retryable(error) and error.status_code == grpc.StatusCode.UNAVAILABLE, recovering
+    # Not recognised: retried by the indexer, but never reported to callers as a retryable UNAVAILABLE.
+    unknown = translate_milvus_error(MilvusException(65535, "something odd happened"))
+    assert retryable(unknown) and unknown.status_code == grpc.StatusCode.INTERNAL
 
 
 def test_shards_partition_every_id() -> None:
@@ -261,7 +276,7 @@ def test_index_rerun_update_and_prune(milvus_uri: str, store_factory: Callable[[
     assert store.collection_info(collection_name).manifest["version"] == tiny_encoder.manifest.version
     assert first.totals["written"] == 60
     assert first.totals["chunks_written"] == expected_chunk_count(tiny_encoder, docs)
-    assert store.count_where(physical, "chunk_index == 0") == 60
+    assert store.count(physical, "chunk_index == 0") == 60
 
     again = index(store, collection_name, options(tmp_path, [source]))
     assert again.totals.get("written") == 0 and again.totals["skipped"] == 60
@@ -347,13 +362,7 @@ def test_kill_9_mid_run_then_resume_is_exact(
     process = subprocess.Popen(command, cwd=REPO, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
     progress = None
     try:
-        deadline = time.monotonic() + 120
-        while time.monotonic() < deadline and process.poll() is None:
-            jobs = list(state_dir.glob("*.sqlite"))
-            progress = read_progress(state_dir, jobs[0].stem) if jobs else None
-            if progress is not None and progress.totals.get("documents", 0) >= 40:
-                break
-            time.sleep(0.05)
+        progress = wait_for_progress(process, state_dir, 40, timeout_s=120)
         assert process.poll() is None, process.stderr.read().decode()[-3000:]  # type: ignore[union-attr]
         process.send_signal(signal.SIGKILL)
         process.wait(30)
@@ -371,7 +380,7 @@ def test_kill_9_mid_run_then_resume_is_exact(
     rows = stored(store, physical)
     assert [i for i, n in Counter(r["id"] for r in rows).items() if n > 1] == []
     assert len(rows) == expected_chunk_count(tiny_encoder, docs)
-    assert store.count_where(physical, "chunk_index == 0") == len(docs)
+    assert store.count(physical, "chunk_index == 0") == len(docs)
     assert store.resolve(collection_name) == physical
 
 
@@ -498,26 +507,17 @@ def test_cli_index_and_verify(tmp_path: Path, tiny_model_dir: Path) -> None:
     assert runner.invoke(app, ["index", str(tmp_path / "missing.jsonl"), *common]).exit_code == 2
 
 
-@pytest.mark.slow
 @pytest.mark.milvus_server
 def test_milvus_server_restart_mid_run_loses_nothing(tmp_path: Path, tiny_model_dir: Path,
-                                                     index: Callable[..., IndexResult],
                                                      tiny_encoder: TorchEncoder) -> None:
     """The server is stopped (SIGTERM, then SIGKILL) and restarted under a running indexer: the
-    indexer retries through the outage, and the collection ends exact. Needs the fixed etcd ports
-    free, so run it alone: pytest -m slow -k restart."""
-    milvus = pytest.importorskip("milvus")
-    from tests.conftest import free_port
+    indexer retries through the outage, and the collection ends exact."""
+    from semsearch.testing import MilvusTestServer
 
-    server = milvus.MilvusServer()
-    server.set_base_dir(str(tmp_path / "milvus"))
-    server.listen_port = free_port()
-    try:
-        server.start()
-    except Exception as exc:  # another server holds etcd's fixed ports
-        pytest.skip(f"cannot start a dedicated Milvus server: {exc}")
-    uri = f"http://127.0.0.1:{server.listen_port}"
-    docs = corpus(300, seed=13, max_sentences=30)
+    server = MilvusTestServer(tmp_path / "milvus")  # free loopback ports, kept across restarts
+    server.start()
+    uri = server.uri
+    docs = corpus(150, seed=13, max_sentences=30)
     source = write_jsonl(tmp_path / "docs.jsonl", docs)
     state_dir = tmp_path / "state"
     command = [sys.executable, "-m", "indexer", str(source), "--milvus-uri", uri, "--model", str(tiny_model_dir),
@@ -527,18 +527,10 @@ def test_milvus_server_restart_mid_run_loses_nothing(tmp_path: Path, tiny_model_
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false", "OMP_NUM_THREADS": "1"}
     process = subprocess.Popen(command, cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     try:
-        deadline = time.monotonic() + 180
-        while time.monotonic() < deadline and process.poll() is None:
-            jobs = list(state_dir.glob("*.sqlite"))
-            progress = read_progress(state_dir, jobs[0].stem) if jobs else None
-            if progress is not None and progress.totals.get("documents", 0) >= 30:
-                break
-            time.sleep(0.1)
+        wait_for_progress(process, state_dir, 30, timeout_s=180)
         assert process.poll() is None
-        port = server.listen_port
         server.stop()
         time.sleep(3)
-        server.listen_port = port
         server.start()
         _, err = process.communicate(timeout=600)
         assert process.returncode == 0, err[-3000:]
@@ -549,7 +541,7 @@ def test_milvus_server_restart_mid_run_loses_nothing(tmp_path: Path, tiny_model_
             rows = stored(store, physical)
             assert [i for i, n in Counter(r["id"] for r in rows).items() if n > 1] == []
             assert len(rows) == expected_chunk_count(tiny_encoder, docs)
-            assert store.count_where(physical, "chunk_index == 0") == len(docs)
+            assert store.count(physical, "chunk_index == 0") == len(docs)
         finally:
             store.close()
     finally:

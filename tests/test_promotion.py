@@ -14,16 +14,18 @@ from pathlib import Path
 import grpc
 import pytest
 
+from semsearch.config import Settings
 from semsearch.encoders import TorchEncoder
+from semsearch.promotion import Promoter
 from semsearch.registry import ModelRegistry
 from semsearch.store import MilvusStore, versioned_name
 from semsearch.v1 import admin_pb2, admin_pb2_grpc
 from semsearch.v1 import search_pb2 as pb
 from tests.conftest import LiveService
 from tests.tinymodel import build_tiny_bert
-from trainer.promotion import Promoter
 
 REPO = Path(__file__).resolve().parent.parent
+pytestmark = pytest.mark.milvus_server  # aliases and the registry on the real server
 
 
 @pytest.fixture(scope="module")
@@ -109,7 +111,7 @@ def wait_serving(service: LiveService, pair: tuple[str, str], timeout: float = 6
 
 
 def doc_ids(store: MilvusStore, collection: str) -> set[str]:
-    return {str(row["doc_id"]) for row in store.iter_rows_where(collection, ["doc_id"])}
+    return {str(row["doc_id"]) for row in store.iter_rows(collection, ["doc_id"])}
 
 
 def test_promote_and_rollback_under_load_lose_nothing(
@@ -158,9 +160,14 @@ def test_promote_and_rollback_under_load_lose_nothing(
         store.close()
 
 
-def _promote_cli(*args: str, env: dict[str, str] | None = None) -> subprocess.CompletedProcess[str]:
-    return subprocess.run([sys.executable, "-m", "semsearch", "promote", *args], capture_output=True, text=True,
-                          timeout=600, cwd=REPO, env={**os.environ, "SEMSEARCH_REGISTRY_POLL_S": "0.2", **(env or {})})
+def _promote_cli(*args: str, crash_after: str | None = None) -> subprocess.CompletedProcess[str]:
+    # A crash is a real process kill at that step, injected from outside by a test-only wrapper.
+    module = "semsearch" if crash_after is None else "tests.promote_crash"
+    env = {**os.environ, "SEMSEARCH_REGISTRY_POLL_S": "0.2"}
+    if crash_after is not None:
+        env["SEMSEARCH_TEST_CRASH_AFTER"] = crash_after
+    return subprocess.run([sys.executable, "-m", module, "promote", *args], capture_output=True, text=True,
+                          timeout=600, cwd=REPO, env=env)
 
 
 def _eval_rows(path: Path) -> Path:
@@ -204,11 +211,7 @@ def test_a_failed_gate_changes_nothing(tiny_model_dir: Path, tiny_encoder: Torch
         store.close()
 
 
-@pytest.mark.parametrize("step", [
-    "copy", "registry",
-    pytest.param("pending", marks=pytest.mark.slow), pytest.param("replay", marks=pytest.mark.slow),
-    pytest.param("validate", marks=pytest.mark.slow),
-])
+@pytest.mark.parametrize("step", ["pending", "copy", "replay", "validate", "registry", "swap"])
 def test_a_crash_at_any_step_leaves_a_state_a_rerun_completes(
     step: str, tiny_encoder: TorchEncoder, second_model_dir: Path, second_encoder: TorchEncoder,
     milvus_server_uri: str, collection_name: str,
@@ -218,17 +221,25 @@ def test_a_crash_at_any_step_leaves_a_state_a_rerun_completes(
     c1, c2 = (versioned_name(name, e.manifest.version) for e in (tiny_encoder, second_encoder))
     try:
         args = (str(second_model_dir), "--collection", name, "--milvus-uri", milvus_server_uri, "--force")
-        crashed = _promote_cli(*args, env={"SEMSEARCH_PROMOTE_CRASH_AFTER": step})
-        assert crashed.returncode == 137, crashed.stderr
+        crashed = _promote_cli(*args, crash_after=step)
+        assert crashed.returncode == 137 and f"crash injected after {step}" in crashed.stderr, crashed.stderr
         record = ModelRegistry(store).get(name)
         assert record is not None and record.current is not None
-        if step == "registry":  # the record moved, the alias not yet: readers through the registry are right
+        if step == "swap":  # everything done but the report
+            assert record.current.collection == c2 and store.resolve(name) == c2 and record.pending is None
+        elif step == "registry":  # the record moved, the alias not yet: readers through the registry are right
             assert record.current.collection == c2 and store.resolve(name) == c1
         else:  # nothing moved; the pending pair tells services to dual-write
             assert record.current.collection == c1 and store.resolve(name) == c1
             assert record.pending is not None and record.pending.collection == c2
-        rerun = _promote_cli(*args)
-        assert rerun.returncode == 0, rerun.stderr
+        if step == "copy":  # the command a user re-runs
+            rerun = _promote_cli(*args)
+            assert rerun.returncode == 0, rerun.stderr
+        else:  # the same library call in this process: one model load less per step
+            settings = Settings(milvus_uri=milvus_server_uri, collection=name)
+            report = Promoter(settings, store, propagation_s=0.5).promote(
+                name, second_encoder, lambda current: pytest.fail("a resumed promotion re-ran the gate"))
+            assert report.to_pair.collection == c2
         record = ModelRegistry(store).get(name)
         assert record is not None and record.current is not None and record.pending is None
         assert record.current.collection == c2 and store.resolve(name) == c2

@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 
 from semsearch.errors import InvalidInputError, ModelMismatchError, NotFoundError
-from semsearch.filters import MetadataFilter, Operator
+from semsearch.filters import MetadataFilter, Operator, render_string_in
 from semsearch.manifest import ModelManifest
 from semsearch.store import ChunkRow, MilvusStore
 
@@ -50,10 +50,25 @@ def test_upsert_is_idempotent_and_documents_shrink_cleanly(store: MilvusStore, c
     store.write_documents(collection_name, rows)
     assert store.count(collection_name) == 4
     store.write_documents(collection_name, [row("a", 5, 0)])  # document a now has one chunk
-    assert sorted(store.chunk_ids(collection_name, ["a", "b"])) == [("a#0", "a", 0), ("b#0", "b", 0)]
+    assert [tuple(c[:3]) for c in store.stored_chunks(collection_name, ["a", "b"])] == [("a#0", "a", 0),
+                                                                                     ("b#0", "b", 0)]
     assert store.delete_documents(collection_name, ["a", "missing"]) == 1
     assert store.delete_documents(collection_name, ["a"]) == 0
     assert store.count(collection_name) == 1
+
+
+def test_chunk_listing_is_complete_past_the_query_window(store: MilvusStore, collection_name: str) -> None:
+    store.ensure_collection(collection_name, MANIFEST)
+    rows = [row("a", n, n) for n in range(5)] + [row("b", 10), row("c", 11, 0), row("c", 12, 1)]
+    store.write_documents(collection_name, rows)
+    store.QUERY_WINDOW = 3  # as if Milvus returned at most 3 rows a query: halves, then a scan for "a"
+    listed = [(c.doc_id, c.chunk_index) for c in store.stored_chunks(collection_name, ["a", "b", "c"])]
+    assert listed == [("a", n) for n in range(5)] + [("b", 0), ("c", 0), ("c", 1)]
+    # The service's write and delete paths use the same listing: no chunk past the window survives.
+    store.write_documents(collection_name, [row("a", 20, 0)])
+    assert store.count(collection_name, render_string_in("doc_id", ["a"])) == 1
+    assert store.delete_documents(collection_name, ["c"]) == 1
+    assert sorted(r["doc_id"] for r in store.iter_rows(collection_name, ["doc_id"])) == ["a", "b"]
 
 
 def test_search_ranks_by_cosine_and_filters_by_typed_metadata(store: MilvusStore, collection_name: str) -> None:

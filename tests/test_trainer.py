@@ -34,7 +34,7 @@ from trainer.metrics import (
 )
 from trainer.mine import Candidate, MineConfig, mine_hard_negatives, parse_range
 from trainer.prepare import prepare
-from trainer.rows import RowError, TrainRow, normalize_text, read_rows, write_rows
+from trainer.rows import RowError, TrainRow, candidate_texts, distinct_texts, normalize_text, read_rows, write_rows
 from trainer.score import score_file, score_rows
 
 # Six intents of customer-service questions (all characters in the tiny vocabulary).
@@ -541,7 +541,16 @@ def test_evaluate_pools_metrics_and_report(
     assert perfect["similarity"]["gap"] == pytest.approx(1.0)
     assert tiny_entry["label"] == "tiny" and tiny_entry["version"] == tiny.manifest.version
     assert tiny_entry["query_instruction"] == tiny.manifest.query_instruction
-    assert 0.0 <= tiny_entry["pools"]["global"]["metrics"]["hit@1"] <= 1.0
+    # The tiny model's hit@1 on the global pool, by brute force here: rank every distinct candidate
+    # (the query's own text excluded) and check the top one is a positive.
+    texts = distinct_texts([*candidate_texts(test_rows), *candidate_texts(pool_rows)])
+    doc_vectors = tiny.encode_documents(texts)
+    hits = []
+    for query_vector, row in zip(tiny.encode_queries([r.query for r in test_rows]), test_rows, strict=True):
+        ranked = [texts[i] for i in np.argsort(-(doc_vectors @ query_vector))
+                  if normalize_text(texts[i]) != normalize_text(row.query)]
+        hits.append(normalize_text(ranked[0]) in {normalize_text(p) for p in row.pos})
+    assert tiny_entry["pools"]["global"]["metrics"]["hit@1"] == pytest.approx(np.mean(hits))
     paths = write_report(report, distributions, tmp_path / "report")
     assert json.loads(paths["json"].read_text(encoding="utf-8"))["models"][0]["label"] == "perfect"
     table = markdown_table(report)
@@ -550,7 +559,8 @@ def test_evaluate_pools_metrics_and_report(
     model_dir = tmp_path / "model"
     model_dir.mkdir()
     tiny.manifest.save(model_dir)
-    assert record_metrics(model_dir, tiny_entry)
+    assert record_metrics(tmp_path / "report", tiny_entry) is False  # no manifest there: nothing written
+    assert record_metrics(model_dir, tiny_entry) is True
     assert ModelManifest.load(model_dir / "semsearch_manifest.json").metrics["eval"]["global"]["queries"] == 4
 
 

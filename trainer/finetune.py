@@ -11,7 +11,6 @@ config, and the trainer's loss log.
 from __future__ import annotations
 
 import datetime as dt
-import hashlib
 import json
 import os
 import shutil
@@ -28,7 +27,7 @@ from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from semsearch.encoders.local import locate_model
 from semsearch.errors import InvalidInputError
-from semsearch.manifest import BGE_ZH_INSTRUCTION, ModelManifest, resolve_manifest
+from semsearch.manifest import BGE_ZH_INSTRUCTION, ModelManifest, resolve_manifest, weights_hash
 from trainer.rows import file_hash, read_rows, write_rows
 
 log = structlog.get_logger(__name__)
@@ -208,14 +207,6 @@ def launcher(config: FinetuneConfig) -> list[str]:
     return [sys.executable, "-m", "trainer._flag_entry"]
 
 
-def _weights_hash(model_dir: Path) -> str:
-    digest = hashlib.sha256()
-    for path in sorted(model_dir.glob("*.safetensors")) + sorted(model_dir.glob("pytorch_model*.bin")):
-        with path.open("rb") as handle:
-            digest.update(hashlib.file_digest(handle, "sha256").digest())
-    return digest.hexdigest()[:12]
-
-
 def _write_sentence_transformers_config(out_dir: Path, pooling: str, normalize: bool, max_tokens: int) -> None:
     """So sentence-transformers loads the model with the trained pooling too, not its mean default."""
     modules = [
@@ -342,7 +333,7 @@ def run_finetune(config: FinetuneConfig, *, overwrite: bool = False, stream_outp
     hidden = int(json.loads((out / "config.json").read_text(encoding="utf-8"))["hidden_size"])
     manifest = ModelManifest(
         name=name,
-        version=f"{name}-{data_hash[:8]}-{_weights_hash(out)}",
+        version=f"{name}-{data_hash[:8]}-{weights_hash(out)}",
         pooling=pooling,
         normalize=config.normalize,
         query_instruction=config.query_instruction,

@@ -1,45 +1,18 @@
-"""Promotion: a gated, zero-downtime move of a serving name to a new (model, collection) pair.
+"""The evaluation gate of a promotion: the candidate must beat the current model on held-out rows.
 
-1. gate      evaluate current and candidate on the same held-out set (global pool); go on only if
-             the metric improves by the margin and no guard metric regresses past its tolerance
-2. pending   record the candidate pair as `pending`: every service instance loads it and writes
-             each upsert/delete to both collections from then on (dual-write)
-3. re-embed  copy the live collection's stored chunks into the candidate collection with the
-             candidate model, then replay rows written since the pending record, drop orphans
-4. validate  count parity and a sample of stored vectors re-encoded and compared
-5. swap      one registry write: current <- candidate, previous <- old current; then the alias.
-             Instances swap (encoder, collection) as one reference; in-flight calls finish on the old.
-
-Each step is idempotent: a run killed anywhere leaves a consistent record that a re-run completes.
-Rollback is the same flow towards `previous`, replaying only what changed since it was retired.
+The promotion itself (pending, re-embed, validate, swap, rollback, gc) is `semsearch.promotion`,
+shared with the service; the trainer injects this gate, because only the trainer evaluates.
 """
 
 from __future__ import annotations
 
-import os
-import time
-from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-import structlog
-
 from semsearch.config import Settings
-from semsearch.encoders import Encoder
-from semsearch.errors import InvalidInputError, ModelMismatchError, NotFoundError, SemsearchError
-from semsearch.reembed import CopyStats, copy_rows, remove_orphans, validate
-from semsearch.registry import ModelRegistry, PairRecord, RegistryRecord, now_iso, open_pair_encoder, pair_for
-from semsearch.store import MilvusStore, versioned_name
-
-log = structlog.get_logger(__name__)
-
-# Rows written this long before the pending record are replayed too: clocks of writers differ.
-CLOCK_SKEW_MS = 10_000
-
-
-class PromotionError(SemsearchError):
-    """A gate, validation or state check stopped the promotion; the registry is consistent."""
+from semsearch.errors import InvalidInputError
+from semsearch.registry import PairRecord
 
 
 @dataclass
@@ -59,6 +32,11 @@ class GateResult:
             marker = " ←" if name == self.metric else ""
             lines.append(f"| {name}{marker} | {before:.4f} | {after:.4f} | {after - before:+.4f} |")
         return "\n".join(lines)
+
+    def metrics(self) -> dict[str, Any]:
+        """What the registry records with the candidate pair."""
+        return {"gate": {"metric": self.metric, "forced": self.forced, "current": self.current,
+                         "candidate": self.candidate}}
 
 
 def gate(
@@ -96,209 +74,3 @@ def gate(
         if before[name] - after[name] > tolerance:
             reasons.append(f"guard {name} regressed {before[name]:.4f} -> {after[name]:.4f} (tolerance {tolerance})")
     return GateResult(passed=not reasons, metric=metric, current=before, candidate=after, reasons=reasons)
-
-
-def _crash_point(step: str) -> None:
-    """Fault injection for the crash-safety tests: SEMSEARCH_PROMOTE_CRASH_AFTER=<step> kills here."""
-    if os.environ.get("SEMSEARCH_PROMOTE_CRASH_AFTER") == step:
-        log.warning("crash_injected", after=step)
-        os._exit(137)
-
-
-@dataclass
-class PromotionReport:
-    name: str
-    from_pair: PairRecord
-    to_pair: PairRecord
-    copy: CopyStats | None = None
-    replay: CopyStats | None = None
-    orphans_removed: int = 0
-    validation: dict[str, Any] = field(default_factory=dict)
-    timings_s: dict[str, float] = field(default_factory=dict)
-
-
-class Promoter:
-    def __init__(
-        self,
-        settings: Settings,
-        store: MilvusStore,
-        *,
-        progress: Callable[[str, CopyStats], None] | None = None,
-        propagation_s: float | None = None,
-    ) -> None:
-        self.settings = settings
-        self.store = store
-        self.registry = ModelRegistry(store)
-        self.progress = progress
-        # Long enough for every instance to see the pending pair and start dual-writing.
-        self.propagation_s = settings.registry_poll_s * 2 + 1 if propagation_s is None else propagation_s
-
-    # ------------------------------------------------------------------ state
-    def record(self, name: str, *, persist: bool = True) -> RegistryRecord:
-        """The registry record of `name`; without one, what its alias serves now (written if `persist`)."""
-        record = self.registry.get(name)
-        if record is not None and record.current is not None:
-            return record
-        # No record yet: what the alias serves now becomes `current`.
-        physical = self.store.resolve(name)
-        if not physical:
-            raise NotFoundError(f"nothing serves {name!r}: no registry record and no such collection or alias")
-        info = self.store.collection_info(name)
-        from semsearch.manifest import ModelManifest
-
-        return self.registry.bootstrap(
-            name, ModelManifest.model_validate(info.manifest), physical, self.settings.encoder_url, persist=persist
-        )
-
-    def candidate_pair(
-        self, name: str, encoder: Encoder, encoder_url: str | None, metrics: dict[str, Any]
-    ) -> PairRecord:
-        return pair_for(encoder.manifest, versioned_name(name, encoder.manifest.version), encoder_url, metrics)
-
-    # ------------------------------------------------------------------ flow
-    def move(
-        self, name: str, target: PairRecord, encoder: Encoder, *, replay_since_ms: int | None, event: str
-    ) -> PromotionReport:
-        """Steps 2-5 towards `target` (pending, re-embed, validate, swap). Resumes a killed run."""
-        record = self.record(name)
-        assert record.current is not None
-        source = record.current
-        if source.same_pair(target):
-            # Already current (e.g. a run killed after the registry write): make the alias agree.
-            self._swap(name, target, event)
-            log.info("already_current", name=name, model_version=target.model_version)
-            return PromotionReport(name=name, from_pair=source, to_pair=target)
-        if record.pending is not None and not record.pending.same_pair(target):
-            raise PromotionError(
-                f"another promotion is in progress ({record.pending.model_version}); finish it or run with --abort"
-            )
-        report = PromotionReport(name=name, from_pair=source, to_pair=target)
-        started = time.perf_counter()
-        self.store.ensure_collection(target.collection, encoder.manifest)
-        if record.pending is None:
-            record.pending = target
-            record.pending_since_ms = int(time.time() * 1000)
-            record.event(f"{event}_started", model_version=target.model_version, collection=target.collection)
-            record = self.registry.put(record)
-            log.info("pending_recorded", name=name, model_version=target.model_version, wait_s=self.propagation_s)
-            time.sleep(self.propagation_s)
-        else:
-            log.info("resuming", name=name, model_version=target.model_version)
-        pending_since = int(record.pending_since_ms or 0)
-        _crash_point("pending")
-
-        phase = time.perf_counter()
-        if replay_since_ms is None:
-            report.copy = copy_rows(
-                self.store, source.collection, target.collection, encoder, on_batch=self._progress("re-embed")
-            )
-            _crash_point("copy")
-            # Rows written while the copy ran, before every instance dual-wrote, are replayed.
-            replay_from = pending_since - CLOCK_SKEW_MS
-        else:
-            replay_from = min(replay_since_ms, pending_since) - CLOCK_SKEW_MS
-        report.replay = copy_rows(
-            self.store,
-            source.collection,
-            target.collection,
-            encoder,
-            since_ms=replay_from,
-            on_batch=self._progress("replay"),
-        )
-        report.orphans_removed = remove_orphans(self.store, source.collection, target.collection)
-        report.timings_s["re-embed"] = round(time.perf_counter() - phase, 2)
-        _crash_point("replay")
-
-        phase = time.perf_counter()
-        check = validate(self.store, source.collection, target.collection, encoder)
-        report.validation = {
-            "source_count": check.source_count,
-            "target_count": check.target_count,
-            "sampled": check.sampled,
-            "max_vector_error": check.max_vector_error,
-            "mismatched": check.mismatched[:10],
-        }
-        report.timings_s["validate"] = round(time.perf_counter() - phase, 2)
-        if not check.ok:
-            raise PromotionError(
-                f"validation failed: {check.source_count} rows live vs {check.target_count} in "
-                f"{target.collection}; {len(check.mismatched)} sampled vectors differ. The pending pair stays "
-                "(instances keep dual-writing): re-run to retry, or --abort"
-            )
-        _crash_point("validate")
-
-        self._swap(name, target, event)
-        report.timings_s["total"] = round(time.perf_counter() - started, 2)
-        return report
-
-    def _swap(self, name: str, target: PairRecord, event: str) -> None:
-        record = self.record(name)
-        if record.current is not None and record.current.same_pair(target):
-            self.store.point_alias(name, target.collection)  # a killed run wrote the record, not the alias
-            return
-        record.previous = record.current
-        target.since = now_iso()
-        record.current = target
-        record.pending = None
-        record.pending_since_ms = None
-        record.event(f"{event}_swapped", model_version=target.model_version, collection=target.collection)
-        self.registry.put(record)  # the atomic pointer change
-        _crash_point("registry")
-        self.store.point_alias(name, target.collection)
-        log.info("swapped", name=name, model_version=target.model_version, collection=target.collection)
-
-    def abort(self, name: str) -> RegistryRecord:
-        """Forget a pending pair (instances stop dual-writing); its collection stays until gc."""
-        record = self.record(name)
-        if record.pending is not None:
-            record.event("aborted", model_version=record.pending.model_version)
-            record.pending = None
-            record.pending_since_ms = None
-            record = self.registry.put(record)
-        return record
-
-    def rollback(self, name: str) -> PromotionReport:
-        record = self.record(name)
-        if record.previous is None:
-            raise PromotionError(f"{name!r} has no previous pair to roll back to")
-        target = record.previous.model_copy()
-        if not self.store.resolve(target.collection):
-            raise PromotionError(f"the previous collection {target.collection} is gone (gc?)")
-        encoder = open_pair_encoder(target, self.settings)
-        try:
-            # Only rows written since the previous pair was retired need its model's vectors.
-            retired_ms = int(_iso_ms(record.current.since)) if record.current else 0
-            return self.move(name, target, encoder, replay_since_ms=retired_ms, event="rollback")
-        finally:
-            encoder.close()
-
-    def gc(self, *, dry_run: bool = True) -> list[str]:
-        """Collections made by semsearch that no registry record and no alias points at."""
-        referenced = self.registry.all_referenced_collections()
-        aliased = {self.store.resolve(alias) for alias in self.store.client.list_aliases().get("aliases", [])}
-        garbage = []
-        for name in self.store.client.list_collections():
-            if name in referenced or name in aliased or "__" not in name:
-                continue
-            try:
-                self.store.collection_info(name)
-            except (ModelMismatchError, NotFoundError):
-                continue  # not ours
-            garbage.append(name)
-        if not dry_run:
-            for name in garbage:
-                self.store.drop_collection(name)
-                log.info("collection_dropped", collection=name)
-        return sorted(garbage)
-
-    def _progress(self, phase: str) -> Callable[[CopyStats], None] | None:
-        if self.progress is None:
-            return None
-        progress = self.progress
-        return lambda stats: progress(phase, stats)
-
-
-def _iso_ms(value: str) -> float:
-    import datetime as dt
-
-    return dt.datetime.fromisoformat(value).timestamp() * 1000

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
-from typing import Annotated
+from typing import Annotated, Any
 
 import typer
 from rich.console import Console
@@ -21,8 +21,10 @@ from semsearch.cli import (
 from semsearch.config import Settings
 from semsearch.encoders import create_encoder
 from semsearch.errors import SemsearchError
+from semsearch.promotion import Promoter, PromotionReport
+from semsearch.registry import PairRecord
 from semsearch.store import MilvusStore
-from trainer.promotion import GateResult, Promoter, PromotionReport, gate
+from trainer.promotion import GateResult, gate
 
 console = Console(stderr=True)
 
@@ -99,51 +101,29 @@ def register(app: typer.Typer) -> None:
                     f"{name}: no pending promotion; serving {record.current.model_version if record.current else '-'}"
                 )
                 return
-            record = promoter.record(name, persist=False)  # a failed gate must leave no trace
-            assert record.current is not None
             guard_map = dict(_parse_guard(g) for g in guards or ["mrr@10=0.02"])
-            if record.pending is not None and record.pending.metrics.get("gate"):
-                result = None  # resuming: the gate already passed for this candidate
-            elif force:
-                result = GateResult(passed=True, metric=metric, current={}, candidate={}, forced=True)
-                console.print("[yellow]gate skipped (--force); recorded in the registry[/yellow]")
-            else:
-                if eval_data is None:
-                    raise fail("the gate needs --eval-data (held-out rows), or --force to skip it", 2)
-                result = gate(
-                    record.current,
-                    candidate,
-                    eval_data,
-                    settings,
-                    metric=metric,
-                    min_improvement=min_improvement,
-                    guards=guard_map,
-                )
+            if not force and eval_data is None and not _resuming(promoter, name):
+                raise fail("the gate needs --eval-data (held-out rows), or --force to skip it", 2)
+
+            def run_gate(current: PairRecord) -> dict[str, Any]:
+                if force:
+                    console.print("[yellow]gate skipped (--force); recorded in the registry[/yellow]")
+                    return GateResult(passed=True, metric=metric, current={}, candidate={}, forced=True).metrics()
+                assert eval_data is not None
+                result = gate(current, candidate, eval_data, settings, metric=metric,
+                              min_improvement=min_improvement, guards=guard_map)
                 console.print(result.table())
                 if not result.passed:
                     for reason in result.reasons:
                         console.print(f"[red]gate failed:[/red] {reason}")
                     raise typer.Exit(1)
+                return result.metrics()
+
             encoder = create_encoder(
                 settings.model_copy(update={"model": candidate, "encoder_url": candidate_encoder_url})
             )
             try:
-                metrics = (
-                    {
-                        "gate": {
-                            "metric": metric,
-                            "forced": result.forced,
-                            "current": result.current,
-                            "candidate": result.candidate,
-                        }
-                    }
-                    if result
-                    else {}
-                )
-                target = promoter.candidate_pair(name, encoder, candidate_encoder_url, metrics)
-                if record.pending is not None and record.pending.same_pair(target):
-                    target = record.pending
-                report = promoter.move(name, target, encoder, replay_since_ms=None, event="promote")
+                report = promoter.promote(name, encoder, run_gate, encoder_url=candidate_encoder_url)
             finally:
                 encoder.close()
             _print_report(report)
@@ -187,6 +167,12 @@ def register(app: typer.Typer) -> None:
             store.close()
         verb = "dropped" if yes else "unreferenced (drop with --yes)"
         typer.echo(f"{len(garbage)} collections {verb}" + "".join(f"\n  {name}" for name in garbage))
+
+
+def _resuming(promoter: Promoter, name: str) -> bool:
+    """A promotion is pending: re-running completes it without the gate (it passed already)."""
+    record = promoter.registry.get(name)
+    return record is not None and record.pending is not None
 
 
 def _parse_guard(spec: str) -> tuple[str, float]:

@@ -24,7 +24,7 @@ from transformers import AutoModel, AutoTokenizer, PreTrainedTokenizerBase
 
 from semsearch.encoders.local import locate_model
 from semsearch.errors import InvalidInputError
-from semsearch.manifest import ModelManifest, resolve_manifest
+from semsearch.manifest import ModelManifest, resolve_manifest, weights_hash
 
 log = structlog.get_logger(__name__)
 
@@ -163,11 +163,11 @@ def extend_vocabulary(
         "unk_rate_before": round(unk_rate(tokenizer, texts), 4),
         "unk_rate_after": round(unk_rate(new_tokenizer, texts), 4),
     }
-    weights_hash = _weights_hash(out_dir)
+    weights = weights_hash(out_dir)
     manifest_name = name or f"{parent.name}-vocab{len(chars)}"
     ModelManifest(
         name=manifest_name,
-        version=f"{manifest_name}-{weights_hash}",
+        version=f"{manifest_name}-{weights}",
         pooling=parent.pooling,
         normalize=parent.normalize,
         query_instruction=parent.query_instruction if query_instruction is None else query_instruction,
@@ -182,9 +182,3 @@ def extend_vocabulary(
     return VocabResult(out_dir, new_tokens, stats)
 
 
-def _weights_hash(model_dir: Path) -> str:
-    digest = hashlib.sha256()
-    for path in sorted(model_dir.glob("*.safetensors")) + sorted(model_dir.glob("pytorch_model*.bin")):
-        with path.open("rb") as handle:
-            digest.update(hashlib.file_digest(handle, "sha256").digest())
-    return digest.hexdigest()[:12]

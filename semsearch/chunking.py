@@ -37,9 +37,20 @@ def reassemble(chunks: Sequence[tuple[int, str]]) -> str:
     return text
 
 
+def _canonical(value: Any) -> Any:
+    # The API's metadata (a protobuf Struct) has only doubles: 1.0 there is 1 in a JSONL file.
+    if isinstance(value, float) and value.is_integer() and abs(value) < 2**53:
+        return int(value)
+    if isinstance(value, dict):
+        return {key: _canonical(item) for key, item in value.items()}
+    if isinstance(value, list):
+        return [_canonical(item) for item in value]
+    return value
+
+
 def content_hash(text: str, metadata: dict[str, Any] | None = None) -> str:
-    """Identity of a document's content: same text and metadata, same hash."""
-    payload = json.dumps([text, metadata or {}], ensure_ascii=False, sort_keys=True)
+    """Identity of a document's content: same text and metadata, same hash, whichever way it came."""
+    payload = json.dumps([text, _canonical(metadata or {})], ensure_ascii=False, sort_keys=True)
     return hashlib.sha256(payload.encode("utf-8")).hexdigest()[:32]
 
 

@@ -9,10 +9,12 @@ whose relevant items are the other members of its group, over a pool of every di
     v2        semsearch.text.normalize: controls and invisible format characters removed (rules v2)
     v2+nfkc   v2, then Unicode NFKC (full-width ASCII and punctuation folded: `，` -> `,`, `Ｑ` -> `Q`)
 
-Only texts a variant changes are re-encoded. Prints recall@1/5/10, MRR@10 and nDCG@10 per variant,
+Only texts a variant changes are re-encoded. `--pool 0 --queries 0` runs the whole set (slow on a
+shared CPU). Also prints how many pool texts each variant changes at all, and how many of those
+change the tokens the model sees. Prints recall@1/5/10, MRR@10 and nDCG@10 per variant,
 each with its ratio to `raw` measured in the same run.
 
-    .venv/bin/python bench/bench_normalization.py                    # MiniLM stand-in, 2000 queries
+    .venv/bin/python bench/bench_normalization.py                    # MiniLM stand-in, pool 1500, 600 queries
     .venv/bin/python bench/bench_normalization.py --model tiny       # the tests' random tiny BERT
 """
 
@@ -28,6 +30,7 @@ from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
+import torch
 
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
@@ -75,9 +78,13 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--data", type=Path, default=DATA)
     parser.add_argument("--model", default="minilm", help="minilm (the packaged stand-in), tiny, or a model path")
-    parser.add_argument("--queries", type=int, default=2000, help="queries sampled (0 = all)")
+    parser.add_argument("--pool", type=int, default=1500,
+                        help="questions in the pool (0 = all): whole intents, half of it, then random distractors")
+    parser.add_argument("--queries", type=int, default=600, help="queries sampled (0 = all)")
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--threads", type=int, default=1, help="torch threads (1 is fastest on a shared CPU)")
     args = parser.parse_args()
+    torch.set_num_threads(args.threads)
     if not args.data.exists():
         print(f"skipped: {args.data} not found (see ../shared/data/README.md)")
         return
@@ -88,6 +95,19 @@ def main() -> None:
     else:
         encoder = TorchEncoder.from_ref(STAND_IN_MODEL if args.model == "minilm" else args.model, device="cpu")
     questions, groups = intents(args.data)
+    if args.pool and args.pool < len(questions):  # a bounded run: whole intents plus distractors
+        rng = random.Random(args.seed)
+        by_group: dict[int, list[int]] = {}
+        for i, group in enumerate(groups):
+            by_group.setdefault(group, []).append(i)
+        chosen: list[int] = []
+        for group in rng.sample(sorted(g for g in by_group if g >= 0), len(by_group) - 1):
+            if len(chosen) >= args.pool // 2:
+                break
+            chosen += by_group[group]
+        rest = sorted(set(range(len(questions))) - set(chosen))
+        keep = sorted(chosen + rng.sample(rest, max(0, args.pool - len(chosen))))
+        questions, groups = [questions[i] for i in keep], [groups[i] for i in keep]
     members: dict[int, list[int]] = {}
     for i, group in enumerate(groups):
         if group >= 0:
@@ -124,6 +144,9 @@ def main() -> None:
                 if in_queries:
                     query_vectors[[position[i] for i in in_queries]] = encode_queries(
                         [texts[i] for i in in_queries], docs, in_queries)
+        tokens_changed = sum(
+            1 for i, text in enumerate(texts) if name != "raw" and text != questions[i]
+            and encoder.tokenizer(text)["input_ids"] != encoder.tokenizer(questions[i])["input_ids"])
         per_query = []
         for start in range(0, len(queries), 256):
             block = queries[start : start + 256]
@@ -134,7 +157,8 @@ def main() -> None:
                 relevant = {m for m in members[groups[q]] if m != q}
                 per_query.append(query_metrics([int(x) for x in row], relevant))
         results[name] = mean_metrics(per_query)
-        print(f"{name}: {changed} texts changed, {time.perf_counter() - began:.1f} s", flush=True)
+        print(f"{name}: {changed} texts {'encoded' if name == 'raw' else 'changed'}, {tokens_changed} in tokens; "
+              f"{time.perf_counter() - began:.1f} s", flush=True)
 
     metrics = ["recall@1", "recall@5", "recall@10", "mrr@10", "ndcg@10"]
     print("\n| variant | " + " | ".join(metrics) + " | mrr@10 vs raw |")

@@ -134,7 +134,7 @@ def test_planner_normalises_chunks_and_maps_rows(tiny_encoder: TorchEncoder) -> 
 
 
 # ---------------------------------------------------------------------------------------- service + indexer
-DOCS = [
+DOCS: list[dict[str, Any]] = [
     {"id": "dirty", "text": DIRTY * 30, "metadata": {"k": 1}},
     {"id": "quotes", "text": "他说：“可以退款。”然后我们处理了订单……好吧？！" * 40, "metadata": {}},
     {"id": "short", "text": "发票抬头写错能改吗", "metadata": {"k": 2}},

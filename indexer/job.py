@@ -32,9 +32,9 @@ from indexer.checkpoint import STATUS_RUNNING, JobState, Progress, default_state
 from indexer.pipeline import Pipeline, PipelineConfig, token_counter
 from indexer.progress import ProgressReporter
 from indexer.sources import FieldMap, InputError, Limits, SourceFile, completed_bytes, discover, shard_of
-from semsearch.chunking import Chunker
 from semsearch.encoders.base import Encoder
 from semsearch.errors import SemsearchError
+from semsearch.ingest import Planner, rules_of
 from semsearch.manifest import ModelManifest
 from semsearch.registry import REGISTRY_COLLECTION, ModelRegistry, RegistryRecord
 from semsearch.store import MilvusStore, check_same_model, versioned_name
@@ -245,7 +245,6 @@ def run_index(options: IndexOptions, *, encoder: Encoder, store: MilvusStore, co
             stored.close()
 
     max_tokens = min(options.max_tokens or manifest.max_tokens, manifest.max_tokens)
-    chunker = Chunker(token_counter(encoder), max_tokens, options.overlap_tokens)
     chunking = chunking_record(max_tokens, options.overlap_tokens)
     target = plan_target(store, collection, manifest, options.alias_policy)
     try:
@@ -263,8 +262,10 @@ def run_index(options: IndexOptions, *, encoder: Encoder, store: MilvusStore, co
     }
     config["collection"] = collection
 
-    store.ensure_collection(target.physical, manifest)
+    info = store.ensure_collection(target.physical, manifest)
     store.load(target.physical)
+    # The collection's text rules: a collection made before they were recorded keeps the legacy ones.
+    planner = Planner(rules_of(info), token_counter(encoder), max_tokens, options.overlap_tokens)
     check_chunking(store, target.physical, manifest, chunking, options.pipeline.force)
     state = JobState(state_dir, job_id)
     try:
@@ -280,7 +281,7 @@ def run_index(options: IndexOptions, *, encoder: Encoder, store: MilvusStore, co
         status = "complete"
         if progress.phase == "index":
             pipeline = Pipeline(
-                files=files, fields=options.fields, limits=options.limits, chunker=chunker, encoder=encoder,
+                files=files, fields=options.fields, limits=options.limits, planner=planner, encoder=encoder,
                 store=store, collection=target.physical, state=state, progress=progress,
                 reject_path=reject_path, config=options.pipeline,
             )

@@ -34,9 +34,10 @@ import structlog
 
 from indexer.checkpoint import JobState, Progress
 from indexer.sources import FieldMap, Limits, Position, Reject, SourceDoc, SourceFile, read_all, shard_of
-from semsearch.chunking import Chunk, Chunker, content_hash
+from semsearch.chunking import Chunk
 from semsearch.encoders.base import Encoder
 from semsearch.errors import CollectionNotLoadedError, StoreRefusedError, retryable
+from semsearch.ingest import IngestError, PlannedDocument, Planner, chunk_texts, rows_of
 from semsearch.retry import retry_call
 from semsearch.store import ChunkRow, MilvusStore, chunk_row_id
 
@@ -67,9 +68,16 @@ class _Abort(Exception):
 @dataclass
 class PlannedDoc:
     doc: SourceDoc
-    chunks: list[Chunk]
-    content_hash: str
+    document: PlannedDocument  # normalised and chunked by the collection's rules (semsearch/ingest.py)
     stale: list[str] = field(default_factory=list)  # row ids past the document's new last chunk
+
+    @property
+    def chunks(self) -> list[Chunk]:
+        return self.document.chunks
+
+    @property
+    def content_hash(self) -> str:
+        return self.document.content_hash
 
 
 @dataclass
@@ -139,18 +147,8 @@ def token_counter(encoder: Encoder) -> Callable[[Sequence[str]], list[int]]:
     return count
 
 
-def plan_document(chunker: Chunker, doc: SourceDoc) -> PlannedDoc:
-    return PlannedDoc(doc=doc, chunks=chunker.chunk(doc.text), content_hash=content_hash(doc.text, doc.metadata))
-
-
-def build_rows(planned: PlannedDoc, vectors: np.ndarray) -> list[ChunkRow]:
-    """The rows of one document, exactly as the service builds them (service/engine.py)."""
-    doc = planned.doc
-    return [
-        ChunkRow(doc_id=doc.doc_id, chunk_index=chunk.index, text=chunk.text, vector=vector,
-                 metadata=doc.metadata, content_hash=planned.content_hash, char_offset=chunk.start)
-        for chunk, vector in zip(planned.chunks, vectors, strict=True)
-    ]
+def plan_document(planner: Planner, doc: SourceDoc) -> PlannedDoc:
+    return PlannedDoc(doc=doc, document=planner.plan(doc.doc_id, doc.text, doc.metadata))
 
 
 def is_unchanged(planned: PlannedDoc, stored: Sequence[tuple[str, str, int, str]]) -> bool:
@@ -164,14 +162,14 @@ def is_unchanged(planned: PlannedDoc, stored: Sequence[tuple[str, str, int, str]
 
 class Pipeline:
     def __init__(
-        self, *, files: Sequence[SourceFile], fields: FieldMap, limits: Limits, chunker: Chunker,
+        self, *, files: Sequence[SourceFile], fields: FieldMap, limits: Limits, planner: Planner,
         encoder: Encoder, store: MilvusStore, collection: str, state: JobState, progress: Progress,
         reject_path: Path, config: PipelineConfig,
     ) -> None:
         self.files = list(files)
         self.fields = fields
         self.limits = limits
-        self.chunker = chunker
+        self.planner = planner
         self.encoder = encoder
         self.store = store
         self.collection = collection
@@ -294,8 +292,14 @@ class Pipeline:
                 ))
             else:
                 began = time.perf_counter()
-                planned = plan_document(self.chunker, record)
-                self.busy_s["chunk"] += time.perf_counter() - began
+                try:
+                    planned = plan_document(self.planner, record)
+                except IngestError as exc:  # e.g. nothing left once normalised
+                    self._reject(batch, Reject(record.file, record.line, exc.kind, exc.reason, "", record.doc_id,
+                                               record.position))
+                    continue
+                finally:
+                    self.busy_s["chunk"] += time.perf_counter() - began
                 longest = max(len(chunk.text.encode("utf-8")) for chunk in planned.chunks)
                 if longest > MAX_CHUNK_BYTES:  # e.g. a run of [UNK]s: few tokens, many characters
                     self._reject(batch, Reject(
@@ -383,7 +387,7 @@ class Pipeline:
 
     def _encoder(self) -> None:
         for batch in self._items(self._to_encode):
-            texts = [chunk.text for planned in batch.to_write for chunk in planned.chunks]
+            texts = chunk_texts([planned.document for planned in batch.to_write])
             if texts:
                 began = time.perf_counter()
                 batch.vectors = self.encoder.encode_documents(texts)
@@ -422,18 +426,15 @@ class Pipeline:
         if not batch.to_write:
             return []
         assert batch.vectors is not None
-        rows_of: list[tuple[PlannedDoc, list[ChunkRow], int]] = []
-        offset = 0
-        for planned in batch.to_write:
-            count = len(planned.chunks)
-            rows = build_rows(planned, batch.vectors[offset : offset + count])
-            offset += count
+        sized: list[tuple[PlannedDoc, list[ChunkRow], int]] = []
+        documents = rows_of([planned.document for planned in batch.to_write], batch.vectors)
+        for planned, rows in zip(batch.to_write, documents, strict=True):
             size = sum(len(row.text) * 3 + row.vector.size * 4 + 128 for row in rows)
-            size += len(json.dumps(planned.doc.metadata, ensure_ascii=False)) * count
-            rows_of.append((planned, rows, size))
+            size += len(json.dumps(planned.doc.metadata, ensure_ascii=False)) * len(rows)
+            sized.append((planned, rows, size))
         failed: list[Reject] = []
         group: list[tuple[PlannedDoc, list[ChunkRow], int]] = []
-        for item in rows_of:  # whole documents per request, requests under MAX_REQUEST_BYTES
+        for item in sized:  # whole documents per request, requests under MAX_REQUEST_BYTES
             if group and sum(size for _, _, size in group) + item[2] > MAX_REQUEST_BYTES:
                 failed += self._upsert(group)
                 group = []

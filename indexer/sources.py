@@ -17,12 +17,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import IO, Any, Literal
 
-from semsearch.errors import InvalidInputError
-from semsearch.store import check_doc_id
+from semsearch.ingest import IngestError, check_id, check_metadata, check_text
 
 Format = Literal["jsonl", "csv", "tsv", "parquet"]
 STDIN = "-"
-MAX_METADATA_DEPTH = 8  # same rule as the service API (service/validation.py)
 PARQUET_READ_ROWS = 1024
 
 _SUFFIXES: dict[str, Format] = {
@@ -183,16 +181,13 @@ def shard_of(key: str, shards: int) -> int:
     return int.from_bytes(digest, "big") % shards
 
 
-def _has_surrogates(text: str) -> bool:
-    return any(0xD800 <= ord(ch) <= 0xDFFF for ch in text)
-
-
-def _depth(value: Any) -> int:
-    if isinstance(value, dict):
-        return 1 + max((_depth(v) for v in value.values()), default=0)
-    if isinstance(value, list):
-        return 1 + max((_depth(v) for v in value), default=0)
-    return 0
+def _undecodable(value: str) -> bool:
+    """Bytes that were not UTF-8, kept as lone surrogates by the "surrogateescape" decoding."""
+    try:
+        value.encode("utf-8")
+    except UnicodeEncodeError:
+        return True
+    return False
 
 
 def _present(value: Any) -> bool:
@@ -203,9 +198,9 @@ def _check_id(value: Any) -> str:
     if isinstance(value, bool) or not isinstance(value, str | int):
         raise RowError("bad_id", f"id must be a string or an integer, got {type(value).__name__}")
     try:
-        return check_doc_id(str(value), "id")  # the service API's rules
-    except InvalidInputError as exc:
-        raise RowError("bad_id", str(exc)) from exc
+        return check_id(str(value), "id")  # the service API's rules (semsearch/ingest.py)
+    except IngestError as exc:
+        raise RowError(exc.kind, exc.reason) from exc
 
 
 def _metadata(raw: Mapping[str, Any], fields: FieldMap, limits: Limits, doc_id: str | None) -> dict[str, Any]:
@@ -224,20 +219,10 @@ def _metadata(raw: Mapping[str, Any], fields: FieldMap, limits: Limits, doc_id: 
         if name in raw and raw[name] is not None:
             metadata[name] = raw[name]
     try:
-        # Parquet dates/decimals become strings; NaN/Infinity are not JSON and Milvus refuses them.
-        encoded = json.dumps(metadata, ensure_ascii=False, allow_nan=False, default=str)
-    except ValueError as exc:
-        raise RowError("bad_metadata", f"metadata is not valid JSON ({exc})", doc_id) from exc
-    size = len(encoded.encode("utf-8", "surrogatepass"))
-    if size > limits.max_metadata_bytes:
-        raise RowError("metadata_too_large",
-                       f"metadata is {size} bytes as JSON; the limit is {limits.max_metadata_bytes}", doc_id)
-    if _has_surrogates(encoded):
-        raise RowError("not_utf8", "metadata contains invalid Unicode (lone surrogates)", doc_id)
-    result: dict[str, Any] = json.loads(encoded)
-    if _depth(result) > MAX_METADATA_DEPTH:
-        raise RowError("bad_metadata", f"metadata is nested deeper than {MAX_METADATA_DEPTH} levels", doc_id)
-    return result
+        # The service API's rules (semsearch/ingest.py); Parquet dates/decimals become strings.
+        return check_metadata(metadata, limits.max_metadata_bytes)
+    except IngestError as exc:
+        raise RowError(exc.kind, exc.reason, doc_id) from exc
 
 
 def to_document(raw: Mapping[str, Any], fields: FieldMap, limits: Limits) -> tuple[str, str, dict[str, Any]]:
@@ -256,11 +241,10 @@ def to_document(raw: Mapping[str, Any], fields: FieldMap, limits: Limits) -> tup
         title = str(title).strip()
         text = f"{title}\n{text}"
         metadata.setdefault("title", title)
-    if _has_surrogates(text):
-        raise RowError("not_utf8", "text contains invalid Unicode (lone surrogates)", doc_id)
-    if len(text) > limits.max_doc_chars:
-        raise RowError("text_too_long", f"text is {len(text)} characters; the limit is {limits.max_doc_chars}",
-                       doc_id)
+    try:
+        check_text(text, limits.max_doc_chars)  # normalised when planned, by the collection's rules
+    except IngestError as exc:
+        raise RowError(exc.kind, exc.reason, doc_id) from exc
     return doc_id or derived_id(text), text, metadata
 
 
@@ -410,7 +394,7 @@ def _read_csv(source: SourceFile, file_index: int, fields: FieldMap, limits: Lim
             raw_text = delimiter.join(row)
             if not row or (len(row) == 1 and not row[0].strip()):
                 continue
-            if any(_has_surrogates(value) for value in row):
+            if any(_undecodable(value) for value in row):
                 yield Reject(source.display, first_line, "not_utf8", "not valid UTF-8",
                              raw_text[:500].encode("utf-8", "surrogateescape").decode("utf-8", "replace"),
                              None, position)

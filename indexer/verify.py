@@ -23,8 +23,8 @@ import structlog
 
 from indexer.job import CHUNKING_PROPERTY
 from indexer.sources import FieldMap, Limits, SourceDoc, SourceFile, read_all
-from semsearch.chunking import Chunker, content_hash
 from semsearch.encoders.base import Encoder
+from semsearch.ingest import Planner, rules_of
 from semsearch.store import OUTPUT_FIELDS, MilvusStore
 
 log = structlog.get_logger(__name__)
@@ -121,7 +121,8 @@ def _check_sample(report: VerifyReport, sample: list[SourceDoc], encoder: Encode
                   physical: str, tolerance: float) -> None:
     recorded = store.collection_properties(physical).get(CHUNKING_PROPERTY)
     chunking = json.loads(recorded) if recorded else {"max_tokens": encoder.manifest.max_tokens, "overlap_tokens": 0}
-    chunker = Chunker(encoder.count_tokens, int(chunking["max_tokens"]), int(chunking["overlap_tokens"]))
+    planner = Planner(rules_of(store.collection_info(physical)), encoder.count_tokens, int(chunking["max_tokens"]),
+                      int(chunking["overlap_tokens"]))
     texts: list[str] = []
     stored_vectors: list[list[float]] = []
     for doc in sample:
@@ -129,12 +130,13 @@ def _check_sample(report: VerifyReport, sample: list[SourceDoc], encoder: Encode
         if not rows:
             continue  # counted as missing already
         report.sampled += 1
-        expected = chunker.chunk(doc.text)
+        planned = planner.plan(doc.doc_id, doc.text, doc.metadata)
+        expected = planned.chunks
         got = [(int(r["chunk_index"]), str(r["text"]), int(r["char_offset"])) for r in rows]
         if got != [(c.index, c.text, c.start) for c in expected]:
             report.problems.append(f"document {doc.doc_id!r}: stored chunks differ from the source's "
                                    f"({len(got)} stored, {len(expected)} expected); re-run the indexer")
-        elif any(str(r["content_hash"]) != content_hash(doc.text, doc.metadata) for r in rows):
+        elif any(str(r["content_hash"]) != planned.content_hash for r in rows):
             report.problems.append(f"document {doc.doc_id!r}: stored content hash differs (metadata changed?)")
         texts += [str(r["text"]) for r in rows]
         stored_vectors += [list(r["vector"]) for r in rows]

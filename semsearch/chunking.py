@@ -9,10 +9,17 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
-# A sentence ends after one of these (kept with the sentence), or at a newline.
-SENTENCE_END = re.compile(r"(?<=[。！？；…!?;])|(?<=\n)")
+# A sentence ends after a run of end punctuation (`……`, `？！` are one boundary) together with the
+# closing quotes and brackets that follow it (`可以退款。”` stays whole), or after a newline.
+END_PUNCTUATION = "。！？；…!?;"
+CLOSERS = "”’」』）)】〕〗〉》]}\"'"
+SENTENCE_END = re.compile(f"[{re.escape(END_PUNCTUATION)}]+[{re.escape(CLOSERS)}]*|\n")
+# The rule of text-rules version 1 (collections made before the rule above): a boundary after each
+# end punctuation mark, closers moved to the next sentence. Kept so those collections chunk as before.
+LEGACY_SENTENCE_END = re.compile(r"(?<=[。！？；…!?;])|(?<=\n)")
 
 CountTokens = Callable[[Sequence[str]], list[int]]
+SplitSentences = Callable[[str], list[str]]
 
 
 @dataclass(frozen=True)
@@ -30,15 +37,38 @@ def reassemble(chunks: Sequence[tuple[int, str]]) -> str:
     return text
 
 
+def _canonical(value: Any) -> Any:
+    # The API's metadata (a protobuf Struct) has only doubles: 1.0 there is 1 in a JSONL file.
+    if isinstance(value, float) and value.is_integer() and abs(value) < 2**53:
+        return int(value)
+    if isinstance(value, dict):
+        return {key: _canonical(item) for key, item in value.items()}
+    if isinstance(value, list):
+        return [_canonical(item) for item in value]
+    return value
+
+
 def content_hash(text: str, metadata: dict[str, Any] | None = None) -> str:
-    """Identity of a document's content: same text and metadata, same hash."""
-    payload = json.dumps([text, metadata or {}], ensure_ascii=False, sort_keys=True)
+    """Identity of a document's content: same text and metadata, same hash, whichever way it came."""
+    payload = json.dumps([text, _canonical(metadata or {})], ensure_ascii=False, sort_keys=True)
     return hashlib.sha256(payload.encode("utf-8")).hexdigest()[:32]
 
 
 def split_sentences(text: str) -> list[str]:
-    """Contiguous pieces that concatenate back to `text`."""
-    return [piece for piece in SENTENCE_END.split(text) if piece]
+    """Contiguous pieces that concatenate back to `text`, each ending at a sentence boundary."""
+    pieces: list[str] = []
+    start = 0
+    for match in SENTENCE_END.finditer(text):
+        pieces.append(text[start : match.end()])
+        start = match.end()
+    if start < len(text):
+        pieces.append(text[start:])
+    return pieces
+
+
+def split_sentences_legacy(text: str) -> list[str]:
+    """Version-1 splitting, for collections chunked before the current rule."""
+    return [piece for piece in LEGACY_SENTENCE_END.split(text) if piece]
 
 
 class Chunker:
@@ -46,8 +76,9 @@ class Chunker:
     chunk's trailing sentences repeated at the start of the next; over-long sentences are cut."""
 
     def __init__(self, count_tokens: CountTokens, max_tokens: int, overlap_tokens: int = 0,
-                 safety_margin: int = 8) -> None:
+                 safety_margin: int = 8, split: SplitSentences = split_sentences) -> None:
         self._count = count_tokens
+        self._split = split
         special = count_tokens([""])[0]  # [CLS] and [SEP]
         self.budget = max_tokens - special - safety_margin
         if self.budget <= 0:
@@ -66,7 +97,7 @@ class Chunker:
         # (text, tokens, start offset) of contiguous pieces that each fit the budget
         pieces: list[tuple[str, int, int]] = []
         position = 0
-        sentences = split_sentences(text)
+        sentences = self._split(text)
         for sentence, tokens in zip(sentences, self._tokens(sentences), strict=True):
             for piece, piece_tokens in [(sentence, tokens)] if tokens <= self.budget else self._cut(sentence, tokens):
                 pieces.append((piece, piece_tokens, position))

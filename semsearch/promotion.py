@@ -32,7 +32,7 @@ from semsearch.errors import ModelMismatchError, NotFoundError, SemsearchError
 from semsearch.manifest import ModelManifest
 from semsearch.reembed import CopyStats, copy_rows, remove_orphans, validate
 from semsearch.registry import ModelRegistry, PairRecord, RegistryRecord, now_iso, open_pair_encoder, pair_for
-from semsearch.store import MilvusStore, versioned_name
+from semsearch.store import TEXT_RULES_PROPERTY, MilvusStore, versioned_name
 
 log = structlog.get_logger(__name__)
 
@@ -135,6 +135,11 @@ class Promoter:
         report = PromotionReport(name=name, from_pair=source, to_pair=target)
         started = time.perf_counter()
         self.store.ensure_collection(target.collection, encoder.manifest)
+        # The copy re-embeds the stored chunks as they are: the target keeps the text rules they were
+        # made with, so later writes (dual-write, upserts after the swap) follow the same rules.
+        source_rules = self.store.collection_info(source.collection).text_rules
+        if self.store.collection_info(target.collection).text_rules != source_rules:
+            self.store.set_collection_properties(target.collection, {TEXT_RULES_PROPERTY: source_rules})
         if record.pending is None:
             record.pending = target
             record.pending_since_ms = int(time.time() * 1000)

@@ -47,10 +47,12 @@ from semsearch.filters import MetadataFilter, render_filters, render_literal, re
 from semsearch.lite import LiteEndpoint, is_local_uri
 from semsearch.manifest import ModelManifest
 from semsearch.metrics import STORE_LATENCY
+from semsearch.text import LEGACY_TEXT_RULES, TEXT_RULES
 
 log = structlog.get_logger(__name__)
 
-MAX_ID_CHARS = 512
+# Milvus' VARCHAR max_length counts UTF-8 bytes: "中" * 171 is 171 characters but 513 bytes.
+MAX_ID_BYTES = 512
 # Bookkeeping reads (counts, chunk lists, hashes) must see every acknowledged write: Strong.
 # Searches read this client's own writes (Session) and otherwise never wait on the server.
 BOOKKEEPING_CONSISTENCY = "Strong"
@@ -61,6 +63,7 @@ LITE_FLUSH_ROWS = 4096
 RECONNECT_INTERVAL_S = 1.0
 MAX_TEXT_CHARS = 65535 // 4  # VARCHAR max_length counts bytes: 4 per character at worst
 RECORD_TAG = "semsearch"
+TEXT_RULES_PROPERTY = f"{RECORD_TAG}.text_rules"
 OUTPUT_FIELDS = ["doc_id", "chunk_index", "char_offset", "text", "metadata", "content_hash"]
 
 
@@ -74,13 +77,17 @@ def versioned_name(name: str, model_version: str) -> str:
 
 
 def check_doc_id(doc_id: str, where: str = "document id") -> str:
-    """Ids end up inside filter literals: 1-512 characters, no control characters or surrounding space."""
+    """An id the schema holds (1-512 UTF-8 bytes), valid Unicode, without control characters or
+    surrounding space (ids end up inside filter literals)."""
     if not doc_id:
         raise InvalidInputError(f"{where} is empty")
-    if len(doc_id) > MAX_ID_CHARS:
-        raise InvalidInputError(f"{where} is longer than {MAX_ID_CHARS} characters")
-    if doc_id != doc_id.strip() or any(ord(ch) < 0x20 or ord(ch) == 0x7F or 0xD800 <= ord(ch) <= 0xDFFF
-                                       for ch in doc_id):
+    try:
+        size = len(doc_id.encode("utf-8"))
+    except UnicodeEncodeError:
+        raise InvalidInputError(f"{where} contains invalid Unicode (lone surrogates)") from None
+    if size > MAX_ID_BYTES:
+        raise InvalidInputError(f"{where} is longer than {MAX_ID_BYTES} bytes as UTF-8 ({size} bytes)")
+    if doc_id != doc_id.strip() or any(ord(ch) < 0x20 or ord(ch) == 0x7F for ch in doc_id):
         raise InvalidInputError(f"{where} has control characters or surrounding whitespace")
     return doc_id
 
@@ -142,6 +149,7 @@ class CollectionInfo:
     model_version: str
     dimension: int
     manifest: dict[str, Any]
+    text_rules: str = LEGACY_TEXT_RULES.version  # semsearch/text.py; collections made before it: legacy
 
 
 class MilvusStore:
@@ -233,7 +241,7 @@ class MilvusStore:
             raise ModelMismatchError(f"collection {physical!r} was not created by semsearch (no model record)")
         return CollectionInfo(
             name=physical, model_version=record["model_version"], dimension=int(record["dimension"]),
-            manifest=record.get("manifest", {}),
+            manifest=record.get("manifest", {}), text_rules=record["text_rules"],
         )
 
     def ensure_collection(self, name: str, manifest: ModelManifest, *, create: bool = True) -> CollectionInfo:
@@ -250,8 +258,8 @@ class MilvusStore:
 
     def create_collection(self, name: str, manifest: ModelManifest) -> None:
         schema = MilvusClient.create_schema(auto_id=False, enable_dynamic_field=False)
-        schema.add_field("id", DataType.VARCHAR, is_primary=True, max_length=MAX_ID_CHARS + 16)
-        schema.add_field("doc_id", DataType.VARCHAR, max_length=MAX_ID_CHARS)
+        schema.add_field("id", DataType.VARCHAR, is_primary=True, max_length=MAX_ID_BYTES + 16)
+        schema.add_field("doc_id", DataType.VARCHAR, max_length=MAX_ID_BYTES)
         schema.add_field("chunk_index", DataType.INT64)
         schema.add_field("text", DataType.VARCHAR, max_length=65535)
         schema.add_field("metadata", DataType.JSON)
@@ -641,12 +649,14 @@ def translate_milvus_error(exc: MilvusException) -> SemsearchError:
     return StoreError(f"Milvus error: {message}")
 
 
-def model_record(manifest: ModelManifest) -> dict[str, str]:
-    """Collection properties that record which model made its vectors (strings only)."""
+def model_record(manifest: ModelManifest, text_rules: str = TEXT_RULES.version) -> dict[str, str]:
+    """Collection properties that record which model made its vectors and which text rules
+    (normalisation and sentence splitting, semsearch/text.py) made its chunks (strings only)."""
     return {
         f"{RECORD_TAG}.model_version": manifest.version,
         f"{RECORD_TAG}.dimension": str(manifest.dimension),
         f"{RECORD_TAG}.manifest": manifest.model_dump_json(exclude={"metrics"}),
+        TEXT_RULES_PROPERTY: text_rules,
     }
 
 
@@ -659,6 +669,8 @@ def read_model_record(description: dict[str, Any]) -> dict[str, Any] | None:
     return {
         "model_version": version, "dimension": int(properties[f"{RECORD_TAG}.dimension"]),
         "manifest": json.loads(manifest_json),
+        # Absent on collections made before text rules were recorded: they keep the legacy rules.
+        "text_rules": properties.get(TEXT_RULES_PROPERTY) or LEGACY_TEXT_RULES.version,
     }
 
 

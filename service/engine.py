@@ -15,11 +15,12 @@ from typing import Any
 import numpy as np
 import structlog
 
-from semsearch.chunking import Chunker, content_hash, reassemble
+from semsearch.chunking import reassemble
 from semsearch.config import Settings
 from semsearch.encoders import Encoder
 from semsearch.errors import InvalidInputError, NotFoundError
 from semsearch.filters import MetadataFilter
+from semsearch.ingest import Planner, rules_of
 from semsearch.metrics import ENCODER_LATENCY
 from semsearch.store import ChunkRow, CollectionInfo, Hit, MilvusStore
 from semsearch.tracing import span
@@ -74,7 +75,7 @@ class ServingPair:
     encoder: Encoder
     batcher: EncodeBatcher
     collection: CollectionInfo
-    chunker: Chunker
+    planner: Planner  # the collection's text rules and the encoder's chunking
     in_flight: int = 0  # requests holding this pair; it is retired only at zero
 
     @property
@@ -99,8 +100,8 @@ def build_pair(settings: Settings, encoder: Encoder, store: MilvusStore, collect
         encoder.encode_queries, max_batch=settings.microbatch_max_size,
         max_wait_s=settings.microbatch_max_wait_ms / 1000.0, queue_size=settings.microbatch_queue_size,
     )
-    chunker = Chunker(encoder.count_tokens, encoder.manifest.max_tokens)
-    pair = ServingPair(encoder=encoder, batcher=batcher, collection=info, chunker=chunker)
+    planner = Planner(rules_of(info), encoder.count_tokens, encoder.manifest.max_tokens)
+    pair = ServingPair(encoder=encoder, batcher=batcher, collection=info, planner=planner)
     if collection != info.name:
         log.info("collection_alias", name=collection, collection=info.name)
     return pair
@@ -154,7 +155,8 @@ class SearchEngine:
                       timeout_s: float | None) -> list[SearchResult]:
         started = time.perf_counter()
         with span("semsearch.encode", queries=len(queries), model_version=pair.model_version):
-            vectors = await pair.batcher.encode([q.text for q in queries], timeout_s)
+            # Queries are normalised by the collection's rules, as its documents were.
+            vectors = await pair.batcher.encode([pair.planner.normalize(q.text) for q in queries], timeout_s)
         encoded = time.perf_counter()
         encode_ms = (encoded - started) * 1e3
         # Queries with the same filters and limits share one Milvus call.
@@ -211,17 +213,11 @@ class SearchEngine:
 
     def _embed_documents(self, pair: ServingPair, documents: Sequence[DocumentInput],
                          timeout_s: float | None = None) -> list[ChunkRow]:
-        planned: list[tuple[DocumentInput, int, str, int]] = []
-        for document in documents:
-            for chunk in pair.chunker.chunk(document.text):
-                planned.append((document, chunk.index, chunk.text, chunk.start))
-        with ENCODER_LATENCY.labels(kind="document").time():
-            vectors = pair.encoder.encode_documents([text for _, _, text, _ in planned], timeout_s=timeout_s)
-        return [
-            ChunkRow(doc_id=doc.doc_id, chunk_index=index, text=text, vector=vector, metadata=doc.metadata,
-                     content_hash=content_hash(doc.text, doc.metadata), char_offset=start)
-            for (doc, index, text, start), vector in zip(planned, vectors, strict=True)
-        ]
+        def encode(texts: list[str]) -> np.ndarray:
+            with ENCODER_LATENCY.labels(kind="document").time():
+                return pair.encoder.encode_documents(texts, timeout_s=timeout_s)
+
+        return pair.planner.embed([(d.doc_id, d.text, d.metadata) for d in documents], encode)
 
     async def delete(self, doc_ids: Sequence[str]) -> int:
         async with self.document_locks.hold(doc_ids):

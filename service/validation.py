@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import json
-import math
 from collections.abc import Sequence
 from typing import Any
 
@@ -12,7 +10,7 @@ from google.protobuf import json_format
 from semsearch.config import Settings
 from semsearch.errors import InvalidInputError
 from semsearch.filters import MetadataFilter, Operator, Scalar
-from semsearch.store import check_doc_id
+from semsearch.ingest import MAX_METADATA_DEPTH, check_id, check_metadata, check_query, check_text
 from semsearch.v1 import search_pb2 as pb
 from service.engine import DocumentInput, SearchQuery, check_unique_ids
 
@@ -22,22 +20,10 @@ _OPERATORS = {
     pb.FILTER_OPERATOR_LT: Operator.LT, pb.FILTER_OPERATOR_LTE: Operator.LTE,
     pb.FILTER_OPERATOR_IN: Operator.IN, pb.FILTER_OPERATOR_NOT_IN: Operator.NOT_IN,
 }
-MAX_METADATA_DEPTH = 8
-
-
-def _has_bad_chars(text: str) -> bool:
-    # Controls other than tab/newline/CR, and lone surrogates, have no place in ids or queries.
-    return any((ord(ch) < 0x20 and ch not in "\t\n\r") or 0xD800 <= ord(ch) <= 0xDFFF for ch in text)
 
 
 def query_text(text: str, settings: Settings, where: str = "query") -> str:
-    if not text.strip():
-        raise InvalidInputError(f"{where} is empty")
-    if len(text) > settings.max_query_chars:
-        raise InvalidInputError(f"{where} is {len(text)} characters; the limit is {settings.max_query_chars}")
-    if _has_bad_chars(text):
-        raise InvalidInputError(f"{where} contains control characters")
-    return text
+    return check_query(text, settings.max_query_chars, where)
 
 
 def top_k(value: int, settings: Settings, where: str = "top_k") -> int:
@@ -102,7 +88,7 @@ def batch_queries(request: pb.BatchSearchDocumentsRequest, settings: Settings) -
 
 
 def document_id(value: str, where: str) -> str:
-    return check_doc_id(value, where)
+    return check_id(value, where)
 
 
 def _depth_of_struct(struct: Any, limit: int = MAX_METADATA_DEPTH + 1) -> int:
@@ -123,39 +109,15 @@ def _depth_of_struct(struct: Any, limit: int = MAX_METADATA_DEPTH + 1) -> int:
     return depth
 
 
-def _depth(value: Any) -> int:
-    if isinstance(value, dict):
-        return 1 + max((_depth(v) for v in value.values()), default=0)
-    if isinstance(value, list):
-        return 1 + max((_depth(v) for v in value), default=0)
-    return 0
-
-
-def _finite(value: Any) -> bool:
-    if isinstance(value, float):
-        return math.isfinite(value)
-    if isinstance(value, dict):
-        return all(_finite(v) for v in value.values())
-    if isinstance(value, list):
-        return all(_finite(v) for v in value)
-    return True
-
-
 def metadata(struct: Any, settings: Settings, where: str) -> dict[str, Any]:
+    # Checked on the message first: converting a hostile, very deep one would recurse deeply.
     if _depth_of_struct(struct) > MAX_METADATA_DEPTH:
         raise InvalidInputError(f"{where} is nested deeper than {MAX_METADATA_DEPTH} levels")
     try:
-        value: dict[str, Any] = json_format.MessageToDict(struct)
+        value = json_format.MessageToDict(struct)
     except (ValueError, json_format.Error) as exc:
         raise InvalidInputError(f"{where} is not valid JSON: {exc}") from exc
-    if not _finite(value):
-        raise InvalidInputError(f"{where} contains NaN or infinite numbers")
-    if _depth(value) > MAX_METADATA_DEPTH:
-        raise InvalidInputError(f"{where} is nested deeper than {MAX_METADATA_DEPTH} levels")
-    size = len(json.dumps(value, ensure_ascii=False).encode("utf-8"))
-    if size > settings.max_metadata_bytes:
-        raise InvalidInputError(f"{where} is {size} bytes as JSON; the limit is {settings.max_metadata_bytes}")
-    return value
+    return check_metadata(value, settings.max_metadata_bytes, where)
 
 
 def documents(request: pb.UpsertDocumentsRequest, settings: Settings) -> list[DocumentInput]:
@@ -166,17 +128,9 @@ def documents(request: pb.UpsertDocumentsRequest, settings: Settings) -> list[Do
     out = []
     for i, doc in enumerate(request.documents):
         where = f"documents[{i}]"
-        text = doc.text
-        if not text.strip():
-            raise InvalidInputError(f"{where}.text is empty")
-        if len(text) > settings.max_document_chars:
-            raise InvalidInputError(
-                f"{where}.text is {len(text)} characters; the limit is {settings.max_document_chars}"
-            )
-        if any(0xD800 <= ord(ch) <= 0xDFFF for ch in text):
-            raise InvalidInputError(f"{where}.text contains lone surrogates")
         out.append(DocumentInput(
-            doc_id=document_id(doc.id, f"{where}.id"), text=text,
+            doc_id=document_id(doc.id, f"{where}.id"),
+            text=check_text(doc.text, settings.max_document_chars, f"{where}.text"),
             metadata=metadata(doc.metadata, settings, f"{where}.metadata"),
         ))
     check_unique_ids([d.doc_id for d in out])

@@ -13,6 +13,7 @@ from hypothesis import HealthCheck, assume, given, settings
 from hypothesis import strategies as st
 
 from semsearch.encoders import TorchEncoder
+from semsearch.text import normalize
 from semsearch.v1 import search_pb2 as pb
 from tests.conftest import LiveService
 
@@ -123,7 +124,7 @@ def test_hostile_writes(hostile_service: LiveService, doc_id: str, text: str, me
     if code == grpc.StatusCode.OK:
         assert after == before | {doc_id}
         got = hostile_service.stub.GetDocument(pb.GetDocumentRequest(id=doc_id), timeout=30)
-        assert got.document.text == text
+        assert got.document.text == normalize(text)  # stored as normalised (semsearch/text.py)
         assert status_of(lambda: hostile_service.stub.DeleteDocuments(
             pb.DeleteDocumentsRequest(ids=[doc_id]), timeout=30)) == grpc.StatusCode.OK
         assert stored_ids(hostile_service) == before

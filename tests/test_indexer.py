@@ -31,8 +31,6 @@ from indexer.job import IndexOptions, IndexResult, JobError, run_index
 from indexer.pipeline import (
     PipelineConfig,
     StrictModeError,
-    build_rows,
-    plan_document,
     token_counter,
 )
 from indexer.sources import (
@@ -234,23 +232,9 @@ def test_shards_partition_every_id() -> None:
 
 
 # ---------------------------------------------------------------------------------------- chunking
-def test_rows_are_the_services_rows_with_sentence_boundaries_and_overlap(tiny_encoder: TorchEncoder) -> None:
-    from service.engine import DocumentInput, SearchEngine, ServingPair
-
+def test_chunks_end_on_sentence_boundaries_and_overlap(tiny_encoder: TorchEncoder) -> None:
+    # That the indexer's rows are the service's: tests/test_ingest.py (both through semsearch/ingest.py).
     docs = corpus(6, seed=3, max_sentences=80)
-    service_chunker = Chunker(tiny_encoder.count_tokens, tiny_encoder.manifest.max_tokens)
-    pair = ServingPair(encoder=tiny_encoder, batcher=None, collection=None, chunker=service_chunker)  # type: ignore[arg-type]
-    service_rows = SearchEngine._embed_documents(
-        None, pair, [DocumentInput(d["id"], d["text"], d["metadata"]) for d in docs])  # type: ignore[arg-type]
-    ours = Chunker(token_counter(tiny_encoder), tiny_encoder.manifest.max_tokens)
-    indexer_rows = []
-    for d in docs:
-        planned = plan_document(ours, SourceDoc(d["id"], d["text"], d["metadata"], "f", 1, None))  # type: ignore[arg-type]
-        indexer_rows += build_rows(planned, tiny_encoder.encode_documents([c.text for c in planned.chunks]))
-    key = [(r.doc_id, r.chunk_index, r.text, r.char_offset, r.content_hash) for r in service_rows]
-    assert key == [(r.doc_id, r.chunk_index, r.text, r.char_offset, r.content_hash) for r in indexer_rows]
-    assert max(r.chunk_index for r in indexer_rows) >= 2
-
     overlapping = Chunker(token_counter(tiny_encoder), 64, overlap_tokens=20)
     text = docs[0]["text"] * 2
     chunks = overlapping.chunk(text)

@@ -120,7 +120,7 @@ def test_a_new_process_serves_a_lite_collection_another_one_wrote(tmp_path: Path
     code = (
         "import sys, numpy as np; from semsearch.store import MilvusStore\n"
         "store = MilvusStore(sys.argv[1]); v = np.asarray([[float(x) for x in sys.argv[2].split(',')]])\n"
-        "print(store.search('c', v, top_k=1)[0][0].doc_id); print(len(store.get_document_chunks('c', 'd')))\n"
+        "print(store.search('c', v, top_k=1)[0][0].doc_id); print(len(store.document_rows('c', ['d'])))\n"
     )
     result = subprocess.run([sys.executable, "-c", code, uri, ",".join(map(str, vector.tolist()))],
                             capture_output=True, text=True, timeout=120)

@@ -151,7 +151,7 @@ class TorchEncoder(LocalEncoder):
         if dtype is None:
             dtype = torch.float16 if self.device.type == "cuda" else torch.float32
         self.model = load_model(model_dir, dtype=dtype)
-        self.model.to(self.device)
+        self.model.to(self.device)  # type: ignore[arg-type]  # transformers' typing of .to
         super().__init__(model_dir, manifest, self.model.config, batch_size=batch_size)
 
     @classmethod
@@ -167,7 +167,7 @@ class TorchEncoder(LocalEncoder):
         return self.model(**features).last_hidden_state  # type: ignore[no-any-return]
 
     def close(self) -> None:
-        self.model.to("cpu")
+        self.model.to("cpu")  # type: ignore[arg-type]
         if self.device.type == "cuda":
             torch.cuda.empty_cache()
 

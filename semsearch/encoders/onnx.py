@@ -2,9 +2,9 @@
 
 The graph is the transformer TorchEncoder loads (same weights, no pooler head), exported with PyTorch's
 TorchScript-based exporter, fused for the CPU by onnxruntime's BERT optimizer (one Attention node per
-layer, SkipLayerNorm, BiasGelu), and for `onnx-int8` dynamically quantized (int8 weights, per
-channel). Everything around the forward pass — tokenizer, truncation, length-sorted batching,
-pooling, normalization, query instruction — is `LocalEncoder`'s, shared with TorchEncoder.
+layer, SkipLayerNorm, BiasGelu), and for `onnx-int8` dynamically quantized (int8 weights per
+channel, in a 7-bit range). Everything around the forward pass — tokenizer, truncation, length-sorted
+batching, pooling, normalization, query instruction — is `LocalEncoder`'s, shared with TorchEncoder.
 
 Exports are cached in a directory (`onnx_cache_dir`, default `$XDG_CACHE_HOME/semsearch/onnx`), one
 entry per (model version, config, weight files, export recipe, torch/onnxruntime versions,
@@ -14,7 +14,7 @@ processes never load half an export, and later processes load it without re-expo
 The core invariant decides which backend may share a collection:
 - fp32 ONNX reproduces PyTorch's vectors (every export is checked on probe texts: minimum cosine
   >= PARITY_MIN_COSINE, else the export counts as failed), so it keeps the model's version;
-- int8 vectors differ (minimum cosine ~0.97 on MiniLM), so `onnx-int8` is a model version of its
+- int8 vectors differ (minimum cosine ~0.96 to fp32 on MiniLM), so `onnx-int8` is a model version of its
   own (`<version>+onnx-int8`): its own collection, which torch/fp32 encoders refuse and vice versa.
 """
 
@@ -100,7 +100,7 @@ def cache_key(model_dir: Path, manifest: ModelManifest, *, quantize: bool) -> st
                      for p in model_dir.glob(pattern))
     config = hashlib.sha256((model_dir / "config.json").read_bytes()).hexdigest()
     identity = {"version": manifest.version, "config": config, "weights": weights, "recipe": RECIPE,
-                "opset": OPSET, "quantize": "int8-dynamic-per-channel" if quantize else None, **_versions()}
+                "opset": OPSET, "quantize": "int8-dynamic-per-channel-7bit" if quantize else None, **_versions()}
     digest = hashlib.sha256(json.dumps(identity, sort_keys=True).encode()).hexdigest()[:16]
     slug = "".join(ch if ch.isalnum() or ch in "-_." else "_" for ch in manifest.version)[:80]
     return f"{slug}-{'int8' if quantize else 'fp32'}-{digest}"
@@ -159,8 +159,11 @@ def _quantize(source: Path, out: Path) -> None:
     root.setLevel(logging.ERROR)  # "consider pre-processing" advice, printed on the root logger
     try:
         # Per-channel int8 weights: min cosine to fp32 0.97 against 0.87 per tensor (MiniLM, BQ texts).
+        # reduce_range (7-bit weights): AVX2 CPUs without VNNI saturate u8*s8 products, others do not,
+        # so full-range int8 vectors would depend on the CPU; with 7 bits no CPU saturates (and this
+        # variant kept the best BQ recall@10 of those tried, bench/RESULTS.md).
         # The fused graph has contrib ops shape inference cannot type: their outputs are float.
-        quantize_dynamic(str(source), str(out), weight_type=QuantType.QInt8, per_channel=True,
+        quantize_dynamic(str(source), str(out), weight_type=QuantType.QInt8, per_channel=True, reduce_range=True,
                          extra_options={"DefaultTensorType": onnx.TensorProto.FLOAT})
     finally:
         root.setLevel(level)
@@ -191,7 +194,7 @@ def export_model(model_dir: Path, manifest: ModelManifest, cache_dir: Path, *, q
             else:
                 _quantize(source, work / "model.onnx")
                 meta["inputs"] = json.loads((source.parent / "meta.json").read_text())["inputs"]
-                meta["quantization"] = "dynamic int8 weights, per channel"
+                meta["quantization"] = "dynamic int8, weights per channel in 7 bits (reduce_range)"
             check = OnnxEncoder(model_dir, manifest, work / "model.onnx", threads=None)
             cosine = _min_cosine(check.encode_documents(PROBE_TEXTS), reference.encode_documents(PROBE_TEXTS))
             reference.close()

@@ -392,8 +392,8 @@ def bq_recall(setup: Setup, split: Any) -> list[dict[str, Any]]:
     exclude = [[local[q]] if q in local else [] for q in query_keys]
     print(f"\nBQ held-out split: {len(rows)} queries over a test pool of {len(texts)} candidates "
           f"(their own text excluded)\n")
-    print("| backend | recall@10 | mrr@10 | ndcg@10 | top-10 identical to PyTorch | same top-1 |")
-    print("|---|---:|---:|---:|---:|---:|")
+    print("| backend | recall@10 | mrr@10 | ndcg@10 | top-10 identical to PyTorch | top-10 overlap | same top-1 |")
+    print("|---|---:|---:|---:|---:|---:|---:|")
     results: list[dict[str, Any]] = []
     reference: np.ndarray | None = None
     # sentence-transformers is left out: its vectors are PyTorch's (min cosine in the tables above).
@@ -407,10 +407,12 @@ def bq_recall(setup: Setup, split: Any) -> list[dict[str, Any]]:
         if reference is None:
             reference = ranked
         same = float(np.mean([list(a) == list(b) for a, b in zip(ranked, reference, strict=True)]))
+        overlap = float(np.mean([len(set(a) & set(b)) / len(b) for a, b in zip(ranked, reference, strict=True)]))
         top1 = float(np.mean(ranked[:, 0] == reference[:, 0]))
         print(f"| {backend.name} | {metrics['recall@10']:.4f} | {metrics['mrr@10']:.4f} | {metrics['ndcg@10']:.4f} | "
-              f"{same:.1%} | {top1:.1%} |")
-        results.append({"backend": backend.name, **metrics, "identical_top10": same, "same_top1": top1})
+              f"{same:.1%} | {overlap:.1%} | {top1:.1%} |")
+        results.append({"backend": backend.name, **metrics, "identical_top10": same, "top10_overlap": overlap,
+                        "same_top1": top1})
     return results
 
 

@@ -1,21 +1,30 @@
-"""Our TorchEncoder's document throughput over sentence-transformers' `encode`, same model and texts.
+"""In-process encoder backends side by side on the same model and texts: PyTorch (TorchEncoder), ONNX
+Runtime fp32 and int8 (OnnxEncoder), and sentence-transformers' `encode` as the outside peer.
 
-Both encode the same texts with the same batch size, device, dtype and token limit; each is warmed
-up, then timed alternately (ours, ST, ours, ST, ...) so that load from other processes hits both
-alike. Prints median texts/s of each, the ratio ours/ST (target >= 1.0x), whether the vectors agree
-(cosine > 0.999 per text) and our single-query latency (p50 over 50 calls).
+For each thread count (`--threads 1,2`) every backend encodes the same texts with the same batch size
+and token limit, warmed up, then timed in rotating order (repetition after repetition) so that load
+from other processes hits all alike. Reported per backend: median texts/s and its ratio to PyTorch,
+single short query latency p50/p99 (each query timed on every backend in turn) and its ratio, and the
+minimum cosine of its vectors to PyTorch's. Then, with the BQ data present, the held-out split's
+recall@10 per semsearch backend (test pool) and the share of queries whose top-10 ranking equals PyTorch's.
+Targets (issue 16): ONNX fp32 >= 2x PyTorch throughput, <= 0.5x its single-query p50, identical
+rankings; int8 recall@10 within 1 point of PyTorch's.
 
-Texts: the shipped FAQ corpus plus the CMRC2018 passages from ../shared/data/cmrc2018 (next to the
-repository) when present; otherwise the FAQ texts alone.
+Model: by default the vocabulary-extended MiniLM (`trainer/vocab.py`, the BQ training split's
+characters added to the packaged all-MiniLM-L6-v2, built in a temporary directory in seconds) when
+../shared/data/bq is present, else the packaged MiniLM stand-in. Texts: `--texts bq` (default): short
+BQ customer questions; `--texts passages`: the FAQ plus CMRC2018 passages (long).
 
-    .venv/bin/python bench/bench_encoder.py                      # MiniLM stand-in on CPU
-    python bench/bench_encoder.py --device cuda --random-bge-large --max-texts 2048 --batch-size 64
+    .venv/bin/python bench/bench_encoder.py                        # CPU: all backends, 1 and 2 threads
+    .venv/bin/python bench/bench_encoder.py --backends torch,st --texts passages --threads 0
+    python bench/bench_encoder.py --device cuda --random-bge-large --backends torch,st --max-texts 2048 --batch-size 64
 
 `--random-bge-large` builds, in a temporary directory, a BERT with bge-large-zh-v1.5's exact shape
 (24 layers, hidden 1024, 16 heads, intermediate 4096, vocab 21128, 512 positions) and random
 weights, a character-level Chinese tokenizer, a semsearch manifest (CLS pooling, BGE instruction)
 and a sentence-transformers config with CLS pooling, so both libraries pool the same way. On
-CUDA both run in float16 (ours by default; ST through `.half()` after loading).
+CUDA, torch and ST run in float16 (ours by default; ST through `.half()` after loading); ONNX is
+CPU only.
 """
 
 from __future__ import annotations
@@ -30,6 +39,7 @@ import sys
 import tempfile
 import time
 from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
 from importlib import resources
 from pathlib import Path
 from typing import Any
@@ -42,6 +52,9 @@ sys.path.insert(0, str(REPO_ROOT))
 
 from semsearch.encoders.local import STAND_IN_MODEL, TorchEncoder, locate_model  # noqa: E402
 from semsearch.manifest import BGE_ZH_INSTRUCTION, ModelManifest, resolve_manifest  # noqa: E402
+
+DATA_DIR = REPO_ROOT.parent / "shared" / "data"
+BQ_FILE = DATA_DIR / "bq" / "BQ.train.tsv"
 
 SHORT_QUERIES = ["退钱怎么操作？", "包裹好几天没动静了", "手机开不了机", "密码忘了登不上去", "发票抬头写错了能改吗",
                  "保修期是多久", "会员积分怎么用", "可以分期付款吗", "how do I get a refund", "where is my parcel"]
@@ -78,9 +91,9 @@ def cmrc_passages(data_dir: Path) -> list[str]:
     return passages
 
 
-def load_texts(max_texts: int) -> tuple[list[str], str]:
+def passage_texts(max_texts: int) -> tuple[list[str], str]:
     faq = faq_texts()
-    cmrc = cmrc_passages(REPO_ROOT.parent / "shared" / "data")
+    cmrc = cmrc_passages(DATA_DIR)
     texts = faq + cmrc
     source = f"{len(faq)} FAQ texts + {len(cmrc)} CMRC2018 passages" if cmrc else f"{len(faq)} FAQ texts (no CMRC2018)"
     if len(texts) < max_texts:  # repeat to reach the size asked for (a small corpus, a big GPU batch)
@@ -177,12 +190,51 @@ def build_random_bge_large(target: Path, *, seed: int = 0) -> Path:
     return target
 
 
+def bq_split() -> Any:
+    """The trainer's split of BQ (15% of intents held out, seed 42), as in trainer/RESULTS.md."""
+    from trainer.prepare import prepare
+
+    return prepare(labelled=[BQ_FILE], test_ratio=0.15, seed=42)
+
+
+def bq_texts(max_texts: int) -> tuple[list[str], str]:
+    questions: dict[str, None] = {}
+    for line in BQ_FILE.read_text(encoding="utf-8").splitlines():
+        for text in line.split("\t")[:2]:
+            if text.strip():
+                questions[text.strip()] = None
+    texts = list(questions)[:max_texts]
+    return texts, f"{len(texts)} distinct BQ questions"
+
+
+def extended_minilm(target: Path, split: Any) -> Path:
+    """all-MiniLM-L6-v2 with the BQ training split's characters added (untrained new rows, seed 0)."""
+    from trainer.rows import candidate_texts
+    from trainer.vocab import extend_vocabulary
+
+    texts = [row.query for row in split.train] + candidate_texts(split.train)
+    extend_vocabulary(STAND_IN_MODEL, texts, target, always=BGE_ZH_INSTRUCTION, name="minilm-zh")
+    return target
+
+
 # ----------------------------------------------------------------------------------------- measuring
+@dataclass
+class Backend:
+    """One way of encoding: documents in batches, and single queries (instruction included)."""
+
+    name: str
+    documents: Callable[[Sequence[str]], np.ndarray]
+    queries: Callable[[Sequence[str]], np.ndarray]
+    seconds: list[float] = field(default_factory=list)
+    query_ms: list[float] = field(default_factory=list)
+    vectors: np.ndarray | None = None
+
+
 def timed(fn: Callable[[], np.ndarray], device: torch.device) -> tuple[float, np.ndarray]:
     if device.type == "cuda":
         torch.cuda.synchronize()
     started = time.perf_counter()
-    out = fn()  # both return host numpy arrays, so the work is done when they return
+    out = fn()  # every backend returns host numpy arrays, so the work is done when they return
     if device.type == "cuda":
         torch.cuda.synchronize()
     return time.perf_counter() - started, out
@@ -203,164 +255,257 @@ def percentile(values: Sequence[float], q: float) -> float:
     return ordered[min(len(ordered) - 1, round(q / 100 * (len(ordered) - 1)))]
 
 
-def run(args: argparse.Namespace) -> dict[str, object]:
-    from sentence_transformers import SentenceTransformer
-
-    if args.threads:
-        torch.set_num_threads(args.threads)
-    tmp: tempfile.TemporaryDirectory[str] | None = None
-    if args.random_bge_large:
-        tmp = tempfile.TemporaryDirectory(prefix="random-bge-large-")
-        print(f"building a random-weight BERT with bge-large-zh-v1.5's configuration in {tmp.name} ...", flush=True)
-        started = time.perf_counter()
-        model_dir = build_random_bge_large(Path(tmp.name))
-        print(f"  built in {time.perf_counter() - started:.1f} s", flush=True)
-        model_ref = str(model_dir)
-    else:
-        model_ref = args.model
-        model_dir = locate_model(model_ref)
-    try:
-        return measure(args, model_ref, model_dir, SentenceTransformer)
-    finally:
-        if tmp is not None:
-            tmp.cleanup()
+def rotate(items: list[Backend], by: int) -> list[Backend]:
+    by %= len(items)
+    return items[by:] + items[:by]
 
 
-def measure(args: argparse.Namespace, model_ref: str, model_dir: Path, st_class: type) -> dict[str, object]:
-    manifest = resolve_manifest(model_dir, model_ref)
-    ours = TorchEncoder(model_dir, manifest, device=args.device, batch_size=args.batch_size)
-    device = ours.device
-    dtype = next(ours.model.parameters()).dtype
-    st = st_class(str(model_dir), device=str(device))
-    if dtype != torch.float32:
-        st.half()  # same dtype as ours (float16 on CUDA)
-    st.max_seq_length = ours.max_tokens
-    st_pooling = [type(m).__name__ + describe_pooling(m) for m in st]
-    texts, source = load_texts(args.max_texts)
-    lengths = ours.count_tokens(texts)
-    truncated = sum(n > ours.max_tokens for n in lengths)
-    print(f"\nmodel {manifest.name} ({manifest.version}) · pooling {manifest.pooling} · dim {manifest.dimension} · "
-          f"max tokens {ours.max_tokens}")
-    print(f"ST modules: {' -> '.join(st_pooling)} · ST max_seq_length {st.max_seq_length}")
-    import sentence_transformers
-    import transformers
+def min_cosine(a: np.ndarray, b: np.ndarray) -> float:
+    return float(np.min(np.sum(a * b, axis=1) / (np.linalg.norm(a, axis=1) * np.linalg.norm(b, axis=1))))
 
-    print(f"device {device} · dtype ours {dtype}, ST {next(st.parameters()).dtype} · batch size {args.batch_size} · "
-          f"torch threads {torch.get_num_threads()} · torch {torch.__version__} · transformers "
-          f"{transformers.__version__} · sentence-transformers {sentence_transformers.__version__}")
-    print(f"texts: {len(texts)} from {source}; tokens per text median {statistics.median(lengths):.0f}, "
-          f"max {max(lengths)}, {truncated} truncated at {ours.max_tokens}")
 
-    def run_ours() -> np.ndarray:
-        return ours.encode_documents(texts)
+class Setup:
+    """The model, its manifest and every backend's encoder (ONNX sessions per thread count)."""
 
-    def run_st() -> np.ndarray:
-        return st.encode(texts, batch_size=args.batch_size, normalize_embeddings=True, convert_to_numpy=True,
-                         show_progress_bar=False)
+    def __init__(self, args: argparse.Namespace, model_ref: str, model_dir: Path) -> None:
+        self.args = args
+        self.model_dir = model_dir
+        self.manifest = resolve_manifest(model_dir, model_ref)
+        self.torch = TorchEncoder(model_dir, self.manifest, device=args.device, batch_size=args.batch_size)
+        self.device = self.torch.device
+        self.onnx_paths: dict[str, Path] = {}
+        self.export_s: dict[str, float] = {}
+        if {"onnx", "onnx-int8"} & set(args.backends):
+            from semsearch.encoders.onnx import default_cache_dir, export_model
 
+            cache = args.onnx_cache_dir or default_cache_dir()
+            for name in ("onnx", "onnx-int8"):
+                if name in args.backends:
+                    started = time.perf_counter()
+                    self.onnx_paths[name] = export_model(model_dir, self.manifest, cache, quantize=name == "onnx-int8")
+                    self.export_s[name] = time.perf_counter() - started
+        self.st: Any = None
+        if "st" in args.backends:
+            from sentence_transformers import SentenceTransformer
+
+            self.st = SentenceTransformer(str(model_dir), device=str(self.device))
+            if next(self.torch.model.parameters()).dtype != torch.float32:
+                self.st.half()  # same dtype as ours (float16 on CUDA)
+            self.st.max_seq_length = self.torch.max_tokens
+
+    def backends(self, threads: int) -> list[Backend]:
+        from semsearch.encoders.onnx import OnnxEncoder, int8_manifest
+
+        out: list[Backend] = []
+        for name in self.args.backends:
+            if name == "torch":
+                out.append(Backend("PyTorch (TorchEncoder)", self.torch.encode_documents, self.torch.encode_queries))
+            elif name in self.onnx_paths:
+                manifest = int8_manifest(self.manifest) if name == "onnx-int8" else self.manifest
+                encoder = OnnxEncoder(self.model_dir, manifest, self.onnx_paths[name], batch_size=self.args.batch_size,
+                                      threads=threads or None)
+                label = "ONNX Runtime int8" if name == "onnx-int8" else "ONNX Runtime fp32"
+                out.append(Backend(label, encoder.encode_documents, encoder.encode_queries))
+            elif name == "st":
+                out.append(Backend("sentence-transformers", self.st_documents, self.st_queries))
+        return out
+
+    def st_documents(self, texts: Sequence[str]) -> np.ndarray:
+        return self.st.encode(list(texts), batch_size=self.args.batch_size, normalize_embeddings=True,  # type: ignore[no-any-return]
+                              convert_to_numpy=True, show_progress_bar=False)
+
+    def st_queries(self, queries: Sequence[str]) -> np.ndarray:
+        return self.st_documents([self.manifest.apply_query_instruction(q) for q in queries])
+
+
+def measure_threads(setup: Setup, threads: int, texts: list[str]) -> list[Backend]:
+    args = setup.args
+    if threads:
+        torch.set_num_threads(threads)
+    backends = setup.backends(threads)
     # Warm-up on the longest texts as well as short ones. On CUDA, each new (batch, length) shape pays once
-    # for allocator growth and kernel selection: a first pass over all the texts ran 2.5x slower than the
-    # next (H100), so there both libraries make one full untimed pass first, lest it land in one side's timing.
+    # for allocator growth and kernel selection (a first full pass ran 2.5x slower than the next on an H100),
+    # so there every backend makes one full untimed pass first.
     by_length = sorted(texts, key=len, reverse=True)
     warm_sets = [by_length[: args.batch_size], by_length[len(by_length) // 2 :][: args.batch_size],
                  by_length[-args.batch_size :]]
-    if device.type == "cuda":
+    if setup.device.type == "cuda":
         warm_sets.append(texts)
-    for warm in warm_sets:
-        ours.encode_documents(warm)
-        st.encode(warm, batch_size=args.batch_size, normalize_embeddings=True, show_progress_bar=False)
-
-    ours_s: list[float] = []
-    st_s: list[float] = []
-    ours_vec = st_vec = None
+    for backend in backends:
+        for warm in warm_sets:
+            backend.documents(warm)
     for rep in range(args.repeats):
-        # Alternate the order too, so neither always runs right after the other.
-        order = [("ours", run_ours), ("st", run_st)] if rep % 2 == 0 else [("st", run_st), ("ours", run_ours)]
-        for name, fn in order:
-            seconds, vectors = timed(fn, device)
-            if name == "ours":
-                ours_s.append(seconds)
-                ours_vec = vectors
-            else:
-                st_s.append(seconds)
-                st_vec = vectors
-        print(f"  repetition {rep + 1}/{args.repeats}: ours {len(texts) / ours_s[-1]:8.1f} texts/s, "
-              f"ST {len(texts) / st_s[-1]:8.1f} texts/s", flush=True)
-    assert ours_vec is not None and st_vec is not None
-    cosine = np.sum(ours_vec * st_vec, axis=1) / (
-        np.linalg.norm(ours_vec, axis=1) * np.linalg.norm(st_vec, axis=1))
-    agree = bool(np.all(cosine > 0.999))
-
-    ours_tps = len(texts) / statistics.median(ours_s)
-    st_tps = len(texts) / statistics.median(st_s)
-    paired = [s / o for o, s in zip(ours_s, st_s, strict=True)]  # per repetition: ST time / our time
-
-    # Single short queries, one at a time (what the service does at low load).
-    # Every query shape is warmed for both first; then each query is timed on both, alternating which goes first.
+        for backend in rotate(backends, rep):
+            seconds, backend.vectors = timed(functools.partial(backend.documents, texts), setup.device)
+            backend.seconds.append(seconds)
+        print(f"  threads {threads or 'default'} · repetition {rep + 1}/{args.repeats}: " + ", ".join(
+            f"{b.name} {len(texts) / b.seconds[-1]:.0f}" for b in backends) + " texts/s", flush=True)
+    # Single short queries, one at a time (what the service does at low load), every backend in turn.
     for _ in range(2):
         for q in SHORT_QUERIES:
-            ours.encode_queries([q])
-            st.encode([manifest.apply_query_instruction(q)], normalize_embeddings=True, show_progress_bar=False)
-    query_ms: list[float] = []
-    st_query_ms: list[float] = []
+            for backend in backends:
+                backend.queries([q])
     for i in range(args.queries):
         q = SHORT_QUERIES[i % len(SHORT_QUERIES)]
-        ours_call = functools.partial(ours.encode_queries, [q])
-        st_call = functools.partial(st.encode, [manifest.apply_query_instruction(q)], normalize_embeddings=True,
-                                    show_progress_bar=False)
-        if i % 2 == 0:
-            query_ms.append(timed(ours_call, device)[0] * 1e3)
-            st_query_ms.append(timed(st_call, device)[0] * 1e3)
-        else:
-            st_query_ms.append(timed(st_call, device)[0] * 1e3)
-            query_ms.append(timed(ours_call, device)[0] * 1e3)
+        for backend in rotate(backends, i):
+            backend.query_ms.append(timed(functools.partial(backend.queries, [q]), setup.device)[0] * 1e3)
+    return backends
 
-    print(f"\n| encoder | texts/s (median of {args.repeats}) | min s | median s | max s |")
-    print("|---|---:|---:|---:|---:|")
-    for name, runs in (("semsearch TorchEncoder.encode_documents", ours_s),
-                       ("sentence-transformers encode", st_s)):
-        print(f"| {name} | {len(texts) / statistics.median(runs):.1f} | {min(runs):.3f} | "
-              f"{statistics.median(runs):.3f} | {max(runs):.3f} |")
-    verdict = "meets" if ours_tps / st_tps >= 1.0 else "BELOW"
-    print(f"\nratio ours/ST (median texts/s): {ours_tps / st_tps:.3f}x ({verdict} the >= 1.0x target); "
-          f"per-repetition ratios {', '.join(f'{r:.3f}' for r in paired)} (median {statistics.median(paired):.3f})")
-    print(f"vectors agree: cosine min {cosine.min():.6f}, median {np.median(cosine):.6f} over {len(texts)} texts "
-          f"-> {'OK' if agree else 'MISMATCH'} (threshold 0.999)")
-    print(f"single short query latency, {args.queries} calls: ours p50 {statistics.median(query_ms):.2f} ms, "
-          f"p99 {percentile(query_ms, 99):.2f} ms; ST p50 {statistics.median(st_query_ms):.2f} ms, "
-          f"p99 {percentile(st_query_ms, 99):.2f} ms")
-    ours.close()
-    return {
-        "model": manifest.version, "device": str(device), "dtype": str(dtype), "batch_size": args.batch_size,
-        "texts": len(texts), "source": source, "ours_texts_per_s": ours_tps, "st_texts_per_s": st_tps,
-        "ratio": ours_tps / st_tps, "paired_ratios": paired, "cosine_min": float(cosine.min()), "agree": agree,
-        "query_p50_ms": statistics.median(query_ms), "st_query_p50_ms": statistics.median(st_query_ms),
-    }
+
+def print_table(backends: list[Backend], texts: int, threads: int) -> list[dict[str, Any]]:
+    base = backends[0]
+    assert base.vectors is not None
+    base_tps = texts / statistics.median(base.seconds)
+    base_p50 = statistics.median(base.query_ms)
+    print(f"\n**{threads or 'default'} thread(s)**\n")
+    short = base.name.split()[0]
+    print(f"| backend | texts/s | × {short} | query p50 ms | p99 ms | p50 × | min cosine to {short} |")
+    print("|---|---:|---:|---:|---:|---:|---:|")
+    rows: list[dict[str, Any]] = []
+    for backend in backends:
+        assert backend.vectors is not None
+        tps = texts / statistics.median(backend.seconds)
+        p50 = statistics.median(backend.query_ms)
+        cosine = min_cosine(backend.vectors, base.vectors)
+        print(f"| {backend.name} | {tps:.1f} | {tps / base_tps:.2f} | {p50:.2f} | "
+              f"{percentile(backend.query_ms, 99):.2f} | {p50 / base_p50:.2f} | {cosine:.6f} |")
+        rows.append({"backend": backend.name, "threads": threads, "texts_per_s": tps,
+                     "throughput_ratio": tps / base_tps,
+                     "query_p50_ms": p50, "query_p99_ms": percentile(backend.query_ms, 99),
+                     "p50_ratio": p50 / base_p50, "min_cosine": cosine,
+                     "texts_per_s_runs": [texts / s for s in backend.seconds]})
+    return rows
+
+
+def bq_recall(setup: Setup, split: Any) -> list[dict[str, Any]]:
+    """recall@10 on the held-out intents' test pool, and top-10 rankings compared with PyTorch's."""
+    from trainer.encoding import ExactIndex
+    from trainer.evaluate import _pool_metrics
+    from trainer.rows import candidate_texts, normalize_text
+
+    rows = split.test
+    texts = candidate_texts(rows)
+    keys = [normalize_text(t) for t in texts]
+    query_keys = [normalize_text(r.query) for r in rows]
+    relevant = [{normalize_text(p) for p in r.pos} for r in rows]
+    local = {k: i for i, k in enumerate(keys)}
+    exclude = [[local[q]] if q in local else [] for q in query_keys]
+    print(f"\nBQ held-out split: {len(rows)} queries over a test pool of {len(texts)} candidates "
+          f"(their own text excluded)\n")
+    print("| backend | recall@10 | mrr@10 | ndcg@10 | top-10 identical to PyTorch | top-10 overlap | same top-1 |")
+    print("|---|---:|---:|---:|---:|---:|---:|")
+    results: list[dict[str, Any]] = []
+    reference: np.ndarray | None = None
+    # sentence-transformers is left out: its vectors are PyTorch's (min cosine in the tables above).
+    for backend in setup.backends(setup.args.threads[0]):
+        if backend.name == "sentence-transformers":
+            continue
+        docs = backend.documents(texts)
+        queries = backend.queries([r.query for r in rows])
+        metrics = _pool_metrics(queries, docs, range(len(texts)), query_keys, relevant, keys)["metrics"]
+        ranked, _ = ExactIndex(docs).search(queries, 10, exclude=exclude)
+        if reference is None:
+            reference = ranked
+        same = float(np.mean([list(a) == list(b) for a, b in zip(ranked, reference, strict=True)]))
+        overlap = float(np.mean([len(set(a) & set(b)) / len(b) for a, b in zip(ranked, reference, strict=True)]))
+        top1 = float(np.mean(ranked[:, 0] == reference[:, 0]))
+        print(f"| {backend.name} | {metrics['recall@10']:.4f} | {metrics['mrr@10']:.4f} | {metrics['ndcg@10']:.4f} | "
+              f"{same:.1%} | {overlap:.1%} | {top1:.1%} |")
+        results.append({"backend": backend.name, **metrics, "identical_top10": same, "top10_overlap": overlap,
+                        "same_top1": top1})
+    return results
+
+
+def run(args: argparse.Namespace) -> dict[str, object]:
+    with tempfile.TemporaryDirectory(prefix="bench-encoder-") as tmp:
+        split = bq_split() if BQ_FILE.exists() else None
+        if args.random_bge_large:
+            print(f"building a random-weight BERT with bge-large-zh-v1.5's configuration in {tmp} ...", flush=True)
+            model_ref = str(build_random_bge_large(Path(tmp)))
+        elif args.model == "minilm-zh":
+            if split is None:
+                print("no ../shared/data/bq: using the packaged MiniLM stand-in, not the vocabulary-extended one")
+                model_ref = STAND_IN_MODEL
+            else:
+                started = time.perf_counter()
+                model_ref = str(extended_minilm(Path(tmp) / "minilm-zh", split))
+                print(f"vocabulary-extended MiniLM built in {time.perf_counter() - started:.1f} s", flush=True)
+        else:
+            model_ref = args.model
+        return measure(args, model_ref, locate_model(model_ref), split)
+
+
+def measure(args: argparse.Namespace, model_ref: str, model_dir: Path, split: Any) -> dict[str, object]:
+    setup = Setup(args, model_ref, model_dir)
+    manifest, ours = setup.manifest, setup.torch
+    if args.texts == "bq" and BQ_FILE.exists():
+        texts, source = bq_texts(args.max_texts)
+    else:
+        texts, source = passage_texts(args.max_texts)
+    lengths = ours.count_tokens(texts)
+    import onnxruntime
+    import sentence_transformers
+    import transformers
+
+    print(f"\nmodel {manifest.name} ({manifest.version}) · pooling {manifest.pooling} · dim {manifest.dimension} · "
+          f"max tokens {ours.max_tokens} · device {setup.device} · batch size {args.batch_size}")
+    print(f"torch {torch.__version__} · onnxruntime {onnxruntime.__version__} · transformers "
+          f"{transformers.__version__} · sentence-transformers {sentence_transformers.__version__}")
+    if setup.st is not None:
+        print(f"ST modules: {' -> '.join(type(m).__name__ + describe_pooling(m) for m in setup.st)}")
+    for name, seconds in setup.export_s.items():
+        print(f"{name} graph: {setup.onnx_paths[name].parent.name} (export or cache load {seconds:.1f} s)")
+    print(f"texts: {len(texts)} ({source}); tokens per text median {statistics.median(lengths):.0f}, "
+          f"max {max(lengths)}, {sum(n > ours.max_tokens for n in lengths)} truncated at {ours.max_tokens}")
+    summary: dict[str, Any] = {"model": manifest.version, "device": str(setup.device), "texts": len(texts),
+                               "source": source, "batch_size": args.batch_size, "runs": []}
+    for threads in args.threads:
+        backends = measure_threads(setup, threads, texts)
+        summary["runs"] += print_table(backends, len(texts), threads)
+    if split is not None and not args.random_bge_large:
+        summary["bq"] = bq_recall(setup, split)
+    return summary
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--model", default=STAND_IN_MODEL, help="hub id or local directory (default: MiniLM stand-in)")
+    parser.add_argument("--model", default="minilm-zh",
+                        help="minilm-zh (vocabulary-extended MiniLM, built here; default), a hub id or a directory")
+    parser.add_argument("--backends", default="torch,onnx,onnx-int8,st",
+                        help="comma-separated, the first is the baseline: torch, onnx, onnx-int8, "
+                             "st (sentence-transformers)")
     parser.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
+    parser.add_argument("--texts", default="bq", choices=["bq", "passages"])
     parser.add_argument("--batch-size", type=int, default=32)
-    parser.add_argument("--max-texts", type=int, default=512)
-    parser.add_argument("--repeats", type=int, default=5)
-    parser.add_argument("--queries", type=int, default=50, help="single-query latency samples")
-    parser.add_argument("--threads", type=int, default=0, help="torch threads (default: torch's choice)")
+    parser.add_argument("--max-texts", type=int, default=1024)
+    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--queries", type=int, default=100, help="single-query latency samples per backend")
+    parser.add_argument("--threads", default="1,2", help="comma-separated thread counts; 0 = the libraries' default")
+    parser.add_argument("--onnx-cache-dir", type=Path, default=None)
     parser.add_argument("--random-bge-large", action="store_true",
                         help="random weights in bge-large-zh-v1.5's exact shape (for GPU runs; small on CPU)")
     parser.add_argument("--json-out", type=Path, default=None)
     args = parser.parse_args()
-    if args.device == "cuda" and not torch.cuda.is_available():
-        parser.error("--device cuda but torch sees no GPU")
+    args.backends = [b.strip() for b in args.backends.split(",") if b.strip()]
+    args.threads = [int(t) for t in args.threads.split(",")]
+    unknown = set(args.backends) - {"torch", "onnx", "onnx-int8", "st"}
+    if unknown:
+        parser.error(f"unknown backends: {', '.join(sorted(unknown))}")
+    if args.device == "cuda":
+        if not torch.cuda.is_available():
+            parser.error("--device cuda but torch sees no GPU")
+        if {"onnx", "onnx-int8"} & set(args.backends):
+            parser.error("the ONNX backends run on CPU only (the GPU path stays PyTorch)")
     print(f"bench_encoder · {platform.node()} · {os.cpu_count()} CPUs · "
           f"{platform.processor() or platform.machine()} · Python {platform.python_version()}"
           + (f" · {torch.cuda.get_device_name()}" if args.device == "cuda" else ""))
+    started = time.perf_counter()
     if hasattr(os, "getloadavg"):
         print(f"load average at start: {os.getloadavg()[0]:.2f}")
     summary = run(args)
     if hasattr(os, "getloadavg"):
         print(f"load average at end: {os.getloadavg()[0]:.2f}")
+    print(f"wall time {time.perf_counter() - started:.0f} s")
     if args.json_out:
         args.json_out.write_text(json.dumps(summary, indent=2))
 

@@ -19,6 +19,7 @@ from semsearch.cli import (
     CollectionOption,
     ConfigOption,
     DeviceOption,
+    EncoderBackendOption,
     EncoderUrlOption,
     LogLevelOption,
     MilvusUriOption,
@@ -133,7 +134,7 @@ def register(app: typer.Typer) -> None:
         inputs: InputsArg = None,
         config: ConfigOption = None, milvus_uri: MilvusUriOption = None, collection: CollectionOption = None,
         model: ModelOption = None, encoder_url: EncoderUrlOption = None, device: DeviceOption = None,
-        log_level: LogLevelOption = None,
+        log_level: LogLevelOption = None, encoder_backend: EncoderBackendOption = None,
         fmt: FormatOption = "auto",
         id_field: IdFieldOption = "id", text_field: TextFieldOption = "text", title_field: TitleFieldOption = "title",
         metadata_field: MetadataFieldOption = None, metadata_object_field: MetadataObjectOption = "metadata",
@@ -199,7 +200,8 @@ def register(app: typer.Typer) -> None:
         if resume and restart:
             raise fail("--resume and --restart contradict each other", EXIT_USAGE)
         settings = settings_from_cli(config, milvus_uri=milvus_uri, collection=collection, model=model,
-                                     encoder_url=encoder_url, device=device, log_level=log_level)
+                                     encoder_url=encoder_url, device=device, log_level=log_level,
+                                     encoder_backend=encoder_backend)
         shard_spec = _parse_shard(shard)
         options = IndexOptions(
             inputs=list(inputs or []), format=fmt,
@@ -249,7 +251,7 @@ def register(app: typer.Typer) -> None:
         inputs: InputsArg = None,
         config: ConfigOption = None, milvus_uri: MilvusUriOption = None, collection: CollectionOption = None,
         model: ModelOption = None, encoder_url: EncoderUrlOption = None, device: DeviceOption = None,
-        log_level: LogLevelOption = None,
+        log_level: LogLevelOption = None, encoder_backend: EncoderBackendOption = None,
         fmt: FormatOption = "auto",
         id_field: IdFieldOption = "id", text_field: TextFieldOption = "text", title_field: TitleFieldOption = "title",
         metadata_field: MetadataFieldOption = None, metadata_object_field: MetadataObjectOption = "metadata",
@@ -272,7 +274,8 @@ def register(app: typer.Typer) -> None:
         from semsearch.errors import SemsearchError
 
         settings = settings_from_cli(config, milvus_uri=milvus_uri, collection=collection, model=model,
-                                     encoder_url=encoder_url, device=device, log_level=log_level)
+                                     encoder_url=encoder_url, device=device, log_level=log_level,
+                                     encoder_backend=encoder_backend)
         fields = _fields(id_field, text_field, title_field, metadata_field, metadata_object_field)
         limits = Limits(max_metadata_bytes=max_metadata_bytes or settings.max_metadata_bytes,
                         max_doc_chars=max_doc_chars)

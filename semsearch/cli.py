@@ -29,6 +29,8 @@ ModelOption = Annotated[str | None, typer.Option(
 EncoderUrlOption = Annotated[str | None, typer.Option(
     "--encoder-url", help="Remote embedding server URL(s), comma-separated [env SEMSEARCH_ENCODER_URL]")]
 DeviceOption = Annotated[str | None, typer.Option("--device", help="auto, cpu or cuda[:N] [env SEMSEARCH_DEVICE]")]
+EncoderBackendOption = Annotated[str | None, typer.Option(
+    "--encoder-backend", help="In-process encoder: torch, onnx, onnx-int8 or auto [env SEMSEARCH_ENCODER_BACKEND]")]
 HostOption = Annotated[str | None, typer.Option("--host", help="Bind address [env SEMSEARCH_HOST]")]
 PortOption = Annotated[int | None, typer.Option("--port", help="gRPC port [env SEMSEARCH_PORT]")]
 LogLevelOption = Annotated[str | None, typer.Option(

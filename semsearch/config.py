@@ -67,6 +67,11 @@ class Settings(BaseSettings):
     encoder_ca_file: str | None = None  # CA bundle for https encoder URLs
     encode_batch_size: int = 32
     torch_threads: int | None = None
+    # In-process backend: torch; onnx (ONNX Runtime fp32 on CPU, same vectors and model version);
+    # onnx-int8 (quantized: a model version of its own); auto (onnx on CPU when installed, else torch).
+    # ONNX Runtime uses torch_threads threads per forward pass too.
+    encoder_backend: Literal["torch", "onnx", "onnx-int8", "auto"] = "torch"
+    onnx_cache_dir: Path | None = None  # exported graphs; default $XDG_CACHE_HOME/semsearch/onnx
 
     # Service
     host: str = "127.0.0.1"

@@ -16,6 +16,7 @@ from semsearch.cli import (
     CollectionOption,
     ConfigOption,
     DeviceOption,
+    EncoderBackendOption,
     EncoderUrlOption,
     HostOption,
     LogLevelOption,
@@ -77,13 +78,14 @@ def register(app: typer.Typer) -> None:
         config: ConfigOption = None, milvus_uri: MilvusUriOption = None, collection: CollectionOption = None,
         model: ModelOption = None, encoder_url: EncoderUrlOption = None, device: DeviceOption = None,
         host: HostOption = None, port: PortOption = None, log_level: LogLevelOption = None,
+        encoder_backend: EncoderBackendOption = None,
     ) -> None:
         """Run the gRPC search service until SIGTERM (then drain in-flight calls)."""
         from service.server import serve as run
 
         settings = settings_from_cli(config, milvus_uri=milvus_uri, collection=collection, model=model,
                                      encoder_url=encoder_url, device=device, host=host, port=port,
-                                     log_level=log_level)
+                                     log_level=log_level, encoder_backend=encoder_backend)
         try:
             asyncio.run(run(settings))
         except (ModelNotFoundError, ModelMismatchError) as exc:
@@ -125,12 +127,13 @@ def register(app: typer.Typer) -> None:
         config: ConfigOption = None, milvus_uri: MilvusUriOption = None, model: ModelOption = None,
         encoder_url: EncoderUrlOption = None, device: DeviceOption = None, log_level: LogLevelOption = None,
         corpus: Annotated[Path | None, typer.Option("--corpus", help="JSONL corpus (default: the shipped FAQ)")] = None,
+        encoder_backend: EncoderBackendOption = None,
     ) -> None:
         """Index the shipped Chinese FAQ, start the service on 127.0.0.1 and run example queries."""
         from service.demo import run_demo
 
         settings = settings_from_cli(config, milvus_uri=milvus_uri, model=model, encoder_url=encoder_url,
-                                     device=device, log_level=log_level or "ERROR")
+                                     device=device, log_level=log_level or "ERROR", encoder_backend=encoder_backend)
         try:
             asyncio.run(run_demo(settings, corpus=corpus, milvus_uri_given=milvus_uri is not None))
         except SemsearchError as exc:

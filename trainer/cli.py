@@ -15,7 +15,15 @@ from typing import Annotated, Any
 
 import typer
 
-from semsearch.cli import ConfigOption, DeviceOption, EncoderUrlOption, ModelOption, fail, settings_from_cli
+from semsearch.cli import (
+    ConfigOption,
+    DeviceOption,
+    EncoderBackendOption,
+    EncoderUrlOption,
+    ModelOption,
+    fail,
+    settings_from_cli,
+)
 from semsearch.errors import SemsearchError
 
 train_app = typer.Typer(
@@ -130,6 +138,7 @@ def mine_cmd(
     model: ModelOption = None,
     encoder_url: EncoderUrlOption = None,
     device: DeviceOption = None,
+    encoder_backend: EncoderBackendOption = None,
     corpus: Annotated[
         Path | None,
         typer.Option("--corpus", help="Candidate pool: JSONL {id, text} or text lines; default all pos/neg texts"),
@@ -158,7 +167,8 @@ def mine_cmd(
     from trainer.rows import read_rows, write_rows
 
     settings = settings_from_cli(
-        config, model=model, encoder_url=encoder_url, device=device, encode_batch_size=batch_size
+        config, model=model, encoder_url=encoder_url, device=device, encode_batch_size=batch_size,
+        encoder_backend=encoder_backend,
     )
     with _cli_errors():
         lo, hi = parse_range(rank_range)
@@ -314,6 +324,7 @@ def evaluate_cmd(
     ] = None,
     encoder_url: EncoderUrlOption = None,
     device: DeviceOption = None,
+    encoder_backend: EncoderBackendOption = None,
     batch_size: Annotated[int | None, typer.Option("--batch-size", help="Encoder batch size")] = None,
     record: Annotated[bool, typer.Option("--record", help="Store the metrics in each local model's manifest")] = False,
     config: ConfigOption = None,
@@ -323,7 +334,8 @@ def evaluate_cmd(
     from trainer.mine import read_corpus
     from trainer.rows import read_rows
 
-    settings = settings_from_cli(config, encoder_url=encoder_url, device=device, encode_batch_size=batch_size)
+    settings = settings_from_cli(config, encoder_url=encoder_url, device=device, encode_batch_size=batch_size,
+                                 encoder_backend=encoder_backend)
     specs = [parse_model_spec(m) for m in models] if models else [parse_model_spec(settings.model)]
     if settings.encoder_url and len(specs) > 1:
         raise fail("--encoder-url evaluates the one served model: give at most one --model", code=2)

@@ -16,11 +16,12 @@ from semsearch.errors import ModelNotFoundError
 
 if TYPE_CHECKING:
     from semsearch.encoders.local import STAND_IN_MODEL, TorchEncoder, locate_model, stand_in_model_path
+    from semsearch.encoders.onnx import OnnxEncoder
 
 log = structlog.get_logger(__name__)
 
-__all__ = ["STAND_IN_MODEL", "Encoder", "ModelNotFoundError", "TorchEncoder", "create_encoder", "locate_model",
-           "stand_in_model_path"]
+__all__ = ["STAND_IN_MODEL", "Encoder", "ModelNotFoundError", "OnnxEncoder", "TorchEncoder", "create_encoder",
+           "locate_model", "stand_in_model_path"]
 _LOCAL = {"STAND_IN_MODEL", "TorchEncoder", "locate_model", "stand_in_model_path"}
 
 
@@ -29,6 +30,10 @@ def __getattr__(name: str) -> Any:
         from semsearch.encoders import local
 
         return getattr(local, name)
+    if name == "OnnxEncoder":
+        from semsearch.encoders import onnx
+
+        return onnx.OnnxEncoder
     raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 
@@ -43,10 +48,10 @@ def create_encoder(settings: Settings, *, allow_stand_in: bool = False) -> Encod
         from semsearch.encoders.remote import RemoteEncoder
 
         return RemoteEncoder.from_settings(settings)
-    from semsearch.encoders.local import STAND_IN_MODEL, TorchEncoder
+    from semsearch.encoders.local import STAND_IN_MODEL
 
     try:
-        return TorchEncoder.from_ref(settings.model, device=settings.device, batch_size=settings.encode_batch_size)
+        return _local_encoder(settings.model, settings)
     except ModelNotFoundError as exc:
         if not allow_stand_in:
             raise
@@ -54,4 +59,42 @@ def create_encoder(settings: Settings, *, allow_stand_in: bool = False) -> Encod
             "model_unavailable_using_stand_in", model=settings.model, reason=str(exc), stand_in=STAND_IN_MODEL,
             note="all-MiniLM-L6-v2 has an English vocabulary: Chinese results are NOT representative",
         )
-        return TorchEncoder.from_ref(STAND_IN_MODEL, device=settings.device, batch_size=settings.encode_batch_size)
+        return _local_encoder(STAND_IN_MODEL, settings)
+
+
+def _local_encoder(model_ref: str, settings: Settings) -> Encoder:
+    """The in-process backend `encoder_backend` asks for. ONNX runs on CPU only: the GPU path stays torch.
+    fp32 ONNX that cannot be exported falls back to torch (same vectors) with one warning; int8 never
+    falls back, because torch's vectors are another model version than the one asked for."""
+    from semsearch.encoders.local import TorchEncoder, pick_device
+
+    backend = settings.encoder_backend
+    on_cpu = pick_device(settings.device).type == "cpu"
+
+    def torch_encoder() -> Encoder:
+        return TorchEncoder.from_ref(model_ref, device=settings.device, batch_size=settings.encode_batch_size)
+
+    if backend == "torch":
+        return torch_encoder()
+    from semsearch.encoders.onnx import OnnxEncoder, OnnxExportError, onnx_available
+
+    if backend == "auto" and not (on_cpu and onnx_available()):
+        return torch_encoder()
+    if not on_cpu:
+        if backend == "onnx-int8":
+            raise ModelNotFoundError(f"encoder_backend onnx-int8 runs on CPU only, not on device {settings.device!r}")
+        log.warning("onnx_backend_cpu_only_using_torch", device=settings.device, model=model_ref)
+        return torch_encoder()
+    quantize = backend == "onnx-int8"
+    try:
+        if not onnx_available():
+            raise OnnxExportError("onnxruntime and onnx are not installed")
+        return OnnxEncoder.from_ref(model_ref, quantize=quantize, cache_dir=settings.onnx_cache_dir,
+                                    batch_size=settings.encode_batch_size, threads=settings.torch_threads)
+    except OnnxExportError as exc:
+        if quantize:
+            raise ModelNotFoundError(
+                f"encoder_backend onnx-int8: {exc}. No fallback: int8 is a model version of its own"
+            ) from exc
+        log.warning("onnx_export_failed_using_torch", model=model_ref, backend=backend, reason=str(exc))
+        return torch_encoder()

@@ -1,4 +1,5 @@
-"""In-process encoder: transformers + torch on CPU or CUDA, pooling and instruction from the manifest."""
+"""In-process encoders: transformers + torch on CPU or CUDA (ONNX Runtime on CPU: encoders/onnx.py), pooling
+and instruction from the manifest."""
 
 from __future__ import annotations
 
@@ -10,7 +11,7 @@ from typing import Any
 import numpy as np
 import structlog
 import torch
-from transformers import AutoModel, AutoTokenizer, PreTrainedTokenizerBase
+from transformers import AutoModel, AutoTokenizer, PretrainedConfig, PreTrainedModel, PreTrainedTokenizerBase
 from transformers.utils import logging as transformers_logging
 
 from semsearch.errors import ModelNotFoundError
@@ -65,50 +66,27 @@ def pick_device(device: str) -> torch.device:
     return torch.device(device)
 
 
-class TorchEncoder:
-    """Length-sorted batching, truncation at the model limit, order restored, float32 output."""
+class LocalEncoder:
+    """What every in-process backend shares, so they cannot drift apart: the tokenizer, truncation at
+    the model limit, length-sorted batching, pooling, normalization and the query instruction, all
+    from the manifest. A backend supplies only `_hidden` (the transformer's last hidden state)."""
 
-    def __init__(
-        self,
-        model_dir: Path,
-        manifest: ModelManifest,
-        *,
-        device: str = "auto",
-        batch_size: int = 32,
-        dtype: torch.dtype | None = None,
-    ) -> None:
+    def __init__(self, model_dir: Path, manifest: ModelManifest, config: PretrainedConfig, *, batch_size: int = 32,
+                 tokenizer: PreTrainedTokenizerBase | None = None) -> None:
         self._manifest = manifest
-        self.device = pick_device(device)
         self.batch_size = batch_size
-        self.tokenizer: PreTrainedTokenizerBase = AutoTokenizer.from_pretrained(str(model_dir))
-        if dtype is None:
-            dtype = torch.float16 if self.device.type == "cuda" else torch.float32
-        try:  # the pooler head is unused; BERT-family models can skip building it
-            self.model = AutoModel.from_pretrained(str(model_dir), dtype=dtype, add_pooling_layer=False)
-        except TypeError:
-            self.model = AutoModel.from_pretrained(str(model_dir), dtype=dtype)
-        self.model.eval().to(self.device)
-        hidden = int(self.model.config.hidden_size)
+        self.tokenizer: PreTrainedTokenizerBase = tokenizer or AutoTokenizer.from_pretrained(str(model_dir))
+        hidden = int(config.hidden_size)
         if hidden != manifest.dimension:
             raise ModelNotFoundError(
                 f"manifest says dimension {manifest.dimension} but the model's hidden size is {hidden}"
             )
-        limit = int(getattr(self.model.config, "max_position_embeddings", manifest.max_tokens))
+        limit = int(getattr(config, "max_position_embeddings", manifest.max_tokens))
         self.max_tokens = min(manifest.max_tokens, limit)
-        # One forward pass at a time: torch already uses every core for one batch.
+        # One forward pass at a time: the backend already uses every core for one batch.
         self._lock = threading.Lock()
         # Fast tokenizers are not re-entrant ("Already borrowed" across threads).
         self._tokenizer_lock = threading.Lock()
-
-    @classmethod
-    def from_ref(
-        cls, model_ref: str, *, device: str = "auto", batch_size: int = 32,
-        manifest_overrides: dict[str, Any] | None = None,
-    ) -> TorchEncoder:
-        model_dir = locate_model(model_ref)
-        manifest = resolve_manifest(model_dir, model_ref, manifest_overrides)
-        log.info("model_loading", model=model_ref, version=manifest.version, pooling=manifest.pooling)
-        return cls(model_dir, manifest, device=device, batch_size=batch_size)
 
     @property
     def manifest(self) -> ModelManifest:
@@ -131,6 +109,10 @@ class TorchEncoder:
                 list(texts), padding=True, truncation=True, max_length=self.max_tokens, return_tensors="pt"
             )
 
+    def _hidden(self, features: dict[str, torch.Tensor]) -> torch.Tensor:
+        """The last hidden state (batch, tokens, hidden) for tokenized `features`."""
+        raise NotImplementedError
+
     def _encode(self, texts: list[str]) -> np.ndarray:
         out = np.empty((len(texts), self._manifest.dimension), dtype=np.float32)
         if not texts:
@@ -140,20 +122,71 @@ class TorchEncoder:
         for start in range(0, len(order), self.batch_size):
             batch_ids = order[start : start + self.batch_size]
             features = self.tokenize([texts[i] for i in batch_ids])
-            features = {k: v.to(self.device) for k, v in features.items()}
             # The lock is per batch: a large upsert lets waiting queries in between its batches.
             with self._lock, torch.inference_mode():
-                hidden = self.model(**features).last_hidden_state
-                pooled = pool(hidden, features["attention_mask"], self._manifest.pooling)
+                hidden = self._hidden(features)
+                pooled = pool(hidden, features["attention_mask"].to(hidden.device), self._manifest.pooling)
                 if self._manifest.normalize:
                     pooled = torch.nn.functional.normalize(pooled.float(), p=2, dim=-1)
                 out[batch_ids] = pooled.float().cpu().numpy()
         return out
 
     def close(self) -> None:
-        self.model.to("cpu")
+        pass
+
+
+class TorchEncoder(LocalEncoder):
+    """transformers + torch on CPU or CUDA (float16 on CUDA)."""
+
+    def __init__(
+        self,
+        model_dir: Path,
+        manifest: ModelManifest,
+        *,
+        device: str = "auto",
+        batch_size: int = 32,
+        dtype: torch.dtype | None = None,
+    ) -> None:
+        self.device = pick_device(device)
+        if dtype is None:
+            dtype = torch.float16 if self.device.type == "cuda" else torch.float32
+        self.model = load_model(model_dir, dtype=dtype)
+        self.model.to(self.device)  # type: ignore[arg-type]  # transformers' typing of .to
+        super().__init__(model_dir, manifest, self.model.config, batch_size=batch_size)
+
+    @classmethod
+    def from_ref(
+        cls, model_ref: str, *, device: str = "auto", batch_size: int = 32,
+        manifest_overrides: dict[str, Any] | None = None,
+    ) -> TorchEncoder:
+        model_dir, manifest = open_model(model_ref, manifest_overrides)
+        return cls(model_dir, manifest, device=device, batch_size=batch_size)
+
+    def _hidden(self, features: dict[str, torch.Tensor]) -> torch.Tensor:
+        features = {k: v.to(self.device) for k, v in features.items()}
+        return self.model(**features).last_hidden_state  # type: ignore[no-any-return]
+
+    def close(self) -> None:
+        self.model.to("cpu")  # type: ignore[arg-type]
         if self.device.type == "cuda":
             torch.cuda.empty_cache()
+
+
+def open_model(model_ref: str, manifest_overrides: dict[str, Any] | None = None) -> tuple[Path, ModelManifest]:
+    """The model's directory and its manifest (logged: which version is loading)."""
+    model_dir = locate_model(model_ref)
+    manifest = resolve_manifest(model_dir, model_ref, manifest_overrides)
+    log.info("model_loading", model=model_ref, version=manifest.version, pooling=manifest.pooling)
+    return model_dir, manifest
+
+
+def load_model(model_dir: Path, *, dtype: torch.dtype = torch.float32) -> PreTrainedModel:
+    """The transformer in eval mode, without the pooler head (unused: pooling comes from the manifest)."""
+    try:  # BERT-family models can skip building it
+        model = AutoModel.from_pretrained(str(model_dir), dtype=dtype, add_pooling_layer=False)
+    except TypeError:
+        model = AutoModel.from_pretrained(str(model_dir), dtype=dtype)
+    return model.eval()  # type: ignore[no-any-return]
 
 
 def pool(hidden: torch.Tensor, attention_mask: torch.Tensor, pooling: str) -> torch.Tensor:

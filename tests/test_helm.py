@@ -481,6 +481,54 @@ def test_autoscaling(name: str) -> None:
         assert metric["pods"]["metric"]["name"] == values["autoscaling"]["custom"]["name"]
 
 
+def exported_metric_names() -> set[str]:
+    """Every sample name the code exports, read from the Prometheus registry that importing
+    semsearch.metrics (and the servicer, which uses it) fills: no hand-kept list to go stale."""
+    import prometheus_client
+
+    import semsearch.metrics  # noqa: F401  (registers the metrics)
+    import service.servicer  # noqa: F401
+
+    suffixes = {
+        "counter": ("_total", "_created"),
+        "gauge": ("",),
+        "histogram": ("_bucket", "_sum", "_count", "_created"),
+        "summary": ("", "_sum", "_count", "_created"),
+        "info": ("_info",),
+    }
+    names: set[str] = set()
+    for family in prometheus_client.REGISTRY.collect():
+        if family.name.startswith("semsearch_"):
+            names.update(family.name + suffix for suffix in suffixes.get(family.type, ("",)))
+    return names
+
+
+METRIC_KINDS = {"HorizontalPodAutoscaler", "ServiceMonitor", "PodMonitor", "PrometheusRule"}
+
+
+def referenced_metric_names(docs: list[dict[str, Any]]) -> set[str]:
+    """semsearch_* metric names in the objects that name metrics (the HPA, monitors, rules)."""
+    text = json.dumps([d.get("spec", {}) for d in docs if d["kind"] in METRIC_KINDS])
+    return set(re.findall(r"\bsemsearch_[a-z0-9_]+", text))
+
+
+def test_every_metric_the_chart_names_is_exported() -> None:
+    exported = exported_metric_names()
+    assert "semsearch_inflight_requests" in exported and "semsearch_rpc_requests_total" in exported
+    variants = {name: rendered(name) for name in VALUE_SETS}
+    variants["custom HPA on defaults"] = render(
+        {"autoscaling": {"enabled": True, "metric": "custom"}, "metrics": {"serviceMonitor": {"enabled": True}}}
+    )
+    referenced: dict[str, set[str]] = {n: referenced_metric_names(docs) for n, docs in variants.items()}
+    assert referenced["custom HPA on defaults"], "the custom HPA names no semsearch metric"
+    for name, metrics in referenced.items():
+        assert metrics <= exported, f"{name}: the chart names metrics the service never exports: " \
+            f"{sorted(metrics - exported)}"
+    # An HPA on a metric nobody exports would never scale: the test catches such a value.
+    bogus = render(merge(load_values("gpu-production"), {"autoscaling": {"custom": {"name": "semsearch_nope"}}}))
+    assert referenced_metric_names(bogus) - exported == {"semsearch_nope"}
+
+
 @pytest.mark.parametrize("name", VALUE_SETS)
 def test_topology_spread(name: str) -> None:
     deployment = server(rendered(name))

@@ -730,7 +730,8 @@ def test_encoders_are_discovered_per_pod_through_headless_services(name: str) ->
         assert pods, f"{host} selects no sglang pods"
         # What the cluster DNS answers for a headless Service: one address per ready pod.
         answer = [f"10.0.0.{i}" for i in range(1, 4)]
-        assert expand_encoder_urls(url, lambda h, p: answer if h == host else []) == ",".join(
+        dns = {host: answer}
+        assert expand_encoder_urls(url, lambda h, _port, dns=dns: dns.get(h, [])) == ",".join(
             f"http://{a}:{port}" for a in answer
         )
 

@@ -96,6 +96,9 @@ def _load_plugins() -> None:
 
 
 def main() -> None:
+    if sys.argv[1:] == ["--version"]:  # answer before importing every command's dependencies
+        typer.echo(f"semsearch {package_version()}")
+        return
     _load_plugins()
     try:
         app()

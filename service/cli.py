@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import re
 from pathlib import Path
 from typing import Annotated, Any
 
@@ -105,6 +106,7 @@ TlsServerNameOption = Annotated[str | None, typer.Option(
     + env_hint("tls_server_name"))]
 
 LOOPBACK = ("127.0.0.1", "localhost", "::1", "[::1]")
+LAST_ERROR = re.compile(r"last error: [A-Z_]+: (?:(?:ipv4|ipv6|unix):(?:\[[^\]]*\]|[^:\s]+)(?::\d+)?: )?(.*)$")
 
 
 def uses_tls(settings: Settings) -> bool:
@@ -138,20 +140,29 @@ def open_channel(settings: Settings, target: str) -> grpc.Channel:
     return grpc.secure_channel(target, credentials, options=options)
 
 
-def _describe_unavailable(details: str, target: str, *, tls: bool, client_cert: bool) -> str:
+def _describe_unavailable(details: str, target: str, settings: Settings) -> str:
+    tls, client_cert = uses_tls(settings), settings.tls_client_cert_file is not None
     lowered = details.lower()
-    # grpc says "failed to connect to all addresses; last error: UNAVAILABLE: ipv4:...: <reason>".
-    reason = details.rsplit(": ", 1)[-1] if "last error" in details else details
+    # grpc says "failed to connect to all addresses; last error: UNAVAILABLE: ipv4:H:P: <reason>".
+    match = LAST_ERROR.search(details)
+    reason = match.group(1) if match else details
     if "model is still loading" in lowered:
         return f"the service at {target} is still loading its model: try again shortly"
     if "dns" in lowered or "resolve" in lowered:
         return f"cannot resolve {target} ({reason}): fix --addr (HOST:PORT) or --host"
     # The port answered and hung up: a TLS mismatch (a plaintext call to a TLS port, an unknown CA,
     # a missing client certificate) looks like this from the client's side.
-    if any(word in lowered for word in ("socket closed", "ssl", "tls", "handshake", "certificate")):
+    if any(word in lowered for word in ("socket closed", "ssl", "tls", "handshake", "certificate", "verification")):
         if not tls:
             return (f"the service at {target} closed the connection ({reason}): if it uses TLS, pass "
                     "--tls-ca-file (plus --tls-client-cert-file/--tls-client-key-file for mutual TLS)")
+        if "certificate_verify_failed" in lowered:
+            return (f"TLS with {target} failed: the service's certificate is not signed by the CA in "
+                    "--tls-ca-file: pass the CA that signed it")
+        if "hostname verification" in lowered:
+            name = settings.tls_server_name or target.rsplit(":", 1)[0]
+            return (f"TLS with {target} failed: the service's certificate does not name {name}: call it by a "
+                    "name in its certificate or pass that name with --tls-server-name")
         if not client_cert:
             return (f"TLS with {target} failed ({reason}): if the service requires mutual TLS pass "
                     "--tls-client-cert-file and --tls-client-key-file; else check --tls-ca-file (the CA "
@@ -165,7 +176,7 @@ def _describe_unavailable(details: str, target: str, *, tls: bool, client_cert: 
     return f"the service at {target} is unavailable ({reason}): check its health and logs"
 
 
-def describe_rpc_error(exc: grpc.RpcError, target: str, *, tls: bool, client_cert: bool, timeout: float) -> str:
+def describe_rpc_error(exc: grpc.RpcError, target: str, settings: Settings, *, timeout: float) -> str:
     """One line that names what went wrong and what to do about it."""
     code = exc.code() if isinstance(exc, grpc.Call) else grpc.StatusCode.UNKNOWN
     details = (exc.details() if isinstance(exc, grpc.Call) else None) or ""
@@ -179,7 +190,7 @@ def describe_rpc_error(exc: grpc.RpcError, target: str, *, tls: bool, client_cer
     if code == grpc.StatusCode.DEADLINE_EXCEEDED:
         return f"no answer from {target} within {timeout:g} s: check the service's health or raise --timeout"
     if code == grpc.StatusCode.UNAVAILABLE:
-        return _describe_unavailable(details, target, tls=tls, client_cert=client_cert)
+        return _describe_unavailable(details, target, settings)
     return f"{code.name}: {details}"
 
 
@@ -237,9 +248,7 @@ def register(app: typer.Typer) -> None:
             try:
                 response = stub.SearchDocuments(request, timeout=timeout, metadata=metadata)
             except grpc.RpcError as exc:
-                raise fail(describe_rpc_error(
-                    exc, target, tls=uses_tls(settings), client_cert=settings.tls_client_cert_file is not None,
-                    timeout=timeout)) from exc
+                raise fail(describe_rpc_error(exc, target, settings, timeout=timeout)) from exc
         if as_json:
             typer.echo(json.dumps(response_to_json(response), ensure_ascii=False))
         else:

@@ -127,7 +127,10 @@ def test_search_over_tls(make_service: Callable[..., LiveService], tiny_encoder:
     assert_one_error_line(plaintext, f"localhost:{port}", "--tls-ca-file")
     wrong_ca = cli("search", "退款", "--addr", f"localhost:{port}", "--tls-ca-file", str(pki["other-ca.pem"]),
                    "--api-key", READ_KEY)
-    assert_one_error_line(wrong_ca, "TLS", "--tls-ca-file")
+    assert_one_error_line(wrong_ca, "TLS", "not signed by the CA in --tls-ca-file")
+    wrong_name = cli("search", "退款", "--addr", f"127.0.0.1:{port}", "--tls-ca-file", str(pki["ca.pem"]),
+                     "--tls-server-name", "search.example.com", "--api-key", READ_KEY)
+    assert_one_error_line(wrong_name, "does not name search.example.com", "--tls-server-name")
     no_file = cli("search", "退款", "--addr", f"localhost:{port}", "--tls-ca-file", str(tmp_path / "nope.pem"))
     assert_one_error_line(no_file, "--tls-ca-file", "nope.pem", code=2)
     half = cli("search", "退款", "--addr", f"localhost:{port}", "--tls-ca-file", str(pki["ca.pem"]),

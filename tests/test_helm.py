@@ -710,11 +710,12 @@ def test_encoders_are_discovered_per_pod_through_headless_services(name: str) ->
     docs = own(name)
     services = {d["metadata"]["name"]: d for d in find(docs, "Service")}
     deployments = [d for d in find(docs, "Deployment") if component(d) == "sglang"]
-    urls = {
-        env_of(c).get("SEMSEARCH_ENCODER_URL")
+    urls: set[str] = {
+        str(env_of(c)["SEMSEARCH_ENCODER_URL"])
         for d in semsearch_workloads(docs)
         for c in pod_spec(d)["containers"]
-    } - {None}
+        if "SEMSEARCH_ENCODER_URL" in env_of(c)
+    }
     if not chart_values(name)["sglang"]["enabled"]:
         assert not any(u.startswith("dns+") for u in urls)
         return
@@ -730,8 +731,12 @@ def test_encoders_are_discovered_per_pod_through_headless_services(name: str) ->
         assert pods, f"{host} selects no sglang pods"
         # What the cluster DNS answers for a headless Service: one address per ready pod.
         answer = [f"10.0.0.{i}" for i in range(1, 4)]
-        dns = {host: answer}
-        assert expand_encoder_urls(url, lambda h, _port, dns=dns: dns.get(h, [])) == ",".join(
+        dns: dict[str, list[str]] = {host: answer}
+
+        def resolve(name: str, _port: int, dns: dict[str, list[str]] = dns) -> list[str]:
+            return dns.get(name, [])
+
+        assert expand_encoder_urls(url, resolve) == ",".join(
             f"http://{a}:{port}" for a in answer
         )
 

@@ -209,7 +209,7 @@ def test_settings_file_errors_name_the_file_and_line(tmp_path: Path, monkeypatch
 
     for var in [v for v in os.environ if v.startswith("SEMSEARCH_")]:
         monkeypatch.delenv(var)
-    monkeypatch.delenv("SEMSEARCH_CONFIG", raising=False)  # load_settings sets it: restored afterwards
+    monkeypatch.setenv("SEMSEARCH_CONFIG", "")  # load_settings sets it: monkeypatch removes it afterwards
     cases = {
         "broken.yaml": ("collection: [faq\n", ["broken.yaml:2", "not valid YAML"]),
         "type.yaml": ("port: fifty\n", ["setting port", "fifty", "SEMSEARCH_PORT", "type.yaml"]),

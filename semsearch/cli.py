@@ -3,7 +3,10 @@ the `semsearch.cli` entry-point group, so this library never imports them."""
 
 from __future__ import annotations
 
-from importlib.metadata import entry_points
+import os
+import sys
+import traceback
+from importlib.metadata import PackageNotFoundError, entry_points, version
 from pathlib import Path
 from typing import Annotated, Any
 
@@ -17,40 +20,76 @@ app = typer.Typer(
     help="Chinese semantic search: serve, index, search, train and promote embedding models.",
 )
 
+
+def env_hint(setting: str) -> str:
+    """` [env SEMSEARCH_<SETTING>]` for a help text; escaped, or Rich markup would swallow it as a tag."""
+    return f" \\[env SEMSEARCH_{setting.upper()}]"
+
+
 # The same names for the same settings in every command; each is also SEMSEARCH_<NAME> in the
 # environment and <name> in the YAML file given by --config (SEMSEARCH_CONFIG).
-ConfigOption = Annotated[Path | None, typer.Option("--config", help="YAML settings file [env SEMSEARCH_CONFIG]")]
+ConfigOption = Annotated[Path | None, typer.Option("--config", help="YAML settings file" + env_hint("config"))]
 MilvusUriOption = Annotated[str | None, typer.Option(
-    "--milvus-uri", help="Milvus Lite directory (*.db) or http://host:19530 [env SEMSEARCH_MILVUS_URI]")]
+    "--milvus-uri", help="Milvus Lite directory (*.db) or http://host:19530" + env_hint("milvus_uri"))]
 CollectionOption = Annotated[str | None, typer.Option(
-    "--collection", help="Collection or alias name [env SEMSEARCH_COLLECTION]")]
+    "--collection", help="Collection or alias name" + env_hint("collection"))]
 ModelOption = Annotated[str | None, typer.Option(
-    "--model", help="Local model directory or hub id [env SEMSEARCH_MODEL]")]
+    "--model", help="Local model directory or hub id" + env_hint("model"))]
 EncoderUrlOption = Annotated[str | None, typer.Option(
-    "--encoder-url", help="Remote embedding server URL(s), comma-separated [env SEMSEARCH_ENCODER_URL]")]
-DeviceOption = Annotated[str | None, typer.Option("--device", help="auto, cpu or cuda[:N] [env SEMSEARCH_DEVICE]")]
+    "--encoder-url", help="Remote embedding server URL(s), comma-separated" + env_hint("encoder_url"))]
+DeviceOption = Annotated[str | None, typer.Option("--device", help="auto, cpu or cuda[:N]" + env_hint("device"))]
 EncoderBackendOption = Annotated[str | None, typer.Option(
-    "--encoder-backend", help="In-process encoder: torch, onnx, onnx-int8 or auto [env SEMSEARCH_ENCODER_BACKEND]")]
-HostOption = Annotated[str | None, typer.Option("--host", help="Bind address [env SEMSEARCH_HOST]")]
-PortOption = Annotated[int | None, typer.Option("--port", help="gRPC port [env SEMSEARCH_PORT]")]
+    "--encoder-backend", help="In-process encoder: torch, onnx, onnx-int8 or auto" + env_hint("encoder_backend"))]
+HostOption = Annotated[str | None, typer.Option("--host", help="Address the service binds" + env_hint("host"))]
+PortOption = Annotated[int | None, typer.Option("--port", help="gRPC port" + env_hint("port"))]
 LogLevelOption = Annotated[str | None, typer.Option(
-    "--log-level", help="DEBUG, INFO, WARNING [env SEMSEARCH_LOG_LEVEL]")]
+    "--log-level", help="DEBUG, INFO, WARNING" + env_hint("log_level"))]
+
+# Exit codes: 1 = the command failed (unreachable service, refused key, model mismatch...),
+# 2 = bad usage or settings (a flag, a variable, the YAML file).
+EXIT_FAILED = 1
+EXIT_USAGE = 2
 
 
 def settings_from_cli(config: Path | None = None, **flags: Any) -> Settings:
-    """Settings with CLI flags on top; exits with a clear message on a bad file or value."""
+    """Settings with CLI flags on top; exits with a one-line message on a bad file or value."""
     try:
         settings = load_settings(config, **flags)
-    except (FileNotFoundError, ValueError) as exc:
-        typer.echo(f"error: {exc}", err=True)
-        raise typer.Exit(2) from exc
+    except (OSError, ValueError) as exc:
+        raise fail(str(exc), EXIT_USAGE) from exc
     configure_logging(settings.log_level, settings.log_json or None)
     return settings
 
 
-def fail(message: str, code: int = 1) -> typer.Exit:
-    typer.secho(f"error: {message}", err=True, fg=typer.colors.RED)
+def one_line(message: str) -> str:
+    return "; ".join(line.strip() for line in message.splitlines() if line.strip())
+
+
+def fail(message: str, code: int = EXIT_FAILED) -> typer.Exit:
+    """Print `error: <message>` on one line of stderr; `raise fail(...)` exits with `code`."""
+    typer.secho(f"error: {one_line(message)}", err=True, fg=typer.colors.RED)
     return typer.Exit(code)
+
+
+def package_version() -> str:
+    try:
+        return version("semsearch")
+    except PackageNotFoundError:
+        return "unknown (not installed)"
+
+
+def _show_version(value: bool) -> None:
+    if value:
+        typer.echo(f"semsearch {package_version()}")
+        raise typer.Exit()
+
+
+@app.callback()
+def _root(
+    show_version: Annotated[bool, typer.Option(
+        "--version", help="Print the version and exit", callback=_show_version, is_eager=True)] = False,
+) -> None:
+    """Chinese semantic search: serve, index, search, train and promote embedding models."""
 
 
 def _load_plugins() -> None:
@@ -59,5 +98,19 @@ def _load_plugins() -> None:
 
 
 def main() -> None:
+    if sys.argv[1:] == ["--version"]:  # answer before importing every command's dependencies
+        typer.echo(f"semsearch {package_version()}")
+        return
     _load_plugins()
-    app()
+    try:
+        app()
+    except KeyboardInterrupt:
+        typer.echo("error: interrupted", err=True)
+        sys.exit(130)
+    except Exception as exc:  # a bug or an unforeseen failure: one line, the traceback on request
+        if os.environ.get("SEMSEARCH_TRACEBACK"):
+            traceback.print_exc()
+        else:
+            typer.echo(f"error: {type(exc).__name__}: {one_line(str(exc))} "
+                       "(set SEMSEARCH_TRACEBACK=1 to see the traceback)", err=True)
+        sys.exit(EXIT_FAILED)

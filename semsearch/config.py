@@ -2,11 +2,14 @@
 
 from __future__ import annotations
 
+import difflib
 import os
+from importlib.abc import Traversable
 from pathlib import Path
 from typing import Any, Literal
 
-from pydantic import BaseModel, Field, SecretStr
+import yaml
+from pydantic import BaseModel, Field, SecretStr, ValidationError
 from pydantic_settings import (
     BaseSettings,
     PydanticBaseSettingsSource,
@@ -96,6 +99,13 @@ class Settings(BaseSettings):
     tls_key_file: Path | None = None
     tls_client_ca_file: Path | None = None  # set: clients must present a certificate (mutual TLS)
 
+    # Client side (`semsearch search`): how to reach a service that requires a key or TLS.
+    api_key: SecretStr | None = None  # sent as `authorization: Bearer <key>`
+    tls_ca_file: Path | None = None  # CA bundle that signed the service's certificate; set: use TLS
+    tls_client_cert_file: Path | None = None  # client certificate for mutual TLS
+    tls_client_key_file: Path | None = None
+    tls_server_name: str | None = None  # the name to check in the service's certificate (default: the host)
+
     # Model registry: the durable record of which (model, collection) pair serves `collection`
     use_registry: bool = True
     registry_poll_s: float = 5.0
@@ -119,15 +129,80 @@ class Settings(BaseSettings):
         sources: list[PydanticBaseSettingsSource] = [init_settings, env_settings]
         config_file = os.environ.get("SEMSEARCH_CONFIG")
         if config_file:
-            sources.append(YamlConfigSettingsSource(settings_cls, yaml_file=config_file))
+            sources.append(StrictYamlSource(settings_cls, yaml_file=config_file))
         return tuple(sources)
 
 
+class SettingsError(ValueError):
+    """A settings file or value that cannot be used; the one-line message names the file (and line) or
+    the setting, and where its value may come from."""
+
+
+def read_config_file(path: Path | Traversable, fields: set[str]) -> dict[str, Any]:
+    """The YAML settings file as a mapping, refusing what a typo produces: invalid YAML, a non-mapping,
+    or a key that is no setting (pydantic would silently ignore it and the default would win)."""
+    try:
+        text = path.read_text(encoding="utf-8")
+    except FileNotFoundError as exc:
+        raise SettingsError(f"config file not found: {path}") from exc
+    except (OSError, UnicodeDecodeError) as exc:
+        raise SettingsError(f"config file {path}: cannot read it ({exc})") from exc
+    try:
+        node = yaml.compose(text)
+        data = yaml.safe_load(text)
+    except yaml.YAMLError as exc:
+        mark = getattr(exc, "problem_mark", None)
+        where = f"{path}:{mark.line + 1}" if mark is not None else str(path)
+        problem = getattr(exc, "problem", None) or str(exc).splitlines()[0]
+        raise SettingsError(f"{where}: not valid YAML ({problem})") from exc
+    if data is None:
+        return {}
+    if not isinstance(data, dict):
+        raise SettingsError(f"{path}: must be a mapping of `setting: value` lines, not a {type(data).__name__}")
+    lines = {key.value: key.start_mark.line + 1 for key, _ in node.value} if isinstance(node, yaml.MappingNode) else {}
+    for key in data:
+        if key in fields:
+            continue
+        close = difflib.get_close_matches(str(key), sorted(fields), n=1)
+        hint = f"did you mean {close[0]!r}?" if close else "the settings are the fields of semsearch/config.py"
+        where = f"{path}:{lines[key]}" if key in lines else str(path)
+        raise SettingsError(f"{where}: unknown setting {key!r} ({hint})")
+    return data
+
+
+class StrictYamlSource(YamlConfigSettingsSource):
+    def __init__(self, settings_cls: type[BaseSettings], yaml_file: str) -> None:
+        self._fields = set(settings_cls.model_fields)  # _read_file runs inside the base __init__
+        super().__init__(settings_cls, yaml_file=yaml_file)
+
+    def _read_file(self, file_path: Path | Traversable) -> dict[str, Any]:
+        return read_config_file(file_path, self._fields)
+
+
+def describe_validation_error(exc: ValidationError, config_file: str | None) -> str:
+    """One line per bad setting, naming where such a value can come from."""
+    problems = []
+    for error in exc.errors(include_url=False):
+        name = ".".join(str(part) for part in error["loc"]) or "settings"
+        field = str(error["loc"][0]) if error["loc"] else ""
+        sources = f"a flag or SEMSEARCH_{field.upper()}"
+        if config_file:
+            sources = f"a flag, SEMSEARCH_{field.upper()} or {config_file}"
+        got = error.get("input")
+        shown = "" if isinstance(got, dict) or error["type"] == "missing" else f", got {str(got)[:60]!r}"
+        problems.append(f"setting {name}: {error['msg']}{shown} (set by {sources})")
+    return "; ".join(problems)
+
+
 def load_settings(config_file: Path | None = None, **overrides: Any) -> Settings:
-    """Build settings; `overrides` are CLI flags, and None means 'not given on the command line'."""
+    """Build settings; `overrides` are CLI flags, and None means 'not given on the command line'.
+    Raises SettingsError (a ValueError) with a one-line message for a bad file or value."""
     if config_file is not None:
         if not config_file.exists():
-            raise FileNotFoundError(f"config file not found: {config_file}")
+            raise SettingsError(f"config file not found: {config_file}")
         os.environ["SEMSEARCH_CONFIG"] = str(config_file)
     given = {key: value for key, value in overrides.items() if value is not None}
-    return Settings(**given)
+    try:
+        return Settings(**given)
+    except ValidationError as exc:
+        raise SettingsError(describe_validation_error(exc, os.environ.get("SEMSEARCH_CONFIG"))) from exc

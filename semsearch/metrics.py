@@ -7,6 +7,8 @@ from prometheus_client import Counter, Gauge, Histogram
 LATENCY_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0)
 
 RPC_REQUESTS = Counter("semsearch_rpc_requests_total", "gRPC calls by method and status code", ["method", "code"])
+# Per pod, the number the HPA scales on (helm/semsearch autoscaling.metric=custom, via prometheus-adapter).
+RPC_IN_FLIGHT = Gauge("semsearch_inflight_requests", "gRPC calls being handled now (all methods)")
 RPC_LATENCY = Histogram("semsearch_rpc_latency_seconds", "gRPC call latency by method and status code",
                         ["method", "code"], buckets=LATENCY_BUCKETS)
 ENCODER_BATCH_SIZE = Histogram("semsearch_encoder_batch_texts", "Texts per encoder forward pass (queries)",

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import re
 from pathlib import Path
 from typing import Annotated, Any
 
@@ -13,6 +14,7 @@ from google.protobuf import json_format
 from rich.console import Console
 
 from semsearch.cli import (
+    EXIT_USAGE,
     CollectionOption,
     ConfigOption,
     DeviceOption,
@@ -23,10 +25,12 @@ from semsearch.cli import (
     MilvusUriOption,
     ModelOption,
     PortOption,
+    env_hint,
     fail,
     settings_from_cli,
 )
-from semsearch.errors import ModelMismatchError, ModelNotFoundError, SemsearchError
+from semsearch.config import Settings
+from semsearch.errors import SemsearchError
 from semsearch.v1 import search_pb2 as pb
 from semsearch.v1 import search_pb2_grpc
 from service.output import print_hits
@@ -72,6 +76,112 @@ def response_to_json(response: pb.SearchDocumentsResponse) -> dict[str, Any]:
     }
 
 
+# `semsearch search` is a client: its --host names the service to call, not an address to bind.
+ClientHostOption = Annotated[str | None, typer.Option(
+    "--host", help="Host of the service to call (with --port; --addr wins)" + env_hint("host"))]
+ApiKeyOption = Annotated[str | None, typer.Option(
+    "--api-key", help="API key, sent as `authorization: Bearer <key>`; prefer the variable (a flag shows in ps)"
+    + env_hint("api_key"), show_default=False)]
+TlsCaOption = Annotated[Path | None, typer.Option(
+    "--tls-ca-file", help="CA certificate(s) that signed the service's certificate; turns TLS on"
+    + env_hint("tls_ca_file"))]
+TlsClientCertOption = Annotated[Path | None, typer.Option(
+    "--tls-client-cert-file", help="Client certificate for mutual TLS" + env_hint("tls_client_cert_file"))]
+TlsClientKeyOption = Annotated[Path | None, typer.Option(
+    "--tls-client-key-file", help="Private key of the client certificate" + env_hint("tls_client_key_file"))]
+TlsServerNameOption = Annotated[str | None, typer.Option(
+    "--tls-server-name", help="Name to verify in the service's certificate (default: the host you call)"
+    + env_hint("tls_server_name"))]
+
+LOOPBACK = ("127.0.0.1", "localhost", "::1", "[::1]")
+LAST_ERROR = re.compile(r"last error: [A-Z_]+: (?:(?:ipv4|ipv6|unix):(?:\[[^\]]*\]|[^:\s]+)(?::\d+)?: )?(.*)$")
+
+
+def uses_tls(settings: Settings) -> bool:
+    return bool(settings.tls_ca_file or settings.tls_client_cert_file or settings.tls_client_key_file)
+
+
+def _read(path: Path, flag: str) -> bytes:
+    try:
+        return path.read_bytes()
+    except OSError as exc:
+        raise fail(f"{flag} {path}: {exc.strerror or exc}", EXIT_USAGE) from exc
+
+
+def open_channel(settings: Settings, target: str) -> grpc.Channel:
+    """A channel to the service: plaintext, TLS (--tls-ca-file) or mutual TLS (plus a client certificate)."""
+    if not uses_tls(settings):
+        if settings.api_key is not None and target.rsplit(":", 1)[0] not in LOOPBACK:
+            typer.secho(f"warning: the API key goes to {target} in clear text; use TLS (--tls-ca-file)",
+                        err=True, fg=typer.colors.YELLOW)
+        return grpc.insecure_channel(target)
+    if (settings.tls_client_cert_file is None) != (settings.tls_client_key_file is None):
+        raise fail("mutual TLS needs both --tls-client-cert-file and --tls-client-key-file", EXIT_USAGE)
+    credentials = grpc.ssl_channel_credentials(
+        root_certificates=_read(settings.tls_ca_file, "--tls-ca-file") if settings.tls_ca_file else None,
+        private_key=(_read(settings.tls_client_key_file, "--tls-client-key-file")
+                     if settings.tls_client_key_file else None),
+        certificate_chain=(_read(settings.tls_client_cert_file, "--tls-client-cert-file")
+                           if settings.tls_client_cert_file else None),
+    )
+    options = [("grpc.ssl_target_name_override", settings.tls_server_name)] if settings.tls_server_name else []
+    return grpc.secure_channel(target, credentials, options=options)
+
+
+def _describe_unavailable(details: str, target: str, settings: Settings) -> str:
+    tls, client_cert = uses_tls(settings), settings.tls_client_cert_file is not None
+    lowered = details.lower()
+    # grpc says "failed to connect to all addresses; last error: UNAVAILABLE: ipv4:H:P: <reason>".
+    match = LAST_ERROR.search(details)
+    reason = match.group(1) if match else details
+    if "model is still loading" in lowered:
+        return f"the service at {target} is still loading its model: try again shortly"
+    if "dns" in lowered or "resolve" in lowered:
+        return f"cannot resolve {target} ({reason}): fix --addr (HOST:PORT) or --host"
+    # The port answered and hung up: a TLS mismatch (a plaintext call to a TLS port, an unknown CA,
+    # a missing client certificate) looks like this from the client's side.
+    if any(word in lowered for word in ("socket closed", "ssl", "tls", "handshake", "certificate", "verification")):
+        if not tls:
+            return (f"the service at {target} closed the connection ({reason}): if it uses TLS, pass "
+                    "--tls-ca-file (plus --tls-client-cert-file/--tls-client-key-file for mutual TLS)")
+        if "certificate_verify_failed" in lowered:
+            return (f"TLS with {target} failed: the service's certificate is not signed by the CA in "
+                    "--tls-ca-file: pass the CA that signed it")
+        if "hostname verification" in lowered:
+            name = settings.tls_server_name or target.rsplit(":", 1)[0]
+            return (f"TLS with {target} failed: the service's certificate does not name {name}: call it by a "
+                    "name in its certificate or pass that name with --tls-server-name")
+        if not client_cert:
+            return (f"TLS with {target} failed ({reason}): if the service requires mutual TLS pass "
+                    "--tls-client-cert-file and --tls-client-key-file; else check --tls-ca-file (the CA "
+                    "that signed the service's certificate) and --tls-server-name")
+        return (f"TLS with {target} failed ({reason}): check --tls-ca-file (the CA that signed the "
+                "service's certificate), --tls-server-name, and that the service's client CA signed "
+                "--tls-client-cert-file")
+    if "connect" in lowered or "refused" in lowered:
+        return (f"cannot reach the service at {target} ({reason}): is `semsearch serve` running there? "
+                "fix --addr, or --host/--port")
+    return f"the service at {target} is unavailable ({reason}): check its health and logs"
+
+
+def describe_rpc_error(exc: grpc.RpcError, target: str, settings: Settings, *, timeout: float) -> str:
+    """One line that names what went wrong and what to do about it."""
+    code = exc.code() if isinstance(exc, grpc.Call) else grpc.StatusCode.UNKNOWN
+    details = (exc.details() if isinstance(exc, grpc.Call) else None) or ""
+    if code == grpc.StatusCode.UNAUTHENTICATED:
+        if "missing" in details.lower():
+            return f"the service at {target} requires an API key: pass --api-key or set SEMSEARCH_API_KEY"
+        return (f"the service at {target} refused the API key ({details}): "
+                "check --api-key / SEMSEARCH_API_KEY")
+    if code == grpc.StatusCode.PERMISSION_DENIED:
+        return f"the service at {target} refused the call ({details}): use a key with the search scope"
+    if code == grpc.StatusCode.DEADLINE_EXCEEDED:
+        return f"no answer from {target} within {timeout:g} s: check the service's health or raise --timeout"
+    if code == grpc.StatusCode.UNAVAILABLE:
+        return _describe_unavailable(details, target, settings)
+    return f"{code.name}: {details}"
+
+
 def register(app: typer.Typer) -> None:
     @app.command()
     def serve(
@@ -88,35 +198,46 @@ def register(app: typer.Typer) -> None:
                                      log_level=log_level, encoder_backend=encoder_backend)
         try:
             asyncio.run(run(settings))
-        except (ModelNotFoundError, ModelMismatchError) as exc:
+        except SemsearchError as exc:  # missing model, model/collection mismatch, Milvus down...
             raise fail(str(exc)) from exc
-        except SemsearchError as exc:
-            raise fail(str(exc)) from exc
+        except (OSError, ValueError) as exc:  # port taken, unreadable or inconsistent TLS files
+            raise fail(f"cannot serve on {settings.host}:{settings.port}: {exc}") from exc
 
     @app.command()
     def search(
         query: Annotated[str, typer.Argument(help="The query text (no instruction: the service adds it)")],
         addr: Annotated[str | None, typer.Option(
             "--addr", help="Service HOST:PORT (default from --host/--port)")] = None,
-        top_k: Annotated[int, typer.Option("--top-k", help="How many hits")] = 10,
+        top_k: Annotated[int | None, typer.Option(
+            "--top-k", help="How many hits (default: the service's default_top_k)", show_default=False)] = None,
         filters: Annotated[list[str] | None, typer.Option("--filter", help="field=value, field>=3 ... (ANDed)")] = None,
         chunks: Annotated[bool, typer.Option("--chunks", help="Return matching chunks, not documents")] = False,
         as_json: Annotated[bool, typer.Option("--json", help="Print one JSON object")] = False,
         timeout: Annotated[float, typer.Option("--timeout", help="Deadline in seconds")] = 30.0,
-        config: ConfigOption = None, host: HostOption = None, port: PortOption = None,
+        config: ConfigOption = None, host: ClientHostOption = None, port: PortOption = None,
+        api_key: ApiKeyOption = None, tls_ca_file: TlsCaOption = None,
+        tls_client_cert_file: TlsClientCertOption = None, tls_client_key_file: TlsClientKeyOption = None,
+        tls_server_name: TlsServerNameOption = None,
     ) -> None:
-        """Search a running service over gRPC."""
-        settings = settings_from_cli(config, host=host, port=port)
-        target = addr or f"{settings.host}:{settings.port}"
-        request = pb.SearchDocumentsRequest(
-            query=query, top_k=top_k, filters=[parse_filter(f) for f in filters or []], return_chunks=chunks,
+        """Search a running service over gRPC (with an API key and TLS when the service requires them)."""
+        settings = settings_from_cli(
+            config, host=host, port=port, api_key=api_key, tls_ca_file=tls_ca_file,
+            tls_client_cert_file=tls_client_cert_file, tls_client_key_file=tls_client_key_file,
+            tls_server_name=tls_server_name,
         )
-        with grpc.insecure_channel(target) as channel:
+        target = addr or f"{settings.host}:{settings.port}"
+        # top_k 0 asks for the service's default_top_k.
+        request = pb.SearchDocumentsRequest(
+            query=query, top_k=top_k or 0, filters=[parse_filter(f) for f in filters or []], return_chunks=chunks,
+        )
+        metadata = ([("authorization", f"Bearer {settings.api_key.get_secret_value()}")]
+                    if settings.api_key is not None else [])
+        with open_channel(settings, target) as channel:
             stub = search_pb2_grpc.SearchServiceStub(channel)
             try:
-                response = stub.SearchDocuments(request, timeout=timeout)
+                response = stub.SearchDocuments(request, timeout=timeout, metadata=metadata)
             except grpc.RpcError as exc:
-                raise fail(f"{exc.code().name}: {exc.details()}") from exc
+                raise fail(describe_rpc_error(exc, target, settings, timeout=timeout)) from exc
         if as_json:
             typer.echo(json.dumps(response_to_json(response), ensure_ascii=False))
         else:

@@ -16,7 +16,7 @@ from google.protobuf.message import DecodeError
 
 from semsearch.config import Settings
 from semsearch.errors import InvalidInputError, SemsearchError
-from semsearch.metrics import RPC_LATENCY, RPC_REQUESTS
+from semsearch.metrics import RPC_IN_FLIGHT, RPC_LATENCY, RPC_REQUESTS
 from semsearch.store import Hit
 from semsearch.v1 import search_pb2 as pb
 from semsearch.v1 import search_pb2_grpc
@@ -40,6 +40,7 @@ def rpc(handler: Handler[Request, Response]) -> Handler[Request, Response]:
         method = handler.__name__
         started = time.perf_counter()
         code = grpc.StatusCode.OK
+        RPC_IN_FLIGHT.inc()
         with structlog.contextvars.bound_contextvars(request_id=request_id, rpc=method):
             try:
                 if isinstance(request, MalformedRequest):
@@ -62,6 +63,7 @@ def rpc(handler: Handler[Request, Response]) -> Handler[Request, Response]:
                 log.exception("rpc_failed")
                 await context.abort(code, f"internal error (request id {request_id})")
             finally:
+                RPC_IN_FLIGHT.dec()
                 elapsed = time.perf_counter() - started
                 RPC_REQUESTS.labels(method=method, code=code.name).inc()
                 RPC_LATENCY.labels(method=method, code=code.name).observe(elapsed)

@@ -481,6 +481,54 @@ def test_autoscaling(name: str) -> None:
         assert metric["pods"]["metric"]["name"] == values["autoscaling"]["custom"]["name"]
 
 
+def exported_metric_names() -> set[str]:
+    """Every sample name the code exports, read from the Prometheus registry that importing
+    semsearch.metrics (and the servicer, which uses it) fills: no hand-kept list to go stale."""
+    import prometheus_client
+
+    import semsearch.metrics  # noqa: F401  (registers the metrics)
+    import service.servicer  # noqa: F401
+
+    suffixes = {
+        "counter": ("_total", "_created"),
+        "gauge": ("",),
+        "histogram": ("_bucket", "_sum", "_count", "_created"),
+        "summary": ("", "_sum", "_count", "_created"),
+        "info": ("_info",),
+    }
+    names: set[str] = set()
+    for family in prometheus_client.REGISTRY.collect():
+        if family.name.startswith("semsearch_"):
+            names.update(family.name + suffix for suffix in suffixes.get(family.type, ("",)))
+    return names
+
+
+METRIC_KINDS = {"HorizontalPodAutoscaler", "ServiceMonitor", "PodMonitor", "PrometheusRule"}
+
+
+def referenced_metric_names(docs: list[dict[str, Any]]) -> set[str]:
+    """semsearch_* metric names in the objects that name metrics (the HPA, monitors, rules)."""
+    text = json.dumps([d.get("spec", {}) for d in docs if d["kind"] in METRIC_KINDS])
+    return set(re.findall(r"\bsemsearch_[a-z0-9_]+", text))
+
+
+def test_every_metric_the_chart_names_is_exported() -> None:
+    exported = exported_metric_names()
+    assert "semsearch_inflight_requests" in exported and "semsearch_rpc_requests_total" in exported
+    variants = {name: rendered(name) for name in VALUE_SETS}
+    variants["custom HPA on defaults"] = render(
+        {"autoscaling": {"enabled": True, "metric": "custom"}, "metrics": {"serviceMonitor": {"enabled": True}}}
+    )
+    referenced: dict[str, set[str]] = {n: referenced_metric_names(docs) for n, docs in variants.items()}
+    assert referenced["custom HPA on defaults"], "the custom HPA names no semsearch metric"
+    for name, metrics in referenced.items():
+        assert metrics <= exported, f"{name}: the chart names metrics the service never exports: " \
+            f"{sorted(metrics - exported)}"
+    # An HPA on a metric nobody exports would never scale: the test catches such a value.
+    bogus = render(merge(load_values("gpu-production"), {"autoscaling": {"custom": {"name": "semsearch_nope"}}}))
+    assert referenced_metric_names(bogus) - exported == {"semsearch_nope"}
+
+
 @pytest.mark.parametrize("name", VALUE_SETS)
 def test_topology_spread(name: str) -> None:
     deployment = server(rendered(name))
@@ -637,11 +685,11 @@ def test_sglang_blue_green_routing() -> None:
             == color
         )
     server_env = env_of(pod_spec(server(docs))["containers"][0])
-    assert server_env["SEMSEARCH_ENCODER_URL"] == f"http://{FULLNAME}-sglang:30000"
+    assert server_env["SEMSEARCH_ENCODER_URL"] == f"dns+http://{FULLNAME}-sglang:30000"
     (indexer,) = [d for d in find(docs, "Job") if component(d) == "indexer"]
     assert (
         env_of(pod_spec(indexer)["containers"][0])["SEMSEARCH_ENCODER_URL"]
-        == f"http://{FULLNAME}-sglang-green:30000"
+        == f"dns+http://{FULLNAME}-sglang-green:30000"
     )
     # Flipping the active color changes only the shared Service's selector.
     flipped = render(merge(load_values("gpu-promotion"), {"sglang": {"activeColor": "green"}}))
@@ -650,6 +698,64 @@ def test_sglang_blue_green_routing() -> None:
         one(flipped, "Deployment", f"{FULLNAME}-sglang-blue")["spec"]["selector"]
         == one(docs, "Deployment", f"{FULLNAME}-sglang-blue")["spec"]["selector"]
     )
+
+
+@pytest.mark.parametrize("name", VALUE_SETS)
+def test_encoders_are_discovered_per_pod_through_headless_services(name: str) -> None:
+    """Every dns+http encoder URL a workload gets names a headless Service of this release whose
+    selector picks sglang pods on that port, so DNS answers one address per ready pod; and the
+    client expands it into one server per pod (semsearch/encoders/discovery.py)."""
+    from semsearch.encoders.discovery import expand_encoder_urls
+
+    docs = own(name)
+    services = {d["metadata"]["name"]: d for d in find(docs, "Service")}
+    deployments = [d for d in find(docs, "Deployment") if component(d) == "sglang"]
+    urls: set[str] = {
+        str(env_of(c)["SEMSEARCH_ENCODER_URL"])
+        for d in semsearch_workloads(docs)
+        for c in pod_spec(d)["containers"]
+        if "SEMSEARCH_ENCODER_URL" in env_of(c)
+    }
+    if not chart_values(name)["sglang"]["enabled"]:
+        assert not any(u.startswith("dns+") for u in urls)
+        return
+    assert urls and all(u.startswith("dns+http://") for u in urls), urls
+    for url in urls:
+        host, port = url.removeprefix("dns+http://").split(":")
+        service = services[host]
+        assert service["spec"]["clusterIP"] == "None", f"{host} must be headless"
+        assert service["spec"].get("publishNotReadyAddresses", False) is False
+        assert [p["port"] for p in service["spec"]["ports"]] == [int(port)]
+        pods = [d for d in deployments
+                if service["spec"]["selector"].items() <= d["spec"]["template"]["metadata"]["labels"].items()]
+        assert pods, f"{host} selects no sglang pods"
+        # What the cluster DNS answers for a headless Service: one address per ready pod.
+        answer = [f"10.0.0.{i}" for i in range(1, 4)]
+        dns: dict[str, list[str]] = {host: answer}
+
+        def resolve(name: str, _port: int, dns: dict[str, list[str]] = dns) -> list[str]:
+            return dns.get(name, [])
+
+        assert expand_encoder_urls(url, resolve) == ",".join(
+            f"http://{a}:{port}" for a in answer
+        )
+
+
+def test_sglang_weight_version() -> None:
+    values = merge(
+        load_values("gpu-promotion"),
+        {"sglang": {"blue": {"weightVersion": "bge-large-zh-v1.5-6fceb34132ad"},
+                    "green": {"weightVersion": "ft-2024-06-01-0a1b2c3d4e5f"}}},
+    )
+    docs = render(values)
+    for color, version in (("blue", "bge-large-zh-v1.5-6fceb34132ad"), ("green", "ft-2024-06-01-0a1b2c3d4e5f")):
+        args = pod_spec(one(docs, "Deployment", f"{FULLNAME}-sglang-{color}"))["containers"][0]["args"]
+        assert args[args.index("--weight-version") + 1] == version
+    # Unset: not passed (the service then compares the model name only, and warns).
+    args = pod_spec(one(rendered("gpu-promotion"), "Deployment", f"{FULLNAME}-sglang-blue"))["containers"][0]["args"]
+    assert "--weight-version" not in args
+    with helm.Chart.load(CHART) as chart, pytest.raises(helm.HelmValuesError):
+        chart.validate_schema({"sglang": {"blue": {"weightVersion": "a b; rm -rf /"}}})
 
 
 def test_sglang_model_from_image_volume() -> None:

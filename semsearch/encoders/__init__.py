@@ -45,7 +45,11 @@ def create_encoder(settings: Settings, *, allow_stand_in: bool = False) -> Encod
 
         torch.set_num_threads(settings.torch_threads)
     if settings.encoder_url:
+        from semsearch.encoders.discovery import DiscoveringEncoder, is_discovery_url
         from semsearch.encoders.remote import RemoteEncoder
+
+        if is_discovery_url(settings.encoder_url):  # dns+http://<headless service>:<port>: one server per pod
+            return DiscoveringEncoder(settings)
 
         return RemoteEncoder.from_settings(settings)
     from semsearch.encoders.local import STAND_IN_MODEL

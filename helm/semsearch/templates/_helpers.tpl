@@ -135,7 +135,8 @@ sglang Service names.
 
 {{/*
 Encoder URL for a workload. Call with (dict "ctx" $ "color" "<blue|green|>").
-An explicit encoder.url wins; else the sglang Service (one color, or the active one); else empty.
+An explicit encoder.url wins; else the sglang headless Service (one color, or the active one) as a
+dns+http:// URL, which the client expands to one server per pod; else empty.
 */}}
 {{- define "semsearch.encoderUrl" -}}
 {{- $v := .ctx.Values }}
@@ -146,9 +147,9 @@ An explicit encoder.url wins; else the sglang Service (one color, or the active 
 {{- if not (index $v.sglang .color).enabled }}
 {{- fail (printf "encoderColor %q: sglang.%s.enabled is false" .color .color) }}
 {{- end }}
-{{- printf "http://%s-%s:%v" (include "semsearch.sglangName" .ctx) .color $v.sglang.port }}
+{{- printf "dns+http://%s-%s:%v" (include "semsearch.sglangName" .ctx) .color $v.sglang.port }}
 {{- else }}
-{{- printf "http://%s:%v" (include "semsearch.sglangName" .ctx) $v.sglang.port }}
+{{- printf "dns+http://%s:%v" (include "semsearch.sglangName" .ctx) $v.sglang.port }}
 {{- end }}
 {{- end }}
 {{- end }}

@@ -150,6 +150,9 @@ class TorchEncoder:
                 out[batch_ids] = pooled.float().cpu().numpy()
         return out
 
+    def healthy(self) -> bool:
+        return True  # in-process: if it loaded, it can encode
+
     def close(self) -> None:
         self.model.to("cpu")
         if self.device.type == "cuda":

@@ -72,7 +72,8 @@ class InfinityServer:
             if self.process.poll() is not None:
                 raise RuntimeError(f"infinity exited with {self.process.returncode}:\n{self.log_tail()}")
             with contextlib.suppress(httpx.HTTPError):
-                if httpx.get(f"{self.url}/health", timeout=2).status_code == 200:
+                # /health stays at the root whatever --url-prefix says.
+                if httpx.get(f"http://127.0.0.1:{self.port}/health", timeout=2).status_code == 200:
                     return self
             time.sleep(0.3)
         self.kill()

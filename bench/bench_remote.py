@@ -40,6 +40,7 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
 from semsearch.encoders.remote import EncodingFormat, RemoteEncoder  # noqa: E402
+from semsearch.encoders.remote.payload import decode_embeddings, normalize_rows, request_body  # noqa: E402
 
 MODEL = "BAAI/bge-large-zh-v1.5"
 FORMATS: tuple[EncodingFormat, ...] = ("float", "base64")
@@ -84,19 +85,23 @@ def per_request(url: str, encoding_format: EncodingFormat, texts: list[str], rep
     encoder = RemoteEncoder([url], model_ref=MODEL, encoding_format=encoding_format, max_batch=len(texts),
                             concurrency=1)
     try:
-        server = encoder._servers[0]  # white-box: time the client's parts on their own
-        body = {"model": MODEL, "input": texts, "encoding_format": encoding_format}
-
+        # The client's parts on their own: the wire format is pure functions (payload.py).
         def serialize_body() -> bytes:
-            return json.dumps(body, ensure_ascii=False, separators=(",", ":")).encode()
+            return request_body(MODEL, texts, encoding_format)
 
         content = serialize_body()
         serialize = timed(serialize_body, repeat)
         raw = httpx.Client(base_url=url)
         headers = {"Content-Type": "application/json"}
         response = raw.post("/v1/embeddings", content=content, headers=headers)
-        decode = timed(
-            lambda: encoder._parse(server, httpx.Response(200, content=response.content), len(texts)), repeat)
+        names = frozenset({MODEL})
+
+        def decode_answer() -> None:
+            vectors = decode_embeddings(json.loads(response.content), expected=len(texts),
+                                        dimension=encoder.manifest.dimension, served_names=names)
+            normalize_rows(vectors)
+
+        decode = timed(decode_answer, repeat)
         http = timed(lambda: raw.post("/v1/embeddings", content=content, headers=headers).read(), repeat)
         raw.close()
         full = timed(lambda: encoder.encode_documents(texts), repeat)

@@ -6,11 +6,12 @@ cd "$(dirname "$0")/.."
 PYTHON=${PYTHON:-python3.11}
 command -v "$PYTHON" >/dev/null || PYTHON=python3
 
-# pip, quiet on success (this host's index settings print many harmless warnings); loud on failure.
+# pip into $VENV (default .venv), quiet on success (this host's index settings print many harmless
+# warnings); loud on failure.
 pip_install() {
   local log
   log=$(mktemp)
-  if ! .venv/bin/python -m pip install -q "$@" >"$log" 2>&1; then
+  if ! "${VENV:-.venv}/bin/python" -m pip install -q "$@" >"$log" 2>&1; then
     grep -v "^WARNING: Location" "$log" >&2 || true
     rm -f "$log"
     echo "setup failed: pip install $*" >&2
@@ -28,4 +29,16 @@ if .venv/bin/python -c "import torch, sys; sys.exit(0 if torch.version.cuda is N
 else
   echo "warning: a CUDA build of torch is installed" >&2
 fi
+
+# infinity-emb in its own virtualenv (.venv-infinity/): a real third-party OpenAI-compatible server
+# (/embeddings, /rerank) for the contract tests, whose pins must not move .venv/'s. CPU torch first
+# and named again with infinity, so that nothing pulls CUDA wheels. Skipped when already installed.
+INFINITY_VERSION=0.0.78
+if ! .venv-infinity/bin/python -c "import importlib.metadata as m, sys; \
+    sys.exit(m.version('infinity-emb') != '$INFINITY_VERSION')" 2>/dev/null; then
+  [ -x .venv-infinity/bin/python ] || "$PYTHON" -m venv .venv-infinity
+  VENV=.venv-infinity pip_install "torch==2.13.0"
+  VENV=.venv-infinity pip_install "torch==2.13.0" "infinity-emb[server,torch]==$INFINITY_VERSION"
+fi
+echo "infinity-emb $INFINITY_VERSION: .venv-infinity/bin/infinity_emb"
 echo "semsearch is set up: .venv/bin/semsearch --help"

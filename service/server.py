@@ -67,8 +67,11 @@ class RunningServer:
             )
         except (TimeoutError, SemsearchError):
             return False
-        encoder_healthy = getattr(engine.pair.encoder, "healthy", None)
-        return bool(encoder_healthy()) if callable(encoder_healthy) else True
+        try:  # a remote encoder may probe its servers: off the event loop, bounded
+            return await asyncio.wait_for(asyncio.to_thread(engine.pair.encoder.healthy),
+                                          timeout=max(1.0, self.settings.health_probe_interval_s))
+        except TimeoutError:
+            return False
 
     async def watch_health(self) -> None:
         """Health follows the backends: NOT_SERVING while Milvus (or every encoder server) is down."""

@@ -15,6 +15,11 @@ openai/protocol.py, openai/serving_embedding.py):
 - GET /v1/models, GET /health (200 with no body).
 - With an API key, everything but /health wants `Authorization: Bearer <key>`, else 401.
 
+`flavor` makes it another OpenAI-compatible server: "vllm", "tei", or "infinity" (infinity-emb's
+default layout: GET /models and POST /embeddings at the root, no /v1; FastAPI errors
+{"detail": ...}). `path_prefix` serves everything under a path (a path-routing proxy, or infinity's
+--url-prefix).
+
 Vectors are real: by default `encode_documents` of an in-process encoder on the raw input (sglang
 adds no instruction). Run it alone (`python -m tests.embedding_server --dimension 1024`) for the
 benchmark: random unit vectors, no model.
@@ -92,9 +97,10 @@ class EmbeddingServer:
         cache_responses: bool = False,
         flavor: str = "sglang",
         served_name: str | None = None,
+        path_prefix: str = "",
         port: int = 0,
     ) -> None:
-        if flavor not in ("sglang", "vllm", "tei"):
+        if flavor not in ("sglang", "vllm", "tei", "infinity"):
             raise ValueError(f"unknown flavor {flavor!r}")
         self.embed = embed
         self.model_path = model_path
@@ -110,6 +116,7 @@ class EmbeddingServer:
         # which requests must use and answers carry), "tei" (/info with model_id and model_sha).
         self.flavor = flavor
         self.served_name = served_name or model_path
+        self.path_prefix = path_prefix.rstrip("/")
         self.revision = "0123abcd"
         self.port = port
         # Faults.
@@ -150,7 +157,7 @@ class EmbeddingServer:
     @property
     def url(self) -> str:
         scheme = "https" if self.ssl_context else "http"
-        return f"{scheme}://127.0.0.1:{self.port}"
+        return f"{scheme}://127.0.0.1:{self.port}{self.path_prefix}"
 
     def start(self) -> EmbeddingServer:
         httpd = _Server(("127.0.0.1", self.port), _Handler)
@@ -213,10 +220,13 @@ class EmbeddingServer:
                 "preferred_sampling_params": None, "weight_version": self.weight_version}
 
     def models(self) -> dict[str, Any]:
-        return {"object": "list", "data": [{
-            "id": self.served_name, "object": "model", "created": int(time.time()), "owned_by": self.flavor,
-            "root": self.model_path, "max_model_len": self.max_tokens,
-        }]}
+        card: dict[str, Any] = {"id": self.served_name, "object": "model", "created": int(time.time()),
+                                "owned_by": self.flavor}
+        if self.flavor == "infinity":  # as infinity-emb 0.0.78 answers: no root
+            card.update(backend="torch", capabilities=["embed"])
+        else:
+            card.update(root=self.model_path, max_model_len=self.max_tokens)
+        return {"object": "list", "data": [card]}
 
     def tei_info(self) -> dict[str, Any]:
         return {"model_id": self.model_path, "model_sha": self.revision, "model_dtype": "float16",
@@ -263,7 +273,8 @@ class EmbeddingServer:
         tokens = sum(counts)
         payload = json.dumps({
             "data": data, "object": "list",
-            "model": self.response_model or (self.served_name if self.flavor == "vllm" else self.model_path),
+            "model": self.response_model or (self.served_name if self.flavor in ("vllm", "infinity")
+                                             else self.model_path),
             "usage": {"prompt_tokens": tokens, "total_tokens": tokens, "completion_tokens": 0,
                       "prompt_tokens_details": None},
         }).encode()
@@ -317,19 +328,28 @@ class _Handler(BaseHTTPRequestHandler):
         self._send(401, json.dumps({"error": "Unauthorized"}).encode())
         return False
 
+    def _route(self, owner: EmbeddingServer) -> str:
+        """The path below the server's prefix ("" when outside it: answered 404)."""
+        if not owner.path_prefix:
+            return self.path
+        if self.path.startswith(owner.path_prefix + "/"):
+            return self.path[len(owner.path_prefix):]
+        return ""
+
     def do_GET(self) -> None:
         owner = self.server.owner
         if not self._authorized(owner):
             return
+        path = self._route(owner)
         sglang = owner.flavor == "sglang"
-        if self.path in ("/health", "/health_generate"):
+        api = "" if owner.flavor == "infinity" else "/v1"
+        if path in ("/health", "/health_generate"):
             self._send(200)
-        elif sglang and (self.path == "/get_model_info"
-                         or (self.path == "/model_info" and not owner.legacy_model_info)):
+        elif sglang and (path == "/get_model_info" or (path == "/model_info" and not owner.legacy_model_info)):
             self._send(200, json.dumps(owner.model_info()).encode())
-        elif owner.flavor == "tei" and self.path == "/info":
+        elif owner.flavor == "tei" and path == "/info":
             self._send(200, json.dumps(owner.tei_info()).encode())
-        elif self.path == "/v1/models" and owner.flavor != "tei":
+        elif path == f"{api}/models" and owner.flavor != "tei":
             self._send(200, json.dumps(owner.models()).encode())
         else:
             self._send(404, json.dumps({"detail": "Not Found"}).encode())
@@ -340,7 +360,7 @@ class _Handler(BaseHTTPRequestHandler):
         raw = self.rfile.read(length)
         if not self._authorized(owner):
             return
-        if self.path != "/v1/embeddings":
+        if self._route(owner) != ("/embeddings" if owner.flavor == "infinity" else "/v1/embeddings"):
             self._send(404, json.dumps({"detail": "Not Found"}).encode())
             return
         with owner.lock:

@@ -16,6 +16,7 @@ from typing import Any, cast
 import grpc
 import numpy as np
 import pytest
+from grpc_health.v1 import health_pb2
 from pydantic import SecretStr
 
 from semsearch.config import Settings
@@ -123,6 +124,31 @@ def test_other_openai_compatible_servers(
         encoder.identity_recheck_s = 0
         with pytest.raises(ModelMismatchError, match="4567ef01"):
             encoder.encode_documents(DOCS[:1])
+
+
+@pytest.mark.parametrize(("flavor", "prefix", "suffix", "embeddings"), [
+    ("infinity", "", "", "/embeddings"),  # infinity's default layout: /models and /embeddings, no /v1
+    ("infinity", "", "/v1", "/embeddings"),  # a user who wrote /v1 anyway
+    ("infinity", "/v1", "", "/v1/embeddings"),  # infinity --url-prefix /v1
+    ("infinity", "/embed/minilm", "", "/embeddings"),  # behind a path-routing proxy
+    ("sglang", "/gpu-a", "/v1", "/v1/embeddings"),
+])
+def test_url_layouts_with_and_without_v1_and_behind_a_path(
+    servers: Callable[..., EmbeddingServer], remote: Callable[..., RemoteEncoder], tiny_encoder: TorchEncoder,
+    flavor: str, prefix: str, suffix: str, embeddings: str,
+) -> None:
+    server = servers(flavor=flavor, path_prefix=prefix)
+    encoder = remote(server.url + suffix)
+    np.testing.assert_array_equal(encoder.encode_documents(DOCS[:3]), tiny_encoder.encode_documents(DOCS[:3]))
+    base = prefix.removesuffix("/v1")
+    assert server.paths[-1] == f"POST {base}{embeddings}"
+    assert encoder.identity is not None and encoder.identity.embeddings_path == embeddings
+    if flavor == "infinity":  # the endpoint that answered is asked first on re-checks
+        encoder.identity_recheck_s = 0
+        seen = len(server.paths)
+        encoder.encode_documents(DOCS[:1])
+        models = embeddings.replace("/embeddings", "/models")
+        assert server.paths[seen:] == [f"GET {base}{models}", f"POST {base}{embeddings}"]
 
 
 def test_order_is_restored_from_index_across_split_requests(
@@ -504,6 +530,73 @@ def test_https_server_is_verified_with_the_given_ca(
                                atol=1e-6)
     with pytest.raises(BackendUnavailableError, match=r"CERTIFICATE_VERIFY_FAILED|certificate"):
         remote(server.url, retries=0)  # a self-signed certificate is not trusted by default
+
+
+def test_healthy_follows_the_servers(
+    servers: Callable[..., EmbeddingServer], remote: Callable[..., RemoteEncoder],
+) -> None:
+    first, second = servers(), servers()
+    clock = FakeClock()
+    encoder = remote(first.url, second.url, failure_threshold=2, reset_s=10, health_fresh_s=2, clock=clock)
+    assert encoder.healthy()
+    checks = len(first.paths) + len(second.paths)
+    assert encoder.healthy() and len(first.paths) + len(second.paths) == checks  # fresh: nothing sent
+    first.stop()
+    clock.now += 3  # no recent answer: probe; one server is enough
+    assert encoder.healthy()
+    second.stop()
+    clock.now += 3
+    assert not encoder.healthy()  # both refuse connections (one failure each)
+    assert not encoder.healthy()  # second failure: both circuits open
+    assert encoder.server_states() == {first.url: "open", second.url: "open"}
+    checks = len(first.paths) + len(second.paths)
+    assert not encoder.healthy() and len(first.paths) + len(second.paths) == checks  # open: nothing sent
+    second.restart()
+    clock.now += 10  # half-open: the health probe brings it back in
+    assert encoder.healthy()
+    assert encoder.server_states()[second.url] == "closed"
+    assert encoder.encode_documents(DOCS[:1]).shape == (1, 32)
+    encoder.close()
+    assert not encoder.healthy()
+
+
+def test_not_healthy_when_every_server_serves_another_model(
+    servers: Callable[..., EmbeddingServer], remote: Callable[..., RemoteEncoder],
+) -> None:
+    server = servers()
+    clock = FakeClock()
+    encoder = remote(server.url, clock=clock)
+    server.swap_model("/models/other-model")
+    clock.now += 3
+    assert not encoder.healthy()
+    assert encoder.server_states() == {server.url: "quarantined"}
+
+
+def test_local_encoders_are_always_healthy(tiny_encoder: TorchEncoder) -> None:
+    assert tiny_encoder.healthy()
+
+
+def test_service_health_follows_a_killed_and_restarted_encoder_server(
+    make_service: Callable[..., Any], servers: Callable[..., EmbeddingServer],
+    remote: Callable[..., RemoteEncoder],
+) -> None:
+    from tests.test_faults import health_status, wait_for
+
+    server = servers()
+    service = make_service(remote(server.url, failure_threshold=1, reset_s=0.5, health_fresh_s=0.2),
+                           health_probe_interval_s=0.2)
+    assert health_status(service) == health_pb2.HealthCheckResponse.SERVING
+    service.stub.SearchDocuments(pb.SearchDocumentsRequest(query="退款"), timeout=30)
+    server.stop()
+    started = time.monotonic()
+    wait_for(lambda: health_status(service) == health_pb2.HealthCheckResponse.NOT_SERVING, 10, "NOT_SERVING")
+    assert time.monotonic() - started < 5
+    with pytest.raises(grpc.RpcError) as refused:
+        service.stub.SearchDocuments(pb.SearchDocumentsRequest(query="退款"), timeout=10)
+    assert refused.value.code() is grpc.StatusCode.UNAVAILABLE
+    server.restart()  # the same port
+    wait_for(lambda: health_status(service) == health_pb2.HealthCheckResponse.SERVING, 10, "SERVING again")
+    service.stub.SearchDocuments(pb.SearchDocumentsRequest(query="退款"), timeout=30)
 
 
 def _index_and_search(stub: Any) -> list[list[tuple[str, float]]]:

@@ -269,6 +269,9 @@ class SlowEncoder:
     def count_tokens(self, texts: Sequence[str]) -> list[int]:
         return self.inner.count_tokens(texts)
 
+    def healthy(self) -> bool:
+        return True
+
     def close(self) -> None:
         pass
 

@@ -30,4 +30,10 @@ class Encoder(Protocol):
         """Tokens each text takes without truncation (special tokens included)."""
         ...
 
+    def healthy(self) -> bool:
+        """Can the encoder serve a request now? The service's health follows it (NOT_SERVING while
+        False). In-process backends are always healthy; a remote one is not while every server is
+        down or serves another model. May block briefly (bounded): call it off the event loop."""
+        ...
+
     def close(self) -> None: ...

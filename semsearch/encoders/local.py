@@ -131,6 +131,9 @@ class LocalEncoder:
                 out[batch_ids] = pooled.float().cpu().numpy()
         return out
 
+    def healthy(self) -> bool:
+        return True  # in-process: if it loaded, it can encode
+
     def close(self) -> None:
         pass
 

@@ -59,7 +59,8 @@ class Settings(BaseSettings):
     lexical_analyzer: Literal["jieba", "jieba_exact", "standard", "none"] = "jieba"
     lexical_user_dict: list[str] = Field(default_factory=list)  # extra words for jieba
     # Retrieval when a request leaves the mode unspecified (dense when the collection has no BM25).
-    retrieval_mode: Literal["dense", "lexical", "hybrid"] = "hybrid"
+    # Dense by default: clients written before modes existed keep cosine scores.
+    retrieval_mode: Literal["dense", "lexical", "hybrid"] = "dense"
     fusion: Literal["rrf", "weighted"] = "rrf"
     rrf_k: int = Field(default=60, ge=1, le=10000)
     dense_weight: float = Field(default=0.5, ge=0.0, le=1.0)

@@ -18,12 +18,13 @@ from google.protobuf.message import DecodeError
 
 from semsearch.config import Settings
 from semsearch.errors import InvalidInputError, SemsearchError
+from semsearch.fusion import Fusion
 from semsearch.metrics import RPC_LATENCY, RPC_REQUESTS
 from semsearch.store import Hit, RetrieverScore
 from semsearch.v1 import search_pb2 as pb
 from semsearch.v1 import search_pb2_grpc
 from service import validation
-from service.engine import Fusion, SearchEngine, SearchQuery, SearchResult
+from service.engine import SearchEngine, SearchQuery, SearchResult
 
 log = structlog.get_logger(__name__)
 

@@ -68,9 +68,11 @@ def quality(args: argparse.Namespace) -> dict[str, Any]:
         encoder.close()
     encode_s = time.perf_counter() - started
 
-    variants = [("jieba", "jieba", False), ("jieba_exact", "jieba_exact", False), ("char", "standard", True)]
+    variants = [("jieba", "jieba", False), ("char", "standard", True), ("jieba_exact", "jieba_exact", False)]
+    variants = [v for v in variants if v[0] in args.analyses.split(",")]
     results: dict[str, dict[str, dict[str, Any]]] = {}
     seconds: dict[str, float] = {}
+    dense_cache: dict[str, dict[int, Any]] = {name: {} for name in pools}  # dense hits do not change
     for label, analyzer, by_char in variants:
         phase = time.perf_counter()
         with tempfile.TemporaryDirectory(prefix="bench-hybrid-") as tmp:
@@ -82,18 +84,20 @@ def quality(args: argparse.Namespace) -> dict[str, Any]:
                     queries = [r.query for r in test_rows]
                     if by_char:
                         texts, queries = [spaced_characters(t) for t in texts], [spaced_characters(q) for q in queries]
-                    modes = ("dense", "lexical", "hybrid") if label == "jieba" else ("lexical", "hybrid")
+                    modes = ("dense", "lexical", "hybrid") if label == variants[0][0] else ("lexical", "hybrid")
                     found = milvus_pool_metrics(
                         store, f"q_{pool_name}", manifest, doc_texts=texts, doc_vectors=doc_vectors[pool],
                         query_texts=queries, query_vectors=query_vectors,
                         exclude=[local.get(q) for q in query_keys],
                         relevant=[{local[k] for k in rel if k in local and k != q}
                                   for rel, q in zip(relevant_keys, query_keys, strict=True)],
-                        modes=modes, fusion=Fusion(),
+                        modes=modes, fusion=Fusion(), dense_cache=dense_cache[pool_name],
                     )
                     for mode, value in found.items():
                         name = "dense" if mode == "dense" else f"{mode} ({label})"
                         results.setdefault(name, {})[pool_name] = value
+                        print(f"{pool_name} · {name}: " + " ".join(
+                            f"{c} {value['metrics'][c]:.4f}" for c in TABLE), flush=True)
             finally:
                 store.close()
         seconds[label] = round(time.perf_counter() - phase, 1)
@@ -172,6 +176,7 @@ def main() -> None:
     q.add_argument("--data", type=Path, required=True, help="held-out rows (prepare's test.jsonl)")
     q.add_argument("--pool", type=Path, default=None, help="more rows for the global pool (train.jsonl)")
     q.add_argument("--model", required=True)
+    q.add_argument("--analyses", default="jieba,char,jieba_exact", help="which lexical analyses, in order")
     lat = sub.add_parser("latency")
     lat.add_argument("--requests", type=int, default=200)
     lat.add_argument("--model", default=None, help="default: the packaged stand-in")

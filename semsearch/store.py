@@ -83,6 +83,19 @@ def lexical_analyzer_params(analyzer: str, user_dict: Sequence[str] = ()) -> dic
     raise InvalidInputError(f"lexical_analyzer {analyzer!r}: expected jieba, jieba_exact, standard or none")
 
 
+def warm_jieba() -> None:
+    """Load jieba's dictionary now (1-15 s) in this process, where Milvus Lite's server runs.
+
+    Lazily it would load inside the first write or lexical search, under that call's timeout.
+    """
+    import logging
+
+    import jieba
+
+    jieba.setLogLevel(logging.WARNING)  # its progress lines are not ours to print
+    jieba.initialize()
+
+
 @dataclass(frozen=True)
 class Capabilities:
     """What the connected Milvus can do beyond dense search."""
@@ -200,6 +213,8 @@ class MilvusStore:
         else:
             connect_uri = uri
         self.is_lite = self._lite is not None
+        if self.is_lite and lexical_analyzer.startswith("jieba"):
+            warm_jieba()
         try:
             self.client = MilvusClient(uri=connect_uri, token=token or "", timeout=timeout_s)
         except MilvusException as exc:

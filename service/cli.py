@@ -58,13 +58,21 @@ def parse_filter(spec: str) -> pb.MetadataFilter:
     return pb.MetadataFilter(field=field.strip(), operator=operator, value=typed)
 
 
+MODE_NAMES = {pb.RETRIEVAL_MODE_DENSE: "dense", pb.RETRIEVAL_MODE_LEXICAL: "lexical",
+              pb.RETRIEVAL_MODE_HYBRID: "hybrid"}
+MODE_VALUES = {name: value for value, name in MODE_NAMES.items()}
+
+
 def response_to_json(response: pb.SearchDocumentsResponse) -> dict[str, Any]:
     return {
         "hits": [
             {"id": h.id, "text": h.text, "score": round(h.score, 6),
-             "metadata": json_format.MessageToDict(h.metadata)}
+             "metadata": json_format.MessageToDict(h.metadata),
+             "retrievers": {MODE_NAMES.get(r.retriever, str(r.retriever)): {"score": round(r.score, 6), "rank": r.rank}
+                            for r in h.retrievers}}
             for h in response.hits
         ],
+        "mode": MODE_NAMES.get(response.mode, "dense"),
         "model_version": response.model_version,
         "collection": response.collection,
         "took_ms": round(response.timing.total_ms, 3),
@@ -76,12 +84,16 @@ def print_hits(query: str, response: pb.SearchDocumentsResponse) -> None:
     table.add_column("#", justify="right", no_wrap=True, min_width=2)
     table.add_column("score", justify="right", no_wrap=True, min_width=6)
     table.add_column("id", no_wrap=True, min_width=len(max((h.id for h in response.hits), key=len, default="")))
+    hybrid = response.mode == pb.RETRIEVAL_MODE_HYBRID
+    if hybrid:  # which retriever ranked it where
+        table.add_column("found by", no_wrap=True)
     table.add_column("text", overflow="ellipsis", no_wrap=True, max_width=48)
     for rank, hit in enumerate(response.hits, 1):
-        table.add_row(str(rank), f"{hit.score:.4f}", hit.id, hit.text.replace("\n", " "))
+        found = [" ".join(f"{MODE_NAMES.get(r.retriever, '?')}#{r.rank}" for r in hit.retrievers)] if hybrid else []
+        table.add_row(str(rank), f"{hit.score:.4f}", hit.id, *found, hit.text.replace("\n", " "))
     console.print(table)
-    console.print(f"[dim]model {response.model_version} · collection {response.collection} · "
-                  f"{response.timing.total_ms:.1f} ms[/dim]")
+    console.print(f"[dim]{MODE_NAMES.get(response.mode, 'dense')} · model {response.model_version} · "
+                  f"collection {response.collection} · {response.timing.total_ms:.1f} ms[/dim]")
 
 
 def register(app: typer.Typer) -> None:
@@ -112,6 +124,8 @@ def register(app: typer.Typer) -> None:
         top_k: Annotated[int, typer.Option("--top-k", help="How many hits")] = 10,
         filters: Annotated[list[str] | None, typer.Option("--filter", help="field=value, field>=3 ... (ANDed)")] = None,
         chunks: Annotated[bool, typer.Option("--chunks", help="Return matching chunks, not documents")] = False,
+        mode: Annotated[str | None, typer.Option(
+            "--mode", help="dense, lexical (BM25) or hybrid (default: the service's retrieval_mode)")] = None,
         as_json: Annotated[bool, typer.Option("--json", help="Print one JSON object")] = False,
         timeout: Annotated[float, typer.Option("--timeout", help="Deadline in seconds")] = 30.0,
         config: ConfigOption = None, host: HostOption = None, port: PortOption = None,
@@ -119,8 +133,11 @@ def register(app: typer.Typer) -> None:
         """Search a running service over gRPC."""
         settings = settings_from_cli(config, host=host, port=port)
         target = addr or f"{settings.host}:{settings.port}"
+        if mode is not None and mode not in MODE_VALUES:
+            raise fail(f"--mode {mode!r}: expected dense, lexical or hybrid", code=2)
         request = pb.SearchDocumentsRequest(
             query=query, top_k=top_k, filters=[parse_filter(f) for f in filters or []], return_chunks=chunks,
+            mode=MODE_VALUES[mode] if mode else pb.RETRIEVAL_MODE_UNSPECIFIED,
         )
         with grpc.insecure_channel(target) as channel:
             stub = search_pb2_grpc.SearchServiceStub(channel)

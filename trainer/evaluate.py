@@ -111,11 +111,14 @@ def milvus_pool_metrics(
     fusion: Fusion,
     k: int = 10,
     batch: int = 64,
+    dense_cache: dict[int, list[Any]] | None = None,
 ) -> dict[str, dict[str, Any]]:
     """Index one pool (document id = position) and rank it in each mode exactly as serving does.
 
     Each query's own candidate (`exclude`) is dropped from its ranking; queries without relevant
     candidates are skipped. Lexical and hybrid need a backend with BM25 (Milvus Lite here).
+    `dense_cache` (query index -> dense hits) lets runs that differ only in the lexical analysis
+    search the unchanged dense side once.
     """
     store.create_collection(collection, manifest)
     rows = [ChunkRow(doc_id=str(i), chunk_index=0, text=text, vector=vector)
@@ -134,8 +137,13 @@ def milvus_pool_metrics(
         found: dict[str, list[list[Any]]] = {}
         if "dense" in modes or "hybrid" in modes:
             limit = fetch if "hybrid" not in modes else candidates
-            found["dense"] = store.search(collection, query_vectors[part], top_k=limit, output_fields=(),
-                                          per_document=True)
+            if dense_cache is not None and all(i in dense_cache for i in part):
+                found["dense"] = [dense_cache[i] for i in part]
+            else:
+                found["dense"] = store.search(collection, query_vectors[part], top_k=limit, output_fields=(),
+                                              per_document=True)
+                if dense_cache is not None:
+                    dense_cache.update(zip(part, found["dense"], strict=True))
         if "lexical" in modes or "hybrid" in modes:
             limit = fetch if "hybrid" not in modes else candidates
             found["lexical"] = store.search(collection, top_k=limit, output_fields=(), per_document=True,

@@ -219,4 +219,5 @@ class SearchBatcher(MicroBatcher[SearchJob, list[list[Hit]]]):
                     offset += count
             return results
 
-        super().__init__(process, weight=lambda job: job.size, name="store-search", **options)
+        options.setdefault("name", "store-search")
+        super().__init__(process, weight=lambda job: job.size, **options)

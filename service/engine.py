@@ -121,10 +121,16 @@ class SearchEngine:
             store, max_batch=settings.microbatch_max_size * 4, max_wait_s=0.0,
             queue_size=settings.microbatch_queue_size,
         )
+        # BM25 searches on their own worker: a hybrid query's lexical half overlaps its encoding.
+        self.lexical_batcher = SearchBatcher(
+            store, max_batch=settings.microbatch_max_size * 4, max_wait_s=0.0,
+            queue_size=settings.microbatch_queue_size, name="store-lexical",
+        )
 
     async def start(self) -> None:
         self.pair.batcher.start()
         self.search_batcher.start()
+        self.lexical_batcher.start()
 
     def swap(self, new: ServingPair) -> ServingPair:
         """Make `new` the serving pair in one reference change; returns the old one to retire."""
@@ -180,11 +186,6 @@ class SearchEngine:
         modes = [self.resolve_mode(pair, query.mode) for query in queries]
         dense = [i for i, mode in enumerate(modes) if mode != "lexical"]
         vectors: dict[int, np.ndarray] = {}
-        if dense:  # lexical-only requests never wait for the encoder
-            with span("semsearch.encode", queries=len(dense), model_version=pair.model_version):
-                encoded = await pair.batcher.encode([queries[i].text for i in dense], timeout_s)
-            vectors = {i: encoded[row] for row, i in enumerate(dense)}
-        encode_ms = (time.perf_counter() - started) * 1e3
         # One retriever's queries with the same filters and limits share one Milvus call.
         groups: dict[tuple[Any, ...], list[int]] = {}
         for i, (query, mode) in enumerate(zip(queries, modes, strict=True)):
@@ -207,15 +208,29 @@ class SearchEngine:
                 vectors=np.asarray([vectors[i] for i in indices]) if retriever == "dense" else None,
                 texts=tuple(queries[i].text for i in indices) if retriever == "lexical" else (),
             )
+            batcher = self.lexical_batcher if retriever == "lexical" else self.search_batcher
             with span("semsearch.search", collection=pair.collection.name, queries=len(indices), top_k=limit,
                       retriever=retriever):
-                results = await self.search_batcher.submit(job, remaining)
+                results = await batcher.submit(job, remaining)
             elapsed = (time.perf_counter() - group_started) * 1e3
             for i, hits in zip(indices, results, strict=True):
                 rankings[i][retriever] = hits
                 store_ms[i] = max(store_ms[i], elapsed)
 
-        await asyncio.gather(*(run_group(key, indices) for key, indices in groups.items()))
+        # Lexical searches need no vector: they run while the encoder works (their own worker).
+        lexical = [asyncio.ensure_future(run_group(key, indices)) for key, indices in groups.items()
+                   if key[0] == "lexical"]
+        try:
+            if dense:  # lexical-only requests never wait for the encoder
+                with span("semsearch.encode", queries=len(dense), model_version=pair.model_version):
+                    encoded = await pair.batcher.encode([queries[i].text for i in dense], timeout_s)
+                vectors = {i: encoded[row] for row, i in enumerate(dense)}
+            encode_ms = (time.perf_counter() - started) * 1e3
+            await asyncio.gather(*lexical, *(run_group(key, indices) for key, indices in groups.items()
+                                             if key[0] == "dense"))
+        finally:
+            for task in lexical:  # an encoder failure must not leave searches behind
+                task.cancel()
         total_ms = (time.perf_counter() - started) * 1e3
         results = []
         for i, (query, mode) in enumerate(zip(queries, modes, strict=True)):
@@ -274,6 +289,7 @@ class SearchEngine:
 
     async def close(self) -> None:
         await self.search_batcher.close()
+        await self.lexical_batcher.close()
         await self.pair.batcher.close()
         if self.shadow is not None:
             await self.shadow.batcher.close()

@@ -7,9 +7,16 @@ from dataclasses import dataclass
 from typing import Any
 
 from semsearch.config import Settings
-from semsearch.store import Hit, RetrieverScore
+from semsearch.store import MAX_SEARCH_LIMIT, Hit, RetrieverScore
 
 MODES = ("dense", "lexical", "hybrid")
+# Hybrid fuses each retriever's best `max(HYBRID_CANDIDATES, 2 * top_k)` documents: one ranked
+# just outside top_k by both retrievers can still win.
+HYBRID_CANDIDATES = 20
+
+
+def hybrid_candidates(top_k: int) -> int:
+    return min(max(HYBRID_CANDIDATES, 2 * top_k), MAX_SEARCH_LIMIT)
 
 
 @dataclass(frozen=True)

@@ -20,17 +20,13 @@ from semsearch.config import Settings
 from semsearch.encoders import Encoder
 from semsearch.errors import InvalidInputError, NotFoundError
 from semsearch.filters import MetadataFilter
-from semsearch.fusion import MODES, Fusion, fuse
+from semsearch.fusion import MODES, Fusion, fuse, hybrid_candidates
 from semsearch.metrics import ENCODER_LATENCY
-from semsearch.store import MAX_SEARCH_LIMIT, ChunkRow, CollectionInfo, Hit, LexicalUnavailableError, MilvusStore
+from semsearch.store import ChunkRow, CollectionInfo, Hit, LexicalUnavailableError, MilvusStore
 from semsearch.tracing import span
 from service.batching import EncodeBatcher, SearchBatcher, SearchJob
 
 log = structlog.get_logger(__name__)
-
-# Hybrid fuses each retriever's best `max(HYBRID_CANDIDATES, 2 * top_k)` results: a document
-# ranked just outside top_k by both retrievers can still win.
-HYBRID_CANDIDATES = 20
 
 
 @dataclass(frozen=True)
@@ -189,8 +185,7 @@ class SearchEngine:
         # One retriever's queries with the same filters and limits share one Milvus call.
         groups: dict[tuple[Any, ...], list[int]] = {}
         for i, (query, mode) in enumerate(zip(queries, modes, strict=True)):
-            limit = query.top_k if mode != "hybrid" else min(max(HYBRID_CANDIDATES, 2 * query.top_k),
-                                                             MAX_SEARCH_LIMIT)
+            limit = query.top_k if mode != "hybrid" else hybrid_candidates(query.top_k)
             for retriever in (("dense", "lexical") if mode == "hybrid" else (mode,)):
                 key = (retriever, query.filters, limit, query.return_chunks, query.with_text, query.with_metadata)
                 groups.setdefault(key, []).append(i)

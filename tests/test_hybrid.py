@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import subprocess
 import sys
@@ -280,3 +281,33 @@ def test_milvus_2_3_refuses_lexical_and_keeps_dense(
             service.stub.SearchDocuments(pb.SearchDocumentsRequest(query="忘记密码", mode=mode), timeout=60)
         assert info.value.code() == grpc.StatusCode.FAILED_PRECONDITION
         assert "v2.3.5" in (info.value.details() or "") and "dense retrieval works" in (info.value.details() or "")
+
+
+@pytest.mark.slow
+def test_train_evaluate_ranks_every_mode_through_milvus(tiny_model_dir: Path, tmp_path: Path) -> None:
+    rows = [
+        {"query": "XK-2049 路由器连不上", "pos": ["型号 XK-2049 的路由器无法连接网络"],
+         "neg": ["忘记登录密码怎么找回"]},
+        {"query": "密码忘了", "pos": ["忘记登录密码怎么找回"], "neg": ["发票抬头写错了可以修改吗"]},
+        {"query": "发票抬头错了", "pos": ["发票抬头写错了可以修改吗"], "neg": ["包裹显示运输中好几天没有更新"]},
+    ]
+    data = tmp_path / "test.jsonl"
+    data.write_text("\n".join(json.dumps(r, ensure_ascii=False) for r in rows) + "\n", encoding="utf-8")
+    out = tmp_path / "eval"
+    result = subprocess.run(
+        [sys.executable, "-m", "semsearch", "train", "evaluate", "--data", str(data), "--model",
+         f"tiny={tiny_model_dir}", "--out-dir", str(out), "--retrieval", "dense,lexical,hybrid"],
+        capture_output=True, text=True, timeout=600, cwd=REPO,
+    )
+    assert result.returncode == 0, result.stderr
+    report = json.loads((out / "report.json").read_text(encoding="utf-8"))
+    retrieval = report["models"][0]["retrieval"]
+    assert set(retrieval) == {"dense", "lexical", "hybrid"} and set(retrieval["lexical"]) == {"test", "global"}
+    # The random tiny model ranks by chance; BM25 over jieba words finds every paraphrase sharing words.
+    assert retrieval["lexical"]["test"]["metrics"]["hit@1"] == 1.0
+    assert "tiny · hybrid (Milvus)" in result.stdout
+    bad = subprocess.run(
+        [sys.executable, "-m", "semsearch", "train", "evaluate", "--data", str(data), "--out-dir", str(out),
+         "--retrieval", "dense,bm25"], capture_output=True, text=True, timeout=120, cwd=REPO,
+    )
+    assert bad.returncode == 2 and "bm25" in bad.stderr

@@ -31,7 +31,7 @@ import numpy as np
 import structlog
 
 from semsearch.config import Settings
-from semsearch.fusion import MODES, Fusion, fuse
+from semsearch.fusion import MODES, Fusion, fuse, hybrid_candidates
 from semsearch.manifest import MANIFEST_FILENAME, ModelManifest
 from semsearch.store import ChunkRow, MilvusStore
 from trainer.encoding import ExactIndex, encode_texts, open_encoder
@@ -130,7 +130,7 @@ def milvus_pool_metrics(
         raise ValueError(f"this Milvus ({store.capabilities().server_version}) has no BM25: evaluate dense only")
     kept = [i for i, rel in enumerate(relevant) if rel]
     fetch = k + 1  # one more: the query's own text may be among them
-    candidates = max(20, 2 * fetch)  # what serving fetches per retriever for hybrid
+    candidates = hybrid_candidates(fetch)  # what serving fetches per retriever for hybrid
     ranked: dict[str, list[list[int]]] = {mode: [] for mode in modes}
     for start in range(0, len(kept), batch):
         part = kept[start : start + batch]

@@ -23,18 +23,18 @@ from pathlib import Path
 import grpc
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from bench_service import milvus_server  # noqa: E402
+from bench_service import milvus_server
 
-from semsearch.config import Settings  # noqa: E402
-from semsearch.encoders import STAND_IN_MODEL, TorchEncoder, stand_in_model_path  # noqa: E402
-from semsearch.logs import configure_logging  # noqa: E402
-from semsearch.manifest import KNOWN_PROFILES, ModelManifest  # noqa: E402
-from semsearch.promotion import Promoter  # noqa: E402
-from semsearch.store import MilvusStore  # noqa: E402
-from semsearch.v1 import search_pb2 as pb  # noqa: E402
-from semsearch.v1 import search_pb2_grpc  # noqa: E402
-from service.demo import read_corpus, shipped_corpus  # noqa: E402
-from service.server import start_server  # noqa: E402
+from semsearch.config import Settings
+from semsearch.encoders import STAND_IN_MODEL, TorchEncoder, stand_in_model_path
+from semsearch.logs import configure_logging
+from semsearch.manifest import KNOWN_PROFILES, ModelManifest
+from semsearch.promotion import Promoter
+from semsearch.store import MilvusStore
+from semsearch.v1 import search_pb2 as pb
+from semsearch.v1 import search_pb2_grpc
+from service.demo import read_corpus, shipped_corpus
+from service.server import start_server
 
 
 def candidate_copy(directory: Path) -> Path:

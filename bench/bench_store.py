@@ -209,7 +209,7 @@ class LiteBackend(Backend):
         #    segment inside the RPC, so when it returns every row is served by the index.
         try:
             self.client.create_index(COLLECTION, hnsw_params(self.client))
-        except Exception as e:  # noqa: BLE001
+        except Exception as e:
             # Seen once under heavy load: the long CreateIndex RPC got retried by pymilvus and the
             # retry reports the index the first attempt created.
             if "already exists" not in str(e):
@@ -224,7 +224,7 @@ class LiteBackend(Backend):
         try:
             from milvus_lite.server_manager import server_manager_instance
             server_manager_instance.release_server(self.path)   # stop gRPC thread, release LOCK
-        except Exception:  # noqa: BLE001
+        except Exception:
             pass
         shutil.rmtree(self.tmp, ignore_errors=True)
 
@@ -361,7 +361,7 @@ def main(argv=None):
     X = unit_vectors(42, args.n, args.dim)
     Q = unit_vectors(7, args.queries, args.dim)
     truth = exact_topk(X, Q, args.topk)
-    started = datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")
+    started = datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds")
     load_start = os.getloadavg()
     backends: list[Backend] = []
     try:
@@ -377,7 +377,7 @@ def main(argv=None):
         for b in backends:
             try:
                 b.close()
-            except Exception as e:  # noqa: BLE001
+            except Exception as e:
                 print(f"[{b.name}] close failed: {e}", file=sys.stderr)
     infos = [b.info for b in backends]
     meta = {"started_utc": started, "cpus": os.cpu_count(), "loadavg_start": load_start,

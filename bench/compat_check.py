@@ -22,7 +22,7 @@ import numpy as np
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
-from pymilvus import DataType, MilvusClient  # noqa: E402
+from pymilvus import DataType, MilvusClient
 
 DIM = 384
 COL = "compat_docs"
@@ -36,7 +36,7 @@ def step(name):
                 out = fn(*a, **kw)
                 RESULTS.append((name, "OK", "" if out is None else str(out)[:300]))
                 return out
-            except Exception as e:  # noqa: BLE001
+            except Exception as e:
                 msg = f"{type(e).__name__}: {e}".replace("\n", " ")
                 RESULTS.append((name, "FAIL", msg[:400]))
                 if os.environ.get("COMPAT_TRACE"):
@@ -276,7 +276,7 @@ def probe(c: MilvusClient):
                 q2 = c.query(COL, filter=f'metadata["category"] == {lit}', output_fields=["id"], limit=10)
                 ok = [r["id"] for r in q1] == ["nasty"] and [r["id"] for r in q2] == ["nasty"]
                 out[label] = "match" if ok else f"nomatch {q1} {q2}"
-            except Exception as e:  # noqa: BLE001
+            except Exception as e:
                 out[label] = f"ERR {str(e)[:120]}"
         if out["milvus_str"] != "match":
             raise AssertionError(out)

@@ -26,7 +26,6 @@ import tempfile
 import time
 
 import numpy as np
-
 from pymilvus import DataType, MilvusClient
 
 DIM = 384

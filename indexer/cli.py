@@ -108,6 +108,7 @@ def _open(settings: Settings) -> tuple[Any, Any]:
         settings.milvus_uri, token=settings.milvus_token.get_secret_value() if settings.milvus_token else None,
         timeout_s=max(settings.milvus_timeout_s, 60.0), hnsw_m=settings.hnsw_m,
         hnsw_ef_construction=settings.hnsw_ef_construction, search_ef=settings.search_ef,
+        lexical_analyzer=settings.lexical_analyzer, lexical_user_dict=settings.lexical_user_dict,
     )
     return encoder, store
 

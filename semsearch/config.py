@@ -56,6 +56,18 @@ class Settings(BaseSettings):
     hnsw_m: int = 16
     hnsw_ef_construction: int = 200
     search_ef: int = 128
+    # Lexical (BM25) retrieval: Milvus tokenizes chunk text with this analyzer into a sparse field
+    # of every new collection (Milvus Lite, Milvus >= 2.5). "jieba": Chinese words (search mode);
+    # "jieba_exact": jieba's exact mode; "standard": Milvus' standard tokenizer; "none": no field.
+    lexical_analyzer: Literal["jieba", "jieba_exact", "standard", "none"] = "jieba"
+    lexical_user_dict: list[str] = Field(default_factory=list)  # extra words for jieba
+    # Retrieval when a request leaves the mode unspecified (dense when the collection has no BM25).
+    # Dense by default: clients written before modes existed keep cosine scores.
+    retrieval_mode: Literal["dense", "lexical", "hybrid"] = "dense"
+    fusion: Literal["rrf", "weighted"] = "rrf"
+    rrf_k: int = Field(default=60, ge=1, le=10000)
+    dense_weight: float = Field(default=0.5, ge=0.0, le=1.0)
+    lexical_weight: float = Field(default=0.5, ge=0.0, le=1.0)
 
     # Model and encoding
     model: str = DEFAULT_MODEL

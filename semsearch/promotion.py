@@ -95,7 +95,23 @@ class Promoter:
     def candidate_pair(
         self, name: str, encoder: Encoder, encoder_url: str | None, metrics: dict[str, Any]
     ) -> PairRecord:
-        return pair_for(encoder.manifest, versioned_name(name, encoder.manifest.version), encoder_url, metrics)
+        return pair_for(encoder.manifest, self.target_collection(name, encoder), encoder_url, metrics)
+
+    def target_collection(self, name: str, encoder: Encoder) -> str:
+        """`{name}__{version}`, or a fresh name when that collection predates the current schema.
+
+        Promoting the same model is how a collection made before lexical retrieval gets its BM25
+        field: the copy goes into a new collection (created with the BM25 function; Milvus
+        tokenizes the copied texts) instead of being a no-op.
+        """
+        base = versioned_name(name, encoder.manifest.version)
+        for candidate in (base, f"{base}__bm25"):
+            if not self.store.resolve(candidate):
+                return candidate
+            lexical_wanted = self.settings.lexical_analyzer != "none" and self.store.capabilities().bm25
+            if self.store.collection_info(candidate).lexical or not lexical_wanted:
+                return candidate
+        raise PromotionError(f"{base}__bm25 exists without a BM25 field: drop it (semsearch gc) and re-run")
 
     # ------------------------------------------------------------------ flow
     def promote(self, name: str, encoder: Encoder, gate: Gate, *, encoder_url: str | None = None) -> PromotionReport:

@@ -13,12 +13,13 @@ import threading
 import time
 import uuid
 from collections.abc import Iterable, Iterator, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any, NamedTuple
 
+import grpc
 import numpy as np
 import structlog
-from pymilvus import DataType, MilvusClient, MilvusException
+from pymilvus import DataType, Function, FunctionType, MilvusClient, MilvusException
 from pymilvus.exceptions import (
     AutoIDException,
     ConnectError,
@@ -65,6 +66,79 @@ MAX_TEXT_CHARS = 65535 // 4  # VARCHAR max_length counts bytes: 4 per character 
 RECORD_TAG = "semsearch"
 TEXT_RULES_PROPERTY = f"{RECORD_TAG}.text_rules"
 OUTPUT_FIELDS = ["doc_id", "chunk_index", "char_offset", "text", "metadata", "content_hash"]
+# Lexical retrieval: Milvus turns `text` into this BM25 sparse vector (a schema Function).
+SPARSE_FIELD = "sparse"
+BM25_FUNCTION = "text_bm25"
+LEXICAL_PROPERTY = f"{RECORD_TAG}.lexical_analyzer"
+# Milvus' largest search limit (topk); per-document searches never ask for more.
+MAX_SEARCH_LIMIT = 16384
+# Without native grouping, a per-document search first fetches this many chunks per document
+# wanted, then 4x more while documents are missing and rows remain.
+PER_DOCUMENT_OVERSAMPLE = 3
+# Punctuation and particles that carry no meaning for BM25: a query made only of them has no hits.
+LEXICAL_STOP_WORDS = sorted(
+    set("，。！？、；：“”‘’「」『』（）《》〈〉【】…—～·．,.!?;:'\"()[]{}<>-_/\\|@#$%^&*+=~`")
+    | {"……", "——", "的", "了", "吗", "呢", "吧", "啊", "呀", "哦", "嘛", "么"}
+)
+
+
+class LexicalUnavailableError(SemsearchError):
+    """Lexical or hybrid retrieval asked of a backend or collection without a BM25 field."""
+
+    status_code = grpc.StatusCode.FAILED_PRECONDITION
+
+
+def lexical_analyzer_params(analyzer: str, user_dict: Sequence[str] = ()) -> dict[str, Any] | None:
+    """Milvus `analyzer_params` for the `lexical_analyzer` setting (None: no BM25 field).
+
+    Milvus Lite 3.2 knows the `jieba` and `standard` tokenizers and the `stop` filter (it skips
+    filters given by name); Milvus >= 2.5 also applies `cnalphanumonly`, which drops punctuation.
+    """
+    if analyzer == "none":
+        return None
+    stop = {"type": "stop", "stop_words": LEXICAL_STOP_WORDS}
+    if analyzer == "standard":
+        return {"tokenizer": "standard", "filter": ["lowercase", stop]}
+    if analyzer in ("jieba", "jieba_exact"):
+        tokenizer: dict[str, Any] = {"type": "jieba", "mode": "search" if analyzer == "jieba" else "exact"}
+        if user_dict:
+            tokenizer["dict"] = ["_default_", *user_dict]  # keep jieba's own dictionary too
+        return {"tokenizer": tokenizer, "filter": ["cnalphanumonly", stop]}
+    raise InvalidInputError(f"lexical_analyzer {analyzer!r}: expected jieba, jieba_exact, standard or none")
+
+
+def warm_jieba() -> None:
+    """Load jieba's dictionary now (1-15 s) in this process, where Milvus Lite's server runs.
+
+    Lazily it would load inside the first write or lexical search, under that call's timeout.
+    """
+    import logging
+
+    import jieba
+
+    jieba.setLogLevel(logging.WARNING)  # its progress lines are not ours to print
+    jieba.initialize()
+
+
+@dataclass(frozen=True)
+class Capabilities:
+    """What the connected Milvus can do beyond dense search."""
+
+    server_version: str  # as Milvus reports it: "milvus_lite-3.2.2", "v2.3.5", "v2.5.4"
+    bm25: bool  # BM25 Functions and sparse inverted indexes: Milvus Lite, Milvus >= 2.5
+    grouping: bool  # native search(group_by_field=...): Milvus >= 2.4
+
+
+def capabilities_of(server_version: str) -> Capabilities:
+    if server_version.startswith("milvus_lite"):
+        # Lite "groups" by over-fetching 10x top_k in Python and projecting every fetched row: on the
+        # 104-entry FAQ 45-66 ms against 6-8 ms for a plain search that semsearch dedupes itself.
+        return Capabilities(server_version, bm25=True, grouping=False)
+    match = re.match(r"v?(\d+)\.(\d+)", server_version.strip())
+    if match is None:  # a managed service that does not say: assume a current Milvus
+        return Capabilities(server_version, bm25=True, grouping=True)
+    version = (int(match.group(1)), int(match.group(2)))
+    return Capabilities(server_version, bm25=version >= (2, 5), grouping=version >= (2, 4))
 
 
 def versioned_name(name: str, model_version: str) -> str:
@@ -135,12 +209,20 @@ class StoredChunk(NamedTuple):
 
 
 @dataclass(frozen=True)
+class RetrieverScore:
+    retriever: str  # "dense" or "lexical"
+    score: float  # cosine similarity, or BM25 score
+    rank: int  # 1-based, among that retriever's results
+
+
+@dataclass(frozen=True)
 class Hit:
     doc_id: str
     chunk_index: int
     score: float
     text: str
     metadata: dict[str, Any]
+    retrievers: tuple[RetrieverScore, ...] = ()
 
 
 @dataclass(frozen=True)
@@ -150,14 +232,19 @@ class CollectionInfo:
     dimension: int
     manifest: dict[str, Any]
     text_rules: str = LEGACY_TEXT_RULES.version  # semsearch/text.py; collections made before it: legacy
+    lexical: bool = False  # has the BM25 sparse field (lexical and hybrid retrieval)
 
 
 class MilvusStore:
     """A thin, typed layer over pymilvus' MilvusClient for local (Milvus Lite) and server URIs."""
 
     def __init__(self, uri: str, *, token: str | None = None, timeout_s: float = 10.0,
-                 hnsw_m: int = 16, hnsw_ef_construction: int = 200, search_ef: int = 128) -> None:
+                 hnsw_m: int = 16, hnsw_ef_construction: int = 200, search_ef: int = 128,
+                 lexical_analyzer: str = "jieba", lexical_user_dict: Sequence[str] = ()) -> None:
         self.uri = uri
+        self.lexical_analyzer = lexical_analyzer
+        self.lexical_user_dict = tuple(lexical_user_dict)
+        self._capabilities: Capabilities | None = None
         self.timeout_s = timeout_s
         self.hnsw_m = hnsw_m
         self.hnsw_ef_construction = hnsw_ef_construction
@@ -170,6 +257,8 @@ class MilvusStore:
         else:
             connect_uri = uri
         self.is_lite = self._lite is not None
+        if self.is_lite and lexical_analyzer.startswith("jieba"):
+            warm_jieba()
         self._token = token or ""
         self._client_lock = threading.Lock()
         self._last_reconnect = 0.0
@@ -242,7 +331,14 @@ class MilvusStore:
         return CollectionInfo(
             name=physical, model_version=record["model_version"], dimension=int(record["dimension"]),
             manifest=record.get("manifest", {}), text_rules=record["text_rules"],
+            lexical=has_bm25_field(description),
         )
+
+    def capabilities(self) -> Capabilities:
+        """What this Milvus supports, from the version it reports (asked once)."""
+        if self._capabilities is None:
+            self._capabilities = capabilities_of(str(self._call(self.client.get_server_version)))
+        return self._capabilities
 
     def ensure_collection(self, name: str, manifest: ModelManifest, *, create: bool = True) -> CollectionInfo:
         """Open `name` for `manifest`'s model, creating it if allowed; refuse a model mismatch."""
@@ -257,11 +353,22 @@ class MilvusStore:
         return self.collection_info(name)
 
     def create_collection(self, name: str, manifest: ModelManifest) -> None:
+        # The BM25 field only where the backend computes it (Milvus 2.3 has no Functions); the
+        # collection's schema then records whether lexical retrieval is possible.
+        analyzer = lexical_analyzer_params(self.lexical_analyzer, self.lexical_user_dict)
+        if analyzer is not None and not self.capabilities().bm25:
+            log.warning("lexical_unsupported", server_version=self.capabilities().server_version,
+                        reason="BM25 needs Milvus Lite or Milvus >= 2.5; the collection serves dense only")
+            analyzer = None
         schema = MilvusClient.create_schema(auto_id=False, enable_dynamic_field=False)
         schema.add_field("id", DataType.VARCHAR, is_primary=True, max_length=MAX_ID_BYTES + 16)
         schema.add_field("doc_id", DataType.VARCHAR, max_length=MAX_ID_BYTES)
         schema.add_field("chunk_index", DataType.INT64)
-        schema.add_field("text", DataType.VARCHAR, max_length=65535)
+        if analyzer is None:
+            schema.add_field("text", DataType.VARCHAR, max_length=65535)
+        else:
+            schema.add_field("text", DataType.VARCHAR, max_length=65535, enable_analyzer=True,
+                             analyzer_params=analyzer)
         schema.add_field("metadata", DataType.JSON)
         schema.add_field("content_hash", DataType.VARCHAR, max_length=64)
         schema.add_field("char_offset", DataType.INT64)
@@ -272,14 +379,23 @@ class MilvusStore:
             field_name="vector", index_type="HNSW", metric_type="COSINE",
             params={"M": self.hnsw_m, "efConstruction": self.hnsw_ef_construction},
         )
+        properties = model_record(manifest)
+        if analyzer is not None:
+            schema.add_field(SPARSE_FIELD, DataType.SPARSE_FLOAT_VECTOR)
+            schema.add_function(Function(
+                name=BM25_FUNCTION, function_type=FunctionType.BM25, input_field_names=["text"],
+                output_field_names=[SPARSE_FIELD],
+            ))
+            index_params.add_index(field_name=SPARSE_FIELD, index_type="SPARSE_INVERTED_INDEX", metric_type="BM25")
+            properties[LEXICAL_PROPERTY] = json.dumps(analyzer, ensure_ascii=False, sort_keys=True)
         self._call(
             self.client.create_collection, collection_name=name, schema=schema, index_params=index_params,
-            description=f"{RECORD_TAG} model {manifest.version}", properties=model_record(manifest),
+            description=f"{RECORD_TAG} model {manifest.version}", properties=properties,
             # Session: a client reads its own writes; others see them within the bounded staleness.
             consistency_level="Session", timeout=ADMIN_TIMEOUT_S,
         )
         self._call(self.client.load_collection, collection_name=name, timeout=ADMIN_TIMEOUT_S)
-        log.info("collection_created", collection=name, model_version=manifest.version)
+        log.info("collection_created", collection=name, model_version=manifest.version, lexical=analyzer is not None)
 
     def drop_collection(self, name: str) -> None:
         self._call(self.client.drop_collection, collection_name=name)
@@ -421,29 +537,58 @@ class MilvusStore:
         return [str(alias) for alias in self._call(self.client.list_aliases).get("aliases", [])]
 
     def search(
-        self, name: str, vectors: np.ndarray, *, top_k: int, filters: Sequence[MetadataFilter] = (),
+        self, name: str, vectors: np.ndarray | None = None, *, top_k: int, filters: Sequence[MetadataFilter] = (),
         output_fields: Iterable[str] = ("doc_id", "chunk_index", "text", "metadata"),
-        timeout_s: float | None = None,
+        timeout_s: float | None = None, texts: Sequence[str] | None = None, per_document: bool = False,
     ) -> list[list[Hit]]:
+        """Dense search (`vectors`) or BM25 search over the chunk text (`texts`), best first.
+
+        `per_document`: at most one hit (its best chunk) per document, and `top_k` documents whenever
+        the collection holds that many after filters: Milvus grouping search where the backend has
+        it (Milvus >= 2.4), then, for queries still short (Milvus Lite and 2.3 have no native
+        grouping), searches with growing limits until enough documents or no more rows.
+        """
+        lexical = texts is not None
+        data: list[Any] = list(texts) if texts is not None else np.asarray(vectors, dtype=np.float32).tolist()
+        if not data:
+            return []
         fields = list(dict.fromkeys(["doc_id", "chunk_index", *output_fields]))
-        results = self._call(
-            self.client.search, collection_name=name, data=vectors.astype(np.float32).tolist(),
-            limit=top_k, filter=render_filters(filters), output_fields=fields, anns_field="vector",
-            search_params={"metric_type": "COSINE", "params": {"ef": max(self.search_ef, top_k)}},
-            timeout=self.timeout_s if timeout_s is None else min(timeout_s, self.timeout_s),
-            consistency_level=SEARCH_CONSISTENCY,
-        )
-        return [
-            [
-                Hit(
-                    doc_id=str(hit["entity"]["doc_id"]), chunk_index=int(hit["entity"]["chunk_index"]),
-                    score=float(hit["distance"]), text=str(hit["entity"].get("text", "")),
-                    metadata=dict(hit["entity"].get("metadata") or {}),
-                )
-                for hit in per_query
-            ]
-            for per_query in results
-        ]
+        timeout = self.timeout_s if timeout_s is None else min(timeout_s, self.timeout_s)
+        retriever = "lexical" if lexical else "dense"
+
+        def run(batch: list[Any], limit: int, group: bool) -> list[list[Hit]]:
+            options: dict[str, Any] = {"group_by_field": "doc_id"} if group else {}
+            if lexical:
+                params: dict[str, Any] = {"metric_type": "BM25"}
+            else:
+                params = {"metric_type": "COSINE", "params": {"ef": max(self.search_ef, limit)}}
+            results = self._call(
+                self.client.search, collection_name=name, data=batch, limit=limit, filter=render_filters(filters),
+                output_fields=fields, anns_field=SPARSE_FIELD if lexical else "vector", search_params=params,
+                timeout=timeout, consistency_level=SEARCH_CONSISTENCY, **options,
+            )
+            return [_hits(per_query, retriever, lexical) for per_query in results]
+
+        if not per_document:
+            return run(data, top_k, False)
+        found: list[list[Hit]] = [[] for _ in data]
+        todo = list(range(len(data)))
+        if self.capabilities().grouping:
+            grouped = run(data, top_k, True)
+            for i in todo:
+                found[i] = best_chunk_per_document(grouped[i], top_k)
+            todo = [i for i in todo if len(found[i]) < top_k]
+        limit = min(top_k * PER_DOCUMENT_OVERSAMPLE, MAX_SEARCH_LIMIT)
+        while todo:
+            results = run([data[i] for i in todo], limit, False)
+            short = []
+            for i, hits in zip(todo, results, strict=True):
+                found[i] = best_chunk_per_document(hits, top_k)
+                if len(found[i]) < top_k and len(hits) >= limit and limit < MAX_SEARCH_LIMIT:
+                    short.append(i)  # more rows may hold more documents
+            todo = short
+            limit = min(limit * 4, MAX_SEARCH_LIMIT)
+        return found
 
     # ------------------------------------------------------------------ aliases
     def point_alias(self, alias: str, collection: str) -> None:
@@ -595,6 +740,45 @@ class MilvusStore:
         with self._write_lock:
             self._call(self.client.delete, collection_name=name,
                        filter=render_string_in(self.RECORD_KEY_FIELD, list(keys)))
+
+
+
+def _hits(results: Iterable[dict[str, Any]], retriever: str, lexical: bool) -> list[Hit]:
+    hits = []
+    for rank, hit in enumerate(results, start=1):
+        entity = hit["entity"]
+        # BM25 scores are >= 0; Milvus Lite 3.2 reports them negated (its internal distance).
+        score = abs(float(hit["distance"])) if lexical else float(hit["distance"])
+        hits.append(Hit(
+            doc_id=str(entity["doc_id"]), chunk_index=int(entity["chunk_index"]), score=score,
+            text=str(entity.get("text", "")), metadata=dict(entity.get("metadata") or {}),
+            retrievers=(RetrieverScore(retriever, score, rank),),
+        ))
+    return hits
+
+
+def best_chunk_per_document(hits: Sequence[Hit], top_k: int) -> list[Hit]:
+    """The first (best) hit of each document, at most top_k of them; ranks renumbered per document."""
+    seen: set[str] = set()
+    best: list[Hit] = []
+    for hit in hits:  # sorted by score, best first
+        if hit.doc_id in seen:
+            continue
+        seen.add(hit.doc_id)
+        best.append(replace(hit, retrievers=tuple(replace(r, rank=len(best) + 1) for r in hit.retrievers)))
+        if len(best) == top_k:
+            break
+    return best
+
+
+def has_bm25_field(description: dict[str, Any]) -> bool:
+    """Whether a collection computes the BM25 sparse field that lexical retrieval searches."""
+    for function in description.get("functions") or []:
+        kind = function.get("type")
+        if (kind == FunctionType.BM25 or str(kind).upper().endswith("BM25")) and \
+                SPARSE_FIELD in (function.get("output_field_names") or []):
+            return True
+    return False
 
 
 class _NotLoaded(Exception):

@@ -169,19 +169,31 @@ class EncodeBatcher(MicroBatcher[list[str], np.ndarray]):
 
 @dataclass(frozen=True)
 class SearchJob:
+    """One caller's queries for one retriever: `vectors` (dense) or `texts` (BM25 over chunk text)."""
+
     collection: str
-    vectors: np.ndarray
+    vectors: np.ndarray | None
     top_k: int
     filters: tuple[MetadataFilter, ...]
     fields: tuple[str, ...]
+    texts: tuple[str, ...] = ()
+    per_document: bool = False
+
+    @property
+    def lexical(self) -> bool:
+        return self.vectors is None
+
+    @property
+    def size(self) -> int:
+        return len(self.texts) if self.vectors is None else len(self.vectors)
 
     @property
     def key(self) -> Hashable:
-        return (self.collection, self.top_k, self.filters, self.fields)
+        return (self.collection, self.top_k, self.filters, self.fields, self.per_document, self.lexical)
 
 
 class SearchBatcher(MicroBatcher[SearchJob, list[list[Hit]]]):
-    """Stage 2: jobs with the same collection, limit, filters and fields share one Milvus call."""
+    """Stage 2: jobs with the same collection, retriever, limit, filters and fields share one Milvus call."""
 
     def __init__(self, store: MilvusStore, **options: Any) -> None:
         def process(jobs: list[SearchJob], timeout_s: float | None) -> list[list[list[Hit]]]:
@@ -191,14 +203,21 @@ class SearchBatcher(MicroBatcher[SearchJob, list[list[Hit]]]):
                 groups.setdefault(job.key, []).append(i)
             for indices in groups.values():
                 first = jobs[indices[0]]
-                hits = store.search(first.collection, np.concatenate([jobs[i].vectors for i in indices]),
-                                    top_k=first.top_k, filters=first.filters, output_fields=first.fields,
-                                    timeout_s=timeout_s)
+                if first.lexical:
+                    hits = store.search(first.collection, top_k=first.top_k, filters=first.filters,
+                                        output_fields=first.fields, timeout_s=timeout_s,
+                                        texts=[text for i in indices for text in jobs[i].texts],
+                                        per_document=first.per_document)
+                else:
+                    hits = store.search(first.collection, np.concatenate([jobs[i].vectors for i in indices]),
+                                        top_k=first.top_k, filters=first.filters, output_fields=first.fields,
+                                        timeout_s=timeout_s, per_document=first.per_document)
                 offset = 0
                 for i in indices:
-                    count = len(jobs[i].vectors)
+                    count = jobs[i].size
                     results[i] = hits[offset : offset + count]
                     offset += count
             return results
 
-        super().__init__(process, weight=lambda job: len(job.vectors), name="store-search", **options)
+        options.setdefault("name", "store-search")
+        super().__init__(process, weight=lambda job: job.size, **options)

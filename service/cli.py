@@ -33,7 +33,7 @@ from semsearch.config import Settings
 from semsearch.errors import SemsearchError
 from semsearch.v1 import search_pb2 as pb
 from semsearch.v1 import search_pb2_grpc
-from service.output import print_hits
+from service.output import MODE_NAMES, print_hits
 
 console = Console(stderr=False)
 
@@ -63,13 +63,19 @@ def parse_filter(spec: str) -> pb.MetadataFilter:
     return pb.MetadataFilter(field=field.strip(), operator=operator, value=typed)
 
 
+MODE_VALUES = {name: value for value, name in MODE_NAMES.items()}
+
+
 def response_to_json(response: pb.SearchDocumentsResponse) -> dict[str, Any]:
     return {
         "hits": [
             {"id": h.id, "text": h.text, "score": round(h.score, 6),
-             "metadata": json_format.MessageToDict(h.metadata)}
+             "metadata": json_format.MessageToDict(h.metadata),
+             "retrievers": {MODE_NAMES.get(r.retriever, str(r.retriever)): {"score": round(r.score, 6), "rank": r.rank}
+                            for r in h.retrievers}}
             for h in response.hits
         ],
+        "mode": MODE_NAMES.get(response.mode, "dense"),
         "model_version": response.model_version,
         "collection": response.collection,
         "took_ms": round(response.timing.total_ms, 3),
@@ -212,6 +218,8 @@ def register(app: typer.Typer) -> None:
             "--top-k", help="How many hits (default: the service's default_top_k)", show_default=False)] = None,
         filters: Annotated[list[str] | None, typer.Option("--filter", help="field=value, field>=3 ... (ANDed)")] = None,
         chunks: Annotated[bool, typer.Option("--chunks", help="Return matching chunks, not documents")] = False,
+        mode: Annotated[str | None, typer.Option(
+            "--mode", help="dense, lexical (BM25) or hybrid (default: the service's retrieval_mode)")] = None,
         as_json: Annotated[bool, typer.Option("--json", help="Print one JSON object")] = False,
         timeout: Annotated[float, typer.Option("--timeout", help="Deadline in seconds")] = 30.0,
         config: ConfigOption = None, host: ClientHostOption = None, port: PortOption = None,
@@ -226,9 +234,12 @@ def register(app: typer.Typer) -> None:
             tls_server_name=tls_server_name,
         )
         target = addr or f"{settings.host}:{settings.port}"
+        if mode is not None and mode not in MODE_VALUES:
+            raise fail(f"--mode {mode!r}: expected dense, lexical or hybrid", EXIT_USAGE)
         # top_k 0 asks for the service's default_top_k.
         request = pb.SearchDocumentsRequest(
             query=query, top_k=top_k or 0, filters=[parse_filter(f) for f in filters or []], return_chunks=chunks,
+            mode=MODE_VALUES[mode] if mode else pb.RETRIEVAL_MODE_UNSPECIFIED,
         )
         metadata = ([("authorization", f"Bearer {settings.api_key.get_secret_value()}")]
                     if settings.api_key is not None else [])

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import time
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
@@ -20,18 +21,15 @@ from semsearch.config import Settings
 from semsearch.encoders import Encoder
 from semsearch.errors import InvalidInputError, NotFoundError
 from semsearch.filters import MetadataFilter
+from semsearch.fusion import MODES, Fusion, fuse, hybrid_candidates
 from semsearch.ingest import Planner, rules_of
 from semsearch.metrics import ENCODER_LATENCY
-from semsearch.store import ChunkRow, CollectionInfo, Hit, MilvusStore
+from semsearch.store import ChunkRow, CollectionInfo, Hit, LexicalUnavailableError, MilvusStore
 from semsearch.tracing import span
 from service.batching import EncodeBatcher, SearchBatcher, SearchJob
 from service.ordering import DocumentLocks
 
 log = structlog.get_logger(__name__)
-
-# When returning one hit per document, fetch more chunks than asked so that documents with
-# several matching chunks still fill top_k.
-DOCUMENT_OVERSAMPLE = 3
 
 
 @dataclass(frozen=True)
@@ -42,6 +40,8 @@ class SearchQuery:
     with_text: bool = True
     with_metadata: bool = True
     return_chunks: bool = False
+    mode: str = ""  # "dense", "lexical", "hybrid"; "" = the `retrieval_mode` setting
+    fusion: Fusion | None = None  # None = the fusion settings
 
 
 @dataclass
@@ -52,6 +52,7 @@ class SearchResult:
     encode_ms: float
     store_ms: float
     total_ms: float
+    mode: str = "dense"
 
 
 @dataclass(frozen=True)
@@ -121,10 +122,16 @@ class SearchEngine:
         )
         # Writes of one document id run one at a time (upsert vs delete must not interleave).
         self.document_locks = DocumentLocks()
+        # BM25 searches on their own worker: a hybrid query's lexical half overlaps its encoding.
+        self.lexical_batcher = SearchBatcher(
+            store, max_batch=settings.microbatch_max_size * 4, max_wait_s=0.0,
+            queue_size=settings.microbatch_queue_size, name="store-lexical",
+        )
 
     async def start(self) -> None:
         self.pair.batcher.start()
         self.search_batcher.start()
+        self.lexical_batcher.start()
 
     def swap(self, new: ServingPair) -> ServingPair:
         """Make `new` the serving pair in one reference change; returns the old one to retire."""
@@ -145,7 +152,30 @@ class SearchEngine:
 
     async def warm_up(self) -> None:
         """One real encode and search, so the first user call pays no lazy initialization."""
-        await self.search([SearchQuery(text="预热", top_k=1)])
+        await self.search([SearchQuery(text="预热", top_k=1, mode="dense")])
+        if self.pair.collection.lexical:  # loads the analyzer (jieba's dictionary) before any user call
+            await self.search([SearchQuery(text="预热", top_k=1, mode="lexical")])
+
+    def resolve_mode(self, pair: ServingPair, mode: str) -> str:
+        """The mode a query runs in; FAILED_PRECONDITION when it needs a BM25 field that is absent."""
+        if not mode:
+            # The default follows the collection: one without a BM25 field keeps serving dense.
+            mode = self.settings.retrieval_mode if pair.collection.lexical else "dense"
+        if mode not in MODES:
+            raise InvalidInputError(f"mode {mode!r}: expected one of {', '.join(MODES)}")
+        if mode != "dense" and not pair.collection.lexical:
+            raise LexicalUnavailableError(self._no_lexical_reason(pair, mode))
+        return mode
+
+    def _no_lexical_reason(self, pair: ServingPair, mode: str) -> str:
+        capabilities = self.store.capabilities()
+        if not capabilities.bm25:
+            return (f"{mode} retrieval needs BM25 full-text search, which this Milvus server "
+                    f"({capabilities.server_version}) does not have (Milvus Lite or Milvus >= 2.5 has it); "
+                    "dense retrieval works")
+        return (f"collection {pair.collection.name!r} has no BM25 field (it was created before lexical "
+                "retrieval or with lexical_analyzer=none); dense retrieval works. To upgrade it, re-create "
+                "it with the current schema: `semsearch promote <the same model> --collection <name> --force`")
 
     async def search(self, queries: Sequence[SearchQuery], timeout_s: float | None = None) -> list[SearchResult]:
         with self.pair.held() as pair:
@@ -154,44 +184,68 @@ class SearchEngine:
     async def _search(self, pair: ServingPair, queries: Sequence[SearchQuery],
                       timeout_s: float | None) -> list[SearchResult]:
         started = time.perf_counter()
-        with span("semsearch.encode", queries=len(queries), model_version=pair.model_version):
-            # Queries are normalised by the collection's rules, as its documents were.
-            vectors = await pair.batcher.encode([pair.planner.normalize(q.text) for q in queries], timeout_s)
-        encoded = time.perf_counter()
-        encode_ms = (encoded - started) * 1e3
-        # Queries with the same filters and limits share one Milvus call.
+        # Queries are normalised by the collection's rules, as its documents were.
+        queries = [dataclasses.replace(q, text=pair.planner.normalize(q.text)) for q in queries]
+        modes = [self.resolve_mode(pair, query.mode) for query in queries]
+        dense = [i for i, mode in enumerate(modes) if mode != "lexical"]
+        vectors: dict[int, np.ndarray] = {}
+        # One retriever's queries with the same filters and limits share one Milvus call.
         groups: dict[tuple[Any, ...], list[int]] = {}
-        for i, query in enumerate(queries):
-            key = (query.filters, query.top_k, query.return_chunks, query.with_text, query.with_metadata)
-            groups.setdefault(key, []).append(i)
-        hits_per_query: list[list[Hit]] = [[] for _ in queries]
+        for i, (query, mode) in enumerate(zip(queries, modes, strict=True)):
+            limit = query.top_k if mode != "hybrid" else hybrid_candidates(query.top_k)
+            for retriever in (("dense", "lexical") if mode == "hybrid" else (mode,)):
+                key = (retriever, query.filters, limit, query.return_chunks, query.with_text, query.with_metadata)
+                groups.setdefault(key, []).append(i)
+        rankings: list[dict[str, list[Hit]]] = [{} for _ in queries]
         store_ms: list[float] = [0.0] * len(queries)
 
-        async def run_group(indices: list[int]) -> None:
-            first = queries[indices[0]]
-            limit = first.top_k if first.return_chunks else first.top_k * DOCUMENT_OVERSAMPLE
-            fields = [name for name, wanted in (("text", first.with_text), ("metadata", first.with_metadata))
-                      if wanted]
+        async def run_group(key: tuple[Any, ...], indices: list[int]) -> None:
+            retriever, filters, limit, return_chunks, with_text, with_metadata = key
+            fields = [name for name, wanted in (("text", with_text), ("metadata", with_metadata)) if wanted]
             group_started = time.perf_counter()
             remaining = None if timeout_s is None else max(0.05, timeout_s - (time.perf_counter() - started))
-            with span("semsearch.search", collection=pair.collection.name, queries=len(indices), top_k=limit):
-                results = await self.search_batcher.submit(SearchJob(
-                    collection=pair.collection.name, vectors=np.asarray(vectors[indices]), top_k=limit,
-                    filters=first.filters, fields=tuple(fields),
-                ), remaining)
+            job = SearchJob(
+                collection=pair.collection.name, top_k=limit, filters=filters, fields=tuple(fields),
+                per_document=not return_chunks,
+                vectors=np.asarray([vectors[i] for i in indices]) if retriever == "dense" else None,
+                texts=tuple(queries[i].text for i in indices) if retriever == "lexical" else (),
+            )
+            batcher = self.lexical_batcher if retriever == "lexical" else self.search_batcher
+            with span("semsearch.search", collection=pair.collection.name, queries=len(indices), top_k=limit,
+                      retriever=retriever):
+                results = await batcher.submit(job, remaining)
             elapsed = (time.perf_counter() - group_started) * 1e3
             for i, hits in zip(indices, results, strict=True):
-                hits_per_query[i] = hits if first.return_chunks else best_chunk_per_document(hits, first.top_k)
-                store_ms[i] = elapsed
+                rankings[i][retriever] = hits
+                store_ms[i] = max(store_ms[i], elapsed)
 
-        await asyncio.gather(*(run_group(indices) for indices in groups.values()))
+        # Lexical searches need no vector: they run while the encoder works (their own worker).
+        lexical = [asyncio.ensure_future(run_group(key, indices)) for key, indices in groups.items()
+                   if key[0] == "lexical"]
+        try:
+            if dense:  # lexical-only requests never wait for the encoder
+                with span("semsearch.encode", queries=len(dense), model_version=pair.model_version):
+                    encoded = await pair.batcher.encode([queries[i].text for i in dense], timeout_s)
+                vectors = {i: encoded[row] for row, i in enumerate(dense)}
+            encode_ms = (time.perf_counter() - started) * 1e3
+            await asyncio.gather(*lexical, *(run_group(key, indices) for key, indices in groups.items()
+                                             if key[0] == "dense"))
+        finally:
+            for task in lexical:  # an encoder failure must not leave searches behind
+                task.cancel()
         total_ms = (time.perf_counter() - started) * 1e3
-        return [
-            SearchResult(hits=hits_per_query[i], model_version=pair.model_version,
-                         collection=pair.collection.name, encode_ms=encode_ms, store_ms=store_ms[i],
-                         total_ms=total_ms)
-            for i in range(len(queries))
-        ]
+        results = []
+        for i, (query, mode) in enumerate(zip(queries, modes, strict=True)):
+            if mode == "hybrid":
+                hits = fuse(rankings[i], query.fusion or Fusion.from_settings(self.settings), query.top_k,
+                            per_document=not query.return_chunks)
+            else:
+                hits = rankings[i][mode]
+            results.append(SearchResult(
+                hits=hits, model_version=pair.model_version, collection=pair.collection.name, encode_ms=encode_ms,
+                store_ms=store_ms[i], total_ms=total_ms, mode=mode,
+            ))
+        return results
 
     async def upsert(
         self, documents: Sequence[DocumentInput], timeout_s: float | None = None
@@ -238,6 +292,7 @@ class SearchEngine:
 
     async def close(self) -> None:
         await self.search_batcher.close()
+        await self.lexical_batcher.close()
         await self.pair.batcher.close()
         if self.shadow is not None:
             await self.shadow.batcher.close()
@@ -258,19 +313,6 @@ def whole_version(rows: Sequence[dict[str, Any]]) -> list[dict[str, Any]]:
             break
         whole.append(row)
     return whole
-
-
-def best_chunk_per_document(hits: Sequence[Hit], top_k: int) -> list[Hit]:
-    seen: set[str] = set()
-    best: list[Hit] = []
-    for hit in hits:  # already sorted by score, best first
-        if hit.doc_id in seen:
-            continue
-        seen.add(hit.doc_id)
-        best.append(hit)
-        if len(best) == top_k:
-            break
-    return best
 
 
 def check_unique_ids(ids: Sequence[str]) -> None:

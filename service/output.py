@@ -10,14 +10,22 @@ from semsearch.v1 import search_pb2 as pb
 console = Console(stderr=False)
 
 
+MODE_NAMES = {pb.RETRIEVAL_MODE_DENSE: "dense", pb.RETRIEVAL_MODE_LEXICAL: "lexical",
+              pb.RETRIEVAL_MODE_HYBRID: "hybrid"}
+
+
 def print_hits(query: str, response: pb.SearchDocumentsResponse) -> None:
     table = Table(title=f"「{query}」", title_justify="left", show_lines=False)
     table.add_column("#", justify="right", no_wrap=True, min_width=2)
     table.add_column("score", justify="right", no_wrap=True, min_width=6)
     table.add_column("id", no_wrap=True, min_width=len(max((h.id for h in response.hits), key=len, default="")))
+    hybrid = response.mode == pb.RETRIEVAL_MODE_HYBRID
+    if hybrid:  # which retriever ranked it where
+        table.add_column("found by", no_wrap=True)
     table.add_column("text", overflow="ellipsis", no_wrap=True, max_width=48)
     for rank, hit in enumerate(response.hits, 1):
-        table.add_row(str(rank), f"{hit.score:.4f}", hit.id, hit.text.replace("\n", " "))
+        found = [" ".join(f"{MODE_NAMES.get(r.retriever, '?')}#{r.rank}" for r in hit.retrievers)] if hybrid else []
+        table.add_row(str(rank), f"{hit.score:.4f}", hit.id, *found, hit.text.replace("\n", " "))
     console.print(table)
-    console.print(f"[dim]model {response.model_version} · collection {response.collection} · "
-                  f"{response.timing.total_ms:.1f} ms[/dim]")
+    console.print(f"[dim]{MODE_NAMES.get(response.mode, 'dense')} · model {response.model_version} · "
+                  f"collection {response.collection} · {response.timing.total_ms:.1f} ms[/dim]")

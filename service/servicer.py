@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import functools
+import math
 import time
 import uuid
 from collections.abc import Awaitable, Callable
@@ -16,12 +18,13 @@ from google.protobuf.message import DecodeError
 
 from semsearch.config import Settings
 from semsearch.errors import InvalidInputError, SemsearchError
+from semsearch.fusion import Fusion
 from semsearch.metrics import RPC_IN_FLIGHT, RPC_LATENCY, RPC_REQUESTS
-from semsearch.store import Hit
+from semsearch.store import Hit, RetrieverScore
 from semsearch.v1 import search_pb2 as pb
 from semsearch.v1 import search_pb2_grpc
 from service import validation
-from service.engine import SearchEngine, SearchResult
+from service.engine import SearchEngine, SearchQuery, SearchResult
 
 log = structlog.get_logger(__name__)
 
@@ -111,15 +114,60 @@ def _struct(value: dict[str, Any]) -> struct_pb2.Struct:
     return message
 
 
+_MODES = {pb.RETRIEVAL_MODE_UNSPECIFIED: "", pb.RETRIEVAL_MODE_DENSE: "dense",
+          pb.RETRIEVAL_MODE_LEXICAL: "lexical", pb.RETRIEVAL_MODE_HYBRID: "hybrid"}
+_MODE_ENUMS = {name: value for value, name in _MODES.items() if name}
+_FUSIONS = {pb.FUSION_METHOD_RRF: "rrf", pb.FUSION_METHOD_WEIGHTED: "weighted"}
+MAX_RRF_K = 10000
+
+
+def _retrieval(request: pb.SearchDocumentsRequest, settings: Settings, where: str = "") -> tuple[str, Fusion | None]:
+    """The request's retrieval mode ("" = server default) and fusion (None = server settings)."""
+    prefix = f"{where}." if where else ""
+    if request.mode not in _MODES:
+        raise InvalidInputError(f"{prefix}mode: unknown retrieval mode {request.mode}")
+    if not request.HasField("fusion"):
+        return _MODES[request.mode], None
+    options = request.fusion
+    if options.method != pb.FUSION_METHOD_UNSPECIFIED and options.method not in _FUSIONS:
+        raise InvalidInputError(f"{prefix}fusion.method: unknown fusion method {options.method}")
+    if not 0 <= options.rrf_k <= MAX_RRF_K:
+        raise InvalidInputError(f"{prefix}fusion.rrf_k must be 1 to {MAX_RRF_K} (0 = default), got {options.rrf_k}")
+    for name in ("dense_weight", "lexical_weight"):
+        weight = getattr(options, name)
+        if not (math.isfinite(weight) and 0.0 <= weight <= 1.0):
+            raise InvalidInputError(f"{prefix}fusion.{name} must be in [0, 1], got {weight}")
+    default = Fusion.from_settings(settings)
+    weights_given = options.dense_weight > 0 or options.lexical_weight > 0
+    fusion = Fusion(
+        method=_FUSIONS.get(options.method, default.method),
+        rrf_k=options.rrf_k or default.rrf_k,
+        dense_weight=options.dense_weight if weights_given else default.dense_weight,
+        lexical_weight=options.lexical_weight if weights_given else default.lexical_weight,
+    )
+    return _MODES[request.mode], fusion
+
+
+def _with_retrieval(query: SearchQuery, request: pb.SearchDocumentsRequest, settings: Settings,
+                    where: str = "") -> SearchQuery:
+    mode, fusion = _retrieval(request, settings, where)
+    return dataclasses.replace(query, mode=mode, fusion=fusion)
+
+
+def _retriever(score: RetrieverScore) -> pb.RetrieverScore:
+    return pb.RetrieverScore(retriever=_MODE_ENUMS[score.retriever], score=score.score, rank=score.rank)
+
+
 def _hit(hit: Hit) -> pb.SearchHit:
     return pb.SearchHit(id=hit.doc_id, score=hit.score, text=hit.text, metadata=_struct(hit.metadata),
-                        chunk_index=hit.chunk_index)
+                        chunk_index=hit.chunk_index, retrievers=[_retriever(r) for r in hit.retrievers])
 
 
 def _response(result: SearchResult) -> pb.SearchDocumentsResponse:
     return pb.SearchDocumentsResponse(
         hits=[_hit(h) for h in result.hits], model_version=result.model_version, collection=result.collection,
         timing=pb.SearchTiming(total_ms=result.total_ms, encode_ms=result.encode_ms, store_ms=result.store_ms),
+        mode=_MODE_ENUMS[result.mode],
     )
 
 
@@ -133,7 +181,7 @@ class SearchServicer(search_pb2_grpc.SearchServiceServicer):
         self, request: pb.SearchDocumentsRequest, context: grpc.aio.ServicerContext
     ) -> pb.SearchDocumentsResponse:
         assert self.engine is not None
-        query = validation.search_query(request, self.settings)
+        query = _with_retrieval(validation.search_query(request, self.settings), request, self.settings)
         (result,) = await self.engine.search([query], context.time_remaining())
         return _response(result)
 
@@ -142,7 +190,11 @@ class SearchServicer(search_pb2_grpc.SearchServiceServicer):
         self, request: pb.BatchSearchDocumentsRequest, context: grpc.aio.ServicerContext
     ) -> pb.BatchSearchDocumentsResponse:
         assert self.engine is not None
-        queries = validation.batch_queries(request, self.settings)
+        queries = [
+            _with_retrieval(query, item, self.settings, f"requests[{i}]")
+            for i, (query, item) in enumerate(zip(validation.batch_queries(request, self.settings),
+                                                   request.requests, strict=True))
+        ]
         results = await self.engine.search(queries, context.time_remaining())
         return pb.BatchSearchDocumentsResponse(responses=[_response(r) for r in results])
 

@@ -103,9 +103,18 @@ def test_search_command_prints_the_documented_json(serve_process: tuple[str, sub
     result = run_cli("search", "退钱怎么操作？", "--addr", address, "--top-k", "2", "--json")
     assert result.returncode == 0, result.stderr
     payload = json.loads(result.stdout)
-    assert set(payload) == {"hits", "model_version", "collection", "took_ms"}
+    assert set(payload) == {"hits", "mode", "model_version", "collection", "took_ms"}
     assert {h["id"] for h in payload["hits"]} == {"refund", "invoice"}
-    assert all(set(h) == {"id", "text", "score", "metadata"} for h in payload["hits"])
+    assert all(set(h) == {"id", "text", "score", "metadata", "retrievers"} for h in payload["hits"])
+    assert payload["mode"] == "dense" and set(payload["hits"][0]["retrievers"]) == {"dense"}
+    lexical = run_cli("search", "发票抬头", "--addr", address, "--mode", "lexical", "--json")
+    assert lexical.returncode == 0, lexical.stderr
+    found = json.loads(lexical.stdout)
+    assert found["mode"] == "lexical" and [h["id"] for h in found["hits"]] == ["invoice"]
+    hybrid = run_cli("search", "发票抬头", "--addr", address, "--mode", "hybrid")
+    assert hybrid.returncode == 0 and "lexical#1" in hybrid.stdout
+    wrong = run_cli("search", "x", "--addr", address, "--mode", "bm25")
+    assert wrong.returncode == 2 and "--mode" in wrong.stderr
     assert payload["collection"].startswith("docs__") and payload["model_version"].startswith("tiny-zh-bert")
     table = run_cli("search", "退钱怎么操作？", "--addr", address, "--filter", "category=none")
     assert table.returncode == 0 and "refund" not in table.stdout
@@ -185,6 +194,8 @@ def test_demo_runs_end_to_end_through_grpc(tiny_model_dir: Path, tmp_path: Path)
     assert result.returncode == 0, result.stderr
     assert "indexed 104 FAQ entries" in result.stdout
     assert "退钱怎么操作？" in result.stdout and "faq-" in result.stdout
+    assert "MRR@3 on the demo questions: hybrid" in result.stdout and "→ showing" in result.stdout
+    assert "dense: faq-" in result.stdout and "lexical: faq-" in result.stdout
     assert "WARNING" not in result.stdout
 
 

@@ -327,10 +327,15 @@ def evaluate_cmd(
     encoder_backend: EncoderBackendOption = None,
     batch_size: Annotated[int | None, typer.Option("--batch-size", help="Encoder batch size")] = None,
     record: Annotated[bool, typer.Option("--record", help="Store the metrics in each local model's manifest")] = False,
+    retrieval: Annotated[
+        str,
+        typer.Option("--retrieval", help="Comma-separated modes: dense, lexical, hybrid (not dense alone: "
+                     "ranked through Milvus Lite like the service)"),
+    ] = "dense",
     config: ConfigOption = None,
 ) -> None:
     """recall@1/5/10, MRR@10, nDCG@10 on the test and global pools, side by side; JSON, Markdown, PNG."""
-    from trainer.evaluate import evaluate_models, parse_model_spec, record_metrics, write_report
+    from trainer.evaluate import evaluate_models, parse_model_spec, parse_retrieval, record_metrics, write_report
     from trainer.mine import read_corpus
     from trainer.rows import read_rows
 
@@ -339,6 +344,10 @@ def evaluate_cmd(
     specs = [parse_model_spec(m) for m in models] if models else [parse_model_spec(settings.model)]
     if settings.encoder_url and len(specs) > 1:
         raise fail("--encoder-url evaluates the one served model: give at most one --model", code=2)
+    try:
+        modes = parse_retrieval(retrieval)
+    except ValueError as exc:
+        raise fail(str(exc), code=2) from exc
     with _cli_errors():
         started = time.perf_counter()
         report, distributions = evaluate_models(
@@ -347,6 +356,7 @@ def evaluate_cmd(
             settings,
             pool_rows=[r for p in pool or [] for r in read_rows(p)],
             corpus=[c.text for c in read_corpus(corpus)] if corpus else (),
+            retrieval=modes,
         )
         report["wall_s"] = round(time.perf_counter() - started, 1)
         paths = write_report(report, distributions, out_dir)

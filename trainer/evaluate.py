@@ -8,6 +8,11 @@ Each query's own text is removed from the pool (with paraphrase data the query i
 of other queries); its relevant items are its positives. Also the mean similarity of positives minus
 negatives per query, and the distributions of both as a PNG. Encoding goes through the serving
 encoder, instruction on queries from the model's manifest.
+
+`retrieval` other than dense alone: each pool also goes into a temporary Milvus Lite collection
+made by the serving store (BM25 field computed by Milvus with the `lexical_analyzer` setting), and
+every mode is searched through `MilvusStore.search` and `semsearch.fusion.fuse`, the calls the
+service makes, one hit per document: these are the service's numbers, not a separate BM25.
 """
 
 from __future__ import annotations
@@ -15,6 +20,7 @@ from __future__ import annotations
 import datetime as dt
 import json
 import math
+import tempfile
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -25,7 +31,9 @@ import numpy as np
 import structlog
 
 from semsearch.config import Settings
+from semsearch.fusion import MODES, Fusion, fuse, hybrid_candidates
 from semsearch.manifest import MANIFEST_FILENAME, ModelManifest
+from semsearch.store import ChunkRow, MilvusStore
 from trainer.encoding import ExactIndex, encode_texts, open_encoder
 from trainer.metrics import mean_metrics, query_metrics, similarity_gap
 from trainer.rows import TrainRow, candidate_texts, distinct_texts, normalize_text
@@ -77,6 +85,125 @@ def _pool_metrics(
     }
 
 
+def parse_retrieval(spec: str) -> tuple[str, ...]:
+    """'dense,lexical,hybrid' -> the modes in that order; an unknown one is an error naming it."""
+    modes = tuple(dict.fromkeys(part.strip() for part in spec.split(",") if part.strip()))
+    for mode in modes:
+        if mode not in MODES:
+            raise ValueError(f"--retrieval: unknown mode {mode!r} (expected {', '.join(MODES)})")
+    if not modes:
+        raise ValueError("--retrieval: give at least one of " + ", ".join(MODES))
+    return modes
+
+
+def milvus_pool_metrics(
+    store: MilvusStore,
+    collection: str,
+    manifest: ModelManifest,
+    *,
+    doc_texts: Sequence[str],
+    doc_vectors: np.ndarray,
+    query_texts: Sequence[str],
+    query_vectors: np.ndarray,
+    exclude: Sequence[int | None],
+    relevant: Sequence[set[int]],
+    modes: Sequence[str],
+    fusion: Fusion,
+    k: int = 10,
+    batch: int = 64,
+    dense_cache: dict[int, list[Any]] | None = None,
+) -> dict[str, dict[str, Any]]:
+    """Index one pool (document id = position) and rank it in each mode exactly as serving does.
+
+    Each query's own candidate (`exclude`) is dropped from its ranking; queries without relevant
+    candidates are skipped. Lexical and hybrid need a backend with BM25 (Milvus Lite here).
+    `dense_cache` (query index -> dense hits) lets runs that differ only in the lexical analysis
+    search the unchanged dense side once.
+    """
+    store.create_collection(collection, manifest)
+    rows = [ChunkRow(doc_id=str(i), chunk_index=0, text=text, vector=vector)
+            for i, (text, vector) in enumerate(zip(doc_texts, doc_vectors, strict=True))]
+    for start in range(0, len(rows), 1000):
+        store.upsert(collection, rows[start : start + 1000])
+    store.flush(collection)  # Milvus Lite indexes flushed rows only
+    if any(mode != "dense" for mode in modes) and not store.collection_info(collection).lexical:
+        raise ValueError(f"this Milvus ({store.capabilities().server_version}) has no BM25: evaluate dense only")
+    kept = [i for i, rel in enumerate(relevant) if rel]
+    fetch = k + 1  # one more: the query's own text may be among them
+    candidates = hybrid_candidates(fetch)  # what serving fetches per retriever for hybrid
+    ranked: dict[str, list[list[int]]] = {mode: [] for mode in modes}
+    for start in range(0, len(kept), batch):
+        part = kept[start : start + batch]
+        found: dict[str, list[list[Any]]] = {}
+        if "dense" in modes or "hybrid" in modes:
+            limit = fetch if "hybrid" not in modes else candidates
+            if dense_cache is not None and all(i in dense_cache for i in part):
+                found["dense"] = [dense_cache[i] for i in part]
+            else:
+                found["dense"] = store.search(collection, query_vectors[part], top_k=limit, output_fields=(),
+                                              per_document=True)
+                if dense_cache is not None:
+                    dense_cache.update(zip(part, found["dense"], strict=True))
+        if "lexical" in modes or "hybrid" in modes:
+            limit = fetch if "hybrid" not in modes else candidates
+            found["lexical"] = store.search(collection, top_k=limit, output_fields=(), per_document=True,
+                                            texts=[query_texts[i] for i in part])
+        for row, i in enumerate(part):
+            for mode in modes:
+                if mode == "hybrid":
+                    hits = fuse({r: found[r][row] for r in ("dense", "lexical")}, fusion, fetch)
+                else:
+                    hits = found[mode][row][:fetch]
+                ids = [int(hit.doc_id) for hit in hits if int(hit.doc_id) != exclude[i]]
+                ranked[mode].append(ids[:k])
+    return {
+        mode: {
+            "candidates": len(doc_texts),
+            "queries": len(kept),
+            "skipped_queries": len(relevant) - len(kept),
+            "metrics": mean_metrics(query_metrics(ids, relevant[i]) for ids, i in zip(ranked[mode], kept, strict=True)),
+        }
+        for mode in modes
+    }
+
+
+def _retrieval_metrics(
+    settings: Settings,
+    manifest: ModelManifest,
+    all_texts: Sequence[str],
+    doc_vectors: np.ndarray,
+    test_rows: Sequence[TrainRow],
+    query_vectors: np.ndarray,
+    pools: dict[str, Sequence[int]],
+    query_keys: Sequence[str],
+    relevant_keys: Sequence[set[str]],
+    keys: Sequence[str],
+    modes: Sequence[str],
+) -> dict[str, dict[str, Any]]:
+    """{mode: {pool: metrics}} through a temporary Milvus Lite store built like serving's."""
+    out: dict[str, dict[str, Any]] = {mode: {} for mode in modes}
+    with tempfile.TemporaryDirectory(prefix="semsearch-eval-") as tmp:
+        store = MilvusStore(str(Path(tmp) / "eval.db"), timeout_s=600.0,
+                            lexical_analyzer=settings.lexical_analyzer, lexical_user_dict=settings.lexical_user_dict)
+        try:
+            for pool_name, pool in pools.items():
+                local = {keys[g]: i for i, g in enumerate(pool)}
+                results = milvus_pool_metrics(
+                    store, f"eval_{pool_name}", manifest,
+                    doc_texts=[all_texts[g] for g in pool], doc_vectors=doc_vectors[list(pool)],
+                    query_texts=[r.query for r in test_rows], query_vectors=query_vectors,
+                    exclude=[local.get(q) for q in query_keys],
+                    relevant=[{local[k] for k in rel if k in local and k != q}
+                              for rel, q in zip(relevant_keys, query_keys, strict=True)],
+                    modes=modes, fusion=Fusion.from_settings(settings),
+                )
+                for mode, result in results.items():
+                    out[mode][pool_name] = result
+        finally:
+            store.close()
+    return out
+
+
 def evaluate_models(
     test_rows: Sequence[TrainRow],
     models: Sequence[tuple[str, str]],
@@ -85,6 +212,7 @@ def evaluate_models(
     pool_rows: Sequence[TrainRow] = (),
     corpus: Sequence[str] = (),
     show_progress: bool = True,
+    retrieval: Sequence[str] = ("dense",),
 ) -> tuple[dict[str, Any], list[ModelScores]]:
     test_texts = candidate_texts(test_rows)
     all_texts = distinct_texts([*test_texts, *candidate_texts(pool_rows), *corpus])
@@ -144,6 +272,14 @@ def evaluate_models(
             "seconds": round(time.perf_counter() - started, 1),
             "encode_seconds": round(encode_s, 1),
         }
+        if tuple(retrieval) != ("dense",):
+            phase = time.perf_counter()
+            entry["retrieval"] = _retrieval_metrics(
+                settings, manifest, all_texts, doc_vectors, test_rows, query_vectors,
+                {"test": test_pool, "global": range(len(all_texts))}, query_keys, relevant_keys, keys, retrieval,
+            )
+            entry["retrieval_seconds"] = round(time.perf_counter() - phase, 1)
+            entry["lexical_analyzer"] = settings.lexical_analyzer
         report["models"].append(entry)
         log.info(
             "evaluated",
@@ -169,6 +305,10 @@ def markdown_table(report: dict[str, Any]) -> str:
             metrics = entry["pools"][pool]["metrics"]
             cells = [_fmt(metrics[c]) for c in TABLE_COLUMNS] + [_fmt(entry["similarity"]["gap"])]
             lines.append(f"| {entry['label']} | " + " | ".join(cells) + " |")
+            # The same model through Milvus, one row per retrieval mode (what the service returns).
+            for mode, pools in entry.get("retrieval", {}).items():
+                cells = [_fmt(pools[pool]["metrics"][c]) for c in TABLE_COLUMNS] + [""]
+                lines.append(f"| {entry['label']} · {mode} (Milvus) | " + " | ".join(cells) + " |")
         lines.append("")
     return "\n".join(lines)
 

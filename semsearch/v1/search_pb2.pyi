@@ -25,6 +25,19 @@ class ReturnField(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
     RETURN_FIELD_UNSPECIFIED: _ClassVar[ReturnField]
     RETURN_FIELD_TEXT: _ClassVar[ReturnField]
     RETURN_FIELD_METADATA: _ClassVar[ReturnField]
+
+class RetrievalMode(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
+    __slots__ = ()
+    RETRIEVAL_MODE_UNSPECIFIED: _ClassVar[RetrievalMode]
+    RETRIEVAL_MODE_DENSE: _ClassVar[RetrievalMode]
+    RETRIEVAL_MODE_LEXICAL: _ClassVar[RetrievalMode]
+    RETRIEVAL_MODE_HYBRID: _ClassVar[RetrievalMode]
+
+class FusionMethod(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
+    __slots__ = ()
+    FUSION_METHOD_UNSPECIFIED: _ClassVar[FusionMethod]
+    FUSION_METHOD_RRF: _ClassVar[FusionMethod]
+    FUSION_METHOD_WEIGHTED: _ClassVar[FusionMethod]
 FILTER_OPERATOR_UNSPECIFIED: FilterOperator
 FILTER_OPERATOR_EQ: FilterOperator
 FILTER_OPERATOR_NE: FilterOperator
@@ -37,6 +50,13 @@ FILTER_OPERATOR_NOT_IN: FilterOperator
 RETURN_FIELD_UNSPECIFIED: ReturnField
 RETURN_FIELD_TEXT: ReturnField
 RETURN_FIELD_METADATA: ReturnField
+RETRIEVAL_MODE_UNSPECIFIED: RetrievalMode
+RETRIEVAL_MODE_DENSE: RetrievalMode
+RETRIEVAL_MODE_LEXICAL: RetrievalMode
+RETRIEVAL_MODE_HYBRID: RetrievalMode
+FUSION_METHOD_UNSPECIFIED: FusionMethod
+FUSION_METHOD_RRF: FusionMethod
+FUSION_METHOD_WEIGHTED: FusionMethod
 
 class Document(_message.Message):
     __slots__ = ("id", "text", "metadata")
@@ -73,32 +93,60 @@ class MetadataFilter(_message.Message):
     def __init__(self, field: _Optional[str] = ..., operator: _Optional[_Union[FilterOperator, str]] = ..., value: _Optional[_Union[FilterValue, _Mapping]] = ..., values: _Optional[_Iterable[_Union[FilterValue, _Mapping]]] = ...) -> None: ...
 
 class SearchDocumentsRequest(_message.Message):
-    __slots__ = ("query", "top_k", "filters", "return_fields", "return_chunks")
+    __slots__ = ("query", "top_k", "filters", "return_fields", "return_chunks", "mode", "fusion")
     QUERY_FIELD_NUMBER: _ClassVar[int]
     TOP_K_FIELD_NUMBER: _ClassVar[int]
     FILTERS_FIELD_NUMBER: _ClassVar[int]
     RETURN_FIELDS_FIELD_NUMBER: _ClassVar[int]
     RETURN_CHUNKS_FIELD_NUMBER: _ClassVar[int]
+    MODE_FIELD_NUMBER: _ClassVar[int]
+    FUSION_FIELD_NUMBER: _ClassVar[int]
     query: str
     top_k: int
     filters: _containers.RepeatedCompositeFieldContainer[MetadataFilter]
     return_fields: _containers.RepeatedScalarFieldContainer[ReturnField]
     return_chunks: bool
-    def __init__(self, query: _Optional[str] = ..., top_k: _Optional[int] = ..., filters: _Optional[_Iterable[_Union[MetadataFilter, _Mapping]]] = ..., return_fields: _Optional[_Iterable[_Union[ReturnField, str]]] = ..., return_chunks: _Optional[bool] = ...) -> None: ...
+    mode: RetrievalMode
+    fusion: FusionOptions
+    def __init__(self, query: _Optional[str] = ..., top_k: _Optional[int] = ..., filters: _Optional[_Iterable[_Union[MetadataFilter, _Mapping]]] = ..., return_fields: _Optional[_Iterable[_Union[ReturnField, str]]] = ..., return_chunks: _Optional[bool] = ..., mode: _Optional[_Union[RetrievalMode, str]] = ..., fusion: _Optional[_Union[FusionOptions, _Mapping]] = ...) -> None: ...
+
+class FusionOptions(_message.Message):
+    __slots__ = ("method", "rrf_k", "dense_weight", "lexical_weight")
+    METHOD_FIELD_NUMBER: _ClassVar[int]
+    RRF_K_FIELD_NUMBER: _ClassVar[int]
+    DENSE_WEIGHT_FIELD_NUMBER: _ClassVar[int]
+    LEXICAL_WEIGHT_FIELD_NUMBER: _ClassVar[int]
+    method: FusionMethod
+    rrf_k: int
+    dense_weight: float
+    lexical_weight: float
+    def __init__(self, method: _Optional[_Union[FusionMethod, str]] = ..., rrf_k: _Optional[int] = ..., dense_weight: _Optional[float] = ..., lexical_weight: _Optional[float] = ...) -> None: ...
+
+class RetrieverScore(_message.Message):
+    __slots__ = ("retriever", "score", "rank")
+    RETRIEVER_FIELD_NUMBER: _ClassVar[int]
+    SCORE_FIELD_NUMBER: _ClassVar[int]
+    RANK_FIELD_NUMBER: _ClassVar[int]
+    retriever: RetrievalMode
+    score: float
+    rank: int
+    def __init__(self, retriever: _Optional[_Union[RetrievalMode, str]] = ..., score: _Optional[float] = ..., rank: _Optional[int] = ...) -> None: ...
 
 class SearchHit(_message.Message):
-    __slots__ = ("id", "score", "text", "metadata", "chunk_index")
+    __slots__ = ("id", "score", "text", "metadata", "chunk_index", "retrievers")
     ID_FIELD_NUMBER: _ClassVar[int]
     SCORE_FIELD_NUMBER: _ClassVar[int]
     TEXT_FIELD_NUMBER: _ClassVar[int]
     METADATA_FIELD_NUMBER: _ClassVar[int]
     CHUNK_INDEX_FIELD_NUMBER: _ClassVar[int]
+    RETRIEVERS_FIELD_NUMBER: _ClassVar[int]
     id: str
     score: float
     text: str
     metadata: _struct_pb2.Struct
     chunk_index: int
-    def __init__(self, id: _Optional[str] = ..., score: _Optional[float] = ..., text: _Optional[str] = ..., metadata: _Optional[_Union[_struct_pb2.Struct, _Mapping]] = ..., chunk_index: _Optional[int] = ...) -> None: ...
+    retrievers: _containers.RepeatedCompositeFieldContainer[RetrieverScore]
+    def __init__(self, id: _Optional[str] = ..., score: _Optional[float] = ..., text: _Optional[str] = ..., metadata: _Optional[_Union[_struct_pb2.Struct, _Mapping]] = ..., chunk_index: _Optional[int] = ..., retrievers: _Optional[_Iterable[_Union[RetrieverScore, _Mapping]]] = ...) -> None: ...
 
 class SearchTiming(_message.Message):
     __slots__ = ("total_ms", "encode_ms", "store_ms")
@@ -111,16 +159,18 @@ class SearchTiming(_message.Message):
     def __init__(self, total_ms: _Optional[float] = ..., encode_ms: _Optional[float] = ..., store_ms: _Optional[float] = ...) -> None: ...
 
 class SearchDocumentsResponse(_message.Message):
-    __slots__ = ("hits", "model_version", "collection", "timing")
+    __slots__ = ("hits", "model_version", "collection", "timing", "mode")
     HITS_FIELD_NUMBER: _ClassVar[int]
     MODEL_VERSION_FIELD_NUMBER: _ClassVar[int]
     COLLECTION_FIELD_NUMBER: _ClassVar[int]
     TIMING_FIELD_NUMBER: _ClassVar[int]
+    MODE_FIELD_NUMBER: _ClassVar[int]
     hits: _containers.RepeatedCompositeFieldContainer[SearchHit]
     model_version: str
     collection: str
     timing: SearchTiming
-    def __init__(self, hits: _Optional[_Iterable[_Union[SearchHit, _Mapping]]] = ..., model_version: _Optional[str] = ..., collection: _Optional[str] = ..., timing: _Optional[_Union[SearchTiming, _Mapping]] = ...) -> None: ...
+    mode: RetrievalMode
+    def __init__(self, hits: _Optional[_Iterable[_Union[SearchHit, _Mapping]]] = ..., model_version: _Optional[str] = ..., collection: _Optional[str] = ..., timing: _Optional[_Union[SearchTiming, _Mapping]] = ..., mode: _Optional[_Union[RetrievalMode, str]] = ...) -> None: ...
 
 class BatchSearchDocumentsRequest(_message.Message):
     __slots__ = ("requests",)

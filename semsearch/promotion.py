@@ -69,13 +69,16 @@ class Promoter:
         *,
         progress: Callable[[str, CopyStats], None] | None = None,
         propagation_s: float | None = None,
+        ack_timeout_s: float = 300.0,
     ) -> None:
         self.settings = settings
         self.store = store
         self.registry = ModelRegistry(store)
         self.progress = progress
-        # Long enough for every instance to see the pending pair and start dual-writing.
-        self.propagation_s = settings.registry_poll_s * 2 + 1 if propagation_s is None else propagation_s
+        # Instances report when they dual-write (the promoter waits for those acks); propagation_s
+        # is a minimum wait on top, for instances too new to have reported yet.
+        self.propagation_s = 0.0 if propagation_s is None else propagation_s
+        self.ack_timeout_s = ack_timeout_s
 
     # ------------------------------------------------------------------ state
     def record(self, name: str, *, persist: bool = True) -> RegistryRecord:
@@ -161,10 +164,10 @@ class Promoter:
             record.pending_since_ms = int(time.time() * 1000)
             record.event(f"{event}_started", model_version=target.model_version, collection=target.collection)
             record = self.registry.put(record)
-            log.info("pending_recorded", name=name, model_version=target.model_version, wait_s=self.propagation_s)
-            time.sleep(self.propagation_s)
+            log.info("pending_recorded", name=name, model_version=target.model_version)
         else:
             log.info("resuming", name=name, model_version=target.model_version)
+        self._wait_for_dual_writes(name, record.generation, target)
         pending_since = int(record.pending_since_ms or 0)
 
         phase = time.perf_counter()
@@ -207,6 +210,32 @@ class Promoter:
         self._swap(name, target, event)
         report.timings_s["total"] = round(time.perf_counter() - started, 2)
         return report
+
+    def _wait_for_dual_writes(self, name: str, generation: int, target: PairRecord) -> None:
+        """Wait until every live service instance dual-writes to `target` (each reports what it
+        applied to the registry); a write acknowledged before then may be missing from the copy.
+
+        Live: reported within `instance_stale_s`. An instance that never reports (down, or another
+        name) is not waited for; one that reports but does not dual-write stops the promotion with
+        its id after `instance_ack_timeout_s` (the pending pair stays: re-run to go on)."""
+        stale_s = max(3 * self.settings.registry_poll_s, 15.0)
+        deadline = time.monotonic() + max(self.ack_timeout_s, self.propagation_s)
+        floor = time.monotonic() + self.propagation_s  # instances polling slower than reports show
+        while True:
+            lagging = sorted(
+                instance for instance, report in self.registry.live_instances(name, stale_s).items()
+                if int(report.get("generation", 0)) < generation or report.get("dual_writing") != target.collection
+            )
+            if not lagging and time.monotonic() >= floor:
+                log.info("instances_dual_writing", name=name, collection=target.collection)
+                return
+            if time.monotonic() > deadline:
+                raise PromotionError(
+                    f"{len(lagging)} service instance(s) did not start dual-writing to {target.collection} within "
+                    f"{self.ack_timeout_s:.0f} s ({', '.join(lagging[:5])}); the pending pair stays: re-run to wait "
+                    "again, or --abort"
+                )
+            time.sleep(min(0.2, max(0.0, floor - time.monotonic())) or 0.2)
 
     def _swap(self, name: str, target: PairRecord, event: str) -> None:
         record = self.record(name)

@@ -28,6 +28,7 @@ log = structlog.get_logger(__name__)
 
 REGISTRY_COLLECTION = "semsearch_registry"
 HISTORY_LIMIT = 50
+INSTANCE_SEPARATOR = "/instance/"  # where service instances report what they applied
 CLAIM_SEPARATOR = "/claim/"  # collection names cannot hold "/": claim keys never shadow a name
 CLAIM_TTL_S = 60.0
 
@@ -156,7 +157,36 @@ class ModelRegistry:
     def names(self) -> list[str]:
         if not self._exists():
             return []
-        return sorted(key for key in self.store.scan_records(REGISTRY_COLLECTION) if CLAIM_SEPARATOR not in key)
+        # Claims and instance reports hold a "/", which no collection name (hence no name) can.
+        return sorted(key for key in self.store.scan_records(REGISTRY_COLLECTION) if "/" not in key)
+
+    # ------------------------------------------------------------------ instances following a name
+    def report_instance(self, name: str, instance_id: str, generation: int, dual_writing: str) -> None:
+        """What one service instance has applied: the record generation, and the collection it
+        dual-writes to ('' when none). The promoter waits for these before it copies."""
+        self._ensure()
+        self.store.write_record(REGISTRY_COLLECTION, f"{name}{INSTANCE_SEPARATOR}{instance_id}", json.dumps(
+            {"generation": generation, "dual_writing": dual_writing, "at_ms": _now_ms()}))
+
+    def forget_instance(self, name: str, instance_id: str) -> None:
+        if self._exists():
+            self.store.delete_records(REGISTRY_COLLECTION, [f"{name}{INSTANCE_SEPARATOR}{instance_id}"])
+
+    def live_instances(self, name: str, fresh_within_s: float) -> dict[str, dict[str, Any]]:
+        """Instances of `name` that reported within `fresh_within_s` (older ones are gone or stuck)."""
+        if not self._exists():
+            return {}
+        prefix = f"{name}{INSTANCE_SEPARATOR}"
+        live: dict[str, dict[str, Any]] = {}
+        for key, value in self.store.scan_records(REGISTRY_COLLECTION, prefix).items():
+            try:
+                report = dict(json.loads(value))
+                age_ms = _now_ms() - int(report["at_ms"])
+            except (ValueError, KeyError, TypeError):
+                continue
+            if age_ms < fresh_within_s * 1000:
+                live[key[len(prefix):]] = report
+        return live
 
     def all_referenced_collections(self) -> set[str]:
         referenced: set[str] = set()

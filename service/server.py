@@ -97,6 +97,7 @@ class RunningServer:
         await self.set_serving(True)
         self._watcher = asyncio.create_task(self.watch_health(), name="health-watch")
         if self.settings.use_registry:
+            await self.state.report()
             self._registry_watcher = asyncio.create_task(self.state.watch(), name="registry-watch")
         log.info("serving", address=self.address, model_version=pair.model_version,
                  collection=pair.collection.name)
@@ -109,6 +110,8 @@ class RunningServer:
             if task is not None:
                 task.cancel()
         await self.set_serving(False)
+        with contextlib.suppress(Exception):  # best effort: a stale report expires by itself
+            await self.state.forget()
         await self.server.stop(self.settings.shutdown_grace_s if grace_s is None else grace_s)
         if self.servicer.engine is not None:
             await self.servicer.engine.close()

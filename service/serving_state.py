@@ -9,6 +9,7 @@ finish on the pair they started with; the old pair closes when none holds it.
 from __future__ import annotations
 
 import asyncio
+import uuid
 
 import structlog
 
@@ -35,6 +36,8 @@ class ServingState:
         # Reported by AdminService.GetServingState: a watch that fails must not fail silently.
         self.watch_error = ""
         self.watch_failures = 0
+        # This process in the registry's instance reports (a promotion waits until all dual-write).
+        self.instance_id = uuid.uuid4().hex
 
     async def initial_pair(self, encoder: Encoder | None, *, allow_stand_in: bool = False) -> ServingPair:
         """The registry's current pair if there is one, else the configured model (recorded as current)."""
@@ -46,7 +49,8 @@ class ServingState:
                     log.warning("registry_overrides_model", configured=encoder.manifest.version,
                                 registry=current.model_version)
                 encoder = await asyncio.to_thread(open_pair_encoder, current, self.settings)
-            self.generation = record.generation
+            # A promotion in progress is applied by the first reconcile (it loads the pending pair).
+            self.generation = record.generation if record.pending is None else 0
             return await asyncio.to_thread(build_pair, self.settings, encoder, self.store, current.collection)
         if encoder is None:
             encoder = await asyncio.to_thread(create_encoder, self.settings, allow_stand_in=allow_stand_in)
@@ -78,7 +82,9 @@ class ServingState:
                 return False
             changed = await self._apply(engine, record)
             self.generation = record.generation
-            return changed
+        if changed:  # at once: a promoter is waiting for this instance to dual-write
+            await self.report()
+        return changed
 
     async def _apply(self, engine: SearchEngine, record: RegistryRecord) -> bool:
         changed = False
@@ -112,6 +118,20 @@ class ServingState:
         await pair.batcher.encode(["预热"])
         return pair
 
+    async def report(self) -> None:
+        """Tell the registry what this instance applied (generation, collection it dual-writes to)."""
+        engine = self.engine
+        if engine is None or not self.settings.use_registry:
+            return
+        shadow = engine.shadow
+        await asyncio.to_thread(self.registry.report_instance, self.name, self.instance_id, self.generation,
+                                shadow.collection.name if shadow is not None else "")
+
+    async def forget(self) -> None:
+        """Leave the instance reports (a clean shutdown: promotions stop waiting for this one)."""
+        if self.settings.use_registry:
+            await asyncio.to_thread(self.registry.forget_instance, self.name, self.instance_id)
+
     async def watch(self) -> None:
         """Poll the registry until cancelled. No error ends the loop: a malformed record or an
         unexpected failure is logged, counted and reported (AdminService), and polled again."""
@@ -129,6 +149,7 @@ class ServingState:
                 log.warning("registry_reconcile_failed", reason=self.watch_error, failures=self.watch_failures,
                             exc_info=not expected)
             else:
+                await self.report()
                 if self.watch_failures:
                     log.info("registry_reconcile_recovered", after_failures=self.watch_failures)
                 self.watch_failures, self.watch_error = 0, ""

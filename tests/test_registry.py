@@ -6,6 +6,7 @@ import random
 import threading
 import time
 from collections.abc import Callable
+from pathlib import Path
 
 import pytest
 
@@ -75,3 +76,50 @@ def test_concurrent_writers_lose_no_update(milvus_uri: str, store_factory: Calla
                                                                for i in range(rounds))
     assert final.generation == 1 + writers * rounds
     assert conflicts  # they did race (each writer re-read and retried)
+
+
+def test_instance_reports_are_fresh_or_ignored_and_never_names(tmp_path: Path,
+                                                               store_factory: Callable[[str], MilvusStore]) -> None:
+    registry = ModelRegistry(store_factory(str(tmp_path / "milvus.db")))
+    registry.put(RegistryRecord(name="faq"))
+    registry.report_instance("faq", "a", 1, "")
+    registry.report_instance("faq", "b", 1, "faq__v2")
+    registry.report_instance("other", "c", 3, "")
+    live = registry.live_instances("faq", fresh_within_s=60)
+    assert set(live) == {"a", "b"} and live["b"]["dual_writing"] == "faq__v2"
+    time.sleep(0.3)
+    assert registry.live_instances("faq", fresh_within_s=0.2) == {}  # stale reports are not waited for
+    registry.forget_instance("faq", "a")
+    assert set(registry.live_instances("faq", fresh_within_s=60)) == {"b"}
+    assert registry.names() == ["faq"]  # instance reports never show up as names
+
+
+def test_a_promotion_waits_for_every_live_instance_to_dual_write(
+    tmp_path: Path, store_factory: Callable[[str], MilvusStore], tiny_model_dir: Path,
+) -> None:
+    """An instance that reports but never dual-writes stops the promotion by name, before any copy;
+    the pending pair stays for a re-run."""
+    from semsearch.config import Settings
+    from semsearch.encoders import TorchEncoder
+    from semsearch.promotion import Promoter, PromotionError
+    from tests.tinymodel import build_tiny_bert
+
+    uri = str(tmp_path / "milvus.db")
+    store = store_factory(uri)
+    settings = Settings(milvus_uri=uri, collection="faq", registry_poll_s=0.2)
+    base = TorchEncoder.from_ref(str(tiny_model_dir), device="cpu")
+    candidate = TorchEncoder.from_ref(str(build_tiny_bert(tmp_path / "candidate", seed=1)), device="cpu")
+    store.ensure_collection("faq__base", base.manifest)
+    store.point_alias("faq", "faq__base")
+    promoter = Promoter(settings, store, ack_timeout_s=1.0)
+    promoter.registry.bootstrap("faq", base.manifest, "faq__base")
+    promoter.registry.report_instance("faq", "slow-replica", 1, "")
+    with pytest.raises(PromotionError, match="slow-replica"):
+        promoter.promote("faq", candidate, gate=lambda current: {})
+    record = promoter.registry.get("faq")
+    assert record is not None and record.pending is not None  # kept: a re-run waits again
+    assert store.count(record.pending.collection) == 0  # nothing was copied before the acks
+    pending = record.pending.collection
+    promoter.registry.report_instance("faq", "slow-replica", record.generation, pending)
+    report = promoter.promote("faq", candidate, gate=lambda current: {})
+    assert report.to_pair.collection == pending

@@ -147,3 +147,24 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
     if unmarked:
         raise pytest.UsageError("tests that need the Milvus server lack @pytest.mark.milvus_server: "
                                 + ", ".join(unmarked))
+
+
+@pytest.fixture(scope="session")
+def pki(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
+    """A CA, a server certificate for 127.0.0.1/localhost, a client certificate, and another CA."""
+    import trustme
+
+    ca = trustme.CA()
+    directory = tmp_path_factory.mktemp("pki")
+    server = ca.issue_cert("127.0.0.1", "localhost")
+    client = ca.issue_cert("client@semsearch")
+    other_ca = trustme.CA()  # a CA that signed nothing of this service
+    paths = {name: directory / name for name in
+             ("ca.pem", "other-ca.pem", "server.pem", "server.key", "client.pem", "client.key")}
+    ca.cert_pem.write_to_path(str(paths["ca.pem"]))
+    other_ca.cert_pem.write_to_path(str(paths["other-ca.pem"]))
+    server.cert_chain_pems[0].write_to_path(str(paths["server.pem"]))
+    server.private_key_pem.write_to_path(str(paths["server.key"]))
+    client.cert_chain_pems[0].write_to_path(str(paths["client.pem"]))
+    client.private_key_pem.write_to_path(str(paths["client.key"]))
+    return paths

@@ -13,7 +13,6 @@ from collections.abc import Callable
 from pathlib import Path
 
 import pytest
-import trustme
 
 from semsearch.config import ApiKey
 from semsearch.encoders import TorchEncoder
@@ -59,24 +58,6 @@ def hit_ids(result: subprocess.CompletedProcess[str]) -> list[str]:
 def fill(service: LiveService, metadata: list[tuple[str, str]] | None = None) -> None:
     service.stub.UpsertDocuments(pb.UpsertDocumentsRequest(
         documents=[pb.Document(id=i, text=t) for i, t in DOCS]), timeout=60, metadata=metadata or [])
-
-
-@pytest.fixture(scope="module")
-def pki(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
-    ca = trustme.CA()
-    directory = tmp_path_factory.mktemp("pki")
-    server = ca.issue_cert("127.0.0.1", "localhost")
-    client = ca.issue_cert("client@semsearch")
-    other_ca = trustme.CA()  # a CA that signed nothing of this service
-    paths = {name: directory / name for name in
-             ("ca.pem", "other-ca.pem", "server.pem", "server.key", "client.pem", "client.key")}
-    ca.cert_pem.write_to_path(str(paths["ca.pem"]))
-    other_ca.cert_pem.write_to_path(str(paths["other-ca.pem"]))
-    server.cert_chain_pems[0].write_to_path(str(paths["server.pem"]))
-    server.private_key_pem.write_to_path(str(paths["server.key"]))
-    client.cert_chain_pems[0].write_to_path(str(paths["client.pem"]))
-    client.private_key_pem.write_to_path(str(paths["client.key"]))
-    return paths
 
 
 # ---------------------------------------------------------------------------------------------

@@ -518,7 +518,8 @@ def test_milvus_server_restart_mid_run_loses_nothing(tmp_path: Path, tiny_model_
         server.start()
         _, err = process.communicate(timeout=600)
         assert process.returncode == 0, err[-3000:]
-        assert "milvus_retry" in err  # it did live through the outage
+        # It did live through the outage: the pipeline retried, or the store reconnected under it.
+        assert "milvus_retry" in err or "milvus_reconnected" in err
         store = MilvusStore(uri, timeout_s=60)
         try:
             physical = versioned_name("restarted", tiny_encoder.manifest.version)

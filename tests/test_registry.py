@@ -32,7 +32,8 @@ def test_a_write_with_a_stale_generation_fails(milvus_uri: str, store_factory: C
     assert stored is not None and stored.generation == 2 and [e["event"] for e in stored.history] == ["first"]
     with pytest.raises(ConflictError):  # a "new" record where one exists is stale too
         registry.put(RegistryRecord(name=name))
-    assert registry.names() == [name]  # write claims never show up as names
+    # Write claims never show up as names (the server is shared: other tests' names are there too).
+    assert name in registry.names() and not any("/" in other for other in registry.names())
 
 
 def test_concurrent_writers_lose_no_update(milvus_uri: str, store_factory: Callable[[str], MilvusStore],
@@ -51,6 +52,7 @@ def test_concurrent_writers_lose_no_update(milvus_uri: str, store_factory: Calla
         try:
             start.wait(60)
             for i in range(rounds):
+                attempt = 0
                 while True:
                     record = registry.get(name)
                     assert record is not None
@@ -60,7 +62,10 @@ def test_concurrent_writers_lose_no_update(milvus_uri: str, store_factory: Calla
                         break
                     except ConflictError as exc:
                         conflicts.append(str(exc))
-                        time.sleep(rng.uniform(0, 0.05))
+                        # Exponential backoff with full jitter: racing writers that both lost (claims
+                        # seen on both sides) must not retry in step, or they livelock.
+                        attempt += 1
+                        time.sleep(rng.uniform(0, min(2.0, 0.1 * 2 ** attempt)))
         except BaseException as exc:
             errors.append(exc)
 

@@ -8,8 +8,6 @@ from collections.abc import Callable
 from pathlib import Path
 
 import grpc
-import pytest
-import trustme
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from semsearch.config import ApiKey
@@ -68,21 +66,6 @@ def test_scope_table_and_key_matching() -> None:
     assert find_key(KEYS, "write-key-0123456789") is KEYS[1]
     assert find_key(KEYS, "write-key-012345678") is None
     assert find_key(KEYS, "") is None
-
-
-@pytest.fixture(scope="module")
-def pki(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
-    ca = trustme.CA()
-    directory = tmp_path_factory.mktemp("pki")
-    server = ca.issue_cert("127.0.0.1", "localhost")
-    client = ca.issue_cert("client@semsearch")
-    paths = {name: directory / name for name in ("ca.pem", "server.pem", "server.key", "client.pem", "client.key")}
-    ca.cert_pem.write_to_path(str(paths["ca.pem"]))
-    server.cert_chain_pems[0].write_to_path(str(paths["server.pem"]))
-    server.private_key_pem.write_to_path(str(paths["server.key"]))
-    client.cert_chain_pems[0].write_to_path(str(paths["client.pem"]))
-    client.private_key_pem.write_to_path(str(paths["client.key"]))
-    return paths
 
 
 def _search_over(address: str, credentials: grpc.ChannelCredentials | None) -> grpc.StatusCode:

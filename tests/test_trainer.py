@@ -258,9 +258,15 @@ def test_mining_never_returns_a_positive_and_respects_range_and_seed(tiny: Torch
         ranking = _ranking(tiny, row.query, pool, pool_vectors)
         assert out.neg, row.query
         assert len(out.neg) <= 4
+        scores = dict(zip(pool, pool_vectors @ tiny.encode_queries([row.query])[0], strict=True))
         for negative in out.neg:
             assert negative not in row.pos and negative != row.query
-            assert 2 <= ranking.index(negative) < 12
+            rank = ranking.index(negative)
+            if not 2 <= rank < 12:
+                # Only a near-tie at the range's edge may fall either way: the miner encodes the pool
+                # in its own batches, so scores differ from ours in the last float digits.
+                edge = ranking[11] if rank >= 12 else ranking[2]
+                assert abs(float(scores[negative]) - float(scores[edge])) < 1e-4, (negative, rank)
         assert out.neg_ids == [f"d{pool.index(n)}" for n in out.neg]
     again, _ = mine_hard_negatives(rows, tiny, config, corpus=corpus, show_progress=False)
     assert [r.neg for r in again] == [r.neg for r in mined]

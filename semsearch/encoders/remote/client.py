@@ -231,18 +231,26 @@ class RemoteEncoder:
             if server.sticky or not server.breaker.try_acquire():
                 continue
             try:
-                self._verify(server, deadline)
-            except Quarantined:
-                continue
-            except Transient as exc:
-                self._pool.failed(server, str(exc))
-                continue
+                if not self._verified(server, deadline):
+                    continue
             except SemsearchError:  # a refused key, not an embeddings server, the deadline
                 server.breaker.release()
                 continue
             self._pool.ok(server)
             return True
         return False
+
+    def _verified(self, server: Server, deadline: float | None) -> bool:
+        """Re-read a server's identity: False when it is quarantined or failed (recorded); other
+        errors are the caller's to handle (its breaker slot is still held)."""
+        try:
+            self._verify(server, deadline)
+        except Quarantined:
+            return False
+        except Transient as exc:
+            self._pool.failed(server, str(exc))
+            return False
+        return True
 
     def close(self) -> None:
         if self._closed:
@@ -443,12 +451,8 @@ class RemoteEncoder:
             due = self._clock() - server.verified_at >= self.identity_recheck_s
             if server.breaker.is_probing() or due or server.quarantine_reason:
                 try:
-                    self._verify(server, deadline)
-                except Quarantined:
-                    continue
-                except Transient as exc:
-                    self._pool.failed(server, str(exc))
-                    continue
+                    if not self._verified(server, deadline):
+                        continue
                 except BaseException:
                     server.breaker.release()
                     raise

@@ -506,7 +506,7 @@ def test_milvus_server_restart_mid_run_loses_nothing(tmp_path: Path, tiny_model_
     state_dir = tmp_path / "state"
     command = [sys.executable, "-m", "indexer", str(source), "--milvus-uri", uri, "--model", str(tiny_model_dir),
                "--collection", "restarted", "--state-dir", str(state_dir), "--device", "cpu",
-               "--checkpoint-interval", "1", "--batch-chunks", "16", "--max-rate", "40", "--retry-timeout", "300",
+               "--checkpoint-interval", "1", "--batch-chunks", "16", "--max-rate", "20", "--retry-timeout", "300",
                "--progress", "off"]
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false", "OMP_NUM_THREADS": "1"}
     process = subprocess.Popen(command, cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
@@ -515,11 +515,12 @@ def test_milvus_server_restart_mid_run_loses_nothing(tmp_path: Path, tiny_model_
         assert process.poll() is None
         server.stop()
         time.sleep(3)
+        # Still running 3 s into the outage with work left (--max-rate 20: 120 documents take 6 s):
+        # it meets the outage (pymilvus may absorb it without a retry log line of ours).
+        assert process.poll() is None, "the indexer ended during the outage"
         server.start()
         _, err = process.communicate(timeout=600)
         assert process.returncode == 0, err[-3000:]
-        # It did live through the outage: the pipeline retried, or the store reconnected under it.
-        assert "milvus_retry" in err or "milvus_reconnected" in err
         store = MilvusStore(uri, timeout_s=60)
         try:
             physical = versioned_name("restarted", tiny_encoder.manifest.version)

@@ -624,18 +624,18 @@ class MilvusStore:
         name = method.__name__
         try:
             return self._call_once(method, kwargs)
-        except _NotLoaded as exc:
+        except CollectionNotLoadedError:
             collection = kwargs.get("collection_name")
             if not collection or name in ("load_collection", "get_load_state"):
-                raise translate_milvus_error(exc.original) from exc.original
+                raise
             log.info("collection_not_loaded", collection=collection, operation=name)
             self.load(str(collection))
         except BackendUnavailableError as exc:
             if not is_connection_failure(exc) or not self.reconnect():
                 raise
-        return self._call_once(getattr(self.client, name), kwargs, heal=False)
+        return self._call_once(getattr(self.client, name), kwargs)
 
-    def _call_once(self, method: Any, kwargs: dict[str, Any], *, heal: bool = True) -> Any:
+    def _call_once(self, method: Any, kwargs: dict[str, Any]) -> Any:
         started = time.perf_counter()
         outcome = "error"
         try:
@@ -643,8 +643,6 @@ class MilvusStore:
             outcome = "ok"
             return result
         except MilvusException as exc:
-            if heal and is_not_loaded(exc):
-                raise _NotLoaded(exc) from exc
             raise translate_milvus_error(exc) from exc
         except Exception as exc:  # grpc connection errors surface as many types in pymilvus
             if "grpc" in type(exc).__module__ or isinstance(exc, ConnectionError | TimeoutError):
@@ -779,20 +777,6 @@ def has_bm25_field(description: dict[str, Any]) -> bool:
                 SPARSE_FIELD in (function.get("output_field_names") or []):
             return True
     return False
-
-
-class _NotLoaded(Exception):
-    """Internal: the collection exists but is not loaded (healed by loading it)."""
-
-    def __init__(self, original: MilvusException) -> None:
-        super().__init__(str(original))
-        self.original = original
-
-
-def is_not_loaded(exc: MilvusException) -> bool:
-    """Milvus server: code 101 'collection not loaded'; Milvus Lite: "is in state 'released'"."""
-    message = str(exc.message).lower()
-    return getattr(exc, "code", None) == 101 or "not loaded" in message or "state 'released'" in message
 
 
 def is_connection_failure(exc: BaseException) -> bool:

@@ -95,13 +95,18 @@ def settings_for(url: str, model_dir: Path) -> Settings:
     return Settings(encoder_url=url, model=str(model_dir), encoder_retries=0, encoder_timeout_s=5)
 
 
+def discovering(port: int, model_dir: Path, answer: list[str]) -> DiscoveringEncoder:
+    """A discovering encoder whose DNS answer is `answer` (the test edits it in place)."""
+    return DiscoveringEncoder(settings_for(f"dns+http://sglang-headless:{port}", model_dir),
+                              interval_s=3600, resolve=lambda host, _: list(answer), close_delay_s=0.2)
+
+
 def test_each_pod_is_a_server_and_the_set_follows_dns(
     pods: dict[str, PodServer], tiny_model_dir: Path, tiny_encoder: TorchEncoder,
 ) -> None:
     port = pods["127.0.0.1"].port
     answer = ["127.0.0.1"]
-    encoder = DiscoveringEncoder(settings_for(f"dns+http://sglang-headless:{port}", tiny_model_dir),
-                                 interval_s=3600, resolve=lambda host, _: list(answer), close_delay_s=0.2)
+    encoder = discovering(port, tiny_model_dir, answer)
     try:
         assert encoder.urls == f"http://127.0.0.1:{port}"
         expected = tiny_encoder.encode_queries(["退款"])
@@ -139,8 +144,7 @@ def test_a_pod_serving_another_model_is_refused(
 ) -> None:
     port = pods["127.0.0.1"].port
     answer = ["127.0.0.1"]
-    encoder = DiscoveringEncoder(settings_for(f"dns+http://sglang-headless:{port}", tiny_model_dir),
-                                 interval_s=3600, resolve=lambda host, _: list(answer), close_delay_s=0.2)
+    encoder = discovering(port, tiny_model_dir, answer)
     try:
         pods["127.0.0.2"].swap_model("/models/other-model", weight_version="other-version")
         answer[:] = ["127.0.0.2"]  # every pod now serves another model: keep the verified set

@@ -134,8 +134,8 @@ def probe(c: MilvusClient):
 
     @step("upsert (doc-1 changed, doc-new added)")
     def ups():
-        r1 = dict(rows[1]); r1["text"] = "upserted"
-        rn = dict(rows[2]); rn["id"] = "doc-new"
+        r1 = {**rows[1], "text": "upserted"}
+        rn = {**rows[2], "id": "doc-new"}
         res = c.upsert(COL, [r1, rn])
         got = c.get(COL, ids=["doc-1"], output_fields=["text"])
         if not got or got[0]["text"] != "upserted":

@@ -30,7 +30,13 @@ REGISTRY_COLLECTION = "semsearch_registry"
 HISTORY_LIMIT = 50
 INSTANCE_SEPARATOR = "/instance/"  # where service instances report what they applied
 CLAIM_SEPARATOR = "/claim/"  # collection names cannot hold "/": claim keys never shadow a name
+VERSION_SEPARATOR = "/record/"  # each generation of a record is its own, never-overwritten row
+VERSIONS_KEPT = 3
 CLAIM_TTL_S = 60.0
+
+
+def _version_key(name: str, generation: int) -> str:
+    return f"{name}{VERSION_SEPARATOR}{generation:012d}"
 
 
 def now_iso() -> str:
@@ -109,8 +115,15 @@ class ModelRegistry:
         """Read-only: a missing registry reads as no record (nothing is created)."""
         if not self._exists():
             return None
-        payload = self.store.read_records(REGISTRY_COLLECTION, [name]).get(name)
-        return None if payload is None else RegistryRecord.model_validate_json(payload)
+        # Each generation is written under its own key and the highest one wins: a key overwritten
+        # in place (upsert) has been read back at an older version on Milvus 2.3, which would move
+        # services backwards. The plain `name` row (a copy, and what older releases wrote) counts too.
+        payloads = list(self.store.scan_records(REGISTRY_COLLECTION, f"{name}{VERSION_SEPARATOR}").values())
+        payloads += self.store.read_records(REGISTRY_COLLECTION, [name]).values()
+        if not payloads:
+            return None
+        return max((RegistryRecord.model_validate_json(payload) for payload in payloads),
+                   key=lambda record: record.generation)
 
     def put(self, record: RegistryRecord) -> RegistryRecord:
         """Write `record` if the stored one still has `record.generation` (none stored: 0); returns it
@@ -145,7 +158,9 @@ class ModelRegistry:
                     )
                 if time.monotonic() - started > CLAIM_TTL_S / 2:
                     raise ConflictError(f"registry record {record.name!r}: the write claim took too long; retry")
-                self.store.write_record(REGISTRY_COLLECTION, record.name, payload)
+                self.store.write_record(REGISTRY_COLLECTION, _version_key(record.name, written.generation), payload)
+                self.store.write_record(REGISTRY_COLLECTION, record.name, payload)  # names() lists these
+                self._drop_old_versions(record.name, written.generation)
             finally:
                 try:
                     self.store.delete_records(REGISTRY_COLLECTION, [claim])
@@ -153,6 +168,14 @@ class ModelRegistry:
                     log.warning("registry_claim_not_dropped", claim=claim, reason=str(exc))
         record.generation, record.history = written.generation, written.history
         return record
+
+    def _drop_old_versions(self, name: str, generation: int) -> None:
+        old = [key for key in self.store.scan_records(REGISTRY_COLLECTION, f"{name}{VERSION_SEPARATOR}")
+               if int(key.rsplit("/", 1)[1]) <= generation - VERSIONS_KEPT]
+        try:
+            self.store.delete_records(REGISTRY_COLLECTION, old)
+        except SemsearchError as exc:  # harmless: reads take the highest generation
+            log.warning("registry_versions_not_dropped", name=name, reason=str(exc))
 
     def names(self) -> list[str]:
         if not self._exists():

@@ -80,6 +80,11 @@ class ServingState:
             record = await asyncio.to_thread(self.registry.get, self.name)
             if record is None or record.generation == self.generation:
                 return False
+            if record.generation < self.generation:
+                # Never step back: a read that returns an older version must not undo a swap.
+                log.warning("registry_record_older_than_applied", generation=record.generation,
+                            applied=self.generation)
+                return False
             changed = await self._apply(engine, record)
             self.generation = record.generation
         if changed:  # at once: a promoter is waiting for this instance to dual-write
@@ -87,13 +92,10 @@ class ServingState:
         return changed
 
     async def _apply(self, engine: SearchEngine, record: RegistryRecord) -> bool:
+        """Swap to the record's current pair, then dual-write to its pending one (a rollback's
+        pending pair is the one being replaced: it becomes the shadow instead of closing)."""
         changed = False
-        pending = record.pending
-        if pending is not None and not _holds(engine.shadow, pending) and not _holds(engine.pair, pending):
-            engine.shadow = await self._load(pending)
-            log.info("dual_write_started", model_version=pending.model_version, collection=pending.collection)
-            changed = True
-        current = record.current
+        pending, current = record.pending, record.current
         if current is not None and not _holds(engine.pair, current):
             shadow = engine.shadow
             new = shadow if shadow is not None and _holds(shadow, current) else await self._load(current)
@@ -101,7 +103,17 @@ class ServingState:
             set_model_info(new.model_version, new.collection.name)
             log.info("pair_swapped", model_version=new.model_version, collection=new.collection.name,
                      previous_model_version=old.model_version, previous_collection=old.collection.name)
-            asyncio.get_running_loop().create_task(engine.retire(old))
+            if pending is not None and engine.shadow is None and _holds(old, pending):
+                engine.shadow = old
+                log.info("dual_write_started", model_version=old.model_version, collection=old.collection.name)
+            else:
+                asyncio.get_running_loop().create_task(engine.retire(old))
+            changed = True
+        if pending is not None and not _holds(engine.shadow, pending) and not _holds(engine.pair, pending):
+            previous_shadow, engine.shadow = engine.shadow, await self._load(pending)
+            log.info("dual_write_started", model_version=pending.model_version, collection=pending.collection)
+            if previous_shadow is not None:
+                asyncio.get_running_loop().create_task(engine.retire(previous_shadow))
             changed = True
         if pending is None and engine.shadow is not None:
             shadow, engine.shadow = engine.shadow, None

@@ -7,6 +7,7 @@ import threading
 import time
 from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -128,3 +129,54 @@ def test_a_promotion_waits_for_every_live_instance_to_dual_write(
     promoter.registry.report_instance("faq", "slow-replica", record.generation, pending)
     report = promoter.promote("faq", candidate, gate=lambda current: {})
     assert report.to_pair.collection == pending
+
+
+def test_an_instance_follows_a_rollback_it_saw_only_in_part(
+    make_service: Callable[..., Any], tiny_encoder: Any, tmp_path: Path, store_factory: Callable[[str], MilvusStore],
+) -> None:
+    """A slow-polling instance that skipped the swap's generation (it saw the promotion's pending
+    pair, then the rollback's) must serve the new pair and dual-write to the old one; a read that
+    returns an older version of the record must change nothing."""
+    from semsearch.encoders import TorchEncoder
+    from semsearch.promotion import Promoter
+    from semsearch.registry import REGISTRY_COLLECTION
+    from semsearch.v1 import admin_pb2, admin_pb2_grpc
+    from tests.tinymodel import build_tiny_bert
+
+    uri = str(tmp_path / "milvus.db")
+    service = make_service(tiny_encoder, milvus_uri=uri, collection="faq", registry_poll_s=3600)
+    admin = admin_pb2_grpc.AdminServiceStub(service.channel)
+    store = store_factory(uri)
+    promoter = Promoter(service.settings, store)
+    candidate = TorchEncoder.from_ref(str(build_tiny_bert(tmp_path / "candidate", seed=1)), device="cpu")
+    registry = promoter.registry
+
+    def reload() -> tuple[tuple[str, str], tuple[str, str], int]:
+        state = admin.ReloadServingState(admin_pb2.ReloadServingStateRequest(), timeout=60).state
+        return ((state.current.model_version, state.current.collection),
+                (state.pending.model_version, state.pending.collection), state.registry_generation)
+
+    record = registry.get("faq")
+    assert record is not None and record.current is not None
+    old = record.current
+    new = promoter.candidate_pair("faq", candidate, None, {})
+    store.ensure_collection(new.collection, candidate.manifest)
+    record.pending = new
+    record = registry.put(record)  # the promotion starts
+    promotion_started = record.model_dump_json()
+    assert reload() == ((old.model_version, old.collection), (new.model_version, new.collection), 2)
+    record.previous, record.current, record.pending = old, new, None
+    record = registry.put(record)  # swapped ... (this instance does not poll now)
+    record.pending = old.model_copy()
+    record = registry.put(record)  # ... and rolled back at once
+    assert reload() == ((new.model_version, new.collection), (old.model_version, old.collection), 4)
+
+    # Never backwards: the registry reads the highest generation it holds, and an instance ignores
+    # a record older than the one it applied (a read served at an older version).
+    store.write_record(REGISTRY_COLLECTION, "faq", promotion_started)  # the plain row, overwritten
+    stored = registry.get("faq")
+    assert stored is not None and stored.generation == 4
+    store.delete_records(REGISTRY_COLLECTION, [key for key in store.scan_records(REGISTRY_COLLECTION, "faq/record/")])
+    stored = registry.get("faq")
+    assert stored is not None and stored.generation == 2  # what a stale read would give
+    assert reload() == ((new.model_version, new.collection), (old.model_version, old.collection), 4)

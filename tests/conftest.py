@@ -147,6 +147,21 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
     if unmarked:
         raise pytest.UsageError("tests that need the Milvus server lack @pytest.mark.milvus_server: "
                                 + ", ".join(unmarked))
+    # Longest first: with several workers (-n) the minutes-long flows start at once instead of
+    # running alone at the end (a stable sort keeps every module's own order).
+    items.sort(key=lambda item: LONGEST_MODULES.index(item.path.name) if item.path.name in LONGEST_MODULES
+               else len(LONGEST_MODULES))
+
+
+LONGEST_MODULES = ["test_user_flows.py", "test_promotion.py", "test_resilience.py", "test_faults.py",
+                   "test_indexer.py"]
+
+
+def pytest_xdist_auto_num_workers(config: pytest.Config) -> int:
+    """`-n auto`: half as many workers again as cores (at least 2, at most 8). The slow tests spend
+    most of their time waiting on subprocesses and the Milvus server, not computing."""
+    cores = os.cpu_count() or 1
+    return max(2, min(8, cores + cores // 2))
 
 
 @pytest.fixture(scope="session")

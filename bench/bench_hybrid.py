@@ -118,15 +118,11 @@ def quality(args: argparse.Namespace) -> dict[str, Any]:
 
 
 async def latency(args: argparse.Namespace) -> dict[str, Any]:
-    import grpc
-    from loadgen import closed_loop
+    from loadgen import closed_loop, served_faq
 
     from semsearch.encoders import STAND_IN_MODEL, TorchEncoder
     from semsearch.logs import configure_logging
     from semsearch.v1 import search_pb2 as pb
-    from semsearch.v1 import search_pb2_grpc
-    from service.demo import read_corpus, shipped_corpus, to_document
-    from service.server import start_server
 
     queries = ["退钱怎么操作？", "包裹好几天没动静了", "手机开不了机", "密码忘了登不上去", "发票抬头写错了能改吗",
                "保修期是多久", "会员积分怎么用", "可以分期付款吗", "how do I get a refund", "where is my parcel"]
@@ -138,26 +134,18 @@ async def latency(args: argparse.Namespace) -> dict[str, Any]:
         settings = Settings(milvus_uri=str(Path(tmp) / "m.db"), port=0, collection="bench_hybrid", metrics_port=0,
                             torch_threads=args.threads)
         encoder = TorchEncoder.from_ref(args.model or STAND_IN_MODEL, device="cpu")
-        running = await start_server(settings)
-        try:
-            await running.load(encoder)
-            async with grpc.aio.insecure_channel(running.address) as channel:
-                stub = search_pb2_grpc.SearchServiceStub(channel)
-                documents = [to_document(row) for row in read_corpus(shipped_corpus())]
-                await stub.UpsertDocuments(pb.UpsertDocumentsRequest(documents=documents), timeout=300)
-                for name, mode in modes.items():
-                    def call(n: int, mode: Any = mode) -> Any:
-                        return stub.SearchDocuments(pb.SearchDocumentsRequest(
-                            query=queries[n % len(queries)] + str(n), top_k=10, mode=mode), timeout=30)
+        async with served_faq(settings, encoder) as (_, stub, documents):
+            for name, mode in modes.items():
+                def call(n: int, mode: Any = mode) -> Any:
+                    return stub.SearchDocuments(pb.SearchDocumentsRequest(
+                        query=queries[n % len(queries)] + str(n), top_k=10, mode=mode), timeout=30)
 
-                    await closed_loop(call, concurrency=4, requests=20)  # warm-up
-                    for concurrency in (1, 8):
-                        rows.setdefault(name, {})[concurrency] = await closed_loop(
-                            call, concurrency=concurrency, requests=args.requests)
-        finally:
-            await running.stop(grace_s=1)
+                await closed_loop(call, concurrency=4, requests=20)  # warm-up
+                for concurrency in (1, 8):
+                    rows.setdefault(name, {})[concurrency] = await closed_loop(
+                        call, concurrency=concurrency, requests=args.requests)
     print(f"\nSearchDocuments through gRPC · {encoder.manifest.version} on CPU · Milvus Lite · "
-          f"{len(documents)} documents · {os.cpu_count()} CPUs · {platform.processor() or platform.machine()}")
+          f"{documents} documents · {os.cpu_count()} CPUs · {platform.processor() or platform.machine()}")
     print("| mode | concurrency | requests | errors | p50 ms | p99 ms | req/s | p50 vs dense |")
     print("|---|---:|---:|---:|---:|---:|---:|---:|")
     for name, by_concurrency in rows.items():

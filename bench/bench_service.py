@@ -21,18 +21,13 @@ import tempfile
 from collections.abc import Iterator
 from pathlib import Path
 
-import grpc
-
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from loadgen import closed_loop
+from loadgen import closed_loop, served_faq
 
 from semsearch.config import Settings
 from semsearch.encoders import STAND_IN_MODEL, TorchEncoder
 from semsearch.logs import configure_logging
 from semsearch.v1 import search_pb2 as pb
-from semsearch.v1 import search_pb2_grpc
-from service.demo import read_corpus, shipped_corpus, to_document
-from service.server import start_server
 
 QUERIES = ["退钱怎么操作？", "包裹好几天没动静了", "手机开不了机", "密码忘了登不上去", "发票抬头写错了能改吗",
            "保修期是多久", "会员积分怎么用", "可以分期付款吗", "how do I get a refund", "where is my parcel"]
@@ -44,37 +39,29 @@ async def run(args: argparse.Namespace) -> dict[str, object]:
         settings = Settings(milvus_uri=args.milvus_uri or str(Path(tmp) / "m.db"), port=0,
                             collection="bench_service", microbatch_max_size=args.max_batch, metrics_port=0)
         encoder = TorchEncoder.from_ref(args.model, device=args.device)
-        running = await start_server(settings)
-        try:
-            await running.load(encoder)
-            async with grpc.aio.insecure_channel(running.address) as channel:
-                stub = search_pb2_grpc.SearchServiceStub(channel)
-                documents = [to_document(row) for row in read_corpus(shipped_corpus())]
-                await stub.UpsertDocuments(pb.UpsertDocumentsRequest(documents=documents), timeout=300)
+        async with served_faq(settings, encoder) as (running, stub, documents):
 
-                async def search(n: int) -> pb.SearchDocumentsResponse:
-                    return await stub.SearchDocuments(  # type: ignore[no-any-return]
-                        pb.SearchDocumentsRequest(query=QUERIES[n % len(QUERIES)] + str(n), top_k=10), timeout=30)
+            async def search(n: int) -> pb.SearchDocumentsResponse:
+                return await stub.SearchDocuments(  # type: ignore[no-any-return]
+                    pb.SearchDocumentsRequest(query=QUERIES[n % len(QUERIES)] + str(n), top_k=10), timeout=30)
 
-                await closed_loop(search, concurrency=4, requests=40)  # warm-up
-                rows = {}
-                for concurrency in (1, 8, 32):
-                    result = await closed_loop(search, concurrency=concurrency, requests=args.requests)
-                    rows[concurrency] = result
-                    if concurrency == 1:
-                        overhead = [
-                            latency - r.timing.encode_ms - r.timing.store_ms  # type: ignore[attr-defined]
-                            for latency, r in zip(result.latencies_ms, result.extra, strict=True)
-                        ]
-                        encode = [r.timing.encode_ms for r in result.extra]  # type: ignore[attr-defined]
-                        store = [r.timing.store_ms for r in result.extra]  # type: ignore[attr-defined]
-        finally:
-            await running.stop(grace_s=1)
+            await closed_loop(search, concurrency=4, requests=40)  # warm-up
+            rows = {}
+            for concurrency in (1, 8, 32):
+                result = await closed_loop(search, concurrency=concurrency, requests=args.requests)
+                rows[concurrency] = result
+                if concurrency == 1:
+                    overhead = [
+                        latency - r.timing.encode_ms - r.timing.store_ms  # type: ignore[attr-defined]
+                        for latency, r in zip(result.latencies_ms, result.extra, strict=True)
+                    ]
+                    encode = [r.timing.encode_ms for r in result.extra]  # type: ignore[attr-defined]
+                    store = [r.timing.store_ms for r in result.extra]  # type: ignore[attr-defined]
     engine = running.servicer.engine
     batches = engine.pair.batcher.stats if engine else None
     store_batches = engine.search_batcher.stats if engine else None
     print(f"\nSearch through gRPC · model {encoder.manifest.version} on {args.device} · "
-          f"Milvus {'server' if args.milvus_uri else 'Lite'} · {len(documents)} documents · "
+          f"Milvus {'server' if args.milvus_uri else 'Lite'} · {documents} documents · "
           f"{os.cpu_count()} CPUs · {platform.processor() or platform.machine()}")
     print(f"{'concurrency':>11} {'requests':>8} {'errors':>6} {'p50 ms':>8} {'p99 ms':>8} {'req/s':>8}")
     for concurrency, result in rows.items():

@@ -6,10 +6,12 @@ Used by the benchmarks; every run is bounded in count and time and targets loopb
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import statistics
 import time
-from collections.abc import Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass, field
+from typing import Any
 
 import grpc
 
@@ -96,3 +98,24 @@ async def open_loop(call: Call, *, rate: float, seconds: float, max_in_flight: i
         await asyncio.wait(tasks, timeout=60)
     result.wall_s = time.perf_counter() - started
     return result
+
+
+@contextlib.asynccontextmanager
+async def served_faq(settings: Any, encoder: Any) -> AsyncIterator[tuple[Any, Any, int]]:
+    """The real service on loopback with the shipped FAQ upserted through gRPC:
+    yields (running server, SearchService stub, number of documents)."""
+    from semsearch.v1 import search_pb2 as pb
+    from semsearch.v1 import search_pb2_grpc
+    from service.demo import read_corpus, shipped_corpus, to_document
+    from service.server import start_server
+
+    running = await start_server(settings)
+    try:
+        await running.load(encoder)
+        async with grpc.aio.insecure_channel(running.address) as channel:
+            stub = search_pb2_grpc.SearchServiceStub(channel)
+            documents = [to_document(row) for row in read_corpus(shipped_corpus())]
+            await stub.UpsertDocuments(pb.UpsertDocumentsRequest(documents=documents), timeout=300)
+            yield running, stub, len(documents)
+    finally:
+        await running.stop(grace_s=1)

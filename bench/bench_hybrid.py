@@ -41,6 +41,22 @@ def spaced_characters(text: str) -> str:
     return HAN.sub(r" \1 ", text)
 
 
+def parse_fusions(spec: str) -> dict[str, Fusion]:
+    """`weighted:0.3:0.7,rrf:20` -> extra hybrids named `hybrid weighted 0.3/0.7`, `hybrid rrf k=20`."""
+    fusions: dict[str, Fusion] = {}
+    for item in filter(None, spec.split(",")):
+        method, *values = item.split(":")
+        if method == "weighted":
+            dense, lexical = (float(v) for v in values)
+            fusions[f"hybrid weighted {dense}/{lexical}"] = Fusion(method="weighted", dense_weight=dense,
+                                                                   lexical_weight=lexical)
+        elif method == "rrf":
+            fusions[f"hybrid rrf k={int(values[0])}"] = Fusion(rrf_k=int(values[0]))
+        else:
+            raise SystemExit(f"--fusions: unknown method {method!r} in {item!r} (weighted:D:L or rrf:K)")
+    return fusions
+
+
 def quality(args: argparse.Namespace) -> dict[str, Any]:
     from semsearch.store import MilvusStore
     from trainer.encoding import encode_texts, open_encoder
@@ -92,6 +108,7 @@ def quality(args: argparse.Namespace) -> dict[str, Any]:
                         relevant=[{local[k] for k in rel if k in local and k != q}
                                   for rel, q in zip(relevant_keys, query_keys, strict=True)],
                         modes=modes, fusion=Fusion(), dense_cache=dense_cache[pool_name],
+                        more_fusions=parse_fusions(args.fusions),
                     )
                     for mode, value in found.items():
                         name = "dense" if mode == "dense" else f"{mode} ({label})"
@@ -165,6 +182,8 @@ def main() -> None:
     q.add_argument("--pool", type=Path, default=None, help="more rows for the global pool (train.jsonl)")
     q.add_argument("--model", required=True)
     q.add_argument("--analyses", default="jieba,char,jieba_exact", help="which lexical analyses, in order")
+    q.add_argument("--fusions", default="", help="more hybrids to rank from the same searches, e.g. "
+                   "weighted:0.3:0.7,rrf:20 (the default hybrid is RRF k=60, equal weights)")
     lat = sub.add_parser("latency")
     lat.add_argument("--requests", type=int, default=200)
     lat.add_argument("--model", default=None, help="default: the packaged stand-in")

@@ -112,14 +112,17 @@ def milvus_pool_metrics(
     k: int = 10,
     batch: int = 64,
     dense_cache: dict[int, list[Any]] | None = None,
+    more_fusions: dict[str, Fusion] | None = None,
 ) -> dict[str, dict[str, Any]]:
     """Index one pool (document id = position) and rank it in each mode exactly as serving does.
 
     Each query's own candidate (`exclude`) is dropped from its ranking; queries without relevant
     candidates are skipped. Lexical and hybrid need a backend with BM25 (Milvus Lite here).
     `dense_cache` (query index -> dense hits) lets runs that differ only in the lexical analysis
-    search the unchanged dense side once.
+    search the unchanged dense side once. `more_fusions` ranks extra hybrids from the same two
+    searches (reported under their names), to compare fusions in one run.
     """
+    more_fusions = more_fusions or {}
     store.create_collection(collection, manifest)
     rows = [ChunkRow(doc_id=str(i), chunk_index=0, text=text, vector=vector)
             for i, (text, vector) in enumerate(zip(doc_texts, doc_vectors, strict=True))]
@@ -131,7 +134,7 @@ def milvus_pool_metrics(
     kept = [i for i, rel in enumerate(relevant) if rel]
     fetch = k + 1  # one more: the query's own text may be among them
     candidates = hybrid_candidates(fetch)  # what serving fetches per retriever for hybrid
-    ranked: dict[str, list[list[int]]] = {mode: [] for mode in modes}
+    ranked: dict[str, list[list[int]]] = {mode: [] for mode in [*modes, *more_fusions]}
     for start in range(0, len(kept), batch):
         part = kept[start : start + batch]
         found: dict[str, list[list[Any]]] = {}
@@ -149,9 +152,10 @@ def milvus_pool_metrics(
             found["lexical"] = store.search(collection, top_k=limit, output_fields=(), per_document=True,
                                             texts=[query_texts[i] for i in part])
         for row, i in enumerate(part):
-            for mode in modes:
-                if mode == "hybrid":
-                    hits = fuse({r: found[r][row] for r in ("dense", "lexical")}, fusion, fetch)
+            for mode in [*modes, *(more_fusions if "hybrid" in modes else ())]:
+                if mode == "hybrid" or mode in more_fusions:
+                    hits = fuse({r: found[r][row] for r in ("dense", "lexical")},
+                                more_fusions.get(mode, fusion), fetch)
                 else:
                     hits = found[mode][row][:fetch]
                 ids = [int(hit.doc_id) for hit in hits if int(hit.doc_id) != exclude[i]]
@@ -163,7 +167,7 @@ def milvus_pool_metrics(
             "skipped_queries": len(relevant) - len(kept),
             "metrics": mean_metrics(query_metrics(ids, relevant[i]) for ids, i in zip(ranked[mode], kept, strict=True)),
         }
-        for mode in modes
+        for mode in [*modes, *(more_fusions if "hybrid" in modes else ())]
     }
 
 

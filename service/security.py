@@ -78,7 +78,7 @@ def tenant_for(key: ApiKey | None, requested: str, where: str = "tenant") -> str
             return key.tenants[0]
         raise InvalidInputError(f"{where} is required: key {key.name!r} is bound to several tenants")
     if requested not in key.tenants:
-        raise TenantDeniedError(f"key {key.name!r} may not use tenant {requested!r}")
+        raise TenantDeniedError(f"{where}: key {key.name!r} may not use tenant {requested!r}")
     return requested
 
 

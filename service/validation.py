@@ -215,9 +215,12 @@ def delete_request(request: pb.DeleteDocumentsRequest, settings: Settings) -> De
     """Exactly one of ids, filters, delete_all: an empty filter never deletes everything by accident."""
     group = request.filter if request.HasField("filter") else None
     by_filter = bool(request.filters) or group is not None
-    if sum((bool(request.ids), by_filter, request.delete_all)) != 1:
-        raise InvalidInputError("give exactly one of ids, filters/filter, delete_all (deleting every document "
-                                "of the tenant needs delete_all: an empty filter is refused)")
+    given = sum((bool(request.ids), by_filter, request.delete_all))
+    if given == 0:
+        raise InvalidInputError("ids is empty and there is no filter (deleting every document of the tenant "
+                                "needs delete_all: an empty filter is refused)")
+    if given > 1:
+        raise InvalidInputError("give exactly one of ids, filters/filter, delete_all")
     if request.ids:
         return DeleteRequest(ids=delete_ids(request.ids, settings), conditions=(), dry_run=request.dry_run)
     return DeleteRequest(ids=[], conditions=conditions(request.filters, group, settings) if by_filter else (),

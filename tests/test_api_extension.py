@@ -19,13 +19,15 @@ from service.engine import build_pair
 from tests.conftest import LiveService
 
 DOCS = [
-    ("refund", "如何申请退款？请在订单页面点击申请退款", {"category": "refund", "priority": 1, "tags": ["money", "order"]}),
+    ("refund", "如何申请退款？请在订单页面点击申请退款",
+     {"category": "refund", "priority": 1, "tags": ["money", "order"]}),
     ("delivery", "快递包裹几天没动静，物流一直在运输中", {"category": "delivery", "priority": 2, "tags": ["order"]}),
     ("device", "手机开不了机，电池发热怎么办", {"category": "device", "priority": 2, "tags": ["hardware"]}),
     ("password", "密码忘记了，如何找回账号登录", {"category": "account", "priority": 3}),
     ("invoice", "发票抬头写错能改吗", {"category": "invoice", "priority": 1, "tags": ["money"], "vip": None}),
     ("refund2", "退款多久到账？退款会原路退回", {"category": "refund", "priority": 2, "tags": ["money"]}),
-    ("coupon", "优惠券为什么不能用，订单提示不满足条件", {"category": "promo", "priority": 3, "tags": ["order", "money"]}),
+    ("coupon", "优惠券为什么不能用，订单提示不满足条件",
+     {"category": "promo", "priority": 3, "tags": ["order", "money"]}),
     ("address", "下单后可以修改收货地址吗", {"category": "delivery", "priority": 1, "tags": ["order"]}),
 ]
 QUERY = "我想退款，订单怎么退钱"
@@ -300,7 +302,8 @@ def create_pre_tenant_collection(uri: str, name: str, encoder: TorchEncoder) -> 
         index = MilvusClient.prepare_index_params()
         index.add_index(field_name="vector", index_type="HNSW", metric_type="COSINE", params={"M": 16,
                                                                                              "efConstruction": 64})
-        store.client.create_collection(name, schema=schema, index_params=index, properties=model_record(encoder.manifest))
+        store.client.create_collection(name, schema=schema, index_params=index,
+                                       properties=model_record(encoder.manifest))
     finally:
         store.close()
 

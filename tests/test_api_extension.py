@@ -325,3 +325,27 @@ def test_a_collection_made_before_tenants_serves_the_default_tenant_only(
     expect(lambda: delete(service, delete_all=True, tenant="acme"), grpc.StatusCode.FAILED_PRECONDITION, upgrade)
     assert delete(service, filters=[f("category", pb.FILTER_OPERATOR_EQ, "refund")]) == 1
     assert found(service) == {d[0] for d in DOCS[1:3]}
+
+
+# ---------------------------------------------------------------------------------------- Milvus 2.3.5 server
+@pytest.mark.milvus_server
+def test_the_extension_on_the_milvus_server(make_service: Callable[..., LiveService], tiny_encoder: TorchEncoder,
+                                            milvus_server_uri: str, collection_name: str) -> None:
+    """Partition-key tenants, range search, JSON array and EXISTS filters, delete by filter on Milvus 2.3.5."""
+    live = make_service(tiny_encoder, milvus_uri=milvus_server_uri, collection=collection_name, use_registry=False)
+    for tenant in ("", "acme"):
+        live.stub.UpsertDocuments(pb.UpsertDocumentsRequest(documents=[document(*d, tenant) for d in DOCS]),
+                                  timeout=60)
+    everything = search(live, top_k=len(DOCS), tenant="acme")
+    assert {hit.id for hit in everything.hits} == {d[0] for d in DOCS}
+    threshold = everything.hits[3].score
+    assert ids(search(live, top_k=len(DOCS), tenant="acme", min_score=threshold)) == ids(everything)[:4]
+    got = [hit for page in pages(live, 3, tenant="acme") for hit in page.hits]
+    assert [h.id for h in got] == ids(everything)
+    money = pb.FilterGroup(operator=pb.LOGICAL_OPERATOR_OR, filters=[
+        f("tags", pb.FILTER_OPERATOR_CONTAINS, "hardware"), f("vip", pb.FILTER_OPERATOR_EXISTS)])
+    assert found(live, filter=money, tenant="acme") == {"device"} | where(lambda m: m.get("vip") is not None)
+    assert delete(live, filter=money, tenant="acme", dry_run=True) == len(found(live, filter=money, tenant="acme"))
+    assert delete(live, delete_all=True, tenant="acme") == len(DOCS)
+    assert found(live, tenant="acme") == set()
+    assert found(live) == {d[0] for d in DOCS}

@@ -41,9 +41,6 @@ from service.ordering import DocumentLocks
 
 log = structlog.get_logger(__name__)
 
-# Paging reads offset + page size (+1 to know whether more follow) hits: Milvus' largest limit bounds it.
-MAX_PAGE_DEPTH = MAX_SEARCH_LIMIT - 1
-
 
 class PageTokenExpiredError(SemsearchError):
     """A page token issued by another serving (model, collection) pair: its offsets mean nothing here."""

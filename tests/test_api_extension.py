@@ -3,6 +3,10 @@ collections made before tenants."""
 
 from __future__ import annotations
 
+import os
+import subprocess
+import sys
+import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
@@ -13,7 +17,9 @@ from pymilvus import DataType, MilvusClient
 
 from semsearch.config import Settings
 from semsearch.encoders import TorchEncoder
-from semsearch.store import MilvusStore, model_record
+from semsearch.filters import TenantFilter
+from semsearch.reembed import copy_rows, remove_orphans
+from semsearch.store import ChunkRow, MilvusStore, model_record, versioned_name
 from semsearch.v1 import search_pb2 as pb
 from service.engine import build_pair
 from tests.conftest import LiveService
@@ -349,3 +355,67 @@ def test_the_extension_on_the_milvus_server(make_service: Callable[..., LiveServ
     assert delete(live, delete_all=True, tenant="acme") == len(DOCS)
     assert found(live, tenant="acme") == set()
     assert found(live) == {d[0] for d in DOCS}
+
+
+def test_a_re_embedding_copy_keeps_every_rows_tenant(tmp_path: Path, tiny_encoder: TorchEncoder) -> None:
+    """Promotion copies rows with their tenant (and tenant-scoped ids): isolation survives a model change."""
+    store = MilvusStore(str(tmp_path / "copy.db"), lexical_analyzer="none")
+    try:
+        for name in ("source", "target"):
+            store.create_collection(name, tiny_encoder.manifest)
+        rows = []
+        for tenant in ("", "acme", "beta"):
+            vectors = tiny_encoder.encode_documents([f"{tenant} 文档 {i}" for i in range(2)])
+            rows += [ChunkRow(f"doc{i}", 0, f"{tenant} 文档 {i}", vector, {"n": i}, tenant=tenant)
+                     for i, vector in enumerate(vectors)]
+        store.write_documents("source", rows)
+        stats = copy_rows(store, "source", "target", tiny_encoder)
+        assert stats.written == 6
+        assert remove_orphans(store, "source", "target") == 0
+        for tenant in ("", "acme", "beta"):
+            copied = store.document_rows("target", ["doc0", "doc1"], tenant=tenant)
+            assert [row["text"] for row in copied] == [f"{tenant} 文档 0", f"{tenant} 文档 1"]
+        assert store.count_documents("target", [TenantFilter("acme")]) == 2
+        assert store.delete_documents("target", ["doc0"], tenant="acme") == 1
+        assert store.count_documents("target", []) == 5
+    finally:
+        store.close()
+
+
+@pytest.mark.slow  # a `semsearch promote` subprocess: about a minute on a shared 2-core machine
+def test_promotion_upgrades_a_collection_made_before_tenants(
+        make_service: Callable[..., LiveService], tiny_encoder: TorchEncoder, tiny_model_dir: Path,
+        tmp_path: Path) -> None:
+    """The upgrade the FAILED_PRECONDITION names: promote the same model; the copy has the tenant field."""
+    uri = str(tmp_path / "milvus.db")
+    physical = versioned_name("docs", tiny_encoder.manifest.version)
+    create_pre_tenant_collection(uri, physical, tiny_encoder)
+    store = MilvusStore(uri, lexical_analyzer="none")
+    store.point_alias("docs", physical)
+    store.close()
+    service = make_service(tiny_encoder, milvus_uri=uri, registry_poll_s=0.2)
+    service.stub.UpsertDocuments(pb.UpsertDocumentsRequest(documents=[document(*d) for d in DOCS[:3]]), timeout=60)
+    acme = pb.UpsertDocumentsRequest(documents=[document("refund", "acme 的退款", {}, "acme")])
+    expect(lambda: service.stub.UpsertDocuments(acme, timeout=30), grpc.StatusCode.FAILED_PRECONDITION,
+           "semsearch promote")
+    result = subprocess.run(
+        [sys.executable, "-m", "semsearch", "promote", str(tiny_model_dir), "--collection", "docs",
+         "--milvus-uri", uri, "--force"],
+        capture_output=True, text=True, timeout=600, cwd=Path(__file__).resolve().parent.parent,
+        env={**os.environ, "SEMSEARCH_REGISTRY_POLL_S": "0.2"},
+    )
+    assert result.returncode == 0, result.stderr
+    for _ in range(100):
+        try:
+            service.stub.UpsertDocuments(acme, timeout=60)
+            break
+        except grpc.RpcError as exc:
+            assert exc.code() == grpc.StatusCode.FAILED_PRECONDITION
+            time.sleep(0.2)
+    else:
+        raise AssertionError("the service never picked up the upgraded collection")
+    upgraded = search(service, top_k=10)
+    assert upgraded.collection.startswith(f"{physical}__")
+    assert set(ids(upgraded)) == {d[0] for d in DOCS[:3]}  # the default tenant's documents were copied
+    assert ids(search(service, top_k=10, tenant="acme")) == ["refund"]
+    assert service.stub.GetDocument(pb.GetDocumentRequest(id="refund"), timeout=30).document.text == DOCS[0][1]

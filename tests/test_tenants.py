@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Callable, Iterator
+from typing import Any
 
 import grpc
 import pytest
@@ -183,7 +184,8 @@ def test_per_key_rate_limit_answers_resource_exhausted_with_retry_after(service:
     limited.search(tenant="acme")
     limited.search(tenant="acme")  # the burst of 2
     error = expect(lambda: limited.search(tenant="acme"), grpc.StatusCode.RESOURCE_EXHAUSTED, "rate limit")
-    trailers = dict(error.trailing_metadata() or ())  # type: ignore[attr-defined]
+    metadata: Any = error.trailing_metadata()  # type: ignore[attr-defined]
+    trailers = {str(k): str(v) for k, v in metadata or ()}
     assert 1 <= int(trailers["retry-after"]) <= 2
     assert 0 < int(trailers["retry-after-ms"]) <= 2000
     Client(service, ACME).search()  # other keys are not limited by it

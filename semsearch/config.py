@@ -9,13 +9,15 @@ from pathlib import Path
 from typing import Any, Literal
 
 import yaml
-from pydantic import BaseModel, Field, SecretStr, ValidationError
+from pydantic import BaseModel, Field, SecretStr, ValidationError, field_validator
 from pydantic_settings import (
     BaseSettings,
     PydanticBaseSettingsSource,
     SettingsConfigDict,
     YamlConfigSettingsSource,
 )
+
+from semsearch.filters import TENANT_PATTERN
 
 DEFAULT_MODEL = "BAAI/bge-large-zh-v1.5"
 
@@ -41,6 +43,20 @@ class ApiKey(BaseModel):
     name: str
     key: SecretStr
     scope: Scope = "search"
+    # Bound to these tenants: every call of the key reads and writes only them, whatever the
+    # request says. Empty: any tenant (the key is not bound).
+    tenants: list[str] = Field(default_factory=list)
+    # Calls per second (a token bucket holding `rate_burst` calls); unset: unlimited.
+    rate_limit_per_s: float | None = Field(default=None, gt=0)
+    rate_burst: int | None = Field(default=None, ge=1)
+
+    @field_validator("tenants")
+    @classmethod
+    def _tenants_are_names(cls, tenants: list[str]) -> list[str]:
+        for tenant in tenants:
+            if not TENANT_PATTERN.match(tenant):
+                raise ValueError(f"tenant {tenant!r}: 1 to 63 letters, digits, '_' or '-', not empty")
+        return tenants
 
 
 class Settings(BaseSettings):
@@ -99,6 +115,13 @@ class Settings(BaseSettings):
     max_document_chars: int = 20000
     max_metadata_bytes: int = 16384
     max_filters: int = 16
+    # Paging (page_size / page_token): how deep a client may page (offset + page size), at most
+    # 16383 (Milvus' largest search limit is 16384); tokens are HMAC-signed with page_token_secret
+    # (every replica needs the same one: unset, it is derived from the API keys, or random per
+    # process when there are none) and expire after page_token_ttl_s.
+    max_page_depth: int = Field(default=1000, ge=1, le=16383)
+    page_token_secret: SecretStr | None = None
+    page_token_ttl_s: float = Field(default=3600.0, gt=0)
     microbatch_max_size: int = 32
     microbatch_max_wait_ms: float = 2.0
     microbatch_queue_size: int = 1024

@@ -108,13 +108,17 @@ class Promoter:
         tokenizes the copied texts) instead of being a no-op.
         """
         base = versioned_name(name, encoder.manifest.version)
-        for candidate in (base, f"{base}__bm25"):
+        lexical_wanted = self.settings.lexical_analyzer != "none" and self.store.capabilities().bm25
+        # Each schema upgrade (BM25 field, then tenant field) has its own name, so promoting the same
+        # model copies into a collection of the current schema instead of being a no-op.
+        candidates = (base, f"{base}__bm25", f"{base}__tenants")
+        for candidate in candidates:
             if not self.store.resolve(candidate):
                 return candidate
-            lexical_wanted = self.settings.lexical_analyzer != "none" and self.store.capabilities().bm25
-            if self.store.collection_info(candidate).lexical or not lexical_wanted:
+            info = self.store.collection_info(candidate)
+            if (info.lexical or not lexical_wanted) and info.tenants:
                 return candidate
-        raise PromotionError(f"{base}__bm25 exists without a BM25 field: drop it (semsearch gc) and re-run")
+        raise PromotionError(f"{candidates[-1]} exists without the current schema: drop it (semsearch gc) and re-run")
 
     # ------------------------------------------------------------------ flow
     def promote(self, name: str, encoder: Encoder, gate: Gate, *, encoder_url: str | None = None) -> PromotionReport:

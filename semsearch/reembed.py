@@ -17,6 +17,7 @@ import numpy as np
 import structlog
 
 from semsearch.encoders import Encoder
+from semsearch.filters import TENANT_FIELD
 from semsearch.store import OUTPUT_FIELDS, ChunkRow, MilvusStore, chunk_row_id
 
 log = structlog.get_logger(__name__)
@@ -73,12 +74,14 @@ def copy_rows(
     stats = CopyStats()
     started = time.perf_counter()
     where = "" if since_ms is None else f"updated_at >= {int(since_ms)}"
-    for batch in _batches(store.iter_rows(source, ROW_FIELDS, where), batch_size):
+    # Every tenant's rows, each keeping its tenant (a source made before tenants holds only the default one).
+    fields = [*ROW_FIELDS, TENANT_FIELD] if store.tenant_aware(source) else ROW_FIELDS
+    for batch in _batches(store.iter_rows(source, fields, where), batch_size):
         stats.read += len(batch)
         if skip_existing:
             present = {
                 (chunk.row_id, chunk.content_hash)
-                for chunk in store.stored_chunks(target, sorted({r["doc_id"] for r in batch}))
+                for chunk in store.stored_chunks(target, sorted({r["doc_id"] for r in batch}), tenant=None)
             }
             todo = [r for r in batch if (r["id"], r["content_hash"]) not in present]
             stats.skipped += len(batch) - len(todo)
@@ -89,7 +92,8 @@ def copy_rows(
             store.upsert(target, [
                 ChunkRow(doc_id=str(r["doc_id"]), chunk_index=int(r["chunk_index"]), text=str(r["text"]),
                          vector=vector, metadata=dict(r.get("metadata") or {}),
-                         content_hash=str(r["content_hash"]), char_offset=int(r["char_offset"]))
+                         content_hash=str(r["content_hash"]), char_offset=int(r["char_offset"]),
+                         tenant=str(r.get(TENANT_FIELD) or ""))
                 for r, vector in zip(todo, vectors, strict=True)
             ])
             stats.written += len(todo)
@@ -123,7 +127,7 @@ def validate(store: MilvusStore, source: str, target: str, encoder: Encoder, *, 
     ids = sorted(row_ids(store, target))
     chosen = random.Random(seed).sample(ids, min(sample, len(ids)))
     doc_ids = sorted({row_id.rsplit("#", 1)[0] for row_id in chosen})
-    rows = {str(r["id"]): r for r in store.document_rows(target, doc_ids, [*OUTPUT_FIELDS, "vector"])}
+    rows = {str(r["id"]): r for r in store.document_rows(target, doc_ids, [*OUTPUT_FIELDS, "vector"], tenant=None)}
     picked = [rows[row_id] for row_id in chosen if row_id in rows]
     worst = 0.0
     mismatched = [row_id for row_id in chosen if row_id not in rows]

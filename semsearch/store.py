@@ -44,7 +44,7 @@ from semsearch.errors import (
     StoreError,
     StoreRefusedError,
 )
-from semsearch.filters import MetadataFilter, render_filters, render_literal, render_string_in
+from semsearch.filters import TENANT_FIELD, Condition, TenantFilter, render_filters, render_literal, render_string_in
 from semsearch.lite import LiteEndpoint, is_local_uri
 from semsearch.manifest import ModelManifest
 from semsearch.metrics import STORE_LATENCY
@@ -54,6 +54,8 @@ log = structlog.get_logger(__name__)
 
 # Milvus' VARCHAR max_length counts UTF-8 bytes: "中" * 171 is 171 characters but 513 bytes.
 MAX_ID_BYTES = 512
+# Row ids of tenant-aware collections carry `@{tenant}` (at most 63 characters) after the chunk index.
+MAX_TENANT_BYTES = 64
 # Bookkeeping reads (counts, chunk lists, hashes) must see every acknowledged write: Strong.
 # Searches read this client's own writes (Session) and otherwise never wait on the server.
 BOOKKEEPING_CONSISTENCY = "Strong"
@@ -80,6 +82,18 @@ LEXICAL_STOP_WORDS = sorted(
     set("，。！？、；：“”‘’「」『』（）《》〈〉【】…—～·．,.!?;:'\"()[]{}<>-_/\\|@#$%^&*+=~`")
     | {"……", "——", "的", "了", "吗", "呢", "吧", "啊", "呀", "哦", "嘛", "么"}
 )
+
+
+class TenantsUnavailableError(SemsearchError):
+    """A tenant other than the default one, asked of a collection made before tenants existed."""
+
+    status_code = grpc.StatusCode.FAILED_PRECONDITION
+
+
+def no_tenants_reason(collection: str) -> str:
+    return (f"collection {collection!r} was created before tenants existed and holds only the default "
+            "tenant (tenant ''). To upgrade it, copy it into a collection with a tenant field: "
+            "`semsearch promote <the same model> --collection <name> --force`")
 
 
 class LexicalUnavailableError(SemsearchError):
@@ -166,8 +180,11 @@ def check_doc_id(doc_id: str, where: str = "document id") -> str:
     return doc_id
 
 
-def chunk_row_id(doc_id: str, chunk_index: int) -> str:
-    return f"{doc_id}#{chunk_index}"
+def chunk_row_id(doc_id: str, chunk_index: int, tenant: str = "") -> str:
+    """`{doc_id}#{chunk_index}`, and `@{tenant}` after it for a tenant other than the default one:
+    ids are unique per tenant. Unambiguous: a default-tenant id ends in `#<digits>`, and tenant
+    names hold no `#`."""
+    return f"{doc_id}#{chunk_index}@{tenant}" if tenant else f"{doc_id}#{chunk_index}"
 
 
 @dataclass
@@ -179,10 +196,11 @@ class ChunkRow:
     metadata: dict[str, Any] = field(default_factory=dict)
     content_hash: str = ""
     char_offset: int = 0
+    tenant: str = ""  # '' = the default tenant
 
-    def to_entity(self, written_at: int | None = None) -> dict[str, Any]:
-        return {
-            "id": chunk_row_id(self.doc_id, self.chunk_index),
+    def to_entity(self, written_at: int | None = None, *, tenant_field: bool = False) -> dict[str, Any]:
+        entity = {
+            "id": chunk_row_id(self.doc_id, self.chunk_index, self.tenant),
             "doc_id": self.doc_id,
             "chunk_index": self.chunk_index,
             "text": self.text,
@@ -193,6 +211,9 @@ class ChunkRow:
             "updated_at": int(time.time() * 1000) if written_at is None else written_at,
             "vector": self.vector.astype(np.float32).tolist(),
         }
+        if tenant_field:
+            entity[TENANT_FIELD] = self.tenant
+        return entity
 
 
 class StoredChunk(NamedTuple):
@@ -233,6 +254,7 @@ class CollectionInfo:
     manifest: dict[str, Any]
     text_rules: str = LEGACY_TEXT_RULES.version  # semsearch/text.py; collections made before it: legacy
     lexical: bool = False  # has the BM25 sparse field (lexical and hybrid retrieval)
+    tenants: bool = False  # has the tenant partition-key field (collections made before it: no)
 
 
 class MilvusStore:
@@ -266,6 +288,7 @@ class MilvusStore:
         # Milvus Lite's engine is single-writer per collection: serialize our own writes.
         self._write_lock = threading.Lock()
         self._unflushed: dict[str, int] = {}
+        self._tenant_aware: dict[str, bool] = {}
 
     def _connect(self, connect_uri: str) -> MilvusClient:
         # Dedicated: pymilvus otherwise shares one handler per URI in the process, and after a
@@ -331,7 +354,7 @@ class MilvusStore:
         return CollectionInfo(
             name=physical, model_version=record["model_version"], dimension=int(record["dimension"]),
             manifest=record.get("manifest", {}), text_rules=record["text_rules"],
-            lexical=has_bm25_field(description),
+            lexical=has_bm25_field(description), tenants=has_tenant_field(description),
         )
 
     def capabilities(self) -> Capabilities:
@@ -361,8 +384,11 @@ class MilvusStore:
                         reason="BM25 needs Milvus Lite or Milvus >= 2.5; the collection serves dense only")
             analyzer = None
         schema = MilvusClient.create_schema(auto_id=False, enable_dynamic_field=False)
-        schema.add_field("id", DataType.VARCHAR, is_primary=True, max_length=MAX_ID_BYTES + 16)
+        schema.add_field("id", DataType.VARCHAR, is_primary=True, max_length=MAX_ID_BYTES + 16 + MAX_TENANT_BYTES)
         schema.add_field("doc_id", DataType.VARCHAR, max_length=MAX_ID_BYTES)
+        # One collection serves many tenants: Milvus hashes this field to partitions, and a search
+        # filtered on one tenant reads only its partition.
+        schema.add_field(TENANT_FIELD, DataType.VARCHAR, max_length=MAX_TENANT_BYTES, is_partition_key=True)
         schema.add_field("chunk_index", DataType.INT64)
         if analyzer is None:
             schema.add_field("text", DataType.VARCHAR, max_length=65535)
@@ -401,10 +427,34 @@ class MilvusStore:
         self._call(self.client.drop_collection, collection_name=name)
 
     # ------------------------------------------------------------------ writes
+    def tenant_aware(self, name: str) -> bool:
+        """Whether `name` (a collection or alias) has the tenant field; physical names are cached."""
+        cached = self._tenant_aware.get(name)
+        if cached is not None:
+            return cached
+        description = self._call(self.client.describe_collection, collection_name=name)
+        aware = has_tenant_field(description)
+        if description.get("collection_name") == name:  # an alias may move to another schema
+            self._tenant_aware[name] = aware
+        return aware
+
+    def tenant_condition(self, name: str, tenant: str | None) -> list[Condition]:
+        """The condition that keeps a read or delete inside `tenant` (None: every tenant)."""
+        if tenant is None:
+            return []
+        if self.tenant_aware(name):
+            return [TenantFilter(tenant)]
+        if tenant:
+            raise TenantsUnavailableError(no_tenants_reason(name))
+        return []  # a collection without tenants holds only the default tenant
+
     def upsert(self, name: str, rows: Sequence[ChunkRow], *, written_at: int | None = None) -> int:
         if not rows:
             return 0
-        entities = [row.to_entity(written_at) for row in rows]
+        tenant_field = self.tenant_aware(name)
+        if not tenant_field and any(row.tenant for row in rows):
+            raise TenantsUnavailableError(no_tenants_reason(name))
+        entities = [row.to_entity(written_at, tenant_field=tenant_field) for row in rows]
         with self._write_lock:
             result = self._call(self.client.upsert, collection_name=name, data=entities)
         if self.is_lite:
@@ -432,31 +482,51 @@ class MilvusStore:
             check_doc_id(row.doc_id)
         written_at = int(time.time() * 1000)
         written = self.upsert(name, rows, written_at=written_at)
-        chunk_count: dict[str, int] = {}
+        chunk_count: dict[tuple[str, str], int] = {}
         for row in rows:
-            chunk_count[row.doc_id] = max(chunk_count.get(row.doc_id, 0), row.chunk_index + 1)
-        by_count: dict[int, list[str]] = {}
-        for doc_id, count in chunk_count.items():
-            by_count.setdefault(count, []).append(doc_id)
-        tails = [f"({render_string_in('doc_id', ids)} and chunk_index >= {int(count)})"
-                 for count, ids in sorted(by_count.items())]
+            key = (row.tenant, row.doc_id)
+            chunk_count[key] = max(chunk_count.get(key, 0), row.chunk_index + 1)
+        by_count: dict[tuple[str, int], list[str]] = {}
+        for (tenant, doc_id), count in chunk_count.items():
+            by_count.setdefault((tenant, count), []).append(doc_id)
+        tenant_field = self.tenant_aware(name)
+        # Ids are unique per tenant: another tenant's document of the same id is not this one's tail.
+        tails = [f"({render_string_in('doc_id', ids)} and chunk_index >= {int(count)}"
+                 + (f" and {render_filters([TenantFilter(tenant)])})" if tenant_field else ")")
+                 for (tenant, count), ids in sorted(by_count.items())]
         self._delete_where(name, f"({' or '.join(tails)}) and updated_at <= {written_at}")
         return written
 
-    def delete_documents(self, name: str, doc_ids: Sequence[str]) -> int:
-        """Delete every chunk of these documents; returns how many documents existed.
+    def delete_documents(self, name: str, doc_ids: Sequence[str], tenant: str = "", *, dry_run: bool = False) -> int:
+        """Delete every chunk of these documents of `tenant`; returns how many documents existed
+        (dry_run: only count them).
 
         One delete by filter (evaluated by Milvus at delete time) rather than listing chunk ids
         first: a version written between a listing and the delete would lose some chunks only.
         """
         if not doc_ids:
             return 0
+        where = render_filters(self.tenant_condition(name, tenant))
+        by_id = render_string_in("doc_id", list(doc_ids)) + (f" and {where}" if where else "")
         existing = self._query(  # a stored document always has its chunk 0
-            collection_name=name, filter=render_string_in("doc_id", list(doc_ids)) + " and chunk_index == 0",
-            output_fields=["doc_id"],
+            collection_name=name, filter=by_id + " and chunk_index == 0", output_fields=["doc_id"],
         )
-        self._delete_where(name, render_string_in("doc_id", list(doc_ids)))
+        if not dry_run:
+            self._delete_where(name, by_id)
         return len({str(row["doc_id"]) for row in existing})
+
+    def count_documents(self, name: str, conditions: Sequence[Condition]) -> int:
+        """Documents (their chunk 0) matching typed conditions."""
+        where = render_filters(conditions)
+        return self.count(name, f"({where}) and chunk_index == 0" if where else "chunk_index == 0")
+
+    def delete_matching(self, name: str, conditions: Sequence[Condition], *, dry_run: bool = False) -> int:
+        """Delete every document matching typed conditions (filters.py renders them); returns how many
+        documents matched. Metadata is the same on every chunk of a document, so whole documents go."""
+        matched = self.count_documents(name, conditions)
+        if not dry_run and matched:
+            self._delete_where(name, render_filters(conditions) or "chunk_index >= 0")
+        return matched
 
     def _delete_where(self, name: str, expression: str) -> None:
         """Delete by an expression built only from typed values by this module (never user text)."""
@@ -493,8 +563,9 @@ class MilvusStore:
             iterator.close()
 
     def document_rows(self, name: str, doc_ids: Sequence[str], fields: Sequence[str] = OUTPUT_FIELDS,
-                      consistency: str = BOOKKEEPING_CONSISTENCY) -> list[dict[str, Any]]:
-        """`fields` of every stored chunk of these documents, by (doc id, chunk index).
+                      consistency: str = BOOKKEEPING_CONSISTENCY, tenant: str | None = "") -> list[dict[str, Any]]:
+        """`fields` of every stored chunk of these documents of `tenant` (None: of every tenant), by
+        (doc id, chunk index).
 
         The one chunk listing: a query returns at most QUERY_WINDOW rows, so a truncated answer is
         asked again in halves, and one document with more chunks than that is scanned in pages.
@@ -503,20 +574,24 @@ class MilvusStore:
             return []
         fields = list(dict.fromkeys(["id", "doc_id", "chunk_index", *fields]))
         where = render_string_in("doc_id", list(doc_ids))
+        in_tenant = render_filters(self.tenant_condition(name, tenant))
+        if in_tenant:
+            where = f"{where} and {in_tenant}"
         rows = self._query(collection_name=name, filter=where, output_fields=fields, limit=self.QUERY_WINDOW,
                            consistency_level=consistency)
         if len(rows) >= self.QUERY_WINDOW and len(doc_ids) > 1:  # truncated: ask in halves
             half = len(doc_ids) // 2
-            rows = (self.document_rows(name, doc_ids[:half], fields, consistency)
-                    + self.document_rows(name, doc_ids[half:], fields, consistency))
+            rows = (self.document_rows(name, doc_ids[:half], fields, consistency, tenant)
+                    + self.document_rows(name, doc_ids[half:], fields, consistency, tenant))
         elif len(rows) >= self.QUERY_WINDOW:
             rows = list(self.iter_rows(name, fields, where))
         return sorted((dict(row) for row in rows), key=lambda row: (str(row["doc_id"]), int(row["chunk_index"])))
 
     def stored_chunks(self, name: str, doc_ids: Sequence[str],
-                      consistency: str = BOOKKEEPING_CONSISTENCY) -> list[StoredChunk]:
+                      consistency: str = BOOKKEEPING_CONSISTENCY, tenant: str | None = "") -> list[StoredChunk]:
         """(row id, doc id, chunk index, content hash) of every stored chunk of these documents."""
-        return [StoredChunk.of(row) for row in self.document_rows(name, doc_ids, ["content_hash"], consistency)]
+        return [StoredChunk.of(row)
+                for row in self.document_rows(name, doc_ids, ["content_hash"], consistency, tenant)]
 
     def rows_by_id(self, name: str, row_ids: Sequence[str],
                    consistency: str = BOOKKEEPING_CONSISTENCY) -> list[StoredChunk]:
@@ -537,9 +612,10 @@ class MilvusStore:
         return [str(alias) for alias in self._call(self.client.list_aliases).get("aliases", [])]
 
     def search(
-        self, name: str, vectors: np.ndarray | None = None, *, top_k: int, filters: Sequence[MetadataFilter] = (),
+        self, name: str, vectors: np.ndarray | None = None, *, top_k: int, filters: Sequence[Condition] = (),
         output_fields: Iterable[str] = ("doc_id", "chunk_index", "text", "metadata"),
         timeout_s: float | None = None, texts: Sequence[str] | None = None, per_document: bool = False,
+        min_score: float | None = None,
     ) -> list[list[Hit]]:
         """Dense search (`vectors`) or BM25 search over the chunk text (`texts`), best first.
 
@@ -547,6 +623,10 @@ class MilvusStore:
         the collection holds that many after filters: Milvus grouping search where the backend has
         it (Milvus >= 2.4), then, for queries still short (Milvus Lite and 2.3 have no native
         grouping), searches with growing limits until enough documents or no more rows.
+
+        `min_score`: no hit scores below it. Dense searches are Milvus range searches (`radius`:
+        rows below it are never fetched); BM25 scores are cut here (best first: a cut row means
+        no later row qualifies, so the growing-limit loop stops).
         """
         lexical = texts is not None
         data: list[Any] = list(texts) if texts is not None else np.asarray(vectors, dtype=np.float32).tolist()
@@ -562,12 +642,19 @@ class MilvusStore:
                 params: dict[str, Any] = {"metric_type": "BM25"}
             else:
                 params = {"metric_type": "COSINE", "params": {"ef": max(self.search_ef, limit)}}
+                if min_score is not None:
+                    # Milvus keeps similarities strictly above the radius: equal ones pass the cut below.
+                    params["params"]["radius"] = max(-1.0, float(min_score) - 1e-6)
+                    params["params"]["range_filter"] = 1.0 + 1e-6
             results = self._call(
                 self.client.search, collection_name=name, data=batch, limit=limit, filter=render_filters(filters),
                 output_fields=fields, anns_field=SPARSE_FIELD if lexical else "vector", search_params=params,
                 timeout=timeout, consistency_level=SEARCH_CONSISTENCY, **options,
             )
-            return [_hits(per_query, retriever, lexical) for per_query in results]
+            found = [_hits(per_query, retriever, lexical) for per_query in results]
+            if min_score is not None:
+                found = [[hit for hit in hits if hit.score >= min_score] for hits in found]
+            return found
 
         if not per_document:
             return run(data, top_k, False)
@@ -767,6 +854,10 @@ def best_chunk_per_document(hits: Sequence[Hit], top_k: int) -> list[Hit]:
         if len(best) == top_k:
             break
     return best
+
+
+def has_tenant_field(description: dict[str, Any]) -> bool:
+    return any(f.get("name") == TENANT_FIELD for f in description.get("fields") or [])
 
 
 def has_bm25_field(description: dict[str, Any]) -> bool:

@@ -23,7 +23,7 @@ import numpy as np
 import structlog
 
 from semsearch.errors import OverloadedError
-from semsearch.filters import MetadataFilter
+from semsearch.filters import Condition
 from semsearch.metrics import ENCODER_BATCH_SIZE, ENCODER_LATENCY, ENCODER_QUEUE_DEPTH, ENCODER_QUEUE_WAIT
 from semsearch.store import Hit, MilvusStore
 
@@ -174,10 +174,11 @@ class SearchJob:
     collection: str
     vectors: np.ndarray | None
     top_k: int
-    filters: tuple[MetadataFilter, ...]
+    filters: tuple[Condition, ...]
     fields: tuple[str, ...]
     texts: tuple[str, ...] = ()
     per_document: bool = False
+    min_score: float | None = None
 
     @property
     def lexical(self) -> bool:
@@ -189,7 +190,8 @@ class SearchJob:
 
     @property
     def key(self) -> Hashable:
-        return (self.collection, self.top_k, self.filters, self.fields, self.per_document, self.lexical)
+        return (self.collection, self.top_k, self.filters, self.fields, self.per_document, self.lexical,
+                self.min_score)
 
 
 class SearchBatcher(MicroBatcher[SearchJob, list[list[Hit]]]):
@@ -207,11 +209,12 @@ class SearchBatcher(MicroBatcher[SearchJob, list[list[Hit]]]):
                     hits = store.search(first.collection, top_k=first.top_k, filters=first.filters,
                                         output_fields=first.fields, timeout_s=timeout_s,
                                         texts=[text for i in indices for text in jobs[i].texts],
-                                        per_document=first.per_document)
+                                        per_document=first.per_document, min_score=first.min_score)
                 else:
                     hits = store.search(first.collection, np.concatenate([jobs[i].vectors for i in indices]),
                                         top_k=first.top_k, filters=first.filters, output_fields=first.fields,
-                                        timeout_s=timeout_s, per_document=first.per_document)
+                                        timeout_s=timeout_s, per_document=first.per_document,
+                                        min_score=first.min_score)
                 offset = 0
                 for i in indices:
                     count = jobs[i].size

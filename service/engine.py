@@ -13,18 +13,28 @@ from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
+import grpc
 import numpy as np
 import structlog
 
 from semsearch.chunking import reassemble
 from semsearch.config import Settings
 from semsearch.encoders import Encoder
-from semsearch.errors import InvalidInputError, NotFoundError
-from semsearch.filters import MetadataFilter
+from semsearch.errors import InvalidInputError, NotFoundError, SemsearchError
+from semsearch.filters import Condition, TenantFilter
 from semsearch.fusion import MODES, Fusion, fuse, hybrid_candidates
 from semsearch.ingest import Planner, rules_of
 from semsearch.metrics import ENCODER_LATENCY
-from semsearch.store import ChunkRow, CollectionInfo, Hit, LexicalUnavailableError, MilvusStore
+from semsearch.store import (
+    MAX_SEARCH_LIMIT,
+    ChunkRow,
+    CollectionInfo,
+    Hit,
+    LexicalUnavailableError,
+    MilvusStore,
+    TenantsUnavailableError,
+    no_tenants_reason,
+)
 from semsearch.tracing import span
 from service.batching import EncodeBatcher, SearchBatcher, SearchJob
 from service.ordering import DocumentLocks
@@ -32,16 +42,27 @@ from service.ordering import DocumentLocks
 log = structlog.get_logger(__name__)
 
 
+class PageTokenExpiredError(SemsearchError):
+    """A page token issued by another serving (model, collection) pair: its offsets mean nothing here."""
+
+    status_code = grpc.StatusCode.FAILED_PRECONDITION
+
+
 @dataclass(frozen=True)
 class SearchQuery:
     text: str
-    top_k: int
-    filters: tuple[MetadataFilter, ...] = ()
+    top_k: int  # hits wanted (the page size when paging)
+    filters: tuple[Condition, ...] = ()
     with_text: bool = True
     with_metadata: bool = True
     return_chunks: bool = False
     mode: str = ""  # "dense", "lexical", "hybrid"; "" = the `retrieval_mode` setting
     fusion: Fusion | None = None  # None = the fusion settings
+    min_score: float | None = None  # hits scoring below it are dropped (the final score of each mode)
+    tenant: str = ""  # '' = the default tenant
+    offset: int = 0  # paging: hits of earlier pages, in the stable order (score desc, id, chunk)
+    pinned: tuple[str, str] | None = None  # paging: the (model version, collection) of the first page
+    paged: bool = False  # paging: find out whether hits beyond this page exist
 
 
 @dataclass
@@ -53,6 +74,7 @@ class SearchResult:
     store_ms: float
     total_ms: float
     mode: str = "dense"
+    more: bool = False  # hits beyond these exist (paging)
 
 
 @dataclass(frozen=True)
@@ -60,6 +82,7 @@ class DocumentInput:
     doc_id: str
     text: str
     metadata: dict[str, Any] = field(default_factory=dict)
+    tenant: str = ""
 
 
 @dataclass(frozen=True)
@@ -67,6 +90,7 @@ class StoredDocument:
     doc_id: str
     text: str
     metadata: dict[str, Any]
+    tenant: str = ""
 
 
 @dataclass
@@ -185,22 +209,33 @@ class SearchEngine:
                       timeout_s: float | None) -> list[SearchResult]:
         started = time.perf_counter()
         # Queries are normalised by the collection's rules, as its documents were.
-        queries = [dataclasses.replace(q, text=pair.planner.normalize(q.text)) for q in queries]
+        queries = [dataclasses.replace(q, text=pair.planner.normalize(q.text), filters=q.filters
+                                       + self.tenant_filter(pair, q.tenant)) for q in queries]
+        for query in queries:
+            if query.pinned is not None and not pair.same_as(*query.pinned):
+                raise PageTokenExpiredError(
+                    "page_token was issued before the serving model or collection changed "
+                    f"(now {pair.model_version}, {pair.collection.name}): search again from the first page"
+                )
         modes = [self.resolve_mode(pair, query.mode) for query in queries]
         dense = [i for i, mode in enumerate(modes) if mode != "lexical"]
         vectors: dict[int, np.ndarray] = {}
         # One retriever's queries with the same filters and limits share one Milvus call.
         groups: dict[tuple[Any, ...], list[int]] = {}
         for i, (query, mode) in enumerate(zip(queries, modes, strict=True)):
-            limit = query.top_k if mode != "hybrid" else hybrid_candidates(query.top_k)
+            depth = self.depth(query)
+            limit = depth if mode != "hybrid" else hybrid_candidates(depth)
+            # A threshold on a fused score cannot be pushed down to one retriever.
+            cut = query.min_score if mode != "hybrid" else None
             for retriever in (("dense", "lexical") if mode == "hybrid" else (mode,)):
-                key = (retriever, query.filters, limit, query.return_chunks, query.with_text, query.with_metadata)
+                key = (retriever, query.filters, limit, query.return_chunks, query.with_text, query.with_metadata,
+                       cut)
                 groups.setdefault(key, []).append(i)
         rankings: list[dict[str, list[Hit]]] = [{} for _ in queries]
         store_ms: list[float] = [0.0] * len(queries)
 
         async def run_group(key: tuple[Any, ...], indices: list[int]) -> None:
-            retriever, filters, limit, return_chunks, with_text, with_metadata = key
+            retriever, filters, limit, return_chunks, with_text, with_metadata, min_score = key
             fields = [name for name, wanted in (("text", with_text), ("metadata", with_metadata)) if wanted]
             group_started = time.perf_counter()
             remaining = None if timeout_s is None else max(0.05, timeout_s - (time.perf_counter() - started))
@@ -209,6 +244,7 @@ class SearchEngine:
                 per_document=not return_chunks,
                 vectors=np.asarray([vectors[i] for i in indices]) if retriever == "dense" else None,
                 texts=tuple(queries[i].text for i in indices) if retriever == "lexical" else (),
+                min_score=min_score,
             )
             batcher = self.lexical_batcher if retriever == "lexical" else self.search_batcher
             with span("semsearch.search", collection=pair.collection.name, queries=len(indices), top_k=limit,
@@ -236,16 +272,38 @@ class SearchEngine:
         total_ms = (time.perf_counter() - started) * 1e3
         results = []
         for i, (query, mode) in enumerate(zip(queries, modes, strict=True)):
+            depth = self.depth(query)
             if mode == "hybrid":
-                hits = fuse(rankings[i], query.fusion or Fusion.from_settings(self.settings), query.top_k,
+                hits = fuse(rankings[i], query.fusion or Fusion.from_settings(self.settings), depth,
                             per_document=not query.return_chunks)
+                if query.min_score is not None:
+                    hits = [hit for hit in hits if hit.score >= query.min_score]
             else:
                 hits = rankings[i][mode]
+            # One stable order for paging: ties in score broken by id, then chunk.
+            hits = sorted(hits, key=lambda h: (-h.score, h.doc_id, h.chunk_index))
             results.append(SearchResult(
-                hits=hits, model_version=pair.model_version, collection=pair.collection.name, encode_ms=encode_ms,
-                store_ms=store_ms[i], total_ms=total_ms, mode=mode,
+                hits=hits[query.offset : query.offset + query.top_k], model_version=pair.model_version,
+                collection=pair.collection.name, encode_ms=encode_ms, store_ms=store_ms[i], total_ms=total_ms,
+                mode=mode, more=len(hits) > query.offset + query.top_k,
             ))
         return results
+
+    @staticmethod
+    def depth(query: SearchQuery) -> int:
+        """Hits to fetch: those of earlier pages, this page, and one to tell whether more follow."""
+        if not query.paged:
+            return query.top_k
+        return min(query.offset + query.top_k + 1, MAX_SEARCH_LIMIT)
+
+    def tenant_filter(self, pair: ServingPair, tenant: str) -> tuple[Condition, ...]:
+        """The condition that keeps a request inside its tenant; FAILED_PRECONDITION for a tenant
+        other than the default one on a collection made before tenants existed."""
+        if pair.collection.tenants:
+            return (TenantFilter(tenant),)
+        if tenant:
+            raise TenantsUnavailableError(no_tenants_reason(pair.collection.name))
+        return ()
 
     async def upsert(
         self, documents: Sequence[DocumentInput], timeout_s: float | None = None
@@ -257,6 +315,8 @@ class SearchEngine:
         self, documents: Sequence[DocumentInput], timeout_s: float | None
     ) -> tuple[int, ServingPair]:
         with self.pair.held() as pair:
+            for tenant in {d.tenant for d in documents}:  # refused before any encoding
+                self.tenant_filter(pair, tenant)
             shadow = self.shadow
             for target in (pair, shadow):
                 if target is None:
@@ -271,24 +331,43 @@ class SearchEngine:
             with ENCODER_LATENCY.labels(kind="document").time():
                 return pair.encoder.encode_documents(texts, timeout_s=timeout_s)
 
-        return pair.planner.embed([(d.doc_id, d.text, d.metadata) for d in documents], encode)
+        rows = pair.planner.embed([(d.doc_id, d.text, d.metadata) for d in documents], encode)
+        tenants = {d.doc_id: d.tenant for d in documents}
+        return [dataclasses.replace(row, tenant=tenants[row.doc_id]) for row in rows]
 
-    async def delete(self, doc_ids: Sequence[str]) -> int:
+    async def delete(self, doc_ids: Sequence[str], tenant: str = "", *, dry_run: bool = False) -> int:
         async with self.document_locks.hold(doc_ids):
             with self.pair.held() as pair:
+                self.tenant_filter(pair, tenant)
                 shadow = self.shadow
-                deleted = await asyncio.to_thread(self.store.delete_documents, pair.collection.name, doc_ids)
-                if shadow is not None:
-                    await asyncio.to_thread(self.store.delete_documents, shadow.collection.name, doc_ids)
+                deleted = await asyncio.to_thread(self.store.delete_documents, pair.collection.name, doc_ids, tenant,
+                                                  dry_run=dry_run)
+                if shadow is not None and not dry_run:
+                    await asyncio.to_thread(self.store.delete_documents, shadow.collection.name, doc_ids, tenant)
                 return deleted
 
-    async def get(self, doc_id: str) -> tuple[StoredDocument, str]:
-        collection = self.pair.collection.name  # reads need no model: no hold
-        rows = whole_version(await asyncio.to_thread(self.store.document_rows, collection, [doc_id]))
+    async def delete_matching(self, conditions: Sequence[Condition], tenant: str, *, dry_run: bool) -> int:
+        """Delete (or with dry_run count) the tenant's documents matching typed conditions, in the
+        serving collection and, during a promotion, its candidate too; returns the serving count."""
+        with self.pair.held() as pair:
+            where = (*conditions, *self.tenant_filter(pair, tenant))
+            shadow = self.shadow
+            matched = await asyncio.to_thread(self.store.delete_matching, pair.collection.name, where, dry_run=dry_run)
+            if shadow is not None and not dry_run:
+                shadow_where = (*conditions, *self.tenant_filter(shadow, tenant))
+                await asyncio.to_thread(self.store.delete_matching, shadow.collection.name, shadow_where)
+            return matched
+
+    async def get(self, doc_id: str, tenant: str = "") -> tuple[StoredDocument, str]:
+        pair = self.pair  # reads need no model: no hold
+        collection = pair.collection.name
+        self.tenant_filter(pair, tenant)
+        rows = whole_version(await asyncio.to_thread(self.store.document_rows, collection, [doc_id], tenant=tenant))
         if not rows:
             raise NotFoundError(f"document {doc_id!r} not found")
         text = reassemble([(int(row["char_offset"]), str(row["text"])) for row in rows])
-        return StoredDocument(doc_id=doc_id, text=text, metadata=dict(rows[0].get("metadata") or {})), collection
+        return StoredDocument(doc_id=doc_id, text=text, metadata=dict(rows[0].get("metadata") or {}),
+                              tenant=tenant), collection
 
     async def close(self) -> None:
         await self.search_batcher.close()

@@ -3,6 +3,9 @@
 from __future__ import annotations
 
 import hmac
+import math
+import threading
+import time
 from collections.abc import Awaitable, Callable, Sequence
 from typing import Any
 
@@ -10,6 +13,8 @@ import grpc
 import structlog
 
 from semsearch.config import SCOPE_ORDER, ApiKey, Settings
+from semsearch.errors import InvalidInputError, SemsearchError
+from semsearch.filters import check_tenant
 
 log = structlog.get_logger(__name__)
 
@@ -52,16 +57,73 @@ def find_key(keys: Sequence[ApiKey], presented: str) -> ApiKey | None:
     return match
 
 
-def _deny(code: grpc.StatusCode, details: str) -> grpc.RpcMethodHandler:
+def caller(keys: Sequence[ApiKey], metadata: Sequence[tuple[str, Any]] | None) -> ApiKey | None:
+    """The key a call presented (the interceptor has already refused calls without a valid one)."""
+    presented = presented_key(metadata)
+    return find_key(keys, presented) if keys and presented else None
+
+
+class TenantDeniedError(SemsearchError):
+    status_code = grpc.StatusCode.PERMISSION_DENIED
+
+
+def tenant_for(key: ApiKey | None, requested: str, where: str = "tenant") -> str:
+    """The tenant a call acts on. A key bound to tenants acts only on them, whatever the request
+    says; the reason names only the request's own tenant, never what exists elsewhere."""
+    check_tenant(requested, where)
+    if key is None or not key.tenants:
+        return requested
+    if not requested:
+        if len(key.tenants) == 1:
+            return key.tenants[0]
+        raise InvalidInputError(f"{where} is required: key {key.name!r} is bound to several tenants")
+    if requested not in key.tenants:
+        raise TenantDeniedError(f"{where}: key {key.name!r} may not use tenant {requested!r}")
+    return requested
+
+
+class RateLimiter:
+    """A token bucket per key: `rate_limit_per_s` calls a second, bursts of `rate_burst`."""
+
+    def __init__(self, clock: Callable[[], float] = time.monotonic) -> None:
+        self._clock = clock
+        self._buckets: dict[str, tuple[float, float]] = {}  # key name -> (tokens, at)
+        self._lock = threading.Lock()
+
+    def wait_s(self, key: ApiKey) -> float:
+        """0 when the call may go now (and it is counted), else the seconds until it may."""
+        if key.rate_limit_per_s is None:
+            return 0.0
+        rate = key.rate_limit_per_s
+        burst = float(key.rate_burst or max(1, math.ceil(rate)))
+        now = self._clock()
+        with self._lock:
+            tokens, at = self._buckets.get(key.name, (burst, now))
+            tokens = min(burst, tokens + (now - at) * rate)
+            if tokens >= 1.0:
+                self._buckets[key.name] = (tokens - 1.0, now)
+                return 0.0
+            self._buckets[key.name] = (tokens, now)
+            return (1.0 - tokens) / rate
+
+
+def _deny(code: grpc.StatusCode, details: str,
+          trailing_metadata: Sequence[tuple[str, str]] = ()) -> grpc.RpcMethodHandler:
     async def deny(request: Any, context: grpc.aio.ServicerContext) -> Any:
-        await context.abort(code, details)
+        await context.abort(code, details, trailing_metadata=tuple(trailing_metadata))
 
     return grpc.unary_unary_rpc_method_handler(deny)
+
+
+def retry_after(wait_s: float) -> list[tuple[str, str]]:
+    """Trailing metadata of a rate-limited call: whole seconds (as HTTP Retry-After) and milliseconds."""
+    return [("retry-after", str(max(1, math.ceil(wait_s)))), ("retry-after-ms", str(max(1, math.ceil(wait_s * 1e3))))]
 
 
 class ApiKeyInterceptor(grpc.aio.ServerInterceptor):
     def __init__(self, keys: Sequence[ApiKey]) -> None:
         self.keys = list(keys)
+        self.limiter = RateLimiter()
 
     async def intercept_service(
         self, continuation: Callable[[grpc.HandlerCallDetails], Awaitable[grpc.RpcMethodHandler]],
@@ -81,6 +143,12 @@ class ApiKeyInterceptor(grpc.aio.ServerInterceptor):
         if SCOPE_ORDER[api_key.scope] < SCOPE_ORDER[scope]:
             log.info("auth_forbidden", method=method, key_name=api_key.name, scope=api_key.scope)
             return _deny(grpc.StatusCode.PERMISSION_DENIED, f"key {api_key.name!r} lacks the {scope} scope")
+        wait_s = self.limiter.wait_s(api_key)
+        if wait_s > 0:
+            log.info("rate_limited", method=method, key_name=api_key.name)
+            return _deny(grpc.StatusCode.RESOURCE_EXHAUSTED,
+                         f"key {api_key.name!r} is over its rate limit ({api_key.rate_limit_per_s}/s): "
+                         f"retry after {wait_s:.3f} s", retry_after(wait_s))
         return await continuation(handler_call_details)
 
 

@@ -25,6 +25,8 @@ from semsearch.v1 import search_pb2 as pb
 from semsearch.v1 import search_pb2_grpc
 from service import validation
 from service.engine import SearchEngine, SearchQuery, SearchResult
+from service.paging import Cursor, PageTokens, binding, page_secret
+from service.security import caller, tenant_for
 
 log = structlog.get_logger(__name__)
 
@@ -163,11 +165,11 @@ def _hit(hit: Hit) -> pb.SearchHit:
                         chunk_index=hit.chunk_index, retrievers=[_retriever(r) for r in hit.retrievers])
 
 
-def _response(result: SearchResult) -> pb.SearchDocumentsResponse:
+def _response(result: SearchResult, next_page_token: str = "") -> pb.SearchDocumentsResponse:
     return pb.SearchDocumentsResponse(
         hits=[_hit(h) for h in result.hits], model_version=result.model_version, collection=result.collection,
         timing=pb.SearchTiming(total_ms=result.total_ms, encode_ms=result.encode_ms, store_ms=result.store_ms),
-        mode=_MODE_ENUMS[result.mode],
+        mode=_MODE_ENUMS[result.mode], next_page_token=next_page_token,
     )
 
 
@@ -175,35 +177,70 @@ class SearchServicer(search_pb2_grpc.SearchServiceServicer):
     def __init__(self, settings: Settings, engine: SearchEngine | None = None) -> None:
         self.settings = settings
         self.engine = engine
+        self.page_tokens = PageTokens(page_secret(settings), settings.page_token_ttl_s)
+
+    def _tenant(self, context: grpc.aio.ServicerContext, requested: str, where: str = "tenant") -> str:
+        """The tenant this call acts on: the request's, within what the caller's key is bound to."""
+        key = caller(self.settings.api_keys, context.invocation_metadata())  # type: ignore[arg-type]
+        return tenant_for(key, requested, where)
+
+    def _query(self, request: pb.SearchDocumentsRequest, context: grpc.aio.ServicerContext,
+               where: str = "") -> tuple[SearchQuery, str]:
+        """The typed query (tenant resolved, page token opened) and what its page tokens are bound to."""
+        prefix = f"{where}." if where else ""
+        query = validation.search_query(request, self.settings, where)
+        query = _with_retrieval(query, request, self.settings, where)
+        tenant = self._tenant(context, request.tenant, f"{prefix}tenant")
+        bound_to = binding(request, tenant)
+        query = dataclasses.replace(query, tenant=tenant)
+        if request.page_token:
+            cursor = self.page_tokens.open(request.page_token, bound_to, f"{prefix}page_token")
+            query = dataclasses.replace(query, offset=cursor.offset,
+                                        pinned=(cursor.model_version, cursor.collection))
+        if query.paged and query.offset + query.top_k > self.settings.max_page_depth:
+            raise InvalidInputError(f"{prefix}page_size: paging goes at most {self.settings.max_page_depth} hits "
+                                    "deep (max_page_depth); narrow the query with filters or min_score")
+        return query, bound_to
+
+    def _paged_response(self, query: SearchQuery, bound_to: str, result: SearchResult) -> pb.SearchDocumentsResponse:
+        token = ""
+        if query.paged and result.more:
+            token = self.page_tokens.issue(bound_to, Cursor(query.offset + len(result.hits), result.model_version,
+                                                            result.collection))
+        return _response(result, token)
 
     @rpc
     async def SearchDocuments(
         self, request: pb.SearchDocumentsRequest, context: grpc.aio.ServicerContext
     ) -> pb.SearchDocumentsResponse:
         assert self.engine is not None
-        query = _with_retrieval(validation.search_query(request, self.settings), request, self.settings)
+        query, bound_to = self._query(request, context)
         (result,) = await self.engine.search([query], context.time_remaining())
-        return _response(result)
+        return self._paged_response(query, bound_to, result)
 
     @rpc
     async def BatchSearchDocuments(
         self, request: pb.BatchSearchDocumentsRequest, context: grpc.aio.ServicerContext
     ) -> pb.BatchSearchDocumentsResponse:
         assert self.engine is not None
-        queries = [
-            _with_retrieval(query, item, self.settings, f"requests[{i}]")
-            for i, (query, item) in enumerate(zip(validation.batch_queries(request, self.settings),
-                                                   request.requests, strict=True))
-        ]
-        results = await self.engine.search(queries, context.time_remaining())
-        return pb.BatchSearchDocumentsResponse(responses=[_response(r) for r in results])
+        validation.batch_size(request, self.settings)
+        typed = [self._query(item, context, f"requests[{i}]") for i, item in enumerate(request.requests)]
+        results = await self.engine.search([query for query, _ in typed], context.time_remaining())
+        return pb.BatchSearchDocumentsResponse(responses=[
+            self._paged_response(query, bound_to, result)
+            for (query, bound_to), result in zip(typed, results, strict=True)
+        ])
 
     @rpc
     async def UpsertDocuments(
         self, request: pb.UpsertDocumentsRequest, context: grpc.aio.ServicerContext
     ) -> pb.UpsertDocumentsResponse:
         assert self.engine is not None
-        documents = validation.documents(request, self.settings)
+        documents = [
+            dataclasses.replace(doc, tenant=self._tenant(context, item.tenant, f"documents[{i}].tenant"))
+            for i, (doc, item) in enumerate(zip(validation.documents(request, self.settings), request.documents,
+                                                strict=True))
+        ]
         count, pair = await self.engine.upsert(documents, context.time_remaining())
         return pb.UpsertDocumentsResponse(upserted_count=count, model_version=pair.model_version,
                                           collection=pair.collection.name)
@@ -213,8 +250,13 @@ class SearchServicer(search_pb2_grpc.SearchServiceServicer):
         self, request: pb.DeleteDocumentsRequest, context: grpc.aio.ServicerContext
     ) -> pb.DeleteDocumentsResponse:
         assert self.engine is not None
-        ids = validation.delete_ids(request.ids, self.settings)
-        return pb.DeleteDocumentsResponse(deleted_count=await self.engine.delete(ids))
+        delete = validation.delete_request(request, self.settings)
+        tenant = self._tenant(context, request.tenant)
+        if delete.ids:
+            count = await self.engine.delete(delete.ids, tenant, dry_run=delete.dry_run)
+        else:
+            count = await self.engine.delete_matching(delete.conditions, tenant, dry_run=delete.dry_run)
+        return pb.DeleteDocumentsResponse(deleted_count=count)
 
     @rpc
     async def GetDocument(
@@ -222,8 +264,9 @@ class SearchServicer(search_pb2_grpc.SearchServiceServicer):
     ) -> pb.GetDocumentResponse:
         assert self.engine is not None
         doc_id = validation.document_id(request.id, "id")
-        document, collection = await self.engine.get(doc_id)
+        document, collection = await self.engine.get(doc_id, self._tenant(context, request.tenant))
         return pb.GetDocumentResponse(
-            document=pb.Document(id=document.doc_id, text=document.text, metadata=_struct(document.metadata)),
+            document=pb.Document(id=document.doc_id, text=document.text, metadata=_struct(document.metadata),
+                                 tenant=document.tenant),
             collection=collection,
         )

@@ -2,14 +2,26 @@
 
 from __future__ import annotations
 
+import math
 from collections.abc import Sequence
+from dataclasses import dataclass
 from typing import Any
 
 from google.protobuf import json_format
 
 from semsearch.config import Settings
 from semsearch.errors import InvalidInputError
-from semsearch.filters import MetadataFilter, Operator, Scalar
+from semsearch.filters import (
+    MAX_GROUP_DEPTH,
+    MULTI_VALUE,
+    Condition,
+    FilterGroup,
+    Logic,
+    MetadataFilter,
+    Operator,
+    Scalar,
+    check_group_limits,
+)
 from semsearch.ingest import MAX_METADATA_DEPTH, check_id, check_metadata, check_query, check_text
 from semsearch.v1 import search_pb2 as pb
 from service.engine import DocumentInput, SearchQuery, check_unique_ids
@@ -19,7 +31,10 @@ _OPERATORS = {
     pb.FILTER_OPERATOR_GT: Operator.GT, pb.FILTER_OPERATOR_GTE: Operator.GTE,
     pb.FILTER_OPERATOR_LT: Operator.LT, pb.FILTER_OPERATOR_LTE: Operator.LTE,
     pb.FILTER_OPERATOR_IN: Operator.IN, pb.FILTER_OPERATOR_NOT_IN: Operator.NOT_IN,
+    pb.FILTER_OPERATOR_EXISTS: Operator.EXISTS, pb.FILTER_OPERATOR_CONTAINS: Operator.CONTAINS,
+    pb.FILTER_OPERATOR_CONTAINS_ANY: Operator.CONTAINS_ANY, pb.FILTER_OPERATOR_CONTAINS_ALL: Operator.CONTAINS_ALL,
 }
+_LOGIC = {pb.LOGICAL_OPERATOR_AND: Logic.AND, pb.LOGICAL_OPERATOR_OR: Logic.OR, pb.LOGICAL_OPERATOR_NOT: Logic.NOT}
 
 
 def query_text(text: str, settings: Settings, where: str = "query") -> str:
@@ -46,7 +61,11 @@ def metadata_filter(item: pb.MetadataFilter, where: str) -> MetadataFilter:
     operator = _OPERATORS.get(item.operator)
     if operator is None:
         raise InvalidInputError(f"{where}: operator is unspecified or unknown ({item.operator})")
-    if operator in (Operator.IN, Operator.NOT_IN):
+    if operator is Operator.EXISTS:
+        if item.HasField("value") or item.values:
+            raise InvalidInputError(f"{where}: EXISTS takes neither `value` nor `values`")
+        values: tuple[Scalar, ...] = ()
+    elif operator in MULTI_VALUE:
         if item.HasField("value"):
             raise InvalidInputError(f"{where}: {operator.name} takes `values`, not `value`")
         values = tuple(filter_value(v, f"{where}.values[{i}]") for i, v in enumerate(item.values))
@@ -59,32 +78,80 @@ def metadata_filter(item: pb.MetadataFilter, where: str) -> MetadataFilter:
     return MetadataFilter(field=item.field, operator=operator, values=values)
 
 
+def filter_group(group: pb.FilterGroup, where: str) -> FilterGroup:
+    """A typed group tree; depth and size are checked level by level before going deeper."""
+    level, size = [group], 0
+    for depth in range(1, MAX_GROUP_DEPTH + 2):
+        size += sum(len(g.filters) for g in level)
+        check_group_limits(depth, size, where)
+        level = [child for g in level for child in g.groups]
+        if not level:
+            break
+    return _group(group, where)
+
+
+def _group(group: pb.FilterGroup, where: str) -> FilterGroup:
+    logic = _LOGIC.get(group.operator)
+    if logic is None:
+        raise InvalidInputError(f"{where}.operator: unspecified or unknown logical operator ({group.operator})")
+    if not group.filters and not group.groups:
+        raise InvalidInputError(f"{where}: a {logic.name} group needs at least one filter or group")
+    return FilterGroup(
+        logic=logic,
+        filters=tuple(metadata_filter(f, f"{where}.filters[{i}]") for i, f in enumerate(group.filters)),
+        groups=tuple(_group(g, f"{where}.groups[{i}]") for i, g in enumerate(group.groups)),
+    )
+
+
+def conditions(filters: Sequence[pb.MetadataFilter], group: pb.FilterGroup | None, settings: Settings,
+               prefix: str = "") -> tuple[Condition, ...]:
+    """`filters` (ANDed) and the boolean `filter` group of a request, typed."""
+    if len(filters) > settings.max_filters:
+        raise InvalidInputError(f"{prefix}filters: at most {settings.max_filters} filters")
+    typed: list[Condition] = [metadata_filter(f, f"{prefix}filters[{i}]") for i, f in enumerate(filters)]
+    if group is not None:
+        typed.append(filter_group(group, f"{prefix}filter"))
+    return tuple(typed)
+
+
+def min_score(request: pb.SearchDocumentsRequest, where: str = "min_score") -> float | None:
+    if not request.HasField("min_score"):
+        return None
+    if not math.isfinite(request.min_score):
+        raise InvalidInputError(f"{where} must be a finite number, got {request.min_score}")
+    return float(request.min_score)
+
+
 def search_query(request: pb.SearchDocumentsRequest, settings: Settings, where: str = "") -> SearchQuery:
     prefix = f"{where}." if where else ""
-    if len(request.filters) > settings.max_filters:
-        raise InvalidInputError(f"{prefix}filters: at most {settings.max_filters} filters")
-    filters = tuple(
-        metadata_filter(f, f"{prefix}filters[{i}]") for i, f in enumerate(request.filters)
-    )
+    filters = conditions(request.filters, request.filter if request.HasField("filter") else None, settings, prefix)
     fields = set(request.return_fields)
     if pb.RETURN_FIELD_UNSPECIFIED in fields or not fields <= {pb.RETURN_FIELD_TEXT, pb.RETURN_FIELD_METADATA}:
         raise InvalidInputError(f"{prefix}return_fields: unspecified or unknown field")
+    if request.page_size < 0:
+        raise InvalidInputError(f"{prefix}page_size must not be negative (got {request.page_size})")
+    if request.page_token and not request.page_size:
+        raise InvalidInputError(f"{prefix}page_token needs page_size (the size of the next page)")
+    paged = request.page_size > 0
     return SearchQuery(
         text=query_text(request.query, settings, f"{prefix}query"),
-        top_k=top_k(request.top_k, settings, f"{prefix}top_k"),
+        # Paging: page_size replaces top_k (capped at the same maximum; AIP-158).
+        top_k=min(request.page_size, settings.max_top_k) if paged else top_k(request.top_k, settings, f"{prefix}top_k"),
         filters=filters,
         with_text=not fields or pb.RETURN_FIELD_TEXT in fields,
         with_metadata=not fields or pb.RETURN_FIELD_METADATA in fields,
         return_chunks=request.return_chunks,
+        min_score=min_score(request, f"{prefix}min_score"),
+        paged=paged,
     )
 
 
-def batch_queries(request: pb.BatchSearchDocumentsRequest, settings: Settings) -> list[SearchQuery]:
+def batch_size(request: pb.BatchSearchDocumentsRequest, settings: Settings) -> None:
     if not request.requests:
         raise InvalidInputError("requests is empty")
     if len(request.requests) > settings.max_batch_queries:
         raise InvalidInputError(f"at most {settings.max_batch_queries} queries per batch")
-    return [search_query(r, settings, f"requests[{i}]") for i, r in enumerate(request.requests)]
+
 
 
 def document_id(value: str, where: str) -> str:
@@ -135,6 +202,29 @@ def documents(request: pb.UpsertDocumentsRequest, settings: Settings) -> list[Do
         ))
     check_unique_ids([d.doc_id for d in out])
     return out
+
+
+@dataclass(frozen=True)
+class DeleteRequest:
+    ids: list[str]  # by ids, or
+    conditions: tuple[Condition, ...]  # by filter ((): delete_all)
+    dry_run: bool
+
+
+def delete_request(request: pb.DeleteDocumentsRequest, settings: Settings) -> DeleteRequest:
+    """Exactly one of ids, filters, delete_all: an empty filter never deletes everything by accident."""
+    group = request.filter if request.HasField("filter") else None
+    by_filter = bool(request.filters) or group is not None
+    given = sum((bool(request.ids), by_filter, request.delete_all))
+    if given == 0:
+        raise InvalidInputError("ids is empty and there is no filter (deleting every document of the tenant "
+                                "needs delete_all: an empty filter is refused)")
+    if given > 1:
+        raise InvalidInputError("give exactly one of ids, filters/filter, delete_all")
+    if request.ids:
+        return DeleteRequest(ids=delete_ids(request.ids, settings), conditions=(), dry_run=request.dry_run)
+    return DeleteRequest(ids=[], conditions=conditions(request.filters, group, settings) if by_filter else (),
+                         dry_run=request.dry_run)
 
 
 def delete_ids(ids: Sequence[str], settings: Settings) -> list[str]:

@@ -19,6 +19,17 @@ class FilterOperator(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
     FILTER_OPERATOR_LTE: _ClassVar[FilterOperator]
     FILTER_OPERATOR_IN: _ClassVar[FilterOperator]
     FILTER_OPERATOR_NOT_IN: _ClassVar[FilterOperator]
+    FILTER_OPERATOR_EXISTS: _ClassVar[FilterOperator]
+    FILTER_OPERATOR_CONTAINS: _ClassVar[FilterOperator]
+    FILTER_OPERATOR_CONTAINS_ANY: _ClassVar[FilterOperator]
+    FILTER_OPERATOR_CONTAINS_ALL: _ClassVar[FilterOperator]
+
+class LogicalOperator(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
+    __slots__ = ()
+    LOGICAL_OPERATOR_UNSPECIFIED: _ClassVar[LogicalOperator]
+    LOGICAL_OPERATOR_AND: _ClassVar[LogicalOperator]
+    LOGICAL_OPERATOR_OR: _ClassVar[LogicalOperator]
+    LOGICAL_OPERATOR_NOT: _ClassVar[LogicalOperator]
 
 class ReturnField(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
     __slots__ = ()
@@ -47,6 +58,14 @@ FILTER_OPERATOR_LT: FilterOperator
 FILTER_OPERATOR_LTE: FilterOperator
 FILTER_OPERATOR_IN: FilterOperator
 FILTER_OPERATOR_NOT_IN: FilterOperator
+FILTER_OPERATOR_EXISTS: FilterOperator
+FILTER_OPERATOR_CONTAINS: FilterOperator
+FILTER_OPERATOR_CONTAINS_ANY: FilterOperator
+FILTER_OPERATOR_CONTAINS_ALL: FilterOperator
+LOGICAL_OPERATOR_UNSPECIFIED: LogicalOperator
+LOGICAL_OPERATOR_AND: LogicalOperator
+LOGICAL_OPERATOR_OR: LogicalOperator
+LOGICAL_OPERATOR_NOT: LogicalOperator
 RETURN_FIELD_UNSPECIFIED: ReturnField
 RETURN_FIELD_TEXT: ReturnField
 RETURN_FIELD_METADATA: ReturnField
@@ -59,14 +78,26 @@ FUSION_METHOD_RRF: FusionMethod
 FUSION_METHOD_WEIGHTED: FusionMethod
 
 class Document(_message.Message):
-    __slots__ = ("id", "text", "metadata")
+    __slots__ = ("id", "text", "metadata", "tenant")
     ID_FIELD_NUMBER: _ClassVar[int]
     TEXT_FIELD_NUMBER: _ClassVar[int]
     METADATA_FIELD_NUMBER: _ClassVar[int]
+    TENANT_FIELD_NUMBER: _ClassVar[int]
     id: str
     text: str
     metadata: _struct_pb2.Struct
-    def __init__(self, id: _Optional[str] = ..., text: _Optional[str] = ..., metadata: _Optional[_Union[_struct_pb2.Struct, _Mapping]] = ...) -> None: ...
+    tenant: str
+    def __init__(self, id: _Optional[str] = ..., text: _Optional[str] = ..., metadata: _Optional[_Union[_struct_pb2.Struct, _Mapping]] = ..., tenant: _Optional[str] = ...) -> None: ...
+
+class FilterGroup(_message.Message):
+    __slots__ = ("operator", "filters", "groups")
+    OPERATOR_FIELD_NUMBER: _ClassVar[int]
+    FILTERS_FIELD_NUMBER: _ClassVar[int]
+    GROUPS_FIELD_NUMBER: _ClassVar[int]
+    operator: LogicalOperator
+    filters: _containers.RepeatedCompositeFieldContainer[MetadataFilter]
+    groups: _containers.RepeatedCompositeFieldContainer[FilterGroup]
+    def __init__(self, operator: _Optional[_Union[LogicalOperator, str]] = ..., filters: _Optional[_Iterable[_Union[MetadataFilter, _Mapping]]] = ..., groups: _Optional[_Iterable[_Union[FilterGroup, _Mapping]]] = ...) -> None: ...
 
 class FilterValue(_message.Message):
     __slots__ = ("string_value", "int_value", "double_value", "bool_value")
@@ -93,7 +124,7 @@ class MetadataFilter(_message.Message):
     def __init__(self, field: _Optional[str] = ..., operator: _Optional[_Union[FilterOperator, str]] = ..., value: _Optional[_Union[FilterValue, _Mapping]] = ..., values: _Optional[_Iterable[_Union[FilterValue, _Mapping]]] = ...) -> None: ...
 
 class SearchDocumentsRequest(_message.Message):
-    __slots__ = ("query", "top_k", "filters", "return_fields", "return_chunks", "mode", "fusion")
+    __slots__ = ("query", "top_k", "filters", "return_fields", "return_chunks", "mode", "fusion", "min_score", "page_size", "page_token", "filter", "tenant")
     QUERY_FIELD_NUMBER: _ClassVar[int]
     TOP_K_FIELD_NUMBER: _ClassVar[int]
     FILTERS_FIELD_NUMBER: _ClassVar[int]
@@ -101,6 +132,11 @@ class SearchDocumentsRequest(_message.Message):
     RETURN_CHUNKS_FIELD_NUMBER: _ClassVar[int]
     MODE_FIELD_NUMBER: _ClassVar[int]
     FUSION_FIELD_NUMBER: _ClassVar[int]
+    MIN_SCORE_FIELD_NUMBER: _ClassVar[int]
+    PAGE_SIZE_FIELD_NUMBER: _ClassVar[int]
+    PAGE_TOKEN_FIELD_NUMBER: _ClassVar[int]
+    FILTER_FIELD_NUMBER: _ClassVar[int]
+    TENANT_FIELD_NUMBER: _ClassVar[int]
     query: str
     top_k: int
     filters: _containers.RepeatedCompositeFieldContainer[MetadataFilter]
@@ -108,7 +144,12 @@ class SearchDocumentsRequest(_message.Message):
     return_chunks: bool
     mode: RetrievalMode
     fusion: FusionOptions
-    def __init__(self, query: _Optional[str] = ..., top_k: _Optional[int] = ..., filters: _Optional[_Iterable[_Union[MetadataFilter, _Mapping]]] = ..., return_fields: _Optional[_Iterable[_Union[ReturnField, str]]] = ..., return_chunks: _Optional[bool] = ..., mode: _Optional[_Union[RetrievalMode, str]] = ..., fusion: _Optional[_Union[FusionOptions, _Mapping]] = ...) -> None: ...
+    min_score: float
+    page_size: int
+    page_token: str
+    filter: FilterGroup
+    tenant: str
+    def __init__(self, query: _Optional[str] = ..., top_k: _Optional[int] = ..., filters: _Optional[_Iterable[_Union[MetadataFilter, _Mapping]]] = ..., return_fields: _Optional[_Iterable[_Union[ReturnField, str]]] = ..., return_chunks: _Optional[bool] = ..., mode: _Optional[_Union[RetrievalMode, str]] = ..., fusion: _Optional[_Union[FusionOptions, _Mapping]] = ..., min_score: _Optional[float] = ..., page_size: _Optional[int] = ..., page_token: _Optional[str] = ..., filter: _Optional[_Union[FilterGroup, _Mapping]] = ..., tenant: _Optional[str] = ...) -> None: ...
 
 class FusionOptions(_message.Message):
     __slots__ = ("method", "rrf_k", "dense_weight", "lexical_weight")
@@ -159,18 +200,20 @@ class SearchTiming(_message.Message):
     def __init__(self, total_ms: _Optional[float] = ..., encode_ms: _Optional[float] = ..., store_ms: _Optional[float] = ...) -> None: ...
 
 class SearchDocumentsResponse(_message.Message):
-    __slots__ = ("hits", "model_version", "collection", "timing", "mode")
+    __slots__ = ("hits", "model_version", "collection", "timing", "mode", "next_page_token")
     HITS_FIELD_NUMBER: _ClassVar[int]
     MODEL_VERSION_FIELD_NUMBER: _ClassVar[int]
     COLLECTION_FIELD_NUMBER: _ClassVar[int]
     TIMING_FIELD_NUMBER: _ClassVar[int]
     MODE_FIELD_NUMBER: _ClassVar[int]
+    NEXT_PAGE_TOKEN_FIELD_NUMBER: _ClassVar[int]
     hits: _containers.RepeatedCompositeFieldContainer[SearchHit]
     model_version: str
     collection: str
     timing: SearchTiming
     mode: RetrievalMode
-    def __init__(self, hits: _Optional[_Iterable[_Union[SearchHit, _Mapping]]] = ..., model_version: _Optional[str] = ..., collection: _Optional[str] = ..., timing: _Optional[_Union[SearchTiming, _Mapping]] = ..., mode: _Optional[_Union[RetrievalMode, str]] = ...) -> None: ...
+    next_page_token: str
+    def __init__(self, hits: _Optional[_Iterable[_Union[SearchHit, _Mapping]]] = ..., model_version: _Optional[str] = ..., collection: _Optional[str] = ..., timing: _Optional[_Union[SearchTiming, _Mapping]] = ..., mode: _Optional[_Union[RetrievalMode, str]] = ..., next_page_token: _Optional[str] = ...) -> None: ...
 
 class BatchSearchDocumentsRequest(_message.Message):
     __slots__ = ("requests",)
@@ -201,10 +244,20 @@ class UpsertDocumentsResponse(_message.Message):
     def __init__(self, upserted_count: _Optional[int] = ..., model_version: _Optional[str] = ..., collection: _Optional[str] = ...) -> None: ...
 
 class DeleteDocumentsRequest(_message.Message):
-    __slots__ = ("ids",)
+    __slots__ = ("ids", "filters", "filter", "delete_all", "dry_run", "tenant")
     IDS_FIELD_NUMBER: _ClassVar[int]
+    FILTERS_FIELD_NUMBER: _ClassVar[int]
+    FILTER_FIELD_NUMBER: _ClassVar[int]
+    DELETE_ALL_FIELD_NUMBER: _ClassVar[int]
+    DRY_RUN_FIELD_NUMBER: _ClassVar[int]
+    TENANT_FIELD_NUMBER: _ClassVar[int]
     ids: _containers.RepeatedScalarFieldContainer[str]
-    def __init__(self, ids: _Optional[_Iterable[str]] = ...) -> None: ...
+    filters: _containers.RepeatedCompositeFieldContainer[MetadataFilter]
+    filter: FilterGroup
+    delete_all: bool
+    dry_run: bool
+    tenant: str
+    def __init__(self, ids: _Optional[_Iterable[str]] = ..., filters: _Optional[_Iterable[_Union[MetadataFilter, _Mapping]]] = ..., filter: _Optional[_Union[FilterGroup, _Mapping]] = ..., delete_all: _Optional[bool] = ..., dry_run: _Optional[bool] = ..., tenant: _Optional[str] = ...) -> None: ...
 
 class DeleteDocumentsResponse(_message.Message):
     __slots__ = ("deleted_count",)
@@ -213,10 +266,12 @@ class DeleteDocumentsResponse(_message.Message):
     def __init__(self, deleted_count: _Optional[int] = ...) -> None: ...
 
 class GetDocumentRequest(_message.Message):
-    __slots__ = ("id",)
+    __slots__ = ("id", "tenant")
     ID_FIELD_NUMBER: _ClassVar[int]
+    TENANT_FIELD_NUMBER: _ClassVar[int]
     id: str
-    def __init__(self, id: _Optional[str] = ...) -> None: ...
+    tenant: str
+    def __init__(self, id: _Optional[str] = ..., tenant: _Optional[str] = ...) -> None: ...
 
 class GetDocumentResponse(_message.Message):
     __slots__ = ("document", "collection")

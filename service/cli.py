@@ -195,13 +195,16 @@ def register(app: typer.Typer) -> None:
         model: ModelOption = None, encoder_url: EncoderUrlOption = None, device: DeviceOption = None,
         host: HostOption = None, port: PortOption = None, log_level: LogLevelOption = None,
         encoder_backend: EncoderBackendOption = None,
+        http_port: Annotated[int | None, typer.Option(
+            "--http-port", help="Also serve the API as HTTP/JSON on this port (same host; 0 disables)"
+            + env_hint("http_port"))] = None,
     ) -> None:
-        """Run the gRPC search service until SIGTERM (then drain in-flight calls)."""
+        """Run the gRPC search service (and HTTP/JSON with --http-port) until SIGTERM (then drain in-flight calls)."""
         from service.server import serve as run
 
         settings = settings_from_cli(config, milvus_uri=milvus_uri, collection=collection, model=model,
                                      encoder_url=encoder_url, device=device, host=host, port=port,
-                                     log_level=log_level, encoder_backend=encoder_backend)
+                                     log_level=log_level, encoder_backend=encoder_backend, http_port=http_port)
         try:
             asyncio.run(run(settings))
         except SemsearchError as exc:  # missing model, model/collection mismatch, Milvus down...

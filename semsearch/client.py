@@ -28,7 +28,7 @@ from semsearch.config import Settings
 from semsearch.retry import async_retry_call, retry_call
 from semsearch.v1 import admin_pb2, admin_pb2_grpc, search_pb2, search_pb2_grpc
 
-__all__ = ["AsyncSearchClient", "SearchClient", "TlsFileError", "is_unavailable"]
+__all__ = ["AsyncSearchClient", "SearchClient", "TlsFileError", "is_unavailable", "status_of"]
 
 M = TypeVar("M", bound=Message)
 Metadata = Sequence[tuple[str, str]]
@@ -42,8 +42,16 @@ class TlsFileError(ValueError):
         self.setting = setting
 
 
+def status_of(exc: BaseException) -> tuple[grpc.StatusCode, str] | None:
+    """(code, details) of a failed call: sync errors are grpc.Call, asyncio ones AioRpcError (not a Call)."""
+    if isinstance(exc, grpc.Call | grpc.aio.AioRpcError):
+        return exc.code(), exc.details() or ""
+    return None
+
+
 def is_unavailable(exc: BaseException) -> bool:
-    return isinstance(exc, grpc.RpcError) and isinstance(exc, grpc.Call) and exc.code() == grpc.StatusCode.UNAVAILABLE
+    status = status_of(exc)
+    return status is not None and status[0] == grpc.StatusCode.UNAVAILABLE
 
 
 def _read(setting: str, source: str | Path | bytes | None) -> bytes | None:

@@ -29,7 +29,7 @@ from semsearch.cli import (
     fail,
     settings_from_cli,
 )
-from semsearch.client import SearchClient, TlsFileError, is_unavailable
+from semsearch.client import SearchClient, TlsFileError, status_of
 from semsearch.config import Settings
 from semsearch.errors import SemsearchError
 from semsearch.v1 import search_pb2 as pb
@@ -128,7 +128,8 @@ def open_client(settings: Settings, target: str, *, timeout: float) -> SearchCli
 
 
 def still_loading(exc: BaseException) -> bool:
-    return is_unavailable(exc) and "still loading" in ((exc.details() if isinstance(exc, grpc.Call) else "") or "")
+    status = status_of(exc)
+    return status is not None and status[0] == grpc.StatusCode.UNAVAILABLE and "still loading" in status[1]
 
 
 def _describe_unavailable(details: str, target: str, settings: Settings) -> str:

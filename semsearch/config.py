@@ -107,6 +107,8 @@ class Settings(BaseSettings):
     # Service
     host: str = "127.0.0.1"
     port: int = 50051
+    # HTTP/JSON gateway on the same host, in the same process (service/http_gateway.py); 0 or unset disables.
+    http_port: int | None = None
     default_top_k: int = 10
     max_top_k: int = 100
     max_query_chars: int = 2048

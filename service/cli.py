@@ -29,10 +29,10 @@ from semsearch.cli import (
     fail,
     settings_from_cli,
 )
+from semsearch.client import SearchClient, TlsFileError, status_of
 from semsearch.config import Settings
 from semsearch.errors import SemsearchError
 from semsearch.v1 import search_pb2 as pb
-from semsearch.v1 import search_pb2_grpc
 from service.output import MODE_NAMES, print_hits
 
 console = Console(stderr=False)
@@ -107,31 +107,29 @@ def uses_tls(settings: Settings) -> bool:
     return bool(settings.tls_ca_file or settings.tls_client_cert_file or settings.tls_client_key_file)
 
 
-def _read(path: Path, flag: str) -> bytes:
+TLS_SETTINGS = ("tls_ca_file", "tls_client_cert_file", "tls_client_key_file")
+
+
+def open_client(settings: Settings, target: str, *, timeout: float) -> SearchClient:
+    """The client `semsearch search` calls through: plaintext, TLS (--tls-ca-file) or mutual TLS.
+    It retries only while the service is still loading its model: a refused connection or a TLS
+    mismatch is reported at once, with what to do."""
+    if not uses_tls(settings) and settings.api_key is not None and target.rsplit(":", 1)[0] not in LOOPBACK:
+        typer.secho(f"warning: the API key goes to {target} in clear text; use TLS (--tls-ca-file)",
+                    err=True, fg=typer.colors.YELLOW)
     try:
-        return path.read_bytes()
-    except OSError as exc:
-        raise fail(f"{flag} {path}: {exc.strerror or exc}", EXIT_USAGE) from exc
+        return SearchClient.from_settings(settings, target, timeout=timeout, retry_on=still_loading,
+                                          retry_base_s=0.5)
+    except TlsFileError as exc:
+        message = str(exc)
+        for name in TLS_SETTINGS:  # name the flags, as the user typed them
+            message = message.replace(name, "--" + name.replace("_", "-"))
+        raise fail(message, EXIT_USAGE) from exc
 
 
-def open_channel(settings: Settings, target: str) -> grpc.Channel:
-    """A channel to the service: plaintext, TLS (--tls-ca-file) or mutual TLS (plus a client certificate)."""
-    if not uses_tls(settings):
-        if settings.api_key is not None and target.rsplit(":", 1)[0] not in LOOPBACK:
-            typer.secho(f"warning: the API key goes to {target} in clear text; use TLS (--tls-ca-file)",
-                        err=True, fg=typer.colors.YELLOW)
-        return grpc.insecure_channel(target)
-    if (settings.tls_client_cert_file is None) != (settings.tls_client_key_file is None):
-        raise fail("mutual TLS needs both --tls-client-cert-file and --tls-client-key-file", EXIT_USAGE)
-    credentials = grpc.ssl_channel_credentials(
-        root_certificates=_read(settings.tls_ca_file, "--tls-ca-file") if settings.tls_ca_file else None,
-        private_key=(_read(settings.tls_client_key_file, "--tls-client-key-file")
-                     if settings.tls_client_key_file else None),
-        certificate_chain=(_read(settings.tls_client_cert_file, "--tls-client-cert-file")
-                           if settings.tls_client_cert_file else None),
-    )
-    options = [("grpc.ssl_target_name_override", settings.tls_server_name)] if settings.tls_server_name else []
-    return grpc.secure_channel(target, credentials, options=options)
+def still_loading(exc: BaseException) -> bool:
+    status = status_of(exc)
+    return status is not None and status[0] == grpc.StatusCode.UNAVAILABLE and "still loading" in status[1]
 
 
 def _describe_unavailable(details: str, target: str, settings: Settings) -> str:
@@ -195,13 +193,16 @@ def register(app: typer.Typer) -> None:
         model: ModelOption = None, encoder_url: EncoderUrlOption = None, device: DeviceOption = None,
         host: HostOption = None, port: PortOption = None, log_level: LogLevelOption = None,
         encoder_backend: EncoderBackendOption = None,
+        http_port: Annotated[int | None, typer.Option(
+            "--http-port", help="Also serve the API as HTTP/JSON on this port (same host; 0 disables)"
+            + env_hint("http_port"))] = None,
     ) -> None:
-        """Run the gRPC search service until SIGTERM (then drain in-flight calls)."""
+        """Run the gRPC search service (and HTTP/JSON with --http-port) until SIGTERM (then drain in-flight calls)."""
         from service.server import serve as run
 
         settings = settings_from_cli(config, milvus_uri=milvus_uri, collection=collection, model=model,
                                      encoder_url=encoder_url, device=device, host=host, port=port,
-                                     log_level=log_level, encoder_backend=encoder_backend)
+                                     log_level=log_level, encoder_backend=encoder_backend, http_port=http_port)
         try:
             asyncio.run(run(settings))
         except SemsearchError as exc:  # missing model, model/collection mismatch, Milvus down...
@@ -241,12 +242,9 @@ def register(app: typer.Typer) -> None:
             query=query, top_k=top_k or 0, filters=[parse_filter(f) for f in filters or []], return_chunks=chunks,
             mode=MODE_VALUES[mode] if mode else pb.RETRIEVAL_MODE_UNSPECIFIED,
         )
-        metadata = ([("authorization", f"Bearer {settings.api_key.get_secret_value()}")]
-                    if settings.api_key is not None else [])
-        with open_channel(settings, target) as channel:
-            stub = search_pb2_grpc.SearchServiceStub(channel)
+        with open_client(settings, target, timeout=timeout) as client:
             try:
-                response = stub.SearchDocuments(request, timeout=timeout, metadata=metadata)
+                response = client.search(request)
             except grpc.RpcError as exc:
                 raise fail(describe_rpc_error(exc, target, settings, timeout=timeout)) from exc
         if as_json:

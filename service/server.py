@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import shutil
 import signal
+import tempfile
 from dataclasses import dataclass
 from typing import Any
 
@@ -22,6 +24,7 @@ from semsearch.store import MilvusStore
 from semsearch.v1 import admin_pb2, admin_pb2_grpc, search_pb2
 from service.admin import AdminServicer
 from service.engine import SearchEngine
+from service.http_gateway import HttpServer
 from service.security import ApiKeyInterceptor, server_credentials
 from service.servicer import SearchServicer, add_search_service
 from service.serving_state import ServingState
@@ -42,12 +45,18 @@ class RunningServer:
     settings: Settings
     state: ServingState
     stopping: bool = False
+    http: HttpServer | None = None  # the HTTP/JSON gateway, when http_port is set
+    _loopback_dir: str | None = None
     _watcher: asyncio.Task[None] | None = None
     _registry_watcher: asyncio.Task[None] | None = None
 
     @property
     def address(self) -> str:
         return f"{self.settings.host}:{self.port}"
+
+    @property
+    def http_port(self) -> int | None:
+        return self.http.port if self.http is not None else None
 
     async def set_serving(self, serving: bool) -> None:
         status = health_pb2.HealthCheckResponse.SERVING if serving else health_pb2.HealthCheckResponse.NOT_SERVING
@@ -112,11 +121,15 @@ class RunningServer:
         await self.set_serving(False)
         with contextlib.suppress(Exception):  # best effort: a stale report expires by itself
             await self.state.forget()
+        if self.http is not None:  # first: the HTTP requests it drains still reach the gRPC server
+            await self.http.stop()
         await self.server.stop(self.settings.shutdown_grace_s if grace_s is None else grace_s)
         if self.servicer.engine is not None:
             await self.servicer.engine.close()
             self.servicer.engine.pair.encoder.close()
         await asyncio.to_thread(self.store.close)
+        if self._loopback_dir is not None:
+            shutil.rmtree(self._loopback_dir, ignore_errors=True)
         log.info("stopped", address=self.address)
 
 
@@ -155,13 +168,28 @@ async def start_server(settings: Settings, store: MilvusStore | None = None) -> 
             else server.add_insecure_port(address))
     if port == 0:
         raise OSError(f"cannot bind {settings.host}:{settings.port}")
+    loopback_dir = None
+    if settings.http_port:
+        # The HTTP gateway's hop to this server: a Unix socket in a directory only this user can enter,
+        # so it needs no TLS (and no client certificate under mutual TLS); keys are checked as on the port.
+        loopback_dir = tempfile.mkdtemp(prefix="semsearch-")
+        server.add_insecure_port(f"unix:{loopback_dir}/grpc.sock")
     await server.start()
     if settings.metrics_port:
         start_http_server(settings.metrics_port, addr=settings.host)
         log.info("metrics", address=f"http://{settings.host}:{settings.metrics_port}/metrics")
     running = RunningServer(server=server, port=port, servicer=servicer, health=health_servicer, store=store,
-                            settings=settings, state=state)
+                            settings=settings, state=state, _loopback_dir=loopback_dir)
     await running.set_serving(False)
+    if loopback_dir is not None:
+        running.http = HttpServer(settings, f"unix:{loopback_dir}/grpc.sock")
+        try:
+            await running.http.start()
+        except BaseException:
+            await running.http.stop()
+            await running.server.stop(None)
+            shutil.rmtree(loopback_dir, ignore_errors=True)
+            raise
     log.info("listening", address=running.address)
     return running
 

@@ -1,0 +1,307 @@
+"""Python clients of the semsearch gRPC service: `SearchClient` (blocking) and `AsyncSearchClient` (asyncio).
+
+    with SearchClient("search.internal:50051", api_key=key, tls_ca_file="ca.pem") as client:
+        client.upsert(documents=[{"id": "refund", "text": "如何申请退款？", "metadata": {"category": "refund"}}])
+        response = client.search(query="退钱怎么操作？", top_k=5)
+
+Each method takes either a request message or its fields as keyword arguments (any field of the
+message, so fields added to the .proto work unchanged; nested messages may be dicts, enums their
+names) and returns the response message. Errors are `grpc.RpcError` with the service's status code.
+
+`timeout` is the deadline of one method call, retries included: UNAVAILABLE (the service restarting
+or still loading its model, a connection refused) is retried with jittered exponential backoff while
+the deadline allows, up to `max_attempts` attempts. Every RPC is safe to retry: searches read,
+upserts are idempotent by id, deletes by id remove what is there.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import Any, Self, TypeVar
+
+import grpc
+from google.protobuf.message import Message
+
+from semsearch.config import Settings
+from semsearch.retry import async_retry_call, retry_call
+from semsearch.v1 import admin_pb2, admin_pb2_grpc, search_pb2, search_pb2_grpc
+
+__all__ = ["AsyncSearchClient", "SearchClient", "TlsFileError", "is_unavailable", "status_of"]
+
+M = TypeVar("M", bound=Message)
+Metadata = Sequence[tuple[str, str]]
+
+
+class TlsFileError(ValueError):
+    """A TLS file that cannot be read, or half a client certificate; the message names the setting."""
+
+    def __init__(self, setting: str, message: str) -> None:
+        super().__init__(message)
+        self.setting = setting
+
+
+def status_of(exc: BaseException) -> tuple[grpc.StatusCode, str] | None:
+    """(code, details) of a failed call: sync errors are grpc.Call, asyncio ones AioRpcError (not a Call)."""
+    if isinstance(exc, grpc.Call | grpc.aio.AioRpcError):
+        return exc.code(), exc.details() or ""
+    return None
+
+
+def is_unavailable(exc: BaseException) -> bool:
+    status = status_of(exc)
+    return status is not None and status[0] == grpc.StatusCode.UNAVAILABLE
+
+
+def _read(setting: str, source: str | Path | bytes | None) -> bytes | None:
+    if source is None or isinstance(source, bytes):
+        return source
+    try:
+        return Path(source).read_bytes()
+    except OSError as exc:
+        raise TlsFileError(setting, f"{setting} {source}: {exc.strerror or exc}") from exc
+
+
+def channel_credentials(tls_ca_file: str | Path | bytes | None = None,
+                        tls_client_cert_file: str | Path | bytes | None = None,
+                        tls_client_key_file: str | Path | bytes | None = None) -> grpc.ChannelCredentials:
+    """TLS credentials: the CA that signed the service's certificate (None: the system's roots), and a
+    client certificate and key for mutual TLS. Paths or PEM bytes."""
+    if (tls_client_cert_file is None) != (tls_client_key_file is None):
+        missing = "tls_client_key_file" if tls_client_key_file is None else "tls_client_cert_file"
+        raise TlsFileError(missing, "mutual TLS needs both tls_client_cert_file and tls_client_key_file")
+    return grpc.ssl_channel_credentials(
+        root_certificates=_read("tls_ca_file", tls_ca_file),
+        private_key=_read("tls_client_key_file", tls_client_key_file),
+        certificate_chain=_read("tls_client_cert_file", tls_client_cert_file),
+    )
+
+
+class _ClientBase:
+    """What both clients share: the target, credentials, metadata, deadline and retry policy."""
+
+    def __init__(
+        self,
+        target: str,
+        *,
+        api_key: str | None = None,
+        tls: bool | None = None,
+        tls_ca_file: str | Path | bytes | None = None,
+        tls_client_cert_file: str | Path | bytes | None = None,
+        tls_client_key_file: str | Path | bytes | None = None,
+        tls_server_name: str | None = None,
+        timeout: float | None = 30.0,
+        max_attempts: int = 5,
+        retry_base_s: float = 0.1,
+        retry_max_wait_s: float = 2.0,
+        retry_on: Callable[[BaseException], bool] = is_unavailable,
+        metadata: Metadata = (),
+        options: Sequence[tuple[str, Any]] = (),
+    ) -> None:
+        self.target = target
+        self.timeout = timeout
+        self.max_attempts = max(1, max_attempts)
+        self.retry_base_s = retry_base_s
+        self.retry_max_wait_s = retry_max_wait_s
+        self.retry_on = retry_on
+        self.metadata: list[tuple[str, str]] = list(metadata)
+        if api_key is not None:
+            self.metadata.append(("authorization", f"Bearer {api_key}"))
+        # TLS when asked for, or when any TLS file is given (as `semsearch search` decides).
+        use_tls = tls if tls is not None else any(
+            f is not None for f in (tls_ca_file, tls_client_cert_file, tls_client_key_file))
+        self.credentials = (channel_credentials(tls_ca_file, tls_client_cert_file, tls_client_key_file)
+                            if use_tls else None)
+        self.options = list(options)
+        if tls_server_name:
+            self.options.append(("grpc.ssl_target_name_override", tls_server_name))
+
+    @classmethod
+    def from_settings(cls, settings: Settings, target: str | None = None, **kwargs: Any) -> Self:
+        """A client configured like `semsearch search`: api_key and tls_* settings, host:port as target."""
+        return cls(
+            target or f"{settings.host}:{settings.port}",
+            api_key=settings.api_key.get_secret_value() if settings.api_key is not None else None,
+            tls_ca_file=settings.tls_ca_file, tls_client_cert_file=settings.tls_client_cert_file,
+            tls_client_key_file=settings.tls_client_key_file, tls_server_name=settings.tls_server_name,
+            **kwargs,
+        )
+
+    @staticmethod
+    def _request(cls: type[M], request: M | None, fields: dict[str, Any]) -> M:
+        if request is not None:
+            if fields:
+                raise TypeError(f"pass a {cls.__name__} or its fields, not both")
+            if not isinstance(request, cls):
+                raise TypeError(f"expected a {cls.__name__}, got {type(request).__name__}")
+            return request
+        return cls(**fields)
+
+    def _metadata(self, extra: Metadata) -> list[tuple[str, str]]:
+        return [*self.metadata, *extra]
+
+    def _deadline(self, timeout: float | None) -> float | None:
+        timeout = self.timeout if timeout is None else timeout
+        return None if timeout is None else time.monotonic() + timeout
+
+    @staticmethod
+    def _remaining(deadline: float | None) -> float | None:
+        # The last attempt gets what is left of the deadline (a little, never zero: grpc wants > 0).
+        return None if deadline is None else max(0.001, deadline - time.monotonic())
+
+    def _retry_window(self, deadline: float | None) -> float:
+        return float("inf") if deadline is None else max(0.0, deadline - time.monotonic())
+
+
+class SearchClient(_ClientBase):
+    """Blocking client. Use as a context manager, or call `close()`."""
+
+    def __init__(self, target: str, **kwargs: Any) -> None:
+        super().__init__(target, **kwargs)
+        self.channel: grpc.Channel = (grpc.secure_channel(target, self.credentials, options=self.options)
+                                      if self.credentials is not None
+                                      else grpc.insecure_channel(target, options=self.options))
+        self._search = search_pb2_grpc.SearchServiceStub(self.channel)
+        self._admin = admin_pb2_grpc.AdminServiceStub(self.channel)
+
+    def __enter__(self) -> SearchClient:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def close(self) -> None:
+        self.channel.close()
+
+    def _call(self, method: Callable[..., M], request: Message, timeout: float | None, metadata: Metadata) -> M:
+        deadline = self._deadline(timeout)
+        headers = self._metadata(metadata)
+        return retry_call(lambda: method(request, timeout=self._remaining(deadline), metadata=headers),
+                          retry_on=self.retry_on, deadline_s=self._retry_window(deadline),
+                          base_s=self.retry_base_s, max_wait_s=self.retry_max_wait_s,
+                          max_attempts=self.max_attempts)
+
+    def search(self, request: search_pb2.SearchDocumentsRequest | None = None, /, *, timeout: float | None = None,
+               metadata: Metadata = (), **fields: Any) -> search_pb2.SearchDocumentsResponse:
+        message = self._request(search_pb2.SearchDocumentsRequest, request, fields)
+        return self._call(self._search.SearchDocuments, message, timeout, metadata)
+
+    def batch_search(self, request: search_pb2.BatchSearchDocumentsRequest | None = None, /, *,
+                     timeout: float | None = None, metadata: Metadata = (),
+                     **fields: Any) -> search_pb2.BatchSearchDocumentsResponse:
+        message = self._request(search_pb2.BatchSearchDocumentsRequest, request, fields)
+        return self._call(self._search.BatchSearchDocuments, message, timeout, metadata)
+
+    def upsert(self, request: search_pb2.UpsertDocumentsRequest | None = None, /, *, timeout: float | None = None,
+               metadata: Metadata = (), **fields: Any) -> search_pb2.UpsertDocumentsResponse:
+        message = self._request(search_pb2.UpsertDocumentsRequest, request, fields)
+        return self._call(self._search.UpsertDocuments, message, timeout, metadata)
+
+    def delete(self, request: search_pb2.DeleteDocumentsRequest | None = None, /, *, timeout: float | None = None,
+               metadata: Metadata = (), **fields: Any) -> search_pb2.DeleteDocumentsResponse:
+        message = self._request(search_pb2.DeleteDocumentsRequest, request, fields)
+        return self._call(self._search.DeleteDocuments, message, timeout, metadata)
+
+    def get(self, request: search_pb2.GetDocumentRequest | str | None = None, /, *, timeout: float | None = None,
+            metadata: Metadata = (), **fields: Any) -> search_pb2.GetDocumentResponse:
+        """`get("doc-id")`, `get(id="doc-id")` or `get(GetDocumentRequest(...))`."""
+        if isinstance(request, str):
+            request, fields = None, {"id": request, **fields}
+        message = self._request(search_pb2.GetDocumentRequest, request, fields)
+        return self._call(self._search.GetDocument, message, timeout, metadata)
+
+    def serving_state(self, *, timeout: float | None = None,
+                      metadata: Metadata = ()) -> admin_pb2.GetServingStateResponse:
+        return self._call(self._admin.GetServingState, admin_pb2.GetServingStateRequest(), timeout, metadata)
+
+    def reload_serving_state(self, *, timeout: float | None = None,
+                             metadata: Metadata = ()) -> admin_pb2.ReloadServingStateResponse:
+        return self._call(self._admin.ReloadServingState, admin_pb2.ReloadServingStateRequest(), timeout, metadata)
+
+
+class AsyncSearchClient(_ClientBase):
+    """asyncio client (grpc.aio). Create it inside the event loop that uses it; `async with` or `await close()`."""
+
+    def __init__(self, target: str, **kwargs: Any) -> None:
+        super().__init__(target, **kwargs)
+        self.channel: grpc.aio.Channel = (
+            grpc.aio.secure_channel(target, self.credentials, options=self.options)
+            if self.credentials is not None else grpc.aio.insecure_channel(target, options=self.options))
+        self._search = search_pb2_grpc.SearchServiceStub(self.channel)
+        self._admin = admin_pb2_grpc.AdminServiceStub(self.channel)
+
+    async def __aenter__(self) -> AsyncSearchClient:
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        await self.close()
+
+    async def close(self) -> None:
+        await self.channel.close(None)
+
+    async def _call(self, method: Callable[..., Any], request: Message, timeout: float | None,
+                    metadata: Metadata) -> Any:
+        deadline = self._deadline(timeout)
+        headers = self._metadata(metadata)
+
+        async def attempt() -> Any:
+            return await method(request, timeout=self._remaining(deadline), metadata=headers)
+
+        return await async_retry_call(attempt, retry_on=self.retry_on, deadline_s=self._retry_window(deadline),
+                                      base_s=self.retry_base_s, max_wait_s=self.retry_max_wait_s,
+                                      max_attempts=self.max_attempts)
+
+    async def search(self, request: search_pb2.SearchDocumentsRequest | None = None, /, *,
+                     timeout: float | None = None, metadata: Metadata = (),
+                     **fields: Any) -> search_pb2.SearchDocumentsResponse:
+        message = self._request(search_pb2.SearchDocumentsRequest, request, fields)
+        result: search_pb2.SearchDocumentsResponse = await self._call(self._search.SearchDocuments, message,
+                                                                      timeout, metadata)
+        return result
+
+    async def batch_search(self, request: search_pb2.BatchSearchDocumentsRequest | None = None, /, *,
+                           timeout: float | None = None, metadata: Metadata = (),
+                           **fields: Any) -> search_pb2.BatchSearchDocumentsResponse:
+        message = self._request(search_pb2.BatchSearchDocumentsRequest, request, fields)
+        result: search_pb2.BatchSearchDocumentsResponse = await self._call(
+            self._search.BatchSearchDocuments, message, timeout, metadata)
+        return result
+
+    async def upsert(self, request: search_pb2.UpsertDocumentsRequest | None = None, /, *,
+                     timeout: float | None = None, metadata: Metadata = (),
+                     **fields: Any) -> search_pb2.UpsertDocumentsResponse:
+        message = self._request(search_pb2.UpsertDocumentsRequest, request, fields)
+        result: search_pb2.UpsertDocumentsResponse = await self._call(self._search.UpsertDocuments, message,
+                                                                      timeout, metadata)
+        return result
+
+    async def delete(self, request: search_pb2.DeleteDocumentsRequest | None = None, /, *,
+                     timeout: float | None = None, metadata: Metadata = (),
+                     **fields: Any) -> search_pb2.DeleteDocumentsResponse:
+        message = self._request(search_pb2.DeleteDocumentsRequest, request, fields)
+        result: search_pb2.DeleteDocumentsResponse = await self._call(self._search.DeleteDocuments, message,
+                                                                      timeout, metadata)
+        return result
+
+    async def get(self, request: search_pb2.GetDocumentRequest | str | None = None, /, *,
+                  timeout: float | None = None, metadata: Metadata = (),
+                  **fields: Any) -> search_pb2.GetDocumentResponse:
+        if isinstance(request, str):
+            request, fields = None, {"id": request, **fields}
+        message = self._request(search_pb2.GetDocumentRequest, request, fields)
+        result: search_pb2.GetDocumentResponse = await self._call(self._search.GetDocument, message,
+                                                                  timeout, metadata)
+        return result
+
+    async def serving_state(self, *, timeout: float | None = None,
+                            metadata: Metadata = ()) -> admin_pb2.GetServingStateResponse:
+        result: admin_pb2.GetServingStateResponse = await self._call(
+            self._admin.GetServingState, admin_pb2.GetServingStateRequest(), timeout, metadata)
+        return result
+
+    async def reload_serving_state(self, *, timeout: float | None = None,
+                                   metadata: Metadata = ()) -> admin_pb2.ReloadServingStateResponse:
+        result: admin_pb2.ReloadServingStateResponse = await self._call(
+            self._admin.ReloadServingState, admin_pb2.ReloadServingStateRequest(), timeout, metadata)
+        return result

@@ -1,0 +1,294 @@
+"""HTTP/JSON beside gRPC, in the same process: a thin transport shell over the gRPC service.
+
+Each HTTP request is parsed into the RPC's request message (proto3 JSON mapping; an unknown field or
+bad JSON is 400 before anything runs) and sent to the gRPC server itself over an in-process channel
+(a Unix socket in a private directory) with the caller's `authorization` / `x-api-key` header as
+metadata. Authentication, scopes, validation, limits, metrics, logs and errors are therefore the
+gRPC ones by construction; the gateway only maps the status code to an HTTP status
+(service/http_api.py). The HTTP port uses the gRPC port's TLS settings (certificate, and client
+certificates when `tls_client_ca_file` is set); the hop behind it never leaves the process's host
+and needs no TLS.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import math
+import re
+import socket
+import ssl
+from collections.abc import Iterable, Iterator
+from typing import Any
+
+import grpc
+import structlog
+import uvicorn
+from google.protobuf import json_format
+from google.protobuf.descriptor import FieldDescriptor
+from google.protobuf.message import Message
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+from starlette.applications import Starlette
+from starlette.exceptions import HTTPException
+from starlette.requests import Request
+from starlette.responses import Response
+from starlette.routing import Route
+
+from semsearch.config import Settings
+from service.http_api import ROUTES, HttpRoute, error_body, http_status
+from service.openapi import openapi_document
+
+log = structlog.get_logger(__name__)
+
+# Headers passed on as gRPC metadata: the credentials and the request id the logs carry.
+FORWARDED_HEADERS = ("authorization", "x-api-key", "x-request-id")
+GRPC_TIMEOUT = re.compile(r"^(\d{1,8})([HMSmun])$")
+TIMEOUT_UNITS = {"H": 3600.0, "M": 60.0, "S": 1.0, "m": 1e-3, "u": 1e-6, "n": 1e-9}
+
+
+class BadRequest(Exception):
+    """Input the gateway refuses before calling the service (bad JSON, unknown field)."""
+
+    def __init__(self, message: str, code: grpc.StatusCode = grpc.StatusCode.INVALID_ARGUMENT,
+                 http: int | None = None) -> None:
+        super().__init__(message)
+        self.code = code
+        self.http = http
+
+
+def json_response(body: Any, status: int = 200, headers: dict[str, str] | None = None) -> Response:
+    return Response(json.dumps(body, ensure_ascii=False), status_code=status, headers=headers,
+                    media_type="application/json")
+
+
+def message_to_json(message: Message) -> dict[str, Any]:
+    # Defaults included: `{"deletedCount": 0}` rather than `{}`, `"hits": []` rather than nothing.
+    return json_format.MessageToDict(message, always_print_fields_with_no_presence=True)
+
+
+def parse_timeout(value: str | None) -> float | None:
+    """The `grpc-timeout` header (as grpc-gateway reads it): `5S`, `200m`..."""
+    if value is None:
+        return None
+    match = GRPC_TIMEOUT.match(value.strip())
+    if match is None:
+        raise BadRequest(f"grpc-timeout {value!r}: expected digits and a unit (H, M, S, m, u, n), e.g. 5S or 200m")
+    return int(match.group(1)) * TIMEOUT_UNITS[match.group(2)]
+
+
+def _field(message: Message, name: str) -> FieldDescriptor | None:
+    descriptor: Any = message.DESCRIPTOR  # upb's and the pure-Python descriptor types differ in the stubs
+    fields: list[FieldDescriptor] = list(descriptor.fields)
+    return next((field for field in fields if name in (field.name, field.json_name)), None)
+
+
+def _query_value(field: FieldDescriptor | None, value: str) -> Any:
+    # Query strings are text; proto3 JSON wants true/false unquoted for bools.
+    if field is not None and field.type == FieldDescriptor.TYPE_BOOL and value in ("true", "false"):
+        return value == "true"
+    return value
+
+
+def build_request(route: HttpRoute, body: bytes, path_params: dict[str, str],
+                  query: list[tuple[str, str]]) -> Message:
+    """The request message from the JSON body, then query parameters, then path parameters (which win)."""
+    request = route.request_class()()
+    data: dict[str, Any] = {}
+    if route.has_body and body.strip():
+        try:
+            data = json.loads(body.decode("utf-8"))
+        except UnicodeDecodeError as exc:
+            raise BadRequest(f"the body is not UTF-8: {exc.reason} at byte {exc.start}") from exc
+        except json.JSONDecodeError as exc:
+            raise BadRequest(f"the body is not valid JSON: {exc.msg} at line {exc.lineno} column {exc.colno}") from exc
+        if not isinstance(data, dict):
+            raise BadRequest(f"the body must be a JSON object (a {request.DESCRIPTOR.name} in the proto3 JSON "
+                             f"mapping), not a {type(data).__name__}")
+    for name, value in query:
+        field = _field(request, name)
+        if field is not None and field.is_repeated:
+            data.setdefault(name, []).append(_query_value(field, value))
+        elif name in data:
+            raise BadRequest(f"{name!r} is given twice (query parameter and body, or a repeated query parameter)")
+        else:
+            data[name] = _query_value(field, value)
+    data.update(path_params)
+    try:
+        json_format.ParseDict(data, request)
+    except json_format.ParseError as exc:
+        # ParseError's message names the field and the message type; the hint lists the fields.
+        raise BadRequest(str(exc).replace("\n", " ").strip()) from exc
+    return request
+
+
+def retry_details(trailing: Iterable[tuple[str, str | bytes]] | None) -> tuple[str | None, list[dict[str, Any]]]:
+    """Retry-After (seconds) and a google.rpc.RetryInfo detail from the `retry-after` / `retry-after-ms`
+    trailing metadata the service sends with RESOURCE_EXHAUSTED."""
+    values = {key: value for key, value in (trailing or ()) if isinstance(value, str)}
+    seconds = values.get("retry-after")
+    millis = values.get("retry-after-ms")
+    delay_s: float | None = None
+    with contextlib.suppress(ValueError):
+        delay_s = int(millis) / 1000 if millis is not None else (float(seconds) if seconds is not None else None)
+    if delay_s is None:
+        return seconds, []
+    header = seconds if seconds is not None else str(max(1, math.ceil(delay_s)))
+    return header, [{"@type": "type.googleapis.com/google.rpc.RetryInfo", "retryDelay": f"{delay_s:.3f}s"}]
+
+
+def error_response(code: grpc.StatusCode, message: str, trailing: Iterable[tuple[str, str | bytes]] | None = None,
+                   http: int | None = None) -> Response:
+    headers: dict[str, str] = {}
+    details: list[dict[str, Any]] = []
+    if code == grpc.StatusCode.UNAUTHENTICATED:
+        headers["WWW-Authenticate"] = 'Bearer realm="semsearch"'
+    if code in (grpc.StatusCode.RESOURCE_EXHAUSTED, grpc.StatusCode.UNAVAILABLE):
+        retry_after, details = retry_details(trailing)
+        if retry_after is None and code == grpc.StatusCode.RESOURCE_EXHAUSTED:
+            retry_after = "1"  # a queue or limit is full: tell clients to back off rather than hammer
+        if retry_after is not None:
+            headers["Retry-After"] = retry_after
+    return json_response(error_body(code, message, details), http or http_status(code), headers)
+
+
+class Gateway:
+    """The ASGI app: routes → RPCs over `channel` (the in-process hop to the gRPC server)."""
+
+    def __init__(self, channel: grpc.aio.Channel, *, max_body_bytes: int) -> None:
+        self.channel = channel
+        self.max_body_bytes = max_body_bytes
+        self.openapi = json.dumps(openapi_document(), ensure_ascii=False, indent=2)
+        self.health = health_pb2_grpc.HealthStub(channel)
+        routes = [Route(route.path, self._endpoint(route), methods=[route.http_method],
+                        name=route.operation_id) for route in ROUTES]
+        routes += [Route("/healthz", self.healthz, methods=["GET"]),
+                   Route("/openapi.json", self.openapi_json, methods=["GET"])]
+        self.app = Starlette(routes=routes, exception_handlers={HTTPException: self.http_error})
+
+    async def read_body(self, request: Request) -> bytes:
+        declared = request.headers.get("content-length")
+        if declared is not None and declared.isdigit() and int(declared) > self.max_body_bytes:
+            raise BadRequest(f"the body is {declared} bytes, over max_message_bytes ({self.max_body_bytes})",
+                             grpc.StatusCode.RESOURCE_EXHAUSTED, http=413)
+        chunks, size = [], 0
+        async for chunk in request.stream():
+            size += len(chunk)
+            if size > self.max_body_bytes:
+                raise BadRequest(f"the body is over max_message_bytes ({self.max_body_bytes})",
+                                 grpc.StatusCode.RESOURCE_EXHAUSTED, http=413)
+            chunks.append(chunk)
+        return b"".join(chunks)
+
+    def _endpoint(self, route: HttpRoute) -> Any:
+        call = self.channel.unary_unary(
+            route.grpc_path, request_serializer=lambda message: message.SerializeToString(),
+            response_deserializer=route.response_class().FromString,
+        )
+
+        async def endpoint(request: Request) -> Response:
+            try:
+                body = await self.read_body(request) if route.has_body else b""
+                message = build_request(route, body, dict(request.path_params),
+                                        list(request.query_params.multi_items()))
+                timeout = parse_timeout(request.headers.get("grpc-timeout"))
+            except BadRequest as exc:
+                return error_response(exc.code, str(exc), http=exc.http)
+            metadata = grpc.aio.Metadata(*((name, request.headers[name]) for name in FORWARDED_HEADERS
+                                           if name in request.headers))
+            try:
+                response = await call(message, metadata=metadata, timeout=timeout)
+            except grpc.aio.AioRpcError as exc:
+                trailing: Any = exc.trailing_metadata()  # grpc.aio.Metadata: (key, value) pairs
+                return error_response(exc.code(), exc.details() or exc.code().name, trailing)
+            return json_response(message_to_json(response))
+
+        return endpoint
+
+    async def healthz(self, request: Request) -> Response:
+        try:
+            answer = await self.health.Check(health_pb2.HealthCheckRequest(), timeout=5)
+        except grpc.aio.AioRpcError as exc:
+            return json_response({"status": "NOT_SERVING", "message": exc.details() or exc.code().name}, 503)
+        status = health_pb2.HealthCheckResponse.ServingStatus.Name(answer.status)
+        serving = answer.status == health_pb2.HealthCheckResponse.SERVING
+        return json_response({"status": status}, 200 if serving else 503)
+
+    async def openapi_json(self, request: Request) -> Response:
+        return Response(self.openapi, media_type="application/json")
+
+    async def http_error(self, request: Request, exc: Exception) -> Response:
+        assert isinstance(exc, HTTPException)
+        if exc.status_code == 404:
+            return error_response(grpc.StatusCode.NOT_FOUND, f"no route {request.url.path}", http=404)
+        if exc.status_code == 405:
+            return error_response(grpc.StatusCode.UNIMPLEMENTED, f"{request.method} is not allowed on "
+                                  f"{request.url.path}", http=405)
+        return error_response(grpc.StatusCode.UNKNOWN, str(exc.detail), http=exc.status_code)
+
+
+class _EmbeddedServer(uvicorn.Server):
+    """uvicorn inside the service's event loop: the service owns SIGTERM/SIGINT and the drain order."""
+
+    @contextlib.contextmanager
+    def capture_signals(self) -> Iterator[None]:
+        yield
+
+
+def bind(host: str, port: int) -> socket.socket:
+    family, kind, proto, _, address = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM,
+                                                         flags=socket.AI_PASSIVE)[0]
+    sock = socket.socket(family, kind, proto)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    try:
+        sock.bind(address)
+    except OSError:
+        sock.close()
+        raise
+    return sock
+
+
+class HttpServer:
+    """The gateway on `settings.host:settings.http_port`, served by uvicorn on the running loop."""
+
+    def __init__(self, settings: Settings, grpc_target: str) -> None:
+        self.settings = settings
+        options = [("grpc.max_receive_message_length", settings.max_message_bytes),
+                   ("grpc.max_send_message_length", settings.max_message_bytes)]
+        self.channel = grpc.aio.insecure_channel(grpc_target, options=options)
+        self.gateway = Gateway(self.channel, max_body_bytes=settings.max_message_bytes)
+        self.port = 0
+        self._server: _EmbeddedServer | None = None
+        self._task: asyncio.Task[None] | None = None
+
+    async def start(self) -> int:
+        settings = self.settings
+        assert settings.http_port
+        sock = bind(settings.host, settings.http_port)
+        self.port = int(sock.getsockname()[1])
+        config = uvicorn.Config(
+            self.gateway.app, lifespan="off", log_config=None, access_log=False, ws="none", http="h11",
+            timeout_graceful_shutdown=max(1, math.ceil(settings.shutdown_grace_s)),
+            ssl_certfile=settings.tls_cert_file, ssl_keyfile=settings.tls_key_file,
+            ssl_ca_certs=settings.tls_client_ca_file,
+            ssl_cert_reqs=ssl.CERT_REQUIRED if settings.tls_client_ca_file else ssl.CERT_NONE,
+        )
+        self._server = _EmbeddedServer(config)
+        self._task = asyncio.create_task(self._server.serve(sockets=[sock]), name="http-gateway")
+        while not self._server.started:
+            if self._task.done():  # a bad certificate file, say: raise it here
+                self._task.result()
+                raise OSError(f"the HTTP server on {settings.host}:{self.port} stopped while starting")
+            await asyncio.sleep(0.01)
+        scheme = "https" if settings.tls_cert_file else "http"
+        log.info("http_listening", address=f"{scheme}://{settings.host}:{self.port}")
+        return self.port
+
+    async def stop(self) -> None:
+        """Stop accepting, let in-flight requests finish (up to shutdown_grace_s), close the hop.
+        Runs before the gRPC server stops, so the requests it drains can still reach it."""
+        if self._server is not None and self._task is not None:
+            self._server.should_exit = True
+            with contextlib.suppress(Exception):
+                await self._task
+        await self.channel.close(None)

@@ -345,14 +345,22 @@ def test_the_extension_on_the_milvus_server(make_service: Callable[..., LiveServ
     everything = search(live, top_k=len(DOCS), tenant="acme")
     assert {hit.id for hit in everything.hits} == {d[0] for d in DOCS}
     threshold = everything.hits[3].score
-    assert ids(search(live, top_k=len(DOCS), tenant="acme", min_score=threshold)) == ids(everything)[:4]
+    cut = search(live, top_k=len(DOCS), tenant="acme", min_score=threshold)
+    assert ids(cut) == [hit.id for hit in everything.hits if hit.score >= threshold], (everything.hits, cut.hits)
+    assert len(cut.hits) < len(DOCS)
     got = [hit for page in pages(live, 3, tenant="acme") for hit in page.hits]
     assert [h.id for h in got] == ids(everything)
     money = pb.FilterGroup(operator=pb.LOGICAL_OPERATOR_OR, filters=[
         f("tags", pb.FILTER_OPERATOR_CONTAINS, "hardware"), f("vip", pb.FILTER_OPERATOR_EXISTS)])
-    assert found(live, filter=money, tenant="acme") == {"device"} | where(lambda m: m.get("vip") is not None)
+    # Milvus 2.3.5 counts a JSON null as present (Milvus Lite does not): "invoice" has vip: null.
+    assert found(live, filter=money, tenant="acme") == {"device"} | where(lambda m: "vip" in m)
     assert delete(live, filter=money, tenant="acme", dry_run=True) == len(found(live, filter=money, tenant="acme"))
     assert delete(live, delete_all=True, tenant="acme") == len(DOCS)
+    assert delete(live, delete_all=True, tenant="acme", dry_run=True) == 0  # counts read Strong
+    for _ in range(50):  # searches read Session: Milvus 2.3 may show a delete a moment later
+        if not found(live, tenant="acme"):
+            break
+        time.sleep(0.2)
     assert found(live, tenant="acme") == set()
     assert found(live) == {d[0] for d in DOCS}
 

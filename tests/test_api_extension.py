@@ -427,3 +427,20 @@ def test_promotion_upgrades_a_collection_made_before_tenants(
     assert set(ids(upgraded)) == {d[0] for d in DOCS[:3]}  # the default tenant's documents were copied
     assert ids(search(service, top_k=10, tenant="acme")) == ["refund"]
     assert service.stub.GetDocument(pb.GetDocumentRequest(id="refund"), timeout=30).document.text == DOCS[0][1]
+
+
+def test_new_fields_are_validated_with_a_reason(service: LiveService) -> None:
+    bad_tenant = "a b"
+    expect(lambda: service.stub.UpsertDocuments(pb.UpsertDocumentsRequest(
+        documents=[document("x", "文本", {}, bad_tenant)]), timeout=30), grpc.StatusCode.INVALID_ARGUMENT,
+        "documents[0].tenant")
+    expect(lambda: service.stub.GetDocument(pb.GetDocumentRequest(id="refund", tenant="x" * 64), timeout=30),
+           grpc.StatusCode.INVALID_ARGUMENT, "tenant")
+    expect(lambda: delete(service, delete_all=True, tenant="#"), grpc.StatusCode.INVALID_ARGUMENT, "tenant")
+    expect(lambda: search(service, tenant=bad_tenant), grpc.StatusCode.INVALID_ARGUMENT, "tenant")
+    expect(lambda: service.stub.BatchSearchDocuments(pb.BatchSearchDocumentsRequest(requests=[
+        pb.SearchDocumentsRequest(query="退款"), pb.SearchDocumentsRequest(query="退款", page_size=-2)]), timeout=30),
+        grpc.StatusCode.INVALID_ARGUMENT, "requests[1].page_size")
+    expect(lambda: delete(service, filter=pb.FilterGroup(operator=pb.LOGICAL_OPERATOR_AND)),
+           grpc.StatusCode.INVALID_ARGUMENT, "at least one filter")
+    assert found(service) == {d[0] for d in DOCS}  # nothing changed

@@ -141,18 +141,22 @@ class Capabilities:
     server_version: str  # as Milvus reports it: "milvus_lite-3.2.2", "v2.3.5", "v2.5.4"
     bm25: bool  # BM25 Functions and sparse inverted indexes: Milvus Lite, Milvus >= 2.5
     grouping: bool  # native search(group_by_field=...): Milvus >= 2.4
+    # Partition keys that upsert honours: Milvus 2.3.5 routes upserted rows to the wrong partition
+    # (a search for `tenant == "acme"` then misses them), so there the tenant field is a plain one.
+    partition_key: bool = True
 
 
 def capabilities_of(server_version: str) -> Capabilities:
     if server_version.startswith("milvus_lite"):
         # Lite "groups" by over-fetching 10x top_k in Python and projecting every fetched row: on the
         # 104-entry FAQ 45-66 ms against 6-8 ms for a plain search that semsearch dedupes itself.
-        return Capabilities(server_version, bm25=True, grouping=False)
+        return Capabilities(server_version, bm25=True, grouping=False, partition_key=True)
     match = re.match(r"v?(\d+)\.(\d+)", server_version.strip())
     if match is None:  # a managed service that does not say: assume a current Milvus
         return Capabilities(server_version, bm25=True, grouping=True)
     version = (int(match.group(1)), int(match.group(2)))
-    return Capabilities(server_version, bm25=version >= (2, 5), grouping=version >= (2, 4))
+    return Capabilities(server_version, bm25=version >= (2, 5), grouping=version >= (2, 4),
+                        partition_key=version >= (2, 4))
 
 
 def versioned_name(name: str, model_version: str) -> str:
@@ -387,8 +391,9 @@ class MilvusStore:
         schema.add_field("id", DataType.VARCHAR, is_primary=True, max_length=MAX_ID_BYTES + 16 + MAX_TENANT_BYTES)
         schema.add_field("doc_id", DataType.VARCHAR, max_length=MAX_ID_BYTES)
         # One collection serves many tenants: Milvus hashes this field to partitions, and a search
-        # filtered on one tenant reads only its partition.
-        schema.add_field(TENANT_FIELD, DataType.VARCHAR, max_length=MAX_TENANT_BYTES, is_partition_key=True)
+        # filtered on one tenant reads only its partition (a plain field where upsert mis-routes keys).
+        schema.add_field(TENANT_FIELD, DataType.VARCHAR, max_length=MAX_TENANT_BYTES,
+                         is_partition_key=self.capabilities().partition_key)
         schema.add_field("chunk_index", DataType.INT64)
         if analyzer is None:
             schema.add_field("text", DataType.VARCHAR, max_length=65535)

@@ -345,14 +345,22 @@ def test_the_extension_on_the_milvus_server(make_service: Callable[..., LiveServ
     everything = search(live, top_k=len(DOCS), tenant="acme")
     assert {hit.id for hit in everything.hits} == {d[0] for d in DOCS}
     threshold = everything.hits[3].score
-    assert ids(search(live, top_k=len(DOCS), tenant="acme", min_score=threshold)) == ids(everything)[:4]
+    cut = search(live, top_k=len(DOCS), tenant="acme", min_score=threshold)
+    assert ids(cut) == [hit.id for hit in everything.hits if hit.score >= threshold], (everything.hits, cut.hits)
+    assert len(cut.hits) < len(DOCS)
     got = [hit for page in pages(live, 3, tenant="acme") for hit in page.hits]
     assert [h.id for h in got] == ids(everything)
     money = pb.FilterGroup(operator=pb.LOGICAL_OPERATOR_OR, filters=[
         f("tags", pb.FILTER_OPERATOR_CONTAINS, "hardware"), f("vip", pb.FILTER_OPERATOR_EXISTS)])
-    assert found(live, filter=money, tenant="acme") == {"device"} | where(lambda m: m.get("vip") is not None)
+    # Milvus 2.3.5 counts a JSON null as present (Milvus Lite does not): "invoice" has vip: null.
+    assert found(live, filter=money, tenant="acme") == {"device"} | where(lambda m: "vip" in m)
     assert delete(live, filter=money, tenant="acme", dry_run=True) == len(found(live, filter=money, tenant="acme"))
     assert delete(live, delete_all=True, tenant="acme") == len(DOCS)
+    assert delete(live, delete_all=True, tenant="acme", dry_run=True) == 0  # counts read Strong
+    for _ in range(50):  # searches read Session: Milvus 2.3 may show a delete a moment later
+        if not found(live, tenant="acme"):
+            break
+        time.sleep(0.2)
     assert found(live, tenant="acme") == set()
     assert found(live) == {d[0] for d in DOCS}
 
@@ -419,3 +427,20 @@ def test_promotion_upgrades_a_collection_made_before_tenants(
     assert set(ids(upgraded)) == {d[0] for d in DOCS[:3]}  # the default tenant's documents were copied
     assert ids(search(service, top_k=10, tenant="acme")) == ["refund"]
     assert service.stub.GetDocument(pb.GetDocumentRequest(id="refund"), timeout=30).document.text == DOCS[0][1]
+
+
+def test_new_fields_are_validated_with_a_reason(service: LiveService) -> None:
+    bad_tenant = "a b"
+    expect(lambda: service.stub.UpsertDocuments(pb.UpsertDocumentsRequest(
+        documents=[document("x", "文本", {}, bad_tenant)]), timeout=30), grpc.StatusCode.INVALID_ARGUMENT,
+        "documents[0].tenant")
+    expect(lambda: service.stub.GetDocument(pb.GetDocumentRequest(id="refund", tenant="x" * 64), timeout=30),
+           grpc.StatusCode.INVALID_ARGUMENT, "tenant")
+    expect(lambda: delete(service, delete_all=True, tenant="#"), grpc.StatusCode.INVALID_ARGUMENT, "tenant")
+    expect(lambda: search(service, tenant=bad_tenant), grpc.StatusCode.INVALID_ARGUMENT, "tenant")
+    expect(lambda: service.stub.BatchSearchDocuments(pb.BatchSearchDocumentsRequest(requests=[
+        pb.SearchDocumentsRequest(query="退款"), pb.SearchDocumentsRequest(query="退款", page_size=-2)]), timeout=30),
+        grpc.StatusCode.INVALID_ARGUMENT, "requests[1].page_size")
+    expect(lambda: delete(service, filter=pb.FilterGroup(operator=pb.LOGICAL_OPERATOR_AND)),
+           grpc.StatusCode.INVALID_ARGUMENT, "at least one filter")
+    assert found(service) == {d[0] for d in DOCS}  # nothing changed

@@ -50,3 +50,9 @@ def test_the_check_catches_a_breaking_change(tmp_path: Path, old: str, new: str,
     result = breaking(copy)
     assert result.returncode != 0
     assert expected in result.stdout + result.stderr
+
+
+def test_protos_follow_the_buf_style_guide() -> None:
+    result = subprocess.run([buf_binary(), "lint", str(ROOT / "proto")], capture_output=True, text=True, timeout=120,
+                            cwd=ROOT / "proto")
+    assert result.returncode == 0, result.stdout + result.stderr

@@ -5,7 +5,9 @@ from __future__ import annotations
 
 import json
 import ssl
-from collections.abc import Callable
+import threading
+import time
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 from urllib.parse import quote
@@ -180,6 +182,39 @@ def test_stops_with_grpc(tmp_path: Path, tiny_encoder: TorchEncoder) -> None:
     service.stop()
     with pytest.raises(httpx.ConnectError):
         httpx.get(f"{url}/healthz", timeout=5)
+
+
+def test_drains_a_request_in_flight_before_grpc_stops(tmp_path: Path, tiny_encoder: TorchEncoder) -> None:
+    """A request whose body is still arriving when the service is told to stop gets its answer: the
+    gateway drains before the gRPC server behind it stops."""
+    settings = Settings(milvus_uri=str(tmp_path / "milvus.db"), host="127.0.0.1", port=0, metrics_port=0,
+                        collection="docs", http_port=free_port(), use_registry=False)
+    service = LiveService(settings, tiny_encoder)
+    url = base_url(service)
+    first_part_sent, rest_allowed = threading.Event(), threading.Event()
+    answers: list[httpx.Response] = []
+
+    def body() -> Iterator[bytes]:
+        yield b'{"query": '
+        first_part_sent.set()
+        rest_allowed.wait(30)
+        yield '"退款"}'.encode()
+
+    client = threading.Thread(target=lambda: answers.append(httpx.post(f"{url}/v1/search", content=body(),
+                                                                       timeout=60)))
+    client.start()
+    assert first_part_sent.wait(30)
+    time.sleep(0.3)  # the server has the request's head
+    stopping = threading.Thread(target=service.stop)
+    stopping.start()
+    time.sleep(0.5)
+    with pytest.raises(httpx.ConnectError):  # no new connections while draining
+        httpx.get(f"{url}/healthz", timeout=5)
+    rest_allowed.set()
+    client.join(60)
+    stopping.join(60)
+    assert answers and answers[0].status_code == 200, answers and answers[0].text
+    assert answers[0].json()["modelVersion"]
 
 
 def test_status_table() -> None:

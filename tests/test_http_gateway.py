@@ -21,7 +21,7 @@ from semsearch.encoders import TorchEncoder
 from semsearch.v1 import search_pb2 as pb
 from service.http_api import HTTP_STATUS, REST_ROUTES, ROUTES, http_status
 from service.http_gateway import BadRequest, build_request, error_response, parse_timeout
-from service.openapi import openapi_document, render
+from service.openapi import openapi_document, proto_comments, render
 from tests.conftest import LiveService, free_port
 
 REPO = Path(__file__).resolve().parent.parent
@@ -95,7 +95,7 @@ def test_routes_answer_in_proto3_json(make_service: Callable[..., LiveService], 
         state = http.get("/v1/admin/serving-state")
         assert state.status_code == 200 and state.json()["current"]["modelVersion"] == body["modelVersion"]
         assert http.get("/healthz").json() == {"status": "SERVING"}
-        assert http.get("/openapi.json").json() == json.loads((REPO / "proto" / "openapi.json").read_text())
+        assert http.get("/openapi.json").json() == json.loads((REPO / "service" / "openapi.json").read_text())
 
 
 def test_bad_input_is_400_with_a_reason(make_service: Callable[..., LiveService], tiny_encoder: TorchEncoder) -> None:
@@ -270,9 +270,10 @@ def test_request_building() -> None:
 
 
 def test_openapi_file_is_current() -> None:
-    committed = (REPO / "proto" / "openapi.json").read_text(encoding="utf-8")
-    assert committed == render(), "proto/openapi.json is stale: run `python scripts/gen_openapi.py`"
-    document = openapi_document()
+    committed = (REPO / "service" / "openapi.json").read_text(encoding="utf-8")
+    comments = proto_comments()
+    assert committed == render(comments), "service/openapi.json is stale: run `python scripts/gen_openapi.py`"
+    document = openapi_document(comments)
     # Every route is documented, and every $ref resolves.
     operations = {op["operationId"] for path in document["paths"].values() for op in path.values()}
     assert {route.operation_id for route in ROUTES} <= operations
@@ -291,7 +292,9 @@ def test_openapi_file_is_current() -> None:
     schemas = document["components"]["schemas"]
     assert refs and all(ref.removeprefix("#/components/schemas/") in schemas for ref in refs)
     request = schemas["semsearch.v1.SearchDocumentsRequest"]["properties"]
-    assert request["topK"] == {"type": "integer", "format": "int32"}
-    assert request["mode"] == {"$ref": "#/components/schemas/semsearch.v1.RetrievalMode"}
+    assert (request["topK"]["type"], request["topK"]["format"]) == ("integer", "int32")
+    assert request["mode"]["allOf"] == [{"$ref": "#/components/schemas/semsearch.v1.RetrievalMode"}]
+    assert "instruction" in request["query"]["description"]  # the .proto comment
+    assert "NOT_FOUND" in document["paths"]["/v1/documents/{id}"]["get"]["description"]
     assert schemas["semsearch.v1.Document"]["properties"]["metadata"]["type"] == "object"
     assert document["paths"]["/v1/documents/{id}"]["get"]["parameters"][0]["name"] == "id"

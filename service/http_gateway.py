@@ -264,7 +264,10 @@ class HttpServer:
     async def start(self) -> int:
         settings = self.settings
         assert settings.http_port
-        sock = bind(settings.host, settings.http_port)
+        try:
+            sock = bind(settings.host, settings.http_port)
+        except OSError as exc:  # the CLI prints it after the gRPC address: say which port failed
+            raise OSError(f"HTTP port {settings.http_port}: {exc.strerror or exc}") from exc
         self.port = int(sock.getsockname()[1])
         config = uvicorn.Config(
             self.gateway.app, lifespan="off", log_config=None, access_log=False, ws="none", http="h11",

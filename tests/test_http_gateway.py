@@ -235,6 +235,22 @@ def test_drains_a_request_in_flight_before_grpc_stops(tmp_path: Path, tiny_encod
     assert answers[0].json()["modelVersion"]
 
 
+def test_a_taken_http_port_fails_the_start_and_names_it(tmp_path: Path) -> None:
+    import asyncio
+    import socket
+
+    from service.server import start_server
+
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        settings = Settings(milvus_uri=str(tmp_path / "milvus.db"), host="127.0.0.1", port=0, metrics_port=0,
+                            collection="docs", http_port=port, use_registry=False)
+        with pytest.raises(OSError, match=f"HTTP port {port}: Address already in use"):
+            asyncio.run(start_server(settings))
+
+
 def test_status_table() -> None:
     assert set(HTTP_STATUS) == set(grpc.StatusCode)  # every code has its HTTP status
     expected = {"OK": 200, "INVALID_ARGUMENT": 400, "UNAUTHENTICATED": 401, "PERMISSION_DENIED": 403,

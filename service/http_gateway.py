@@ -37,7 +37,7 @@ from starlette.routing import Route
 
 from semsearch.config import Settings
 from service.http_api import ROUTES, HttpRoute, error_body, http_status
-from service.openapi import openapi_document
+from service.openapi import packaged_document
 
 log = structlog.get_logger(__name__)
 
@@ -158,7 +158,7 @@ class Gateway:
     def __init__(self, channel: grpc.aio.Channel, *, max_body_bytes: int) -> None:
         self.channel = channel
         self.max_body_bytes = max_body_bytes
-        self.openapi = json.dumps(openapi_document(), ensure_ascii=False, indent=2)
+        self.openapi = packaged_document()
         self.health = health_pb2_grpc.HealthStub(channel)
         routes = [Route(route.path, self._endpoint(route), methods=[route.http_method],
                         name=route.operation_id) for route in ROUTES]
@@ -264,7 +264,10 @@ class HttpServer:
     async def start(self) -> int:
         settings = self.settings
         assert settings.http_port
-        sock = bind(settings.host, settings.http_port)
+        try:
+            sock = bind(settings.host, settings.http_port)
+        except OSError as exc:  # the CLI prints it after the gRPC address: say which port failed
+            raise OSError(f"HTTP port {settings.http_port}: {exc.strerror or exc}") from exc
         self.port = int(sock.getsockname()[1])
         config = uvicorn.Config(
             self.gateway.app, lifespan="off", log_config=None, access_log=False, ws="none", http="h11",

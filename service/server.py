@@ -135,6 +135,7 @@ class RunningServer:
 
 async def start_server(settings: Settings, store: MilvusStore | None = None) -> RunningServer:
     """Bind and start answering (health NOT_SERVING) before the model is loaded."""
+    own_store = store is None
     if store is None:
         store = await asyncio.to_thread(
             MilvusStore, settings.milvus_uri,
@@ -189,6 +190,8 @@ async def start_server(settings: Settings, store: MilvusStore | None = None) -> 
             await running.http.stop()
             await running.server.stop(None)
             shutil.rmtree(loopback_dir, ignore_errors=True)
+            if own_store:
+                await asyncio.to_thread(store.close)
             raise
     log.info("listening", address=running.address)
     return running

@@ -5,7 +5,9 @@ from __future__ import annotations
 
 import json
 import ssl
-from collections.abc import Callable
+import threading
+import time
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 from urllib.parse import quote
@@ -19,7 +21,7 @@ from semsearch.encoders import TorchEncoder
 from semsearch.v1 import search_pb2 as pb
 from service.http_api import HTTP_STATUS, REST_ROUTES, ROUTES, http_status
 from service.http_gateway import BadRequest, build_request, error_response, parse_timeout
-from service.openapi import openapi_document, render
+from service.openapi import openapi_document, proto_comments, render
 from tests.conftest import LiveService, free_port
 
 REPO = Path(__file__).resolve().parent.parent
@@ -59,8 +61,9 @@ def test_routes_answer_in_proto3_json(make_service: Callable[..., LiveService], 
         # An id with '/' and Chinese characters, percent-encoded in the path.
         got = http.get(f"/v1/documents/{quote('订单/2024', safe='')}")
         assert got.status_code == 200, got.text
-        assert got.json()["document"] == {"id": "订单/2024", "text": "快递包裹几天没动静",
-                                          "metadata": {"category": "parcel", "rank": 3}}
+        document = got.json()["document"]
+        assert {key: document[key] for key in ("id", "text", "metadata")} == {
+            "id": "订单/2024", "text": "快递包裹几天没动静", "metadata": {"category": "parcel", "rank": 3}}
 
         # snake_case and lowerCamelCase names are both proto3 JSON; enums by name.
         found = http.post("/v1/search", json={"query": "如何申请退款？", "top_k": 2, "mode": "RETRIEVAL_MODE_DENSE",
@@ -92,7 +95,7 @@ def test_routes_answer_in_proto3_json(make_service: Callable[..., LiveService], 
         state = http.get("/v1/admin/serving-state")
         assert state.status_code == 200 and state.json()["current"]["modelVersion"] == body["modelVersion"]
         assert http.get("/healthz").json() == {"status": "SERVING"}
-        assert http.get("/openapi.json").json() == json.loads((REPO / "proto" / "openapi.json").read_text())
+        assert http.get("/openapi.json").json() == json.loads((REPO / "service" / "openapi.json").read_text())
 
 
 def test_bad_input_is_400_with_a_reason(make_service: Callable[..., LiveService], tiny_encoder: TorchEncoder) -> None:
@@ -152,6 +155,23 @@ def test_same_auth_as_grpc(make_service: Callable[..., LiveService], tiny_encode
         assert call("/openapi.json", None).status_code == 200
 
 
+def test_rate_limited_key_is_429_with_retry_after(make_service: Callable[..., LiveService],
+                                                   tiny_encoder: TorchEncoder) -> None:
+    if "rate_limit_per_s" not in ApiKey.model_fields:
+        pytest.skip("per-key rate limits are not in this tree (they come with the API extension)")
+    limited = ApiKey(name="slow", key=READ_KEY, scope="search", rate_limit_per_s=0.5, rate_burst=1)  # type: ignore
+    service = http_service(make_service, tiny_encoder, api_keys=[limited])
+    with httpx.Client(base_url=base_url(service), timeout=60,
+                      headers={"authorization": f"Bearer {READ_KEY}"}) as http:
+        assert http.post("/v1/search", json={"query": "退款"}).status_code == 200
+        refused = http.post("/v1/search", json={"query": "退款"})
+        assert refused.status_code == 429, refused.text
+        assert refused.json()["status"] == "RESOURCE_EXHAUSTED"
+        assert 1 <= int(refused.headers["retry-after"]) <= 2
+        [detail] = refused.json()["details"]
+        assert detail["@type"] == "type.googleapis.com/google.rpc.RetryInfo" and detail["retryDelay"].endswith("s")
+
+
 def test_tls_and_mutual_tls(make_service: Callable[..., LiveService], tiny_encoder: TorchEncoder,
                             pki: dict[str, Path]) -> None:
     service = http_service(make_service, tiny_encoder, tls_cert_file=pki["server.pem"],
@@ -180,6 +200,55 @@ def test_stops_with_grpc(tmp_path: Path, tiny_encoder: TorchEncoder) -> None:
     service.stop()
     with pytest.raises(httpx.ConnectError):
         httpx.get(f"{url}/healthz", timeout=5)
+
+
+def test_drains_a_request_in_flight_before_grpc_stops(tmp_path: Path, tiny_encoder: TorchEncoder) -> None:
+    """A request whose body is still arriving when the service is told to stop gets its answer: the
+    gateway drains before the gRPC server behind it stops."""
+    settings = Settings(milvus_uri=str(tmp_path / "milvus.db"), host="127.0.0.1", port=0, metrics_port=0,
+                        collection="docs", http_port=free_port(), use_registry=False)
+    service = LiveService(settings, tiny_encoder)
+    url = base_url(service)
+    first_part_sent, rest_allowed = threading.Event(), threading.Event()
+    answers: list[httpx.Response] = []
+
+    def body() -> Iterator[bytes]:
+        yield b'{"query": '
+        first_part_sent.set()
+        rest_allowed.wait(30)
+        yield '"退款"}'.encode()
+
+    client = threading.Thread(target=lambda: answers.append(httpx.post(f"{url}/v1/search", content=body(),
+                                                                       timeout=60)))
+    client.start()
+    assert first_part_sent.wait(30)
+    time.sleep(0.3)  # the server has the request's head
+    stopping = threading.Thread(target=service.stop)
+    stopping.start()
+    time.sleep(0.5)
+    with pytest.raises(httpx.ConnectError):  # no new connections while draining
+        httpx.get(f"{url}/healthz", timeout=5)
+    rest_allowed.set()
+    client.join(60)
+    stopping.join(60)
+    assert answers and answers[0].status_code == 200, answers and answers[0].text
+    assert answers[0].json()["modelVersion"]
+
+
+def test_a_taken_http_port_fails_the_start_and_names_it(tmp_path: Path) -> None:
+    import asyncio
+    import socket
+
+    from service.server import start_server
+
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        settings = Settings(milvus_uri=str(tmp_path / "milvus.db"), host="127.0.0.1", port=0, metrics_port=0,
+                            collection="docs", http_port=port, use_registry=False)
+        with pytest.raises(OSError, match=f"HTTP port {port}: Address already in use"):
+            asyncio.run(start_server(settings))
 
 
 def test_status_table() -> None:
@@ -217,9 +286,10 @@ def test_request_building() -> None:
 
 
 def test_openapi_file_is_current() -> None:
-    committed = (REPO / "proto" / "openapi.json").read_text(encoding="utf-8")
-    assert committed == render(), "proto/openapi.json is stale: run `python scripts/gen_openapi.py`"
-    document = openapi_document()
+    committed = (REPO / "service" / "openapi.json").read_text(encoding="utf-8")
+    comments = proto_comments()
+    assert committed == render(comments), "service/openapi.json is stale: run `python scripts/gen_openapi.py`"
+    document = openapi_document(comments)
     # Every route is documented, and every $ref resolves.
     operations = {op["operationId"] for path in document["paths"].values() for op in path.values()}
     assert {route.operation_id for route in ROUTES} <= operations
@@ -238,7 +308,9 @@ def test_openapi_file_is_current() -> None:
     schemas = document["components"]["schemas"]
     assert refs and all(ref.removeprefix("#/components/schemas/") in schemas for ref in refs)
     request = schemas["semsearch.v1.SearchDocumentsRequest"]["properties"]
-    assert request["topK"] == {"type": "integer", "format": "int32"}
-    assert request["mode"] == {"$ref": "#/components/schemas/semsearch.v1.RetrievalMode"}
+    assert (request["topK"]["type"], request["topK"]["format"]) == ("integer", "int32")
+    assert request["mode"]["allOf"] == [{"$ref": "#/components/schemas/semsearch.v1.RetrievalMode"}]
+    assert "instruction" in request["query"]["description"]  # the .proto comment
+    assert "NOT_FOUND" in document["paths"]["/v1/documents/{id}"]["get"]["description"]
     assert schemas["semsearch.v1.Document"]["properties"]["metadata"]["type"] == "object"
     assert document["paths"]["/v1/documents/{id}"]["get"]["parameters"][0]["name"] == "id"

@@ -69,14 +69,35 @@ def search_query(request: pb.SearchDocumentsRequest, settings: Settings, where: 
     fields = set(request.return_fields)
     if pb.RETURN_FIELD_UNSPECIFIED in fields or not fields <= {pb.RETURN_FIELD_TEXT, pb.RETURN_FIELD_METADATA}:
         raise InvalidInputError(f"{prefix}return_fields: unspecified or unknown field")
+    k = top_k(request.top_k, settings, f"{prefix}top_k")
     return SearchQuery(
         text=query_text(request.query, settings, f"{prefix}query"),
-        top_k=top_k(request.top_k, settings, f"{prefix}top_k"),
+        top_k=k,
+        rerank=request.rerank,
+        rerank_candidates=rerank_candidates(request, k, settings, prefix) if request.rerank else 0,
         filters=filters,
         with_text=not fields or pb.RETURN_FIELD_TEXT in fields,
         with_metadata=not fields or pb.RETURN_FIELD_METADATA in fields,
         return_chunks=request.return_chunks,
     )
+
+
+def rerank_candidates(request: pb.SearchDocumentsRequest, k: int, settings: Settings, prefix: str = "") -> int:
+    """How many candidates to rerank: 0 means the `rerank_candidates` setting (at least top_k);
+    otherwise from top_k to `max_rerank_candidates`."""
+    limit = settings.max_rerank_candidates
+    value = request.rerank_candidates
+    if value == 0:
+        value = max(settings.rerank_candidates, k)
+        if value > limit:
+            raise InvalidInputError(
+                f"{prefix}top_k {k} is above max_rerank_candidates {limit}: rerank at most {limit} hits")
+        return value
+    if not k <= value <= limit:
+        raise InvalidInputError(
+            f"{prefix}rerank_candidates must be between top_k ({k}) and max_rerank_candidates ({limit}) "
+            f"(0 = the default {settings.rerank_candidates}), got {value}")
+    return value
 
 
 def batch_queries(request: pb.BatchSearchDocumentsRequest, settings: Settings) -> list[SearchQuery]:

@@ -25,21 +25,21 @@ _sym_db = _symbol_database.Default()
 from google.protobuf import struct_pb2 as google_dot_protobuf_dot_struct__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x19semsearch/v1/search.proto\x12\x0csemsearch.v1\x1a\x1cgoogle/protobuf/struct.proto\"O\n\x08\x44ocument\x12\n\n\x02id\x18\x01 \x01(\t\x12\x0c\n\x04text\x18\x02 \x01(\t\x12)\n\x08metadata\x18\x03 \x01(\x0b\x32\x17.google.protobuf.Struct\"p\n\x0b\x46ilterValue\x12\x16\n\x0cstring_value\x18\x01 \x01(\tH\x00\x12\x13\n\tint_value\x18\x02 \x01(\x03H\x00\x12\x16\n\x0c\x64ouble_value\x18\x03 \x01(\x01H\x00\x12\x14\n\nbool_value\x18\x04 \x01(\x08H\x00\x42\x06\n\x04kind\"\xa4\x01\n\x0eMetadataFilter\x12\r\n\x05\x66ield\x18\x01 \x01(\t\x12.\n\x08operator\x18\x02 \x01(\x0e\x32\x1c.semsearch.v1.FilterOperator\x12(\n\x05value\x18\x03 \x01(\x0b\x32\x19.semsearch.v1.FilterValue\x12)\n\x06values\x18\x04 \x03(\x0b\x32\x19.semsearch.v1.FilterValue\"\x86\x02\n\x16SearchDocumentsRequest\x12\r\n\x05query\x18\x01 \x01(\t\x12\r\n\x05top_k\x18\x02 \x01(\x05\x12-\n\x07\x66ilters\x18\x03 \x03(\x0b\x32\x1c.semsearch.v1.MetadataFilter\x12\x30\n\rreturn_fields\x18\x04 \x03(\x0e\x32\x19.semsearch.v1.ReturnField\x12\x15\n\rreturn_chunks\x18\x05 \x01(\x08\x12)\n\x04mode\x18\x06 \x01(\x0e\x32\x1b.semsearch.v1.RetrievalMode\x12+\n\x06\x66usion\x18\x07 \x01(\x0b\x32\x1b.semsearch.v1.FusionOptions\"x\n\rFusionOptions\x12*\n\x06method\x18\x01 \x01(\x0e\x32\x1a.semsearch.v1.FusionMethod\x12\r\n\x05rrf_k\x18\x02 \x01(\x05\x12\x14\n\x0c\x64\x65nse_weight\x18\x03 \x01(\x02\x12\x16\n\x0elexical_weight\x18\x04 \x01(\x02\"]\n\x0eRetrieverScore\x12.\n\tretriever\x18\x01 \x01(\x0e\x32\x1b.semsearch.v1.RetrievalMode\x12\r\n\x05score\x18\x02 \x01(\x02\x12\x0c\n\x04rank\x18\x03 \x01(\x05\"\xa6\x01\n\tSearchHit\x12\n\n\x02id\x18\x01 \x01(\t\x12\r\n\x05score\x18\x02 \x01(\x02\x12\x0c\n\x04text\x18\x03 \x01(\t\x12)\n\x08metadata\x18\x04 \x01(\x0b\x32\x17.google.protobuf.Struct\x12\x13\n\x0b\x63hunk_index\x18\x05 \x01(\x05\x12\x30\n\nretrievers\x18\x06 \x03(\x0b\x32\x1c.semsearch.v1.RetrieverScore\"E\n\x0cSearchTiming\x12\x10\n\x08total_ms\x18\x01 \x01(\x01\x12\x11\n\tencode_ms\x18\x02 \x01(\x01\x12\x10\n\x08store_ms\x18\x03 \x01(\x01\"\xc2\x01\n\x17SearchDocumentsResponse\x12%\n\x04hits\x18\x01 \x03(\x0b\x32\x17.semsearch.v1.SearchHit\x12\x15\n\rmodel_version\x18\x02 \x01(\t\x12\x12\n\ncollection\x18\x03 \x01(\t\x12*\n\x06timing\x18\x04 \x01(\x0b\x32\x1a.semsearch.v1.SearchTiming\x12)\n\x04mode\x18\x05 \x01(\x0e\x32\x1b.semsearch.v1.RetrievalMode\"U\n\x1b\x42\x61tchSearchDocumentsRequest\x12\x36\n\x08requests\x18\x01 \x03(\x0b\x32$.semsearch.v1.SearchDocumentsRequest\"X\n\x1c\x42\x61tchSearchDocumentsResponse\x12\x38\n\tresponses\x18\x01 \x03(\x0b\x32%.semsearch.v1.SearchDocumentsResponse\"C\n\x16UpsertDocumentsRequest\x12)\n\tdocuments\x18\x01 \x03(\x0b\x32\x16.semsearch.v1.Document\"\\\n\x17UpsertDocumentsResponse\x12\x16\n\x0eupserted_count\x18\x01 \x01(\x05\x12\x15\n\rmodel_version\x18\x02 \x01(\t\x12\x12\n\ncollection\x18\x03 \x01(\t\"%\n\x16\x44\x65leteDocumentsRequest\x12\x0b\n\x03ids\x18\x01 \x03(\t\"0\n\x17\x44\x65leteDocumentsResponse\x12\x15\n\rdeleted_count\x18\x01 \x01(\x05\" \n\x12GetDocumentRequest\x12\n\n\x02id\x18\x01 \x01(\t\"S\n\x13GetDocumentResponse\x12(\n\x08\x64ocument\x18\x01 \x01(\x0b\x32\x16.semsearch.v1.Document\x12\x12\n\ncollection\x18\x02 \x01(\t*\xf7\x01\n\x0e\x46ilterOperator\x12\x1f\n\x1b\x46ILTER_OPERATOR_UNSPECIFIED\x10\x00\x12\x16\n\x12\x46ILTER_OPERATOR_EQ\x10\x01\x12\x16\n\x12\x46ILTER_OPERATOR_NE\x10\x02\x12\x16\n\x12\x46ILTER_OPERATOR_GT\x10\x03\x12\x17\n\x13\x46ILTER_OPERATOR_GTE\x10\x04\x12\x16\n\x12\x46ILTER_OPERATOR_LT\x10\x05\x12\x17\n\x13\x46ILTER_OPERATOR_LTE\x10\x06\x12\x16\n\x12\x46ILTER_OPERATOR_IN\x10\x07\x12\x1a\n\x16\x46ILTER_OPERATOR_NOT_IN\x10\x08*]\n\x0bReturnField\x12\x1c\n\x18RETURN_FIELD_UNSPECIFIED\x10\x00\x12\x15\n\x11RETURN_FIELD_TEXT\x10\x01\x12\x19\n\x15RETURN_FIELD_METADATA\x10\x02*\x80\x01\n\rRetrievalMode\x12\x1e\n\x1aRETRIEVAL_MODE_UNSPECIFIED\x10\x00\x12\x18\n\x14RETRIEVAL_MODE_DENSE\x10\x01\x12\x1a\n\x16RETRIEVAL_MODE_LEXICAL\x10\x02\x12\x19\n\x15RETRIEVAL_MODE_HYBRID\x10\x03*`\n\x0c\x46usionMethod\x12\x1d\n\x19\x46USION_METHOD_UNSPECIFIED\x10\x00\x12\x15\n\x11\x46USION_METHOD_RRF\x10\x01\x12\x1a\n\x16\x46USION_METHOD_WEIGHTED\x10\x02\x32\xf2\x03\n\rSearchService\x12^\n\x0fSearchDocuments\x12$.semsearch.v1.SearchDocumentsRequest\x1a%.semsearch.v1.SearchDocumentsResponse\x12m\n\x14\x42\x61tchSearchDocuments\x12).semsearch.v1.BatchSearchDocumentsRequest\x1a*.semsearch.v1.BatchSearchDocumentsResponse\x12^\n\x0fUpsertDocuments\x12$.semsearch.v1.UpsertDocumentsRequest\x1a%.semsearch.v1.UpsertDocumentsResponse\x12^\n\x0f\x44\x65leteDocuments\x12$.semsearch.v1.DeleteDocumentsRequest\x1a%.semsearch.v1.DeleteDocumentsResponse\x12R\n\x0bGetDocument\x12 .semsearch.v1.GetDocumentRequest\x1a!.semsearch.v1.GetDocumentResponseb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x19semsearch/v1/search.proto\x12\x0csemsearch.v1\x1a\x1cgoogle/protobuf/struct.proto\"O\n\x08\x44ocument\x12\n\n\x02id\x18\x01 \x01(\t\x12\x0c\n\x04text\x18\x02 \x01(\t\x12)\n\x08metadata\x18\x03 \x01(\x0b\x32\x17.google.protobuf.Struct\"p\n\x0b\x46ilterValue\x12\x16\n\x0cstring_value\x18\x01 \x01(\tH\x00\x12\x13\n\tint_value\x18\x02 \x01(\x03H\x00\x12\x16\n\x0c\x64ouble_value\x18\x03 \x01(\x01H\x00\x12\x14\n\nbool_value\x18\x04 \x01(\x08H\x00\x42\x06\n\x04kind\"\xa4\x01\n\x0eMetadataFilter\x12\r\n\x05\x66ield\x18\x01 \x01(\t\x12.\n\x08operator\x18\x02 \x01(\x0e\x32\x1c.semsearch.v1.FilterOperator\x12(\n\x05value\x18\x03 \x01(\x0b\x32\x19.semsearch.v1.FilterValue\x12)\n\x06values\x18\x04 \x03(\x0b\x32\x19.semsearch.v1.FilterValue\"\xb1\x02\n\x16SearchDocumentsRequest\x12\r\n\x05query\x18\x01 \x01(\t\x12\r\n\x05top_k\x18\x02 \x01(\x05\x12-\n\x07\x66ilters\x18\x03 \x03(\x0b\x32\x1c.semsearch.v1.MetadataFilter\x12\x30\n\rreturn_fields\x18\x04 \x03(\x0e\x32\x19.semsearch.v1.ReturnField\x12\x15\n\rreturn_chunks\x18\x05 \x01(\x08\x12)\n\x04mode\x18\x06 \x01(\x0e\x32\x1b.semsearch.v1.RetrievalMode\x12+\n\x06\x66usion\x18\x07 \x01(\x0b\x32\x1b.semsearch.v1.FusionOptions\x12\x0e\n\x06rerank\x18\x1e \x01(\x08\x12\x19\n\x11rerank_candidates\x18\x1f \x01(\x05\"x\n\rFusionOptions\x12*\n\x06method\x18\x01 \x01(\x0e\x32\x1a.semsearch.v1.FusionMethod\x12\r\n\x05rrf_k\x18\x02 \x01(\x05\x12\x14\n\x0c\x64\x65nse_weight\x18\x03 \x01(\x02\x12\x16\n\x0elexical_weight\x18\x04 \x01(\x02\"]\n\x0eRetrieverScore\x12.\n\tretriever\x18\x01 \x01(\x0e\x32\x1b.semsearch.v1.RetrievalMode\x12\r\n\x05score\x18\x02 \x01(\x02\x12\x0c\n\x04rank\x18\x03 \x01(\x05\"\x83\x02\n\tSearchHit\x12\n\n\x02id\x18\x01 \x01(\t\x12\r\n\x05score\x18\x02 \x01(\x02\x12\x0c\n\x04text\x18\x03 \x01(\t\x12)\n\x08metadata\x18\x04 \x01(\x0b\x32\x17.google.protobuf.Struct\x12\x13\n\x0b\x63hunk_index\x18\x05 \x01(\x05\x12\x30\n\nretrievers\x18\x06 \x03(\x0b\x32\x1c.semsearch.v1.RetrieverScore\x12\x17\n\x0fretrieval_score\x18\x1e \x01(\x02\x12\x19\n\x0crerank_score\x18\x1f \x01(\x02H\x00\x88\x01\x01\x12\x16\n\x0eretrieval_rank\x18  \x01(\x05\x42\x0f\n\r_rerank_score\"X\n\x0cSearchTiming\x12\x10\n\x08total_ms\x18\x01 \x01(\x01\x12\x11\n\tencode_ms\x18\x02 \x01(\x01\x12\x10\n\x08store_ms\x18\x03 \x01(\x01\x12\x11\n\trerank_ms\x18\x1e \x01(\x01\"\xdc\x01\n\x17SearchDocumentsResponse\x12%\n\x04hits\x18\x01 \x03(\x0b\x32\x17.semsearch.v1.SearchHit\x12\x15\n\rmodel_version\x18\x02 \x01(\t\x12\x12\n\ncollection\x18\x03 \x01(\t\x12*\n\x06timing\x18\x04 \x01(\x0b\x32\x1a.semsearch.v1.SearchTiming\x12)\n\x04mode\x18\x05 \x01(\x0e\x32\x1b.semsearch.v1.RetrievalMode\x12\x18\n\x10reranker_version\x18\x1e \x01(\t\"U\n\x1b\x42\x61tchSearchDocumentsRequest\x12\x36\n\x08requests\x18\x01 \x03(\x0b\x32$.semsearch.v1.SearchDocumentsRequest\"X\n\x1c\x42\x61tchSearchDocumentsResponse\x12\x38\n\tresponses\x18\x01 \x03(\x0b\x32%.semsearch.v1.SearchDocumentsResponse\"C\n\x16UpsertDocumentsRequest\x12)\n\tdocuments\x18\x01 \x03(\x0b\x32\x16.semsearch.v1.Document\"\\\n\x17UpsertDocumentsResponse\x12\x16\n\x0eupserted_count\x18\x01 \x01(\x05\x12\x15\n\rmodel_version\x18\x02 \x01(\t\x12\x12\n\ncollection\x18\x03 \x01(\t\"%\n\x16\x44\x65leteDocumentsRequest\x12\x0b\n\x03ids\x18\x01 \x03(\t\"0\n\x17\x44\x65leteDocumentsResponse\x12\x15\n\rdeleted_count\x18\x01 \x01(\x05\" \n\x12GetDocumentRequest\x12\n\n\x02id\x18\x01 \x01(\t\"S\n\x13GetDocumentResponse\x12(\n\x08\x64ocument\x18\x01 \x01(\x0b\x32\x16.semsearch.v1.Document\x12\x12\n\ncollection\x18\x02 \x01(\t*\xf7\x01\n\x0e\x46ilterOperator\x12\x1f\n\x1b\x46ILTER_OPERATOR_UNSPECIFIED\x10\x00\x12\x16\n\x12\x46ILTER_OPERATOR_EQ\x10\x01\x12\x16\n\x12\x46ILTER_OPERATOR_NE\x10\x02\x12\x16\n\x12\x46ILTER_OPERATOR_GT\x10\x03\x12\x17\n\x13\x46ILTER_OPERATOR_GTE\x10\x04\x12\x16\n\x12\x46ILTER_OPERATOR_LT\x10\x05\x12\x17\n\x13\x46ILTER_OPERATOR_LTE\x10\x06\x12\x16\n\x12\x46ILTER_OPERATOR_IN\x10\x07\x12\x1a\n\x16\x46ILTER_OPERATOR_NOT_IN\x10\x08*]\n\x0bReturnField\x12\x1c\n\x18RETURN_FIELD_UNSPECIFIED\x10\x00\x12\x15\n\x11RETURN_FIELD_TEXT\x10\x01\x12\x19\n\x15RETURN_FIELD_METADATA\x10\x02*\x80\x01\n\rRetrievalMode\x12\x1e\n\x1aRETRIEVAL_MODE_UNSPECIFIED\x10\x00\x12\x18\n\x14RETRIEVAL_MODE_DENSE\x10\x01\x12\x1a\n\x16RETRIEVAL_MODE_LEXICAL\x10\x02\x12\x19\n\x15RETRIEVAL_MODE_HYBRID\x10\x03*`\n\x0c\x46usionMethod\x12\x1d\n\x19\x46USION_METHOD_UNSPECIFIED\x10\x00\x12\x15\n\x11\x46USION_METHOD_RRF\x10\x01\x12\x1a\n\x16\x46USION_METHOD_WEIGHTED\x10\x02\x32\xf2\x03\n\rSearchService\x12^\n\x0fSearchDocuments\x12$.semsearch.v1.SearchDocumentsRequest\x1a%.semsearch.v1.SearchDocumentsResponse\x12m\n\x14\x42\x61tchSearchDocuments\x12).semsearch.v1.BatchSearchDocumentsRequest\x1a*.semsearch.v1.BatchSearchDocumentsResponse\x12^\n\x0fUpsertDocuments\x12$.semsearch.v1.UpsertDocumentsRequest\x1a%.semsearch.v1.UpsertDocumentsResponse\x12^\n\x0f\x44\x65leteDocuments\x12$.semsearch.v1.DeleteDocumentsRequest\x1a%.semsearch.v1.DeleteDocumentsResponse\x12R\n\x0bGetDocument\x12 .semsearch.v1.GetDocumentRequest\x1a!.semsearch.v1.GetDocumentResponseb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
 _builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, 'semsearch.v1.search_pb2', _globals)
 if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
-  _globals['_FILTEROPERATOR']._serialized_start=1903
-  _globals['_FILTEROPERATOR']._serialized_end=2150
-  _globals['_RETURNFIELD']._serialized_start=2152
-  _globals['_RETURNFIELD']._serialized_end=2245
-  _globals['_RETRIEVALMODE']._serialized_start=2248
-  _globals['_RETRIEVALMODE']._serialized_end=2376
-  _globals['_FUSIONMETHOD']._serialized_start=2378
-  _globals['_FUSIONMETHOD']._serialized_end=2474
+  _globals['_FILTEROPERATOR']._serialized_start=2084
+  _globals['_FILTEROPERATOR']._serialized_end=2331
+  _globals['_RETURNFIELD']._serialized_start=2333
+  _globals['_RETURNFIELD']._serialized_end=2426
+  _globals['_RETRIEVALMODE']._serialized_start=2429
+  _globals['_RETRIEVALMODE']._serialized_end=2557
+  _globals['_FUSIONMETHOD']._serialized_start=2559
+  _globals['_FUSIONMETHOD']._serialized_end=2655
   _globals['_DOCUMENT']._serialized_start=73
   _globals['_DOCUMENT']._serialized_end=152
   _globals['_FILTERVALUE']._serialized_start=154
@@ -47,33 +47,33 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_METADATAFILTER']._serialized_start=269
   _globals['_METADATAFILTER']._serialized_end=433
   _globals['_SEARCHDOCUMENTSREQUEST']._serialized_start=436
-  _globals['_SEARCHDOCUMENTSREQUEST']._serialized_end=698
-  _globals['_FUSIONOPTIONS']._serialized_start=700
-  _globals['_FUSIONOPTIONS']._serialized_end=820
-  _globals['_RETRIEVERSCORE']._serialized_start=822
-  _globals['_RETRIEVERSCORE']._serialized_end=915
-  _globals['_SEARCHHIT']._serialized_start=918
-  _globals['_SEARCHHIT']._serialized_end=1084
-  _globals['_SEARCHTIMING']._serialized_start=1086
-  _globals['_SEARCHTIMING']._serialized_end=1155
-  _globals['_SEARCHDOCUMENTSRESPONSE']._serialized_start=1158
-  _globals['_SEARCHDOCUMENTSRESPONSE']._serialized_end=1352
-  _globals['_BATCHSEARCHDOCUMENTSREQUEST']._serialized_start=1354
-  _globals['_BATCHSEARCHDOCUMENTSREQUEST']._serialized_end=1439
-  _globals['_BATCHSEARCHDOCUMENTSRESPONSE']._serialized_start=1441
-  _globals['_BATCHSEARCHDOCUMENTSRESPONSE']._serialized_end=1529
-  _globals['_UPSERTDOCUMENTSREQUEST']._serialized_start=1531
-  _globals['_UPSERTDOCUMENTSREQUEST']._serialized_end=1598
-  _globals['_UPSERTDOCUMENTSRESPONSE']._serialized_start=1600
-  _globals['_UPSERTDOCUMENTSRESPONSE']._serialized_end=1692
-  _globals['_DELETEDOCUMENTSREQUEST']._serialized_start=1694
-  _globals['_DELETEDOCUMENTSREQUEST']._serialized_end=1731
-  _globals['_DELETEDOCUMENTSRESPONSE']._serialized_start=1733
-  _globals['_DELETEDOCUMENTSRESPONSE']._serialized_end=1781
-  _globals['_GETDOCUMENTREQUEST']._serialized_start=1783
-  _globals['_GETDOCUMENTREQUEST']._serialized_end=1815
-  _globals['_GETDOCUMENTRESPONSE']._serialized_start=1817
-  _globals['_GETDOCUMENTRESPONSE']._serialized_end=1900
-  _globals['_SEARCHSERVICE']._serialized_start=2477
-  _globals['_SEARCHSERVICE']._serialized_end=2975
+  _globals['_SEARCHDOCUMENTSREQUEST']._serialized_end=741
+  _globals['_FUSIONOPTIONS']._serialized_start=743
+  _globals['_FUSIONOPTIONS']._serialized_end=863
+  _globals['_RETRIEVERSCORE']._serialized_start=865
+  _globals['_RETRIEVERSCORE']._serialized_end=958
+  _globals['_SEARCHHIT']._serialized_start=961
+  _globals['_SEARCHHIT']._serialized_end=1220
+  _globals['_SEARCHTIMING']._serialized_start=1222
+  _globals['_SEARCHTIMING']._serialized_end=1310
+  _globals['_SEARCHDOCUMENTSRESPONSE']._serialized_start=1313
+  _globals['_SEARCHDOCUMENTSRESPONSE']._serialized_end=1533
+  _globals['_BATCHSEARCHDOCUMENTSREQUEST']._serialized_start=1535
+  _globals['_BATCHSEARCHDOCUMENTSREQUEST']._serialized_end=1620
+  _globals['_BATCHSEARCHDOCUMENTSRESPONSE']._serialized_start=1622
+  _globals['_BATCHSEARCHDOCUMENTSRESPONSE']._serialized_end=1710
+  _globals['_UPSERTDOCUMENTSREQUEST']._serialized_start=1712
+  _globals['_UPSERTDOCUMENTSREQUEST']._serialized_end=1779
+  _globals['_UPSERTDOCUMENTSRESPONSE']._serialized_start=1781
+  _globals['_UPSERTDOCUMENTSRESPONSE']._serialized_end=1873
+  _globals['_DELETEDOCUMENTSREQUEST']._serialized_start=1875
+  _globals['_DELETEDOCUMENTSREQUEST']._serialized_end=1912
+  _globals['_DELETEDOCUMENTSRESPONSE']._serialized_start=1914
+  _globals['_DELETEDOCUMENTSRESPONSE']._serialized_end=1962
+  _globals['_GETDOCUMENTREQUEST']._serialized_start=1964
+  _globals['_GETDOCUMENTREQUEST']._serialized_end=1996
+  _globals['_GETDOCUMENTRESPONSE']._serialized_start=1998
+  _globals['_GETDOCUMENTRESPONSE']._serialized_end=2081
+  _globals['_SEARCHSERVICE']._serialized_start=2658
+  _globals['_SEARCHSERVICE']._serialized_end=3156
 # @@protoc_insertion_point(module_scope)

@@ -242,6 +242,25 @@ class ModelRegistry:
                 referenced |= record.referenced_collections()
         return referenced
 
+    # ------------------------------------------------------------------ the reranker of a name
+    def set_reranker(self, name: str, reranker: RerankerRecord, *, event: str = "promote_reranker") -> RegistryRecord:
+        """Serve `reranker` for `name` (one compare-and-swap write; instances follow at their next
+        poll, no re-embedding); the one it replaces becomes `previous_reranker` (none: NO_RERANKER)."""
+        record = self.get(name)
+        if record is None or record.current is None:
+            raise SemsearchError(f"no registry record for {name!r}: start the service (or promote a model) first")
+        old = record.reranker or NO_RERANKER
+        record.previous_reranker, record.reranker = old, reranker
+        record.event(event, reranker_version=reranker.version or None, previous_reranker_version=old.version or None)
+        return self.put(record)
+
+    def rollback_reranker(self, name: str) -> RegistryRecord:
+        """Back to the reranker the last promotion replaced (possibly none)."""
+        record = self.get(name)
+        if record is None or record.previous_reranker is None:
+            raise SemsearchError(f"{name!r} has no previous reranker to roll back to")
+        return self.set_reranker(name, record.previous_reranker, event="rollback_reranker")
+
     def bootstrap(self, name: str, manifest: ModelManifest, collection: str,
                   encoder_url: str | None = None, *, persist: bool = True) -> RegistryRecord:
         """The first record for a name: what is serving now becomes `current`."""

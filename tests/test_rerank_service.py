@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import math
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
@@ -142,3 +143,21 @@ def test_pairs_of_concurrent_requests_share_reranker_passes(make_service: Callab
     assert stats.max_batch_seen > 20 and stats.batches < len(queries) + 1
     # Same query, same answer, whatever shared its pass.
     assert [h.id for h in responses[0].hits] == [h.id for h in responses[5].hits]
+
+
+def test_search_cli_reranks_and_prints_both_scores(make_service: Callable[..., LiveService],
+                                                   tiny_encoder: TorchEncoder, tiny_cross_encoder_dir: Path,
+                                                   tiny_reranker: TorchReranker) -> None:
+    from tests.test_cli_client import cli
+
+    service = make_service(tiny_encoder, reranker_model=str(tiny_cross_encoder_dir))
+    seed(service, extra=5)
+    result = cli("search", "退钱怎么操作", "--addr", service.address, "--top-k", "3", "--rerank",
+                 "--rerank-candidates", "8", "--json")
+    assert result.returncode == 0, result.stderr
+    answer = json.loads(result.stdout)
+    assert answer["reranker_version"] == tiny_reranker.manifest.version and len(answer["reranked"]) == 3
+    assert [h["id"] for h in answer["hits"]] == [r["id"] for r in answer["reranked"]]
+    assert all(h["score"] == r["rerank_score"] for h, r in zip(answer["hits"], answer["reranked"], strict=True))
+    bad = cli("search", "退钱", "--addr", service.address, "--top-k", "5", "--rerank", "--rerank-candidates", "2")
+    assert bad.returncode == 1 and "between top_k (5)" in bad.stderr

@@ -29,7 +29,7 @@ from pathlib import Path
 import grpc
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from loadgen import LoadResult, closed_loop
+from loadgen import Call, LoadResult, closed_loop
 
 from semsearch.config import Settings
 from semsearch.encoders import STAND_IN_MODEL, TorchEncoder, stand_in_model_path
@@ -77,19 +77,19 @@ async def run(args: argparse.Namespace) -> dict[str, object]:
                 documents = [to_document(row) for row in read_corpus(shipped_corpus())]
                 await stub.UpsertDocuments(pb.UpsertDocumentsRequest(documents=documents), timeout=300)
 
-                def caller(candidates: int) -> object:
+                def caller(candidates: int) -> Call:
                     async def search(n: int) -> pb.SearchDocumentsResponse:
                         request = pb.SearchDocumentsRequest(query=QUERIES[n % len(QUERIES)] + str(n), top_k=10,
                                                             rerank=candidates > 0, rerank_candidates=candidates)
                         return await stub.SearchDocuments(request, timeout=120)  # type: ignore[no-any-return]
                     return search
 
-                await closed_loop(caller(50), concurrency=2, requests=6)  # warm-up  # type: ignore[arg-type]
+                await closed_loop(caller(50), concurrency=2, requests=6)  # warm-up
                 for candidates in (0, *args.candidates):
                     for concurrency in (1, 8):
                         label = "search" if candidates == 0 else f"rerank {candidates}"
                         rows[(label, concurrency)] = await closed_loop(
-                            caller(candidates), concurrency=concurrency, requests=args.requests)  # type: ignore[arg-type]
+                            caller(candidates), concurrency=concurrency, requests=args.requests)
         finally:
             await running.stop(grace_s=1)
     engine = running.servicer.engine

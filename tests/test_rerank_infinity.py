@@ -65,6 +65,7 @@ def test_remote_scores_equal_in_process_scores(infinity: InfinityServer, cross_e
         remote.close()
 
 
+@pytest.mark.slow  # a second infinity server (~15 s to start)
 def test_the_v1_layout_and_the_sigmoid_activation(cross_encoder_dir: Path, tmp_path: Path) -> None:
     # The same weights with a manifest that asks for sigmoid: infinity is asked for raw scores and
     # the client applies the activation, as in-process.

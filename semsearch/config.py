@@ -104,6 +104,18 @@ class Settings(BaseSettings):
     encoder_backend: Literal["torch", "onnx", "onnx-int8", "auto"] = "torch"
     onnx_cache_dir: Path | None = None  # exported graphs; default $XDG_CACHE_HOME/semsearch/onnx
 
+    # Reranking: a cross-encoder re-orders the retrieved candidates of requests that ask for it.
+    reranker_model: str | None = None  # local directory or hub id; unset: no reranker (rerank = FAILED_PRECONDITION)
+    reranker_url: str | None = None  # rerank servers (TEI, infinity, vLLM, sglang), comma-separated; unset: in-process
+    reranker_api_key: SecretStr | None = None
+    # What scores vLLM/sglang answer with ("auto": sigmoid; TEI and infinity are asked for raw logits).
+    reranker_server_activation: Literal["auto", "none", "sigmoid"] = "auto"
+    reranker_batch_size: int = Field(default=32, ge=1)  # pairs per forward pass / passages per HTTP request
+    rerank_candidates: int = Field(default=50, ge=1)  # candidates retrieved when a request leaves it 0
+    max_rerank_candidates: int = Field(default=200, ge=1)  # a request asking for more: INVALID_ARGUMENT
+    rerank_microbatch_max_pairs: int = Field(default=64, ge=1)  # pairs of concurrent requests scored together
+    rerank_microbatch_max_wait_ms: float = 2.0
+
     # Service
     host: str = "127.0.0.1"
     port: int = 50051

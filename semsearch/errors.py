@@ -72,3 +72,9 @@ def retryable(exc: BaseException) -> bool:
     """Worth retrying after a wait: the backend is down or recovering, or failed in a way we do not
     recognise. Never a refusal of the request itself (bad input, refused data, missing collection)."""
     return isinstance(exc, BackendUnavailableError | StoreError)
+
+
+class RerankerNotConfiguredError(SemsearchError):
+    """A request asks for reranking and the service has no reranker."""
+
+    status_code = grpc.StatusCode.FAILED_PRECONDITION

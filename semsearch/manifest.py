@@ -10,6 +10,7 @@ from __future__ import annotations
 import hashlib
 import json
 import re
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any, Literal
 
@@ -77,10 +78,11 @@ KNOWN_PROFILES: dict[str, dict[str, Any]] = {
 }
 
 
-def profile_name_for(model_ref: str) -> str | None:
-    """Match a hub id or directory name (`BAAI/bge-large-zh-v1.5`, `.../all-MiniLM-L6-v2`)."""
+def profile_name_for(model_ref: str, profiles: Mapping[str, Any] | None = None) -> str | None:
+    """Match a hub id or directory name (`BAAI/bge-large-zh-v1.5`, `.../all-MiniLM-L6-v2`) with a known
+    profile (`profiles`: another table, e.g. the rerankers')."""
     base = model_ref.rstrip("/").rsplit("/", 1)[-1].lower()
-    for name in KNOWN_PROFILES:
+    for name in KNOWN_PROFILES if profiles is None else profiles:
         if base == name.lower():
             return name
     return None
@@ -110,7 +112,7 @@ def _sentence_transformers_pooling(model_dir: Path) -> Pooling | None:
     return None
 
 
-def _slug(text: str) -> str:
+def slug(text: str) -> str:
     return re.sub(r"[^A-Za-z0-9_.-]+", "-", text).strip("-")
 
 
@@ -136,7 +138,7 @@ def resolve_manifest(
         data.update(KNOWN_PROFILES[profile_name], name=profile_name)
     else:
         config = json.loads((model_dir / "config.json").read_text(encoding="utf-8"))
-        data["name"] = _slug(model_ref.rstrip("/").rsplit("/", 1)[-1]) or "model"
+        data["name"] = slug(model_ref.rstrip("/").rsplit("/", 1)[-1]) or "model"
         st_pooling = _sentence_transformers_pooling(model_dir)
         if st_pooling:
             data["pooling"] = st_pooling

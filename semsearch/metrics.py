@@ -22,6 +22,12 @@ STORE_LATENCY = Histogram("semsearch_store_latency_seconds", "Milvus call latenc
                           ["operation", "outcome"], buckets=LATENCY_BUCKETS)
 MODEL_INFO = Gauge("semsearch_model_info", "The serving (model version, collection) pair: 1 for the current one",
                    ["model_version", "collection"])
+RERANK_BATCH_SIZE = Histogram("semsearch_rerank_batch_pairs", "(query, passage) pairs per reranker call",
+                              buckets=(1, 8, 16, 32, 50, 64, 100, 200, 400, 800))
+RERANK_LATENCY = Histogram("semsearch_rerank_latency_seconds", "Reranker call time (one micro-batch)",
+                           buckets=LATENCY_BUCKETS)
+RERANKER_INFO = Gauge("semsearch_reranker_info", "The serving reranker version: 1 for the current one",
+                      ["reranker_version"])
 REGISTRY_WATCH_ERRORS = Counter("semsearch_registry_watch_errors_total",
                                 "Registry polls that failed (the instance keeps serving its pair and retries)")
 SERVING = Gauge("semsearch_serving", "1 when health reports SERVING")
@@ -32,3 +38,10 @@ INDEXER_CHUNKS = Counter("semsearch_indexer_chunks_written_total", "Chunks writt
 def set_model_info(model_version: str, collection: str) -> None:
     MODEL_INFO.clear()
     MODEL_INFO.labels(model_version=model_version, collection=collection).set(1)
+
+
+def set_reranker_info(reranker_version: str) -> None:
+    """The reranker an instance serves ('' = none), beside the model info."""
+    RERANKER_INFO.clear()
+    if reranker_version:
+        RERANKER_INFO.labels(reranker_version=reranker_version).set(1)

@@ -22,6 +22,7 @@ from semsearch.config import Settings
 from semsearch.encoders import Encoder, create_encoder
 from semsearch.errors import ConflictError, ModelMismatchError, SemsearchError
 from semsearch.manifest import ModelManifest
+from semsearch.rerankers import Reranker
 from semsearch.store import MilvusStore
 
 log = structlog.get_logger(__name__)
@@ -64,12 +65,34 @@ class PairRecord(BaseModel):
         return other is not None and (self.model_version, self.collection) == (other.model_version, other.collection)
 
 
+class RerankerRecord(BaseModel):
+    """The reranker a name serves. Swapped on its own (no re-embedding): `version` "" records
+    "no reranker" (a rollback to none); a record without a reranker field follows each instance's
+    reranker settings."""
+
+    version: str
+    manifest: dict[str, Any] = Field(default_factory=dict)
+    url: str | None = None  # rerank servers for this reranker, else in-process
+    metrics: dict[str, Any] = Field(default_factory=dict)
+    since: str = Field(default_factory=now_iso)
+
+    @property
+    def model_ref(self) -> str:
+        return str(self.manifest.get("model_path") or self.manifest.get("name") or self.version)
+
+
+NO_RERANKER = RerankerRecord(version="")
+
+
 class RegistryRecord(BaseModel):
     name: str
     generation: int = 0
     current: PairRecord | None = None
     previous: PairRecord | None = None
     pending: PairRecord | None = None
+    # The reranker (None: never promoted, instances use their settings) and the one it replaced.
+    reranker: RerankerRecord | None = None
+    previous_reranker: RerankerRecord | None = None
     pending_since_ms: int | None = None
     history: list[dict[str, Any]] = Field(default_factory=list)
 
@@ -219,6 +242,25 @@ class ModelRegistry:
                 referenced |= record.referenced_collections()
         return referenced
 
+    # ------------------------------------------------------------------ the reranker of a name
+    def set_reranker(self, name: str, reranker: RerankerRecord, *, event: str = "promote_reranker") -> RegistryRecord:
+        """Serve `reranker` for `name` (one compare-and-swap write; instances follow at their next
+        poll, no re-embedding); the one it replaces becomes `previous_reranker` (none: NO_RERANKER)."""
+        record = self.get(name)
+        if record is None or record.current is None:
+            raise SemsearchError(f"no registry record for {name!r}: start the service (or promote a model) first")
+        old = record.reranker or NO_RERANKER
+        record.previous_reranker, record.reranker = old, reranker
+        record.event(event, reranker_version=reranker.version or None, previous_reranker_version=old.version or None)
+        return self.put(record)
+
+    def rollback_reranker(self, name: str) -> RegistryRecord:
+        """Back to the reranker the last promotion replaced (possibly none)."""
+        record = self.get(name)
+        if record is None or record.previous_reranker is None:
+            raise SemsearchError(f"{name!r} has no previous reranker to roll back to")
+        return self.set_reranker(name, record.previous_reranker, event="rollback_reranker")
+
     def bootstrap(self, name: str, manifest: ModelManifest, collection: str,
                   encoder_url: str | None = None, *, persist: bool = True) -> RegistryRecord:
         """The first record for a name: what is serving now becomes `current`."""
@@ -268,3 +310,19 @@ def open_pair_encoder(pair: PairRecord, settings: Settings) -> Encoder:
             f"registry pair wants model {pair.model_version} but {pair.model_ref} is {encoder.manifest.version}"
         )
     return encoder
+
+
+def open_record_reranker(record: RerankerRecord, settings: Settings) -> Reranker | None:
+    """The reranker a registry record names (None for "no reranker"), verified to be that version."""
+    from semsearch.rerankers import create_reranker
+
+    if not record.version:
+        return None
+    reranker = create_reranker(settings, record.model_ref, record.url or settings.reranker_url)
+    if reranker is None or reranker.manifest.version != record.version:
+        found = reranker.manifest.version if reranker is not None else "nothing"
+        if reranker is not None:
+            reranker.close()
+        raise ModelMismatchError(
+            f"registry wants reranker {record.version} but {record.model_ref} is {found}")
+    return reranker

@@ -34,6 +34,7 @@ class AdminServicer(admin_pb2_grpc.AdminServiceServicer):
             pending=_pair_state(engine.shadow if engine else None),
             registry_generation=self.state.generation, name=self.state.name,
             registry_watch_error=self.state.watch_error, registry_watch_failures=self.state.watch_failures,
+            reranker_version=engine.rerank.version if engine is not None and engine.rerank is not None else "",
         )
 
     # `rpc`: request id, metrics per method and status, domain errors to status codes.

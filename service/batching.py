@@ -24,7 +24,14 @@ import structlog
 
 from semsearch.errors import OverloadedError
 from semsearch.filters import Condition
-from semsearch.metrics import ENCODER_BATCH_SIZE, ENCODER_LATENCY, ENCODER_QUEUE_DEPTH, ENCODER_QUEUE_WAIT
+from semsearch.metrics import (
+    ENCODER_BATCH_SIZE,
+    ENCODER_LATENCY,
+    ENCODER_QUEUE_DEPTH,
+    ENCODER_QUEUE_WAIT,
+    RERANK_BATCH_SIZE,
+    RERANK_LATENCY,
+)
 from semsearch.store import Hit, MilvusStore
 
 log = structlog.get_logger(__name__)
@@ -224,3 +231,23 @@ class SearchBatcher(MicroBatcher[SearchJob, list[list[Hit]]]):
 
         options.setdefault("name", "store-search")
         super().__init__(process, weight=lambda job: job.size, **options)
+
+
+class RerankBatcher(MicroBatcher[list[tuple[str, str]], list[float]]):
+    """(query, passage) pairs of concurrent reranked searches in one cross-encoder pass (units: pairs)."""
+
+    def __init__(self, score_pairs: Callable[..., list[float]], **options: Any) -> None:
+        def process(payloads: list[list[tuple[str, str]]], timeout_s: float | None) -> list[list[float]]:
+            with RERANK_LATENCY.time():
+                scores = score_pairs([pair for pairs in payloads for pair in pairs], timeout_s=timeout_s)
+            bounds = np.cumsum([0, *(len(pairs) for pairs in payloads)])
+            return [list(scores[start:end]) for start, end in itertools.pairwise(bounds)]
+
+        def observe(batch: list[_Pending[list[tuple[str, str]], list[float]]], depth: int) -> None:
+            RERANK_BATCH_SIZE.observe(sum(p.weight for p in batch))
+
+        options.setdefault("name", "reranker")
+        super().__init__(process, weight=len, on_batch=observe, **options)
+
+    async def score(self, pairs: Sequence[tuple[str, str]], timeout_s: float | None = None) -> list[float]:
+        return await self.submit(list(pairs), timeout_s)

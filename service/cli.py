@@ -79,7 +79,18 @@ def response_to_json(response: pb.SearchDocumentsResponse) -> dict[str, Any]:
         "model_version": response.model_version,
         "collection": response.collection,
         "took_ms": round(response.timing.total_ms, 3),
+        **_rerank_json(response),
     }
+
+
+def _rerank_json(response: pb.SearchDocumentsResponse) -> dict[str, Any]:
+    """With rerank: the reranker version, rerank_ms and, per hit, the retrieval score and rank."""
+    if not response.reranker_version:
+        return {}
+    return {"reranker_version": response.reranker_version, "rerank_ms": round(response.timing.rerank_ms, 3),
+            "reranked": [{"id": h.id, "rerank_score": round(h.rerank_score, 6),
+                          "retrieval_score": round(h.retrieval_score, 6), "retrieval_rank": h.retrieval_rank}
+                         for h in response.hits]}
 
 
 # `semsearch search` is a client: its --host names the service to call, not an address to bind.
@@ -196,13 +207,20 @@ def register(app: typer.Typer) -> None:
         http_port: Annotated[int | None, typer.Option(
             "--http-port", help="Also serve the API as HTTP/JSON on this port (same host; 0 disables)"
             + env_hint("http_port"))] = None,
+        reranker_model: Annotated[str | None, typer.Option(
+            "--reranker-model", help="Cross-encoder for rerank requests (directory or hub id)"
+            + env_hint("reranker_model"))] = None,
+        reranker_url: Annotated[str | None, typer.Option(
+            "--reranker-url", help="Rerank servers (TEI, infinity, vLLM, sglang), comma-separated"
+            + env_hint("reranker_url"))] = None,
     ) -> None:
         """Run the gRPC search service (and HTTP/JSON with --http-port) until SIGTERM (then drain in-flight calls)."""
         from service.server import serve as run
 
         settings = settings_from_cli(config, milvus_uri=milvus_uri, collection=collection, model=model,
                                      encoder_url=encoder_url, device=device, host=host, port=port,
-                                     log_level=log_level, encoder_backend=encoder_backend, http_port=http_port)
+                                     log_level=log_level, encoder_backend=encoder_backend, http_port=http_port,
+                                     reranker_model=reranker_model, reranker_url=reranker_url)
         try:
             asyncio.run(run(settings))
         except SemsearchError as exc:  # missing model, model/collection mismatch, Milvus down...
@@ -221,6 +239,10 @@ def register(app: typer.Typer) -> None:
         chunks: Annotated[bool, typer.Option("--chunks", help="Return matching chunks, not documents")] = False,
         mode: Annotated[str | None, typer.Option(
             "--mode", help="dense, lexical (BM25) or hybrid (default: the service's retrieval_mode)")] = None,
+        rerank: Annotated[bool, typer.Option("--rerank", help="Re-order the candidates with the service's reranker")]
+        = False,
+        rerank_candidates: Annotated[int, typer.Option(
+            "--rerank-candidates", help="Candidates to rerank (0: the service's rerank_candidates)")] = 0,
         as_json: Annotated[bool, typer.Option("--json", help="Print one JSON object")] = False,
         timeout: Annotated[float, typer.Option("--timeout", help="Deadline in seconds")] = 30.0,
         config: ConfigOption = None, host: ClientHostOption = None, port: PortOption = None,
@@ -240,7 +262,8 @@ def register(app: typer.Typer) -> None:
         # top_k 0 asks for the service's default_top_k.
         request = pb.SearchDocumentsRequest(
             query=query, top_k=top_k or 0, filters=[parse_filter(f) for f in filters or []], return_chunks=chunks,
-            mode=MODE_VALUES[mode] if mode else pb.RETRIEVAL_MODE_UNSPECIFIED,
+            mode=MODE_VALUES[mode] if mode else pb.RETRIEVAL_MODE_UNSPECIFIED, rerank=rerank,
+            rerank_candidates=rerank_candidates,
         )
         with open_client(settings, target, timeout=timeout) as client:
             try:

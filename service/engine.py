@@ -20,11 +20,12 @@ import structlog
 from semsearch.chunking import reassemble
 from semsearch.config import Settings
 from semsearch.encoders import Encoder
-from semsearch.errors import InvalidInputError, NotFoundError, SemsearchError
+from semsearch.errors import InvalidInputError, NotFoundError, RerankerNotConfiguredError, SemsearchError
 from semsearch.filters import Condition, TenantFilter
 from semsearch.fusion import MODES, Fusion, fuse, hybrid_candidates
 from semsearch.ingest import Planner, rules_of
 from semsearch.metrics import ENCODER_LATENCY
+from semsearch.rerankers import Reranker
 from semsearch.store import (
     MAX_SEARCH_LIMIT,
     ChunkRow,
@@ -36,7 +37,7 @@ from semsearch.store import (
     no_tenants_reason,
 )
 from semsearch.tracing import span
-from service.batching import EncodeBatcher, SearchBatcher, SearchJob
+from service.batching import EncodeBatcher, RerankBatcher, SearchBatcher, SearchJob
 from service.ordering import DocumentLocks
 
 log = structlog.get_logger(__name__)
@@ -63,6 +64,17 @@ class SearchQuery:
     offset: int = 0  # paging: hits of earlier pages, in the stable order (score desc, id, chunk)
     pinned: tuple[str, str] | None = None  # paging: the (model version, collection) of the first page
     paged: bool = False  # paging: find out whether hits beyond this page exist
+    rerank: bool = False
+    rerank_candidates: int = 0  # candidates retrieved for the reranker (validated: >= top_k)
+
+
+@dataclass(frozen=True)
+class Reranked:
+    """What reranking says about one returned hit (its `score` is then the rerank score)."""
+
+    retrieval_score: float
+    retrieval_rank: int  # 1-based among the candidates
+    rerank_score: float
 
 
 @dataclass
@@ -75,6 +87,9 @@ class SearchResult:
     total_ms: float
     mode: str = "dense"
     more: bool = False  # hits beyond these exist (paging)
+    rerank_ms: float = 0.0
+    reranker_version: str = ""  # set when the hits were reranked
+    reranked: list[Reranked] | None = None  # parallel to hits when reranked
 
 
 @dataclass(frozen=True)
@@ -119,6 +134,35 @@ class ServingPair:
             self.in_flight -= 1
 
 
+@dataclass
+class RerankStage:
+    """The reranker and its micro-batcher: swapped as one reference, independently of the pair (a
+    reranker needs no re-embedding); retired when no request holds it."""
+
+    reranker: Reranker
+    batcher: RerankBatcher
+    in_flight: int = 0
+
+    @property
+    def version(self) -> str:
+        return self.reranker.manifest.version
+
+    @contextlib.contextmanager
+    def held(self) -> Iterator[RerankStage]:
+        self.in_flight += 1
+        try:
+            yield self
+        finally:
+            self.in_flight -= 1
+
+
+def build_rerank_stage(settings: Settings, reranker: Reranker) -> RerankStage:
+    batcher = RerankBatcher(reranker.score_pairs, max_batch=settings.rerank_microbatch_max_pairs,
+                            max_wait_s=settings.rerank_microbatch_max_wait_ms / 1000.0,
+                            queue_size=settings.microbatch_queue_size)
+    return RerankStage(reranker=reranker, batcher=batcher)
+
+
 def build_pair(settings: Settings, encoder: Encoder, store: MilvusStore, collection: str) -> ServingPair:
     info = store.ensure_collection(collection, encoder.manifest)
     batcher = EncodeBatcher(
@@ -133,11 +177,14 @@ def build_pair(settings: Settings, encoder: Encoder, store: MilvusStore, collect
 
 
 class SearchEngine:
-    def __init__(self, settings: Settings, store: MilvusStore, pair: ServingPair) -> None:
+    def __init__(self, settings: Settings, store: MilvusStore, pair: ServingPair,
+                 rerank: RerankStage | None = None) -> None:
         self.settings = settings
         self.store = store
         # Read once per request: a swap replaces this reference, in-flight requests keep theirs.
         self.pair = pair
+        # The reranker (None: rerank requests get FAILED_PRECONDITION); swapped on its own.
+        self.rerank = rerank
         # A promotion in progress: writes go to this pair too, so nothing is lost at the swap.
         self.shadow: ServingPair | None = None
         self.search_batcher = SearchBatcher(
@@ -154,6 +201,8 @@ class SearchEngine:
 
     async def start(self) -> None:
         self.pair.batcher.start()
+        if self.rerank is not None:
+            self.rerank.batcher.start()
         self.search_batcher.start()
         self.lexical_batcher.start()
 
@@ -174,11 +223,27 @@ class SearchEngine:
         if old.encoder is not self.pair.encoder and (self.shadow is None or old.encoder is not self.shadow.encoder):
             old.encoder.close()
 
+    def swap_reranker(self, new: RerankStage | None) -> RerankStage | None:
+        """Make `new` the reranker in one reference change; returns the old one to retire."""
+        if new is not None:
+            new.batcher.start()
+        old, self.rerank = self.rerank, new
+        return old
+
+    async def retire_reranker(self, old: RerankStage, timeout_s: float = 120.0) -> None:
+        deadline = time.monotonic() + timeout_s
+        while old.in_flight and time.monotonic() < deadline:
+            await asyncio.sleep(0.05)
+        await old.batcher.close()
+        old.reranker.close()
+
     async def warm_up(self) -> None:
         """One real encode and search, so the first user call pays no lazy initialization."""
         await self.search([SearchQuery(text="预热", top_k=1, mode="dense")])
         if self.pair.collection.lexical:  # loads the analyzer (jieba's dictionary) before any user call
             await self.search([SearchQuery(text="预热", top_k=1, mode="lexical")])
+        if self.rerank is not None:
+            await self.rerank.batcher.score([("预热", "预热")])
 
     def resolve_mode(self, pair: ServingPair, mode: str) -> str:
         """The mode a query runs in; FAILED_PRECONDITION when it needs a BM25 field that is absent."""
@@ -202,8 +267,47 @@ class SearchEngine:
                 "it with the current schema: `semsearch promote <the same model> --collection <name> --force`")
 
     async def search(self, queries: Sequence[SearchQuery], timeout_s: float | None = None) -> list[SearchResult]:
-        with self.pair.held() as pair:
-            return await self._search(pair, queries, timeout_s)
+        stage = self.rerank
+        if stage is None and any(query.rerank for query in queries):
+            raise RerankerNotConfiguredError(
+                "rerank was requested, but this service has no reranker: set reranker_model "
+                "(and reranker_url for a rerank server), or promote one with `semsearch promote --reranker DIR`")
+        if stage is None or not any(query.rerank for query in queries):
+            with self.pair.held() as pair:
+                return await self._search(pair, queries, timeout_s)
+        started = time.perf_counter()
+        with self.pair.held() as pair, stage.held():
+            # Retrieve the candidates (with their text: it is what the cross-encoder reads).
+            # A threshold applies to the final (rerank) score: not pushed down to retrieval.
+            retrieval = [dataclasses.replace(q, top_k=q.rerank_candidates, with_text=True, min_score=None)
+                         if q.rerank else q for q in queries]
+            results = await self._search(pair, retrieval, timeout_s)
+            remaining = None if timeout_s is None else max(0.05, timeout_s - (time.perf_counter() - started))
+            await asyncio.gather(*(self._rerank(stage, query, pair.planner.normalize(query.text), result, remaining)
+                                   for query, result in zip(queries, results, strict=True) if query.rerank))
+        return results
+
+    @staticmethod
+    async def _rerank(stage: RerankStage, query: SearchQuery, text: str, result: SearchResult,
+                      timeout_s: float | None) -> None:
+        """Order `result`'s candidates by the reranker and keep the top_k (in place)."""
+        started = time.perf_counter()
+        candidates = result.hits
+        with span("semsearch.rerank", pairs=len(candidates), reranker_version=stage.version):
+            scores = await stage.batcher.score([(text, hit.text) for hit in candidates], timeout_s)
+        order = sorted(range(len(candidates)),
+                       key=lambda i: (-scores[i], candidates[i].doc_id, candidates[i].chunk_index))
+        if query.min_score is not None:
+            order = [i for i in order if scores[i] >= query.min_score]
+        order = order[: query.top_k]
+        result.hits = [dataclasses.replace(candidates[i], score=scores[i],
+                                           text=candidates[i].text if query.with_text else "")
+                       for i in order]
+        result.reranked = [Reranked(retrieval_score=candidates[i].score, retrieval_rank=i + 1,
+                                    rerank_score=scores[i]) for i in order]
+        result.rerank_ms = (time.perf_counter() - started) * 1e3
+        result.total_ms += result.rerank_ms
+        result.reranker_version = stage.version
 
     async def _search(self, pair: ServingPair, queries: Sequence[SearchQuery],
                       timeout_s: float | None) -> list[SearchResult]:
@@ -370,6 +474,9 @@ class SearchEngine:
                               tenant=tenant), collection
 
     async def close(self) -> None:
+        if self.rerank is not None:
+            await self.rerank.batcher.close()
+            self.rerank.reranker.close()
         await self.search_batcher.close()
         await self.lexical_batcher.close()
         await self.pair.batcher.close()

@@ -19,7 +19,7 @@ from prometheus_client import start_http_server
 from semsearch.config import Settings
 from semsearch.encoders import Encoder
 from semsearch.errors import SemsearchError
-from semsearch.metrics import SERVING, set_model_info
+from semsearch.metrics import SERVING, set_model_info, set_reranker_info
 from semsearch.store import MilvusStore
 from semsearch.v1 import admin_pb2, admin_pb2_grpc, search_pb2
 from service.admin import AdminServicer
@@ -97,19 +97,21 @@ class RunningServer:
         """Load the model (the registry's current pair, else the configured or given one), open its
         collection, warm up, then report SERVING and start following the registry."""
         pair = await self.state.initial_pair(encoder, allow_stand_in=allow_stand_in)
-        engine = SearchEngine(self.settings, self.store, pair)
+        engine = SearchEngine(self.settings, self.store, pair, await self.state.initial_reranker())
         await engine.start()
         await engine.warm_up()
         self.servicer.engine = engine
         self.state.engine = engine
         set_model_info(pair.model_version, pair.collection.name)
+        set_reranker_info(engine.rerank.version if engine.rerank is not None else "")
         await self.set_serving(True)
         self._watcher = asyncio.create_task(self.watch_health(), name="health-watch")
         if self.settings.use_registry:
             await self.state.report()
             self._registry_watcher = asyncio.create_task(self.state.watch(), name="registry-watch")
         log.info("serving", address=self.address, model_version=pair.model_version,
-                 collection=pair.collection.name)
+                 collection=pair.collection.name,
+                 reranker_version=engine.rerank.version if engine.rerank is not None else None)
         return engine
 
     async def stop(self, grace_s: float | None = None) -> None:

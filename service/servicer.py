@@ -24,7 +24,7 @@ from semsearch.store import Hit, RetrieverScore
 from semsearch.v1 import search_pb2 as pb
 from semsearch.v1 import search_pb2_grpc
 from service import validation
-from service.engine import SearchEngine, SearchQuery, SearchResult
+from service.engine import Reranked, SearchEngine, SearchQuery, SearchResult
 from service.paging import Cursor, PageTokens, binding, page_secret
 from service.security import caller, tenant_for
 
@@ -160,16 +160,27 @@ def _retriever(score: RetrieverScore) -> pb.RetrieverScore:
     return pb.RetrieverScore(retriever=_MODE_ENUMS[score.retriever], score=score.score, rank=score.rank)
 
 
-def _hit(hit: Hit) -> pb.SearchHit:
-    return pb.SearchHit(id=hit.doc_id, score=hit.score, text=hit.text, metadata=_struct(hit.metadata),
-                        chunk_index=hit.chunk_index, retrievers=[_retriever(r) for r in hit.retrievers])
+def _hit(hit: Hit, reranked: Reranked | None = None) -> pb.SearchHit:
+    message = pb.SearchHit(id=hit.doc_id, score=hit.score, text=hit.text, metadata=_struct(hit.metadata),
+                           chunk_index=hit.chunk_index, retrievers=[_retriever(r) for r in hit.retrievers],
+                           retrieval_score=hit.score)
+    if reranked is not None:
+        message.retrieval_score = reranked.retrieval_score
+        message.retrieval_rank = reranked.retrieval_rank
+        message.rerank_score = reranked.rerank_score
+    return message
 
 
 def _response(result: SearchResult, next_page_token: str = "") -> pb.SearchDocumentsResponse:
+    reranked: list[Reranked | None] = [None] * len(result.hits)
+    if result.reranked is not None:
+        reranked = list(result.reranked)
     return pb.SearchDocumentsResponse(
-        hits=[_hit(h) for h in result.hits], model_version=result.model_version, collection=result.collection,
-        timing=pb.SearchTiming(total_ms=result.total_ms, encode_ms=result.encode_ms, store_ms=result.store_ms),
-        mode=_MODE_ENUMS[result.mode], next_page_token=next_page_token,
+        hits=[_hit(h, r) for h, r in zip(result.hits, reranked, strict=True)], model_version=result.model_version,
+        collection=result.collection,
+        timing=pb.SearchTiming(total_ms=result.total_ms, encode_ms=result.encode_ms, store_ms=result.store_ms,
+                               rerank_ms=result.rerank_ms),
+        mode=_MODE_ENUMS[result.mode], reranker_version=result.reranker_version, next_page_token=next_page_token,
     )
 
 

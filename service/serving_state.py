@@ -16,10 +16,11 @@ import structlog
 from semsearch.config import Settings
 from semsearch.encoders import Encoder, create_encoder
 from semsearch.errors import SemsearchError
-from semsearch.metrics import REGISTRY_WATCH_ERRORS, set_model_info
-from semsearch.registry import ModelRegistry, PairRecord, RegistryRecord, open_pair_encoder
+from semsearch.metrics import REGISTRY_WATCH_ERRORS, set_model_info, set_reranker_info
+from semsearch.registry import ModelRegistry, PairRecord, RegistryRecord, open_pair_encoder, open_record_reranker
+from semsearch.rerankers import create_reranker
 from semsearch.store import MilvusStore, versioned_name
-from service.engine import SearchEngine, ServingPair, build_pair
+from service.engine import RerankStage, SearchEngine, ServingPair, build_pair, build_rerank_stage
 
 log = structlog.get_logger(__name__)
 
@@ -63,6 +64,15 @@ class ServingState:
             self.generation = record.generation
         return pair
 
+    async def initial_reranker(self) -> RerankStage | None:
+        """The registry's reranker when one was promoted (or rolled back to none), else the configured one."""
+        record = await asyncio.to_thread(self.registry.get, self.name) if self.settings.use_registry else None
+        if record is not None and record.reranker is not None:
+            reranker = await asyncio.to_thread(open_record_reranker, record.reranker, self.settings)
+        else:
+            reranker = await asyncio.to_thread(create_reranker, self.settings)
+        return None if reranker is None else build_rerank_stage(self.settings, reranker)
+
     def _create_if_missing(self, encoder: Encoder) -> None:
         """A new name gets a versioned collection behind an alias, so a later promotion can move it."""
         if self.store.resolve(self.name):
@@ -94,7 +104,7 @@ class ServingState:
     async def _apply(self, engine: SearchEngine, record: RegistryRecord) -> bool:
         """Swap to the record's current pair, then dual-write to its pending one (a rollback's
         pending pair is the one being replaced: it becomes the shadow instead of closing)."""
-        changed = False
+        changed = await self._apply_reranker(engine, record)
         pending, current = record.pending, record.current
         if current is not None and not _holds(engine.pair, current):
             shadow = engine.shadow
@@ -121,6 +131,24 @@ class ServingState:
             asyncio.get_running_loop().create_task(engine.retire(shadow))
             changed = True
         return changed
+
+    async def _apply_reranker(self, engine: SearchEngine, record: RegistryRecord) -> bool:
+        """Swap to the record's reranker (loaded and warmed first); none recorded: keep what serves."""
+        wanted = record.reranker
+        serving = engine.rerank.version if engine.rerank is not None else ""
+        if wanted is None or wanted.version == serving:
+            return False
+        reranker = await asyncio.to_thread(open_record_reranker, wanted, self.settings)
+        stage = None if reranker is None else build_rerank_stage(self.settings, reranker)
+        if stage is not None:
+            stage.batcher.start()
+            await stage.batcher.score([("预热", "预热")])  # the first request must not pay for loading
+        old = engine.swap_reranker(stage)
+        set_reranker_info(wanted.version)
+        log.info("reranker_swapped", reranker_version=wanted.version or None, previous_reranker_version=serving or None)
+        if old is not None:
+            asyncio.get_running_loop().create_task(engine.retire_reranker(old))
+        return True
 
     async def _load(self, record: PairRecord) -> ServingPair:
         encoder = await asyncio.to_thread(open_pair_encoder, record, self.settings)

@@ -133,10 +133,16 @@ def search_query(request: pb.SearchDocumentsRequest, settings: Settings, where: 
     if request.page_token and not request.page_size:
         raise InvalidInputError(f"{prefix}page_token needs page_size (the size of the next page)")
     paged = request.page_size > 0
+    if paged and request.rerank:
+        raise InvalidInputError(f"{prefix}rerank cannot be combined with page_size: a reranked search orders "
+                                "at most rerank_candidates hits; ask for them with top_k")
+    # Paging: page_size replaces top_k (capped at the same maximum; AIP-158).
+    k = min(request.page_size, settings.max_top_k) if paged else top_k(request.top_k, settings, f"{prefix}top_k")
     return SearchQuery(
         text=query_text(request.query, settings, f"{prefix}query"),
-        # Paging: page_size replaces top_k (capped at the same maximum; AIP-158).
-        top_k=min(request.page_size, settings.max_top_k) if paged else top_k(request.top_k, settings, f"{prefix}top_k"),
+        top_k=k,
+        rerank=request.rerank,
+        rerank_candidates=rerank_candidates(request, k, settings, prefix) if request.rerank else 0,
         filters=filters,
         with_text=not fields or pb.RETURN_FIELD_TEXT in fields,
         with_metadata=not fields or pb.RETURN_FIELD_METADATA in fields,
@@ -146,17 +152,32 @@ def search_query(request: pb.SearchDocumentsRequest, settings: Settings, where: 
     )
 
 
+def rerank_candidates(request: pb.SearchDocumentsRequest, k: int, settings: Settings, prefix: str = "") -> int:
+    """How many candidates to rerank: 0 means the `rerank_candidates` setting (at least top_k);
+    otherwise from top_k to `max_rerank_candidates`."""
+    limit = settings.max_rerank_candidates
+    value = request.rerank_candidates
+    if value == 0:
+        value = max(settings.rerank_candidates, k)
+        if value > limit:
+            raise InvalidInputError(
+                f"{prefix}top_k {k} is above max_rerank_candidates {limit}: rerank at most {limit} hits")
+        return value
+    if not k <= value <= limit:
+        raise InvalidInputError(
+            f"{prefix}rerank_candidates must be between top_k ({k}) and max_rerank_candidates ({limit}) "
+            f"(0 = the default {settings.rerank_candidates}), got {value}")
+    return value
+
+
 def batch_size(request: pb.BatchSearchDocumentsRequest, settings: Settings) -> None:
     if not request.requests:
         raise InvalidInputError("requests is empty")
     if len(request.requests) > settings.max_batch_queries:
         raise InvalidInputError(f"at most {settings.max_batch_queries} queries per batch")
 
-
-
 def document_id(value: str, where: str) -> str:
     return check_id(value, where)
-
 
 def _depth_of_struct(struct: Any, limit: int = MAX_METADATA_DEPTH + 1) -> int:
     """Depth of a protobuf Struct without converting it (a hostile one may be very deep)."""
@@ -175,7 +196,6 @@ def _depth_of_struct(struct: Any, limit: int = MAX_METADATA_DEPTH + 1) -> int:
         frontier = children
     return depth
 
-
 def metadata(struct: Any, settings: Settings, where: str) -> dict[str, Any]:
     # Checked on the message first: converting a hostile, very deep one would recurse deeply.
     if _depth_of_struct(struct) > MAX_METADATA_DEPTH:
@@ -185,7 +205,6 @@ def metadata(struct: Any, settings: Settings, where: str) -> dict[str, Any]:
     except (ValueError, json_format.Error) as exc:
         raise InvalidInputError(f"{where} is not valid JSON: {exc}") from exc
     return check_metadata(value, settings.max_metadata_bytes, where)
-
 
 def documents(request: pb.UpsertDocumentsRequest, settings: Settings) -> list[DocumentInput]:
     if not request.documents:
@@ -203,13 +222,11 @@ def documents(request: pb.UpsertDocumentsRequest, settings: Settings) -> list[Do
     check_unique_ids([d.doc_id for d in out])
     return out
 
-
 @dataclass(frozen=True)
 class DeleteRequest:
     ids: list[str]  # by ids, or
     conditions: tuple[Condition, ...]  # by filter ((): delete_all)
     dry_run: bool
-
 
 def delete_request(request: pb.DeleteDocumentsRequest, settings: Settings) -> DeleteRequest:
     """Exactly one of ids, filters, delete_all: an empty filter never deletes everything by accident."""
@@ -225,7 +242,6 @@ def delete_request(request: pb.DeleteDocumentsRequest, settings: Settings) -> De
         return DeleteRequest(ids=delete_ids(request.ids, settings), conditions=(), dry_run=request.dry_run)
     return DeleteRequest(ids=[], conditions=conditions(request.filters, group, settings) if by_filter else (),
                          dry_run=request.dry_run)
-
 
 def delete_ids(ids: Sequence[str], settings: Settings) -> list[str]:
     if not ids:

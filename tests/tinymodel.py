@@ -39,3 +39,25 @@ def build_tiny_bert(out_dir: Path, *, seed: int = 0, pooling: str = "cls", versi
         normalize=True, query_instruction=BGE_ZH_INSTRUCTION, dimension=hidden, max_tokens=max_tokens,
     ).save(out_dir)
     return out_dir
+
+
+def build_tiny_cross_encoder(out_dir: Path, *, seed: int = 0, hidden: int = 32, max_tokens: int = 128,
+                             layers: int = 2, intermediate: int | None = None, heads: int = 2,
+                             initializer_range: float = 0.02) -> Path:
+    """A random-weight BertForSequenceClassification (num_labels=1, a relevance logit) with the tiny
+    Chinese vocabulary: a real cross-encoder code path (in-process and behind infinity), no download.
+    A larger `initializer_range` spreads its scores (the default gives nearly equal logits)."""
+    from transformers import BertForSequenceClassification
+
+    out_dir.mkdir(parents=True, exist_ok=True)
+    vocab = SPECIAL + CHINESE + ASCII
+    (out_dir / "vocab.txt").write_text("\n".join(vocab) + "\n", encoding="utf-8")
+    tokenizer = BertTokenizerFast(vocab_file=str(out_dir / "vocab.txt"), do_lower_case=True,
+                                  tokenize_chinese_chars=True, model_max_length=max_tokens)
+    tokenizer.save_pretrained(str(out_dir))
+    torch.manual_seed(seed)
+    config = BertConfig(vocab_size=len(vocab), hidden_size=hidden, num_hidden_layers=layers,
+                        num_attention_heads=heads, intermediate_size=intermediate or hidden * 2,
+                        max_position_embeddings=max_tokens, num_labels=1, initializer_range=initializer_range)
+    BertForSequenceClassification(config).save_pretrained(str(out_dir))
+    return out_dir

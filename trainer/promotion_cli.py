@@ -66,8 +66,8 @@ def register(app: typer.Typer) -> None:
     @app.command()
     def promote(
         candidate: Annotated[
-            str, typer.Argument(help="Candidate model: local directory (with its manifest) or hub id")
-        ],
+            str | None, typer.Argument(help="Candidate model: local directory (with its manifest) or hub id")
+        ] = None,
         collection: CollectionOption = None,
         milvus_uri: MilvusUriOption = None,
         config: ConfigOption = None,
@@ -88,12 +88,26 @@ def register(app: typer.Typer) -> None:
             str | None,
             typer.Option("--candidate-encoder-url", help="Servers that serve the candidate (blue/green sglang)"),
         ] = None,
+        reranker: Annotated[
+            str | None,
+            typer.Option("--reranker", help="Promote this cross-encoder (directory or hub id) instead of a model: "
+                                            "gated on retrieval then rerank, swapped without re-embedding"),
+        ] = None,
+        reranker_url: Annotated[
+            str | None, typer.Option("--reranker-url", help="Rerank servers that serve the candidate reranker"),
+        ] = None,
+        rerank_candidates: Annotated[
+            int | None, typer.Option("--rerank-candidates", help="Candidates each reranker re-orders in the gate"),
+        ] = None,
     ) -> None:
-        """Gate, re-embed, validate and swap a candidate model in, without a failed query."""
+        """Gate, re-embed, validate and swap a candidate model in, without a failed query; or, with
+        --reranker, gate and swap a reranker."""
         settings = settings_from_cli(
             config, collection=collection, milvus_uri=milvus_uri, device=device, encoder_url=encoder_url
         )
         name = settings.collection
+        if (candidate is None) == (reranker is None) and not abort:
+            raise fail("give a candidate model, or --reranker DIR (not both)", 2)
         store = _store(settings)
         promoter = Promoter(settings, store, progress=_progress)
         try:
@@ -104,6 +118,14 @@ def register(app: typer.Typer) -> None:
                 )
                 return
             guard_map = dict(_parse_guard(g) for g in guards or ["mrr@10=0.02"])
+            if reranker is not None:
+                if not force and eval_data is None:
+                    raise fail("the gate needs --eval-data (held-out rows), or --force to skip it", 2)
+                _promote_reranker(settings, promoter, reranker, reranker_url, eval_data, force=force, metric=metric,
+                                  min_improvement=min_improvement, guards=guard_map,
+                                  candidates=rerank_candidates or settings.rerank_candidates)
+                return
+            assert candidate is not None
             if not force and eval_data is None and not _resuming(promoter, name):
                 raise fail("the gate needs --eval-data (held-out rows), or --force to skip it", 2)
 
@@ -141,6 +163,9 @@ def register(app: typer.Typer) -> None:
         config: ConfigOption = None,
         device: DeviceOption = None,
         encoder_url: EncoderUrlOption = None,
+        reranker: Annotated[
+            bool, typer.Option("--reranker", help="Return to the previous reranker (the pair stays)")
+        ] = False,
     ) -> None:
         """Return to the previous (model, collection) pair the same way a promotion goes forward."""
         settings = settings_from_cli(
@@ -148,6 +173,12 @@ def register(app: typer.Typer) -> None:
         )
         store = _store(settings)
         try:
+            if reranker:
+                record = Promoter(settings, store).registry.rollback_reranker(settings.collection)
+                assert record.reranker is not None
+                console.print(f"{settings.collection}: reranker {record.reranker.version or 'none'} "
+                              f"(generation {record.generation}); instances follow at their next poll")
+                return
             _print_report(Promoter(settings, store, progress=_progress).rollback(settings.collection))
         except SemsearchError as exc:
             raise fail(str(exc)) from exc
@@ -169,6 +200,58 @@ def register(app: typer.Typer) -> None:
             store.close()
         verb = "dropped" if yes else "unreferenced (drop with --yes)"
         typer.echo(f"{len(garbage)} collections {verb}" + "".join(f"\n  {name}" for name in garbage))
+
+
+def _promote_reranker(settings: Settings, promoter: Promoter, candidate_ref: str, url: str | None,
+                      eval_data: Path | None, *, force: bool, metric: str, min_improvement: float,
+                      guards: dict[str, float], candidates: int) -> None:
+    """Gate the candidate reranker against the serving one on the held-out rows (retrieval through
+    the serving encoder, then each reranker over the same candidates) and record it: every
+    instance swaps it in at its next poll; nothing is re-embedded."""
+    from semsearch.registry import RerankerRecord, open_pair_encoder, open_record_reranker
+    from semsearch.rerankers import create_reranker
+    from trainer.rerank_gate import rerank_gate
+    from trainer.rows import read_rows
+
+    name = settings.collection
+    record = promoter.registry.get(name)
+    if record is None or record.current is None:
+        raise fail(f"no registry record for {name!r}: start the service (or promote a model) first")
+    candidate = create_reranker(settings, candidate_ref, url)
+    assert candidate is not None
+    current = None
+    try:
+        if force:
+            console.print("[yellow]gate skipped (--force); recorded in the registry[/yellow]")
+            metrics = GateResult(passed=True, metric=metric, current={}, candidate={}, forced=True).metrics()
+        else:
+            assert eval_data is not None
+            if record.reranker is not None:
+                current = open_record_reranker(record.reranker, settings)
+            encoder = open_pair_encoder(record.current, settings)
+            try:
+                result = rerank_gate(read_rows(eval_data), encoder, current, candidate, metric=metric,
+                                     min_improvement=min_improvement, guards=guards, candidates=candidates)
+            finally:
+                encoder.close()
+            console.print(f"current: {current.manifest.version if current else 'no reranker (retrieval alone)'}; "
+                          f"candidate: {candidate.manifest.version}; top {candidates} retrieved by "
+                          f"{record.current.model_version}")
+            console.print(result.table())
+            if not result.passed:
+                for reason in result.reasons:
+                    console.print(f"[red]gate failed:[/red] {reason}")
+                raise typer.Exit(1)
+            metrics = result.metrics()
+        manifest = candidate.manifest
+        updated = promoter.registry.set_reranker(name, RerankerRecord(
+            version=manifest.version, manifest=json.loads(manifest.model_dump_json()), url=url, metrics=metrics))
+        console.print(f"{name}: reranker {manifest.version} (generation {updated.generation}); "
+                      "instances swap it in at their next poll (or AdminService.ReloadServingState)")
+    finally:
+        candidate.close()
+        if current is not None:
+            current.close()
 
 
 def _resuming(promoter: Promoter, name: str) -> bool:

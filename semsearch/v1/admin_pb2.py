@@ -24,7 +24,7 @@ _sym_db = _symbol_database.Default()
 
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x18semsearch/v1/admin.proto\x12\x0csemsearch.v1\"P\n\x10ServingPairState\x12\x15\n\rmodel_version\x18\x01 \x01(\t\x12\x12\n\ncollection\x18\x02 \x01(\t\x12\x11\n\tin_flight\x18\x03 \x01(\x05\"\x18\n\x16GetServingStateRequest\"\xe5\x01\n\x17GetServingStateResponse\x12/\n\x07\x63urrent\x18\x01 \x01(\x0b\x32\x1e.semsearch.v1.ServingPairState\x12/\n\x07pending\x18\x02 \x01(\x0b\x32\x1e.semsearch.v1.ServingPairState\x12\x1b\n\x13registry_generation\x18\x03 \x01(\x03\x12\x0c\n\x04name\x18\x04 \x01(\t\x12\x1c\n\x14registry_watch_error\x18\x05 \x01(\t\x12\x1f\n\x17registry_watch_failures\x18\x06 \x01(\x03\"\x1b\n\x19ReloadServingStateRequest\"c\n\x1aReloadServingStateResponse\x12\x34\n\x05state\x18\x01 \x01(\x0b\x32%.semsearch.v1.GetServingStateResponse\x12\x0f\n\x07\x63hanged\x18\x02 \x01(\x08\x32\xd7\x01\n\x0c\x41\x64minService\x12^\n\x0fGetServingState\x12$.semsearch.v1.GetServingStateRequest\x1a%.semsearch.v1.GetServingStateResponse\x12g\n\x12ReloadServingState\x12\'.semsearch.v1.ReloadServingStateRequest\x1a(.semsearch.v1.ReloadServingStateResponseb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x18semsearch/v1/admin.proto\x12\x0csemsearch.v1\"P\n\x10ServingPairState\x12\x15\n\rmodel_version\x18\x01 \x01(\t\x12\x12\n\ncollection\x18\x02 \x01(\t\x12\x11\n\tin_flight\x18\x03 \x01(\x05\"\x18\n\x16GetServingStateRequest\"\xff\x01\n\x17GetServingStateResponse\x12/\n\x07\x63urrent\x18\x01 \x01(\x0b\x32\x1e.semsearch.v1.ServingPairState\x12/\n\x07pending\x18\x02 \x01(\x0b\x32\x1e.semsearch.v1.ServingPairState\x12\x1b\n\x13registry_generation\x18\x03 \x01(\x03\x12\x0c\n\x04name\x18\x04 \x01(\t\x12\x1c\n\x14registry_watch_error\x18\x05 \x01(\t\x12\x1f\n\x17registry_watch_failures\x18\x06 \x01(\x03\x12\x18\n\x10reranker_version\x18\x1e \x01(\t\"\x1b\n\x19ReloadServingStateRequest\"c\n\x1aReloadServingStateResponse\x12\x34\n\x05state\x18\x01 \x01(\x0b\x32%.semsearch.v1.GetServingStateResponse\x12\x0f\n\x07\x63hanged\x18\x02 \x01(\x08\x32\xd7\x01\n\x0c\x41\x64minService\x12^\n\x0fGetServingState\x12$.semsearch.v1.GetServingStateRequest\x1a%.semsearch.v1.GetServingStateResponse\x12g\n\x12ReloadServingState\x12\'.semsearch.v1.ReloadServingStateRequest\x1a(.semsearch.v1.ReloadServingStateResponseb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -36,11 +36,11 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_GETSERVINGSTATEREQUEST']._serialized_start=124
   _globals['_GETSERVINGSTATEREQUEST']._serialized_end=148
   _globals['_GETSERVINGSTATERESPONSE']._serialized_start=151
-  _globals['_GETSERVINGSTATERESPONSE']._serialized_end=380
-  _globals['_RELOADSERVINGSTATEREQUEST']._serialized_start=382
-  _globals['_RELOADSERVINGSTATEREQUEST']._serialized_end=409
-  _globals['_RELOADSERVINGSTATERESPONSE']._serialized_start=411
-  _globals['_RELOADSERVINGSTATERESPONSE']._serialized_end=510
-  _globals['_ADMINSERVICE']._serialized_start=513
-  _globals['_ADMINSERVICE']._serialized_end=728
+  _globals['_GETSERVINGSTATERESPONSE']._serialized_end=406
+  _globals['_RELOADSERVINGSTATEREQUEST']._serialized_start=408
+  _globals['_RELOADSERVINGSTATEREQUEST']._serialized_end=435
+  _globals['_RELOADSERVINGSTATERESPONSE']._serialized_start=437
+  _globals['_RELOADSERVINGSTATERESPONSE']._serialized_end=536
+  _globals['_ADMINSERVICE']._serialized_start=539
+  _globals['_ADMINSERVICE']._serialized_end=754
 # @@protoc_insertion_point(module_scope)

@@ -20,20 +20,22 @@ class GetServingStateRequest(_message.Message):
     def __init__(self) -> None: ...
 
 class GetServingStateResponse(_message.Message):
-    __slots__ = ("current", "pending", "registry_generation", "name", "registry_watch_error", "registry_watch_failures")
+    __slots__ = ("current", "pending", "registry_generation", "name", "registry_watch_error", "registry_watch_failures", "reranker_version")
     CURRENT_FIELD_NUMBER: _ClassVar[int]
     PENDING_FIELD_NUMBER: _ClassVar[int]
     REGISTRY_GENERATION_FIELD_NUMBER: _ClassVar[int]
     NAME_FIELD_NUMBER: _ClassVar[int]
     REGISTRY_WATCH_ERROR_FIELD_NUMBER: _ClassVar[int]
     REGISTRY_WATCH_FAILURES_FIELD_NUMBER: _ClassVar[int]
+    RERANKER_VERSION_FIELD_NUMBER: _ClassVar[int]
     current: ServingPairState
     pending: ServingPairState
     registry_generation: int
     name: str
     registry_watch_error: str
     registry_watch_failures: int
-    def __init__(self, current: _Optional[_Union[ServingPairState, _Mapping]] = ..., pending: _Optional[_Union[ServingPairState, _Mapping]] = ..., registry_generation: _Optional[int] = ..., name: _Optional[str] = ..., registry_watch_error: _Optional[str] = ..., registry_watch_failures: _Optional[int] = ...) -> None: ...
+    reranker_version: str
+    def __init__(self, current: _Optional[_Union[ServingPairState, _Mapping]] = ..., pending: _Optional[_Union[ServingPairState, _Mapping]] = ..., registry_generation: _Optional[int] = ..., name: _Optional[str] = ..., registry_watch_error: _Optional[str] = ..., registry_watch_failures: _Optional[int] = ..., reranker_version: _Optional[str] = ...) -> None: ...
 
 class ReloadServingStateRequest(_message.Message):
     __slots__ = ()

@@ -25,23 +25,23 @@ _sym_db = _symbol_database.Default()
 from google.protobuf import struct_pb2 as google_dot_protobuf_dot_struct__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x19semsearch/v1/search.proto\x12\x0csemsearch.v1\x1a\x1cgoogle/protobuf/struct.proto\"_\n\x08\x44ocument\x12\n\n\x02id\x18\x01 \x01(\t\x12\x0c\n\x04text\x18\x02 \x01(\t\x12)\n\x08metadata\x18\x03 \x01(\x0b\x32\x17.google.protobuf.Struct\x12\x0e\n\x06tenant\x18\x04 \x01(\t\"\x98\x01\n\x0b\x46ilterGroup\x12/\n\x08operator\x18\x01 \x01(\x0e\x32\x1d.semsearch.v1.LogicalOperator\x12-\n\x07\x66ilters\x18\x02 \x03(\x0b\x32\x1c.semsearch.v1.MetadataFilter\x12)\n\x06groups\x18\x03 \x03(\x0b\x32\x19.semsearch.v1.FilterGroup\"p\n\x0b\x46ilterValue\x12\x16\n\x0cstring_value\x18\x01 \x01(\tH\x00\x12\x13\n\tint_value\x18\x02 \x01(\x03H\x00\x12\x16\n\x0c\x64ouble_value\x18\x03 \x01(\x01H\x00\x12\x14\n\nbool_value\x18\x04 \x01(\x08H\x00\x42\x06\n\x04kind\"\xa4\x01\n\x0eMetadataFilter\x12\r\n\x05\x66ield\x18\x01 \x01(\t\x12.\n\x08operator\x18\x02 \x01(\x0e\x32\x1c.semsearch.v1.FilterOperator\x12(\n\x05value\x18\x03 \x01(\x0b\x32\x19.semsearch.v1.FilterValue\x12)\n\x06values\x18\x04 \x03(\x0b\x32\x19.semsearch.v1.FilterValue\"\x8e\x03\n\x16SearchDocumentsRequest\x12\r\n\x05query\x18\x01 \x01(\t\x12\r\n\x05top_k\x18\x02 \x01(\x05\x12-\n\x07\x66ilters\x18\x03 \x03(\x0b\x32\x1c.semsearch.v1.MetadataFilter\x12\x30\n\rreturn_fields\x18\x04 \x03(\x0e\x32\x19.semsearch.v1.ReturnField\x12\x15\n\rreturn_chunks\x18\x05 \x01(\x08\x12)\n\x04mode\x18\x06 \x01(\x0e\x32\x1b.semsearch.v1.RetrievalMode\x12+\n\x06\x66usion\x18\x07 \x01(\x0b\x32\x1b.semsearch.v1.FusionOptions\x12\x16\n\tmin_score\x18\x14 \x01(\x02H\x00\x88\x01\x01\x12\x11\n\tpage_size\x18\x15 \x01(\x05\x12\x12\n\npage_token\x18\x16 \x01(\t\x12)\n\x06\x66ilter\x18\x17 \x01(\x0b\x32\x19.semsearch.v1.FilterGroup\x12\x0e\n\x06tenant\x18\x18 \x01(\tB\x0c\n\n_min_score\"x\n\rFusionOptions\x12*\n\x06method\x18\x01 \x01(\x0e\x32\x1a.semsearch.v1.FusionMethod\x12\r\n\x05rrf_k\x18\x02 \x01(\x05\x12\x14\n\x0c\x64\x65nse_weight\x18\x03 \x01(\x02\x12\x16\n\x0elexical_weight\x18\x04 \x01(\x02\"]\n\x0eRetrieverScore\x12.\n\tretriever\x18\x01 \x01(\x0e\x32\x1b.semsearch.v1.RetrievalMode\x12\r\n\x05score\x18\x02 \x01(\x02\x12\x0c\n\x04rank\x18\x03 \x01(\x05\"\xa6\x01\n\tSearchHit\x12\n\n\x02id\x18\x01 \x01(\t\x12\r\n\x05score\x18\x02 \x01(\x02\x12\x0c\n\x04text\x18\x03 \x01(\t\x12)\n\x08metadata\x18\x04 \x01(\x0b\x32\x17.google.protobuf.Struct\x12\x13\n\x0b\x63hunk_index\x18\x05 \x01(\x05\x12\x30\n\nretrievers\x18\x06 \x03(\x0b\x32\x1c.semsearch.v1.RetrieverScore\"E\n\x0cSearchTiming\x12\x10\n\x08total_ms\x18\x01 \x01(\x01\x12\x11\n\tencode_ms\x18\x02 \x01(\x01\x12\x10\n\x08store_ms\x18\x03 \x01(\x01\"\xdb\x01\n\x17SearchDocumentsResponse\x12%\n\x04hits\x18\x01 \x03(\x0b\x32\x17.semsearch.v1.SearchHit\x12\x15\n\rmodel_version\x18\x02 \x01(\t\x12\x12\n\ncollection\x18\x03 \x01(\t\x12*\n\x06timing\x18\x04 \x01(\x0b\x32\x1a.semsearch.v1.SearchTiming\x12)\n\x04mode\x18\x05 \x01(\x0e\x32\x1b.semsearch.v1.RetrievalMode\x12\x17\n\x0fnext_page_token\x18\x14 \x01(\t\"U\n\x1b\x42\x61tchSearchDocumentsRequest\x12\x36\n\x08requests\x18\x01 \x03(\x0b\x32$.semsearch.v1.SearchDocumentsRequest\"X\n\x1c\x42\x61tchSearchDocumentsResponse\x12\x38\n\tresponses\x18\x01 \x03(\x0b\x32%.semsearch.v1.SearchDocumentsResponse\"C\n\x16UpsertDocumentsRequest\x12)\n\tdocuments\x18\x01 \x03(\x0b\x32\x16.semsearch.v1.Document\"\\\n\x17UpsertDocumentsResponse\x12\x16\n\x0eupserted_count\x18\x01 \x01(\x05\x12\x15\n\rmodel_version\x18\x02 \x01(\t\x12\x12\n\ncollection\x18\x03 \x01(\t\"\xb4\x01\n\x16\x44\x65leteDocumentsRequest\x12\x0b\n\x03ids\x18\x01 \x03(\t\x12-\n\x07\x66ilters\x18\x02 \x03(\x0b\x32\x1c.semsearch.v1.MetadataFilter\x12)\n\x06\x66ilter\x18\x03 \x01(\x0b\x32\x19.semsearch.v1.FilterGroup\x12\x12\n\ndelete_all\x18\x04 \x01(\x08\x12\x0f\n\x07\x64ry_run\x18\x05 \x01(\x08\x12\x0e\n\x06tenant\x18\x06 \x01(\t\"0\n\x17\x44\x65leteDocumentsResponse\x12\x15\n\rdeleted_count\x18\x01 \x01(\x05\"0\n\x12GetDocumentRequest\x12\n\n\x02id\x18\x01 \x01(\t\x12\x0e\n\x06tenant\x18\x02 \x01(\t\"S\n\x13GetDocumentResponse\x12(\n\x08\x64ocument\x18\x01 \x01(\x0b\x32\x16.semsearch.v1.Document\x12\x12\n\ncollection\x18\x02 \x01(\t*\xf5\x02\n\x0e\x46ilterOperator\x12\x1f\n\x1b\x46ILTER_OPERATOR_UNSPECIFIED\x10\x00\x12\x16\n\x12\x46ILTER_OPERATOR_EQ\x10\x01\x12\x16\n\x12\x46ILTER_OPERATOR_NE\x10\x02\x12\x16\n\x12\x46ILTER_OPERATOR_GT\x10\x03\x12\x17\n\x13\x46ILTER_OPERATOR_GTE\x10\x04\x12\x16\n\x12\x46ILTER_OPERATOR_LT\x10\x05\x12\x17\n\x13\x46ILTER_OPERATOR_LTE\x10\x06\x12\x16\n\x12\x46ILTER_OPERATOR_IN\x10\x07\x12\x1a\n\x16\x46ILTER_OPERATOR_NOT_IN\x10\x08\x12\x1a\n\x16\x46ILTER_OPERATOR_EXISTS\x10\t\x12\x1c\n\x18\x46ILTER_OPERATOR_CONTAINS\x10\n\x12 \n\x1c\x46ILTER_OPERATOR_CONTAINS_ANY\x10\x0b\x12 \n\x1c\x46ILTER_OPERATOR_CONTAINS_ALL\x10\x0c*\x80\x01\n\x0fLogicalOperator\x12 \n\x1cLOGICAL_OPERATOR_UNSPECIFIED\x10\x00\x12\x18\n\x14LOGICAL_OPERATOR_AND\x10\x01\x12\x17\n\x13LOGICAL_OPERATOR_OR\x10\x02\x12\x18\n\x14LOGICAL_OPERATOR_NOT\x10\x03*]\n\x0bReturnField\x12\x1c\n\x18RETURN_FIELD_UNSPECIFIED\x10\x00\x12\x15\n\x11RETURN_FIELD_TEXT\x10\x01\x12\x19\n\x15RETURN_FIELD_METADATA\x10\x02*\x80\x01\n\rRetrievalMode\x12\x1e\n\x1aRETRIEVAL_MODE_UNSPECIFIED\x10\x00\x12\x18\n\x14RETRIEVAL_MODE_DENSE\x10\x01\x12\x1a\n\x16RETRIEVAL_MODE_LEXICAL\x10\x02\x12\x19\n\x15RETRIEVAL_MODE_HYBRID\x10\x03*`\n\x0c\x46usionMethod\x12\x1d\n\x19\x46USION_METHOD_UNSPECIFIED\x10\x00\x12\x15\n\x11\x46USION_METHOD_RRF\x10\x01\x12\x1a\n\x16\x46USION_METHOD_WEIGHTED\x10\x02\x32\xf2\x03\n\rSearchService\x12^\n\x0fSearchDocuments\x12$.semsearch.v1.SearchDocumentsRequest\x1a%.semsearch.v1.SearchDocumentsResponse\x12m\n\x14\x42\x61tchSearchDocuments\x12).semsearch.v1.BatchSearchDocumentsRequest\x1a*.semsearch.v1.BatchSearchDocumentsResponse\x12^\n\x0fUpsertDocuments\x12$.semsearch.v1.UpsertDocumentsRequest\x1a%.semsearch.v1.UpsertDocumentsResponse\x12^\n\x0f\x44\x65leteDocuments\x12$.semsearch.v1.DeleteDocumentsRequest\x1a%.semsearch.v1.DeleteDocumentsResponse\x12R\n\x0bGetDocument\x12 .semsearch.v1.GetDocumentRequest\x1a!.semsearch.v1.GetDocumentResponseb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x19semsearch/v1/search.proto\x12\x0csemsearch.v1\x1a\x1cgoogle/protobuf/struct.proto\"_\n\x08\x44ocument\x12\n\n\x02id\x18\x01 \x01(\t\x12\x0c\n\x04text\x18\x02 \x01(\t\x12)\n\x08metadata\x18\x03 \x01(\x0b\x32\x17.google.protobuf.Struct\x12\x0e\n\x06tenant\x18\x04 \x01(\t\"\x98\x01\n\x0b\x46ilterGroup\x12/\n\x08operator\x18\x01 \x01(\x0e\x32\x1d.semsearch.v1.LogicalOperator\x12-\n\x07\x66ilters\x18\x02 \x03(\x0b\x32\x1c.semsearch.v1.MetadataFilter\x12)\n\x06groups\x18\x03 \x03(\x0b\x32\x19.semsearch.v1.FilterGroup\"p\n\x0b\x46ilterValue\x12\x16\n\x0cstring_value\x18\x01 \x01(\tH\x00\x12\x13\n\tint_value\x18\x02 \x01(\x03H\x00\x12\x16\n\x0c\x64ouble_value\x18\x03 \x01(\x01H\x00\x12\x14\n\nbool_value\x18\x04 \x01(\x08H\x00\x42\x06\n\x04kind\"\xa4\x01\n\x0eMetadataFilter\x12\r\n\x05\x66ield\x18\x01 \x01(\t\x12.\n\x08operator\x18\x02 \x01(\x0e\x32\x1c.semsearch.v1.FilterOperator\x12(\n\x05value\x18\x03 \x01(\x0b\x32\x19.semsearch.v1.FilterValue\x12)\n\x06values\x18\x04 \x03(\x0b\x32\x19.semsearch.v1.FilterValue\"\xb9\x03\n\x16SearchDocumentsRequest\x12\r\n\x05query\x18\x01 \x01(\t\x12\r\n\x05top_k\x18\x02 \x01(\x05\x12-\n\x07\x66ilters\x18\x03 \x03(\x0b\x32\x1c.semsearch.v1.MetadataFilter\x12\x30\n\rreturn_fields\x18\x04 \x03(\x0e\x32\x19.semsearch.v1.ReturnField\x12\x15\n\rreturn_chunks\x18\x05 \x01(\x08\x12)\n\x04mode\x18\x06 \x01(\x0e\x32\x1b.semsearch.v1.RetrievalMode\x12+\n\x06\x66usion\x18\x07 \x01(\x0b\x32\x1b.semsearch.v1.FusionOptions\x12\x16\n\tmin_score\x18\x14 \x01(\x02H\x00\x88\x01\x01\x12\x11\n\tpage_size\x18\x15 \x01(\x05\x12\x12\n\npage_token\x18\x16 \x01(\t\x12)\n\x06\x66ilter\x18\x17 \x01(\x0b\x32\x19.semsearch.v1.FilterGroup\x12\x0e\n\x06tenant\x18\x18 \x01(\t\x12\x0e\n\x06rerank\x18\x1e \x01(\x08\x12\x19\n\x11rerank_candidates\x18\x1f \x01(\x05\x42\x0c\n\n_min_score\"x\n\rFusionOptions\x12*\n\x06method\x18\x01 \x01(\x0e\x32\x1a.semsearch.v1.FusionMethod\x12\r\n\x05rrf_k\x18\x02 \x01(\x05\x12\x14\n\x0c\x64\x65nse_weight\x18\x03 \x01(\x02\x12\x16\n\x0elexical_weight\x18\x04 \x01(\x02\"]\n\x0eRetrieverScore\x12.\n\tretriever\x18\x01 \x01(\x0e\x32\x1b.semsearch.v1.RetrievalMode\x12\r\n\x05score\x18\x02 \x01(\x02\x12\x0c\n\x04rank\x18\x03 \x01(\x05\"\x83\x02\n\tSearchHit\x12\n\n\x02id\x18\x01 \x01(\t\x12\r\n\x05score\x18\x02 \x01(\x02\x12\x0c\n\x04text\x18\x03 \x01(\t\x12)\n\x08metadata\x18\x04 \x01(\x0b\x32\x17.google.protobuf.Struct\x12\x13\n\x0b\x63hunk_index\x18\x05 \x01(\x05\x12\x30\n\nretrievers\x18\x06 \x03(\x0b\x32\x1c.semsearch.v1.RetrieverScore\x12\x17\n\x0fretrieval_score\x18\x1e \x01(\x02\x12\x19\n\x0crerank_score\x18\x1f \x01(\x02H\x00\x88\x01\x01\x12\x16\n\x0eretrieval_rank\x18  \x01(\x05\x42\x0f\n\r_rerank_score\"X\n\x0cSearchTiming\x12\x10\n\x08total_ms\x18\x01 \x01(\x01\x12\x11\n\tencode_ms\x18\x02 \x01(\x01\x12\x10\n\x08store_ms\x18\x03 \x01(\x01\x12\x11\n\trerank_ms\x18\x1e \x01(\x01\"\xf5\x01\n\x17SearchDocumentsResponse\x12%\n\x04hits\x18\x01 \x03(\x0b\x32\x17.semsearch.v1.SearchHit\x12\x15\n\rmodel_version\x18\x02 \x01(\t\x12\x12\n\ncollection\x18\x03 \x01(\t\x12*\n\x06timing\x18\x04 \x01(\x0b\x32\x1a.semsearch.v1.SearchTiming\x12)\n\x04mode\x18\x05 \x01(\x0e\x32\x1b.semsearch.v1.RetrievalMode\x12\x17\n\x0fnext_page_token\x18\x14 \x01(\t\x12\x18\n\x10reranker_version\x18\x1e \x01(\t\"U\n\x1b\x42\x61tchSearchDocumentsRequest\x12\x36\n\x08requests\x18\x01 \x03(\x0b\x32$.semsearch.v1.SearchDocumentsRequest\"X\n\x1c\x42\x61tchSearchDocumentsResponse\x12\x38\n\tresponses\x18\x01 \x03(\x0b\x32%.semsearch.v1.SearchDocumentsResponse\"C\n\x16UpsertDocumentsRequest\x12)\n\tdocuments\x18\x01 \x03(\x0b\x32\x16.semsearch.v1.Document\"\\\n\x17UpsertDocumentsResponse\x12\x16\n\x0eupserted_count\x18\x01 \x01(\x05\x12\x15\n\rmodel_version\x18\x02 \x01(\t\x12\x12\n\ncollection\x18\x03 \x01(\t\"\xb4\x01\n\x16\x44\x65leteDocumentsRequest\x12\x0b\n\x03ids\x18\x01 \x03(\t\x12-\n\x07\x66ilters\x18\x02 \x03(\x0b\x32\x1c.semsearch.v1.MetadataFilter\x12)\n\x06\x66ilter\x18\x03 \x01(\x0b\x32\x19.semsearch.v1.FilterGroup\x12\x12\n\ndelete_all\x18\x04 \x01(\x08\x12\x0f\n\x07\x64ry_run\x18\x05 \x01(\x08\x12\x0e\n\x06tenant\x18\x06 \x01(\t\"0\n\x17\x44\x65leteDocumentsResponse\x12\x15\n\rdeleted_count\x18\x01 \x01(\x05\"0\n\x12GetDocumentRequest\x12\n\n\x02id\x18\x01 \x01(\t\x12\x0e\n\x06tenant\x18\x02 \x01(\t\"S\n\x13GetDocumentResponse\x12(\n\x08\x64ocument\x18\x01 \x01(\x0b\x32\x16.semsearch.v1.Document\x12\x12\n\ncollection\x18\x02 \x01(\t*\xf5\x02\n\x0e\x46ilterOperator\x12\x1f\n\x1b\x46ILTER_OPERATOR_UNSPECIFIED\x10\x00\x12\x16\n\x12\x46ILTER_OPERATOR_EQ\x10\x01\x12\x16\n\x12\x46ILTER_OPERATOR_NE\x10\x02\x12\x16\n\x12\x46ILTER_OPERATOR_GT\x10\x03\x12\x17\n\x13\x46ILTER_OPERATOR_GTE\x10\x04\x12\x16\n\x12\x46ILTER_OPERATOR_LT\x10\x05\x12\x17\n\x13\x46ILTER_OPERATOR_LTE\x10\x06\x12\x16\n\x12\x46ILTER_OPERATOR_IN\x10\x07\x12\x1a\n\x16\x46ILTER_OPERATOR_NOT_IN\x10\x08\x12\x1a\n\x16\x46ILTER_OPERATOR_EXISTS\x10\t\x12\x1c\n\x18\x46ILTER_OPERATOR_CONTAINS\x10\n\x12 \n\x1c\x46ILTER_OPERATOR_CONTAINS_ANY\x10\x0b\x12 \n\x1c\x46ILTER_OPERATOR_CONTAINS_ALL\x10\x0c*\x80\x01\n\x0fLogicalOperator\x12 \n\x1cLOGICAL_OPERATOR_UNSPECIFIED\x10\x00\x12\x18\n\x14LOGICAL_OPERATOR_AND\x10\x01\x12\x17\n\x13LOGICAL_OPERATOR_OR\x10\x02\x12\x18\n\x14LOGICAL_OPERATOR_NOT\x10\x03*]\n\x0bReturnField\x12\x1c\n\x18RETURN_FIELD_UNSPECIFIED\x10\x00\x12\x15\n\x11RETURN_FIELD_TEXT\x10\x01\x12\x19\n\x15RETURN_FIELD_METADATA\x10\x02*\x80\x01\n\rRetrievalMode\x12\x1e\n\x1aRETRIEVAL_MODE_UNSPECIFIED\x10\x00\x12\x18\n\x14RETRIEVAL_MODE_DENSE\x10\x01\x12\x1a\n\x16RETRIEVAL_MODE_LEXICAL\x10\x02\x12\x19\n\x15RETRIEVAL_MODE_HYBRID\x10\x03*`\n\x0c\x46usionMethod\x12\x1d\n\x19\x46USION_METHOD_UNSPECIFIED\x10\x00\x12\x15\n\x11\x46USION_METHOD_RRF\x10\x01\x12\x1a\n\x16\x46USION_METHOD_WEIGHTED\x10\x02\x32\xf2\x03\n\rSearchService\x12^\n\x0fSearchDocuments\x12$.semsearch.v1.SearchDocumentsRequest\x1a%.semsearch.v1.SearchDocumentsResponse\x12m\n\x14\x42\x61tchSearchDocuments\x12).semsearch.v1.BatchSearchDocumentsRequest\x1a*.semsearch.v1.BatchSearchDocumentsResponse\x12^\n\x0fUpsertDocuments\x12$.semsearch.v1.UpsertDocumentsRequest\x1a%.semsearch.v1.UpsertDocumentsResponse\x12^\n\x0f\x44\x65leteDocuments\x12$.semsearch.v1.DeleteDocumentsRequest\x1a%.semsearch.v1.DeleteDocumentsResponse\x12R\n\x0bGetDocument\x12 .semsearch.v1.GetDocumentRequest\x1a!.semsearch.v1.GetDocumentResponseb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
 _builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, 'semsearch.v1.search_pb2', _globals)
 if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
-  _globals['_FILTEROPERATOR']._serialized_start=2395
-  _globals['_FILTEROPERATOR']._serialized_end=2768
-  _globals['_LOGICALOPERATOR']._serialized_start=2771
-  _globals['_LOGICALOPERATOR']._serialized_end=2899
-  _globals['_RETURNFIELD']._serialized_start=2901
-  _globals['_RETURNFIELD']._serialized_end=2994
-  _globals['_RETRIEVALMODE']._serialized_start=2997
-  _globals['_RETRIEVALMODE']._serialized_end=3125
-  _globals['_FUSIONMETHOD']._serialized_start=3127
-  _globals['_FUSIONMETHOD']._serialized_end=3223
+  _globals['_FILTEROPERATOR']._serialized_start=2576
+  _globals['_FILTEROPERATOR']._serialized_end=2949
+  _globals['_LOGICALOPERATOR']._serialized_start=2952
+  _globals['_LOGICALOPERATOR']._serialized_end=3080
+  _globals['_RETURNFIELD']._serialized_start=3082
+  _globals['_RETURNFIELD']._serialized_end=3175
+  _globals['_RETRIEVALMODE']._serialized_start=3178
+  _globals['_RETRIEVALMODE']._serialized_end=3306
+  _globals['_FUSIONMETHOD']._serialized_start=3308
+  _globals['_FUSIONMETHOD']._serialized_end=3404
   _globals['_DOCUMENT']._serialized_start=73
   _globals['_DOCUMENT']._serialized_end=168
   _globals['_FILTERGROUP']._serialized_start=171
@@ -51,33 +51,33 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_METADATAFILTER']._serialized_start=440
   _globals['_METADATAFILTER']._serialized_end=604
   _globals['_SEARCHDOCUMENTSREQUEST']._serialized_start=607
-  _globals['_SEARCHDOCUMENTSREQUEST']._serialized_end=1005
-  _globals['_FUSIONOPTIONS']._serialized_start=1007
-  _globals['_FUSIONOPTIONS']._serialized_end=1127
-  _globals['_RETRIEVERSCORE']._serialized_start=1129
-  _globals['_RETRIEVERSCORE']._serialized_end=1222
-  _globals['_SEARCHHIT']._serialized_start=1225
-  _globals['_SEARCHHIT']._serialized_end=1391
-  _globals['_SEARCHTIMING']._serialized_start=1393
-  _globals['_SEARCHTIMING']._serialized_end=1462
-  _globals['_SEARCHDOCUMENTSRESPONSE']._serialized_start=1465
-  _globals['_SEARCHDOCUMENTSRESPONSE']._serialized_end=1684
-  _globals['_BATCHSEARCHDOCUMENTSREQUEST']._serialized_start=1686
-  _globals['_BATCHSEARCHDOCUMENTSREQUEST']._serialized_end=1771
-  _globals['_BATCHSEARCHDOCUMENTSRESPONSE']._serialized_start=1773
-  _globals['_BATCHSEARCHDOCUMENTSRESPONSE']._serialized_end=1861
-  _globals['_UPSERTDOCUMENTSREQUEST']._serialized_start=1863
-  _globals['_UPSERTDOCUMENTSREQUEST']._serialized_end=1930
-  _globals['_UPSERTDOCUMENTSRESPONSE']._serialized_start=1932
-  _globals['_UPSERTDOCUMENTSRESPONSE']._serialized_end=2024
-  _globals['_DELETEDOCUMENTSREQUEST']._serialized_start=2027
-  _globals['_DELETEDOCUMENTSREQUEST']._serialized_end=2207
-  _globals['_DELETEDOCUMENTSRESPONSE']._serialized_start=2209
-  _globals['_DELETEDOCUMENTSRESPONSE']._serialized_end=2257
-  _globals['_GETDOCUMENTREQUEST']._serialized_start=2259
-  _globals['_GETDOCUMENTREQUEST']._serialized_end=2307
-  _globals['_GETDOCUMENTRESPONSE']._serialized_start=2309
-  _globals['_GETDOCUMENTRESPONSE']._serialized_end=2392
-  _globals['_SEARCHSERVICE']._serialized_start=3226
-  _globals['_SEARCHSERVICE']._serialized_end=3724
+  _globals['_SEARCHDOCUMENTSREQUEST']._serialized_end=1048
+  _globals['_FUSIONOPTIONS']._serialized_start=1050
+  _globals['_FUSIONOPTIONS']._serialized_end=1170
+  _globals['_RETRIEVERSCORE']._serialized_start=1172
+  _globals['_RETRIEVERSCORE']._serialized_end=1265
+  _globals['_SEARCHHIT']._serialized_start=1268
+  _globals['_SEARCHHIT']._serialized_end=1527
+  _globals['_SEARCHTIMING']._serialized_start=1529
+  _globals['_SEARCHTIMING']._serialized_end=1617
+  _globals['_SEARCHDOCUMENTSRESPONSE']._serialized_start=1620
+  _globals['_SEARCHDOCUMENTSRESPONSE']._serialized_end=1865
+  _globals['_BATCHSEARCHDOCUMENTSREQUEST']._serialized_start=1867
+  _globals['_BATCHSEARCHDOCUMENTSREQUEST']._serialized_end=1952
+  _globals['_BATCHSEARCHDOCUMENTSRESPONSE']._serialized_start=1954
+  _globals['_BATCHSEARCHDOCUMENTSRESPONSE']._serialized_end=2042
+  _globals['_UPSERTDOCUMENTSREQUEST']._serialized_start=2044
+  _globals['_UPSERTDOCUMENTSREQUEST']._serialized_end=2111
+  _globals['_UPSERTDOCUMENTSRESPONSE']._serialized_start=2113
+  _globals['_UPSERTDOCUMENTSRESPONSE']._serialized_end=2205
+  _globals['_DELETEDOCUMENTSREQUEST']._serialized_start=2208
+  _globals['_DELETEDOCUMENTSREQUEST']._serialized_end=2388
+  _globals['_DELETEDOCUMENTSRESPONSE']._serialized_start=2390
+  _globals['_DELETEDOCUMENTSRESPONSE']._serialized_end=2438
+  _globals['_GETDOCUMENTREQUEST']._serialized_start=2440
+  _globals['_GETDOCUMENTREQUEST']._serialized_end=2488
+  _globals['_GETDOCUMENTRESPONSE']._serialized_start=2490
+  _globals['_GETDOCUMENTRESPONSE']._serialized_end=2573
+  _globals['_SEARCHSERVICE']._serialized_start=3407
+  _globals['_SEARCHSERVICE']._serialized_end=3905
 # @@protoc_insertion_point(module_scope)

@@ -124,7 +124,7 @@ class MetadataFilter(_message.Message):
     def __init__(self, field: _Optional[str] = ..., operator: _Optional[_Union[FilterOperator, str]] = ..., value: _Optional[_Union[FilterValue, _Mapping]] = ..., values: _Optional[_Iterable[_Union[FilterValue, _Mapping]]] = ...) -> None: ...
 
 class SearchDocumentsRequest(_message.Message):
-    __slots__ = ("query", "top_k", "filters", "return_fields", "return_chunks", "mode", "fusion", "min_score", "page_size", "page_token", "filter", "tenant")
+    __slots__ = ("query", "top_k", "filters", "return_fields", "return_chunks", "mode", "fusion", "min_score", "page_size", "page_token", "filter", "tenant", "rerank", "rerank_candidates")
     QUERY_FIELD_NUMBER: _ClassVar[int]
     TOP_K_FIELD_NUMBER: _ClassVar[int]
     FILTERS_FIELD_NUMBER: _ClassVar[int]
@@ -137,6 +137,8 @@ class SearchDocumentsRequest(_message.Message):
     PAGE_TOKEN_FIELD_NUMBER: _ClassVar[int]
     FILTER_FIELD_NUMBER: _ClassVar[int]
     TENANT_FIELD_NUMBER: _ClassVar[int]
+    RERANK_FIELD_NUMBER: _ClassVar[int]
+    RERANK_CANDIDATES_FIELD_NUMBER: _ClassVar[int]
     query: str
     top_k: int
     filters: _containers.RepeatedCompositeFieldContainer[MetadataFilter]
@@ -149,7 +151,9 @@ class SearchDocumentsRequest(_message.Message):
     page_token: str
     filter: FilterGroup
     tenant: str
-    def __init__(self, query: _Optional[str] = ..., top_k: _Optional[int] = ..., filters: _Optional[_Iterable[_Union[MetadataFilter, _Mapping]]] = ..., return_fields: _Optional[_Iterable[_Union[ReturnField, str]]] = ..., return_chunks: _Optional[bool] = ..., mode: _Optional[_Union[RetrievalMode, str]] = ..., fusion: _Optional[_Union[FusionOptions, _Mapping]] = ..., min_score: _Optional[float] = ..., page_size: _Optional[int] = ..., page_token: _Optional[str] = ..., filter: _Optional[_Union[FilterGroup, _Mapping]] = ..., tenant: _Optional[str] = ...) -> None: ...
+    rerank: bool
+    rerank_candidates: int
+    def __init__(self, query: _Optional[str] = ..., top_k: _Optional[int] = ..., filters: _Optional[_Iterable[_Union[MetadataFilter, _Mapping]]] = ..., return_fields: _Optional[_Iterable[_Union[ReturnField, str]]] = ..., return_chunks: _Optional[bool] = ..., mode: _Optional[_Union[RetrievalMode, str]] = ..., fusion: _Optional[_Union[FusionOptions, _Mapping]] = ..., min_score: _Optional[float] = ..., page_size: _Optional[int] = ..., page_token: _Optional[str] = ..., filter: _Optional[_Union[FilterGroup, _Mapping]] = ..., tenant: _Optional[str] = ..., rerank: _Optional[bool] = ..., rerank_candidates: _Optional[int] = ...) -> None: ...
 
 class FusionOptions(_message.Message):
     __slots__ = ("method", "rrf_k", "dense_weight", "lexical_weight")
@@ -174,46 +178,56 @@ class RetrieverScore(_message.Message):
     def __init__(self, retriever: _Optional[_Union[RetrievalMode, str]] = ..., score: _Optional[float] = ..., rank: _Optional[int] = ...) -> None: ...
 
 class SearchHit(_message.Message):
-    __slots__ = ("id", "score", "text", "metadata", "chunk_index", "retrievers")
+    __slots__ = ("id", "score", "text", "metadata", "chunk_index", "retrievers", "retrieval_score", "rerank_score", "retrieval_rank")
     ID_FIELD_NUMBER: _ClassVar[int]
     SCORE_FIELD_NUMBER: _ClassVar[int]
     TEXT_FIELD_NUMBER: _ClassVar[int]
     METADATA_FIELD_NUMBER: _ClassVar[int]
     CHUNK_INDEX_FIELD_NUMBER: _ClassVar[int]
     RETRIEVERS_FIELD_NUMBER: _ClassVar[int]
+    RETRIEVAL_SCORE_FIELD_NUMBER: _ClassVar[int]
+    RERANK_SCORE_FIELD_NUMBER: _ClassVar[int]
+    RETRIEVAL_RANK_FIELD_NUMBER: _ClassVar[int]
     id: str
     score: float
     text: str
     metadata: _struct_pb2.Struct
     chunk_index: int
     retrievers: _containers.RepeatedCompositeFieldContainer[RetrieverScore]
-    def __init__(self, id: _Optional[str] = ..., score: _Optional[float] = ..., text: _Optional[str] = ..., metadata: _Optional[_Union[_struct_pb2.Struct, _Mapping]] = ..., chunk_index: _Optional[int] = ..., retrievers: _Optional[_Iterable[_Union[RetrieverScore, _Mapping]]] = ...) -> None: ...
+    retrieval_score: float
+    rerank_score: float
+    retrieval_rank: int
+    def __init__(self, id: _Optional[str] = ..., score: _Optional[float] = ..., text: _Optional[str] = ..., metadata: _Optional[_Union[_struct_pb2.Struct, _Mapping]] = ..., chunk_index: _Optional[int] = ..., retrievers: _Optional[_Iterable[_Union[RetrieverScore, _Mapping]]] = ..., retrieval_score: _Optional[float] = ..., rerank_score: _Optional[float] = ..., retrieval_rank: _Optional[int] = ...) -> None: ...
 
 class SearchTiming(_message.Message):
-    __slots__ = ("total_ms", "encode_ms", "store_ms")
+    __slots__ = ("total_ms", "encode_ms", "store_ms", "rerank_ms")
     TOTAL_MS_FIELD_NUMBER: _ClassVar[int]
     ENCODE_MS_FIELD_NUMBER: _ClassVar[int]
     STORE_MS_FIELD_NUMBER: _ClassVar[int]
+    RERANK_MS_FIELD_NUMBER: _ClassVar[int]
     total_ms: float
     encode_ms: float
     store_ms: float
-    def __init__(self, total_ms: _Optional[float] = ..., encode_ms: _Optional[float] = ..., store_ms: _Optional[float] = ...) -> None: ...
+    rerank_ms: float
+    def __init__(self, total_ms: _Optional[float] = ..., encode_ms: _Optional[float] = ..., store_ms: _Optional[float] = ..., rerank_ms: _Optional[float] = ...) -> None: ...
 
 class SearchDocumentsResponse(_message.Message):
-    __slots__ = ("hits", "model_version", "collection", "timing", "mode", "next_page_token")
+    __slots__ = ("hits", "model_version", "collection", "timing", "mode", "next_page_token", "reranker_version")
     HITS_FIELD_NUMBER: _ClassVar[int]
     MODEL_VERSION_FIELD_NUMBER: _ClassVar[int]
     COLLECTION_FIELD_NUMBER: _ClassVar[int]
     TIMING_FIELD_NUMBER: _ClassVar[int]
     MODE_FIELD_NUMBER: _ClassVar[int]
     NEXT_PAGE_TOKEN_FIELD_NUMBER: _ClassVar[int]
+    RERANKER_VERSION_FIELD_NUMBER: _ClassVar[int]
     hits: _containers.RepeatedCompositeFieldContainer[SearchHit]
     model_version: str
     collection: str
     timing: SearchTiming
     mode: RetrievalMode
     next_page_token: str
-    def __init__(self, hits: _Optional[_Iterable[_Union[SearchHit, _Mapping]]] = ..., model_version: _Optional[str] = ..., collection: _Optional[str] = ..., timing: _Optional[_Union[SearchTiming, _Mapping]] = ..., mode: _Optional[_Union[RetrievalMode, str]] = ..., next_page_token: _Optional[str] = ...) -> None: ...
+    reranker_version: str
+    def __init__(self, hits: _Optional[_Iterable[_Union[SearchHit, _Mapping]]] = ..., model_version: _Optional[str] = ..., collection: _Optional[str] = ..., timing: _Optional[_Union[SearchTiming, _Mapping]] = ..., mode: _Optional[_Union[RetrievalMode, str]] = ..., next_page_token: _Optional[str] = ..., reranker_version: _Optional[str] = ...) -> None: ...
 
 class BatchSearchDocumentsRequest(_message.Message):
     __slots__ = ("requests",)

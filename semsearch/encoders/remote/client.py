@@ -103,65 +103,54 @@ def approximate_token_count(text: str) -> int:
     return sum(1 for ch in text if not ch.isspace()) + 2
 
 
-class RemoteEncoder:
-    """The `Encoder` protocol over one or more OpenAI-compatible embedding servers.
+class RemoteServerClient:
+    """What every client of model servers shares (the remote encoder, the remote reranker): the
+    servers (URLs, TLS, key), their circuits and concurrency slots, the model-identity check at
+    start-up and on every re-check, quarantine, retries within the caller's deadline, failover and
+    health. A subclass supplies the manifest (`_connect`) and the requests."""
 
-    Blocking and thread-safe. Inputs are split into requests of at most `max_batch` texts, at most
-    `concurrency` in flight per server, spread over the healthy servers (least in flight first).
-    Each request is retried (tenacity: exponential backoff with full jitter) on connection errors,
-    timeouts, 408, 429 and 5xx, on another server when there is one; other 4xx are the caller's
-    (InvalidInputError) and never retried. `timeout_s` on a call (the gRPC deadline) bounds the
-    whole call, retries and waits included; without it each HTTP request is bounded by `timeout_s`
-    of the constructor and the call by the retry count.
-    """
+    kind = "encoder"  # in messages and log events: "every encoder server is failing"
 
     def __init__(
         self,
         urls: Sequence[str],
         *,
         model_ref: str,
-        api_key: str | None = None,
-        timeout_s: float = DEFAULT_TIMEOUT_S,
-        max_batch: int = DEFAULT_MAX_BATCH,
-        concurrency: int = DEFAULT_CONCURRENCY,
-        encoding_format: EncodingFormat = DEFAULT_ENCODING_FORMAT,
-        retries: int = DEFAULT_RETRIES,
-        ca_file: str | None = None,
-        failure_threshold: int = 3,
-        reset_s: float = 5.0,
-        backoff_base_s: float = 0.05,
-        backoff_max_s: float = 2.0,
-        identity_recheck_s: float = 30.0,
-        norm_tolerance: float = NORM_TOLERANCE,
-        health_fresh_s: float = HEALTH_FRESH_S,
-        clock: Callable[[], float] = time.monotonic,
+        api_key: str | None,
+        timeout_s: float,
+        concurrency: int,
+        retries: int,
+        ca_file: str | None,
+        failure_threshold: int,
+        reset_s: float,
+        backoff_base_s: float,
+        backoff_max_s: float,
+        identity_recheck_s: float,
+        health_fresh_s: float,
+        clock: Callable[[], float],
     ) -> None:
-        check_limits(encoding_format=encoding_format, max_batch=max_batch, concurrency=concurrency,
-                     retries=retries, timeout_s=timeout_s)
         self.urls = [normalize_base_url(url) for url in urls]
         if not self.urls:
-            raise ValueError("RemoteEncoder needs at least one server URL")
+            raise ValueError(f"a remote {self.kind} needs at least one server URL")
         self.model_ref = model_ref
         self.timeout_s = timeout_s
-        self.max_batch = max_batch
         self.concurrency = concurrency
-        self.encoding_format: EncodingFormat = encoding_format
         self.retries = retries
         self.backoff_base_s = backoff_base_s
         self.backoff_max_s = backoff_max_s
         self.identity_recheck_s = identity_recheck_s
-        self.norm_tolerance = norm_tolerance
         self.health_fresh_s = health_fresh_s
         self.stats = RemoteStats()
         self._clock = clock
         self._lock = threading.Lock()
         self._closed = False
-        self._tokenizer_lock = threading.Lock()
+        self._version = ""  # the model version every server must serve (set at start-up)
+        self._pinned_identity: ServerIdentity | None = None
         verify: ssl.SSLContext | bool = ssl.create_default_context(cafile=ca_file) if ca_file else True
         headers = {"Authorization": f"Bearer {api_key}"} if api_key else {}
         if api_key:
             for url in plain_http_remote_urls(self.urls):
-                log.warning("encoder_api_key_over_plain_http", server=url,
+                log.warning(f"{self.kind}_api_key_over_plain_http", server=url,
                             note="the key crosses the network in clear text: use https")
         self._pool = ServerPool([
             Server(
@@ -180,41 +169,7 @@ class RemoteEncoder:
         self._servers = self._pool.servers
         # Requests of one call run in parallel here; sized so every server's slots can be busy.
         self._executor = ThreadPoolExecutor(max_workers=concurrency * len(self._servers),
-                                            thread_name_prefix="remote-encoder")
-        try:
-            self._manifest, self._tokenizer, self._pinned_identity = self._start()
-        except BaseException:
-            self.close()
-            raise
-
-    @classmethod
-    def from_settings(cls, settings: Settings) -> RemoteEncoder:
-        options = options_from_settings(settings)
-        return cls(
-            options.urls, model_ref=options.model_ref, api_key=options.api_key, timeout_s=options.timeout_s,
-            max_batch=options.max_batch, concurrency=options.concurrency,
-            encoding_format=options.encoding_format, retries=options.retries, ca_file=options.ca_file,
-        )
-
-    # ----- the Encoder protocol -----
-
-    @property
-    def manifest(self) -> ModelManifest:
-        return self._manifest
-
-    def encode_queries(self, queries: Sequence[str], *, timeout_s: float | None = None) -> np.ndarray:
-        # Embedding servers apply no instruction: this is the one place a query gets it.
-        return self._encode([self._manifest.apply_query_instruction(q) for q in queries], timeout_s)
-
-    def encode_documents(self, documents: Sequence[str], *, timeout_s: float | None = None) -> np.ndarray:
-        return self._encode(list(documents), timeout_s)
-
-    def count_tokens(self, texts: Sequence[str]) -> list[int]:
-        if self._tokenizer is not None:
-            with self._tokenizer_lock:  # a fast tokenizer raises "Already borrowed" when shared
-                encoded = self._tokenizer(list(texts), add_special_tokens=True, truncation=False)["input_ids"]
-            return [len(ids) for ids in encoded]
-        return [approximate_token_count(text) for text in texts]
+                                            thread_name_prefix=f"remote-{self.kind}")
 
     def healthy(self) -> bool:
         """Can a request be served now: is some server up and serving our model?
@@ -260,24 +215,100 @@ class RemoteEncoder:
         for server in self._servers:
             server.client.close()
 
-    # ----- diagnostics -----
-
     @property
     def identity(self) -> ServerIdentity | None:
         """The identity the fleet was pinned to at start-up (first accepted server)."""
         return self._pinned_identity
 
-    @property
-    def counts_tokens_exactly(self) -> bool:
-        return self._tokenizer is not None
-
     def server_states(self) -> dict[str, str]:
         return self._pool.states()
 
-    # ----- start-up: manifest and identity -----
+    def _fetch_identity(self, server: Server, deadline: float | None) -> ServerIdentity:
+        self._bump("identity_checks")
+        first = server.pinned.info_path if server.pinned is not None else None
+        return fetch_identity(server.client, server.url, self._request_timeout(deadline), first)
 
-    def _start(self) -> tuple[ModelManifest, PreTrainedTokenizerBase | None, ServerIdentity]:
-        local = self._local_manifest()
+    def _verify(self, server: Server, deadline: float | None) -> None:
+        """Re-read the server's identity; quarantine it when it changed or no longer fits."""
+        identity = self._fetch_identity(server, deadline)
+        reason = self._policy.changed(server.pinned, identity)
+        if reason:
+            self._quarantine(server, reason)
+            raise Quarantined(reason)
+        # The same model: keep what may legitimately move (served names, layout) current.
+        server.pinned = identity if server.pinned is None else dataclasses.replace(
+            identity, served_names=identity.served_names | server.pinned.served_names)
+        server.verified_at = self._clock()
+        if server.quarantine_reason:
+            log.warning(f"{self.kind}_server_restored", server=server.url, identity=identity.key)
+            server.quarantine_reason = None
+
+    def _quarantine(self, server: Server, reason: str, *, sticky: bool = False) -> None:
+        server.quarantine(reason, sticky=sticky)
+        log.error(f"{self.kind}_server_quarantined", server=server.url, reason=reason,
+                  expected_model=self.model_ref, expected_version=self._version)
+
+    def _retrying(self, fn: Callable[[], T], deadline: float | None) -> T:
+        def before_retry(attempt: int, exc: BaseException | None, sleep_s: float) -> None:
+            self._bump("retries")
+            log.warning(f"{self.kind}_request_retry", attempt=attempt, reason=str(exc), sleep_s=round(sleep_s, 3))
+
+        return retry_transient(fn, retries=self.retries, deadline=deadline, clock=self._clock,
+                               backoff_base_s=self.backoff_base_s, backoff_max_s=self.backoff_max_s,
+                               before_retry=before_retry)
+
+    def _acquire_server(self, deadline: float | None, avoid: Sequence[Server]) -> Server:
+        """The least-loaded usable server (not the one that just failed, when there is a choice),
+        with one of its concurrency slots. Fails fast when every circuit is open."""
+        for server in self._pool.candidates(avoid):
+            if server.sticky or not server.breaker.try_acquire():
+                continue
+            # A probe re-reads the identity first (cheap, and a restarted server may serve another
+            # model); the request that follows decides whether the circuit closes.
+            due = self._clock() - server.verified_at >= self.identity_recheck_s
+            if server.breaker.is_probing() or due or server.quarantine_reason:
+                try:
+                    if not self._verified(server, deadline):
+                        continue
+                except BaseException:
+                    server.breaker.release()
+                    raise
+            timeout = None if deadline is None else max(0.0, deadline - self._clock())
+            if not self._pool.take_slot(server, timeout):
+                raise BackendUnavailableError(
+                    f"{self.kind} deadline exceeded waiting for a free slot on {server.url}")
+            if avoid and server not in avoid:
+                self._bump("failovers")
+            return server
+        if self._pool.all_quarantined():
+            raise ModelMismatchError(
+                f"every {self.kind} server serves another model than "
+                f"{self.model_ref!r} version {self._version!r}: "
+                + "; ".join(f"{s.url} {s.quarantine_reason}" for s in self._servers)
+            )
+        raise BackendUnavailableError(
+            f"every {self.kind} server is failing (circuit open); next probe in {self._pool.retry_in():.1f}s"
+        )
+
+    def _request_timeout(self, deadline: float | None) -> float:
+        if deadline is None:
+            return self.timeout_s
+        remaining = deadline - self._clock()
+        if remaining <= 0.001:
+            raise BackendUnavailableError(f"{self.kind} deadline exceeded")
+        return min(self.timeout_s, remaining)
+
+    def _bump(self, name: str, url: str | None = None, *, count: int = 1) -> None:
+        with self._lock:
+            setattr(self.stats, name, getattr(self.stats, name) + count)
+            if url is not None:
+                self.stats.per_server[url] = self.stats.per_server.get(url, 0) + count
+
+    def _connect(self, version_for: Callable[[ServerIdentity], tuple[str, bool]]) -> ServerIdentity:
+        """Ask every server what it serves and pin the ones that may serve our model.
+
+        `version_for(first identity)` gives the version to serve and whether it comes from a local
+        copy (exact) or from that first server (then every other server must be the same)."""
         deadline = self._clock() + max(self.timeout_s, 1.0) * (self.retries + 1)
         identities: dict[str, ServerIdentity] = {}
         errors: dict[str, str] = {}
@@ -290,14 +321,11 @@ class RemoteEncoder:
                 errors[server.url] = str(exc)
                 server.breaker.force_open()
         if not identities:
-            raise BackendUnavailableError(f"no encoder server answered at start-up: {errors}")
+            raise BackendUnavailableError(f"no {self.kind} server answered at start-up: {errors}")
         first = identities[next(iter(identities))]
-        if local is not None:
-            manifest, tokenizer = local
-        else:
-            manifest, tokenizer = profile_manifest(self.model_ref, first), None
-        self._manifest = manifest
-        self._policy = IdentityPolicy(self.model_ref, manifest.version, None if local is not None else first)
+        version, exact = version_for(first)
+        self._version = version
+        self._policy = IdentityPolicy(self.model_ref, version, None if exact else first)
         accepted: list[str] = []
         for server in self._servers:
             identity = identities.get(server.url)
@@ -313,17 +341,120 @@ class RemoteEncoder:
         if not accepted:
             reasons = {s.url: s.quarantine_reason for s in self._servers if s.quarantine_reason}
             raise ModelMismatchError(
-                f"no encoder server serves model {self.model_ref!r} version {manifest.version!r}: {reasons}"
+                f"no {self.kind} server serves model {self.model_ref!r} version {version!r}: {reasons}"
             )
         pinned = next(s.pinned for s in self._servers if s.pinned is not None)
         if not pinned.versioned:
             log.warning(
-                "encoder_server_unversioned", servers=accepted, model_path=pinned.model_path,
+                f"{self.kind}_server_unversioned", servers=accepted, model_path=pinned.model_path,
                 note="launch sglang with --weight-version <manifest version> so that the model version "
                      "is checked exactly; now only the model name is",
             )
+        if errors:
+            log.warning(f"{self.kind}_servers_unreachable_at_start", servers=sorted(errors))
+        return pinned
+
+
+class RemoteEncoder(RemoteServerClient):
+    """The `Encoder` protocol over one or more OpenAI-compatible embedding servers.
+
+    Blocking and thread-safe. Inputs are split into requests of at most `max_batch` texts, at most
+    `concurrency` in flight per server, spread over the healthy servers (least in flight first).
+    Each request is retried (tenacity: exponential backoff with full jitter) on connection errors,
+    timeouts, 408, 429 and 5xx, on another server when there is one; other 4xx are the caller's
+    (InvalidInputError) and never retried. `timeout_s` on a call (the gRPC deadline) bounds the
+    whole call, retries and waits included; without it each HTTP request is bounded by `timeout_s`
+    of the constructor and the call by the retry count.
+    """
+
+    def __init__(
+        self,
+        urls: Sequence[str],
+        *,
+        model_ref: str,
+        api_key: str | None = None,
+        timeout_s: float = DEFAULT_TIMEOUT_S,
+        max_batch: int = DEFAULT_MAX_BATCH,
+        concurrency: int = DEFAULT_CONCURRENCY,
+        encoding_format: EncodingFormat = DEFAULT_ENCODING_FORMAT,
+        retries: int = DEFAULT_RETRIES,
+        ca_file: str | None = None,
+        failure_threshold: int = 3,
+        reset_s: float = 5.0,
+        backoff_base_s: float = 0.05,
+        backoff_max_s: float = 2.0,
+        identity_recheck_s: float = 30.0,
+        norm_tolerance: float = NORM_TOLERANCE,
+        health_fresh_s: float = HEALTH_FRESH_S,
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
+        check_limits(encoding_format=encoding_format, max_batch=max_batch, concurrency=concurrency,
+                     retries=retries, timeout_s=timeout_s)
+        self.max_batch = max_batch
+        self.encoding_format: EncodingFormat = encoding_format
+        self.norm_tolerance = norm_tolerance
+        self._tokenizer_lock = threading.Lock()
+        super().__init__(urls, model_ref=model_ref, api_key=api_key, timeout_s=timeout_s, concurrency=concurrency,
+                         retries=retries, ca_file=ca_file, failure_threshold=failure_threshold, reset_s=reset_s,
+                         backoff_base_s=backoff_base_s, backoff_max_s=backoff_max_s,
+                         identity_recheck_s=identity_recheck_s, health_fresh_s=health_fresh_s, clock=clock)
+        try:
+            self._manifest, self._tokenizer, self._pinned_identity = self._start()
+        except BaseException:
+            self.close()
+            raise
+
+    @classmethod
+    def from_settings(cls, settings: Settings) -> RemoteEncoder:
+        options = options_from_settings(settings)
+        return cls(
+            options.urls, model_ref=options.model_ref, api_key=options.api_key, timeout_s=options.timeout_s,
+            max_batch=options.max_batch, concurrency=options.concurrency,
+            encoding_format=options.encoding_format, retries=options.retries, ca_file=options.ca_file,
+        )
+
+    # ----- the Encoder protocol -----
+
+    @property
+    def manifest(self) -> ModelManifest:
+        return self._manifest
+
+    def encode_queries(self, queries: Sequence[str], *, timeout_s: float | None = None) -> np.ndarray:
+        # Embedding servers apply no instruction: this is the one place a query gets it.
+        return self._encode([self._manifest.apply_query_instruction(q) for q in queries], timeout_s)
+
+    def encode_documents(self, documents: Sequence[str], *, timeout_s: float | None = None) -> np.ndarray:
+        return self._encode(list(documents), timeout_s)
+
+    def count_tokens(self, texts: Sequence[str]) -> list[int]:
+        if self._tokenizer is not None:
+            with self._tokenizer_lock:  # a fast tokenizer raises "Already borrowed" when shared
+                encoded = self._tokenizer(list(texts), add_special_tokens=True, truncation=False)["input_ids"]
+            return [len(ids) for ids in encoded]
+        return [approximate_token_count(text) for text in texts]
+
+    # ----- diagnostics -----
+
+    @property
+    def counts_tokens_exactly(self) -> bool:
+        return self._tokenizer is not None
+
+    # ----- start-up: manifest and identity -----
+
+    def _start(self) -> tuple[ModelManifest, PreTrainedTokenizerBase | None, ServerIdentity]:
+        local = self._local_manifest()
+        found: list[tuple[ModelManifest, PreTrainedTokenizerBase | None]] = []
+
+        def version_for(first: ServerIdentity) -> tuple[str, bool]:
+            manifest, tokenizer = local if local is not None else (profile_manifest(self.model_ref, first), None)
+            self._manifest = manifest
+            found.append((manifest, tokenizer))
+            return manifest.version, local is not None
+
+        pinned = self._connect(version_for)
+        manifest, tokenizer = found[0]
         log.info(
-            "remote_encoder_ready", servers=self.urls, accepted=accepted, unreachable=sorted(errors),
+            "remote_encoder_ready", servers=self.urls, accepted=[s.url for s in self._servers if s.pinned],
             identity=pinned.key, model_version=manifest.version, dimension=manifest.dimension,
             exact_token_counts=tokenizer is not None, encoding_format=self.encoding_format,
             embeddings_path=pinned.embeddings_path,
@@ -361,30 +492,6 @@ class RemoteEncoder:
                         note="token counts are approximate")
             return None
 
-    def _fetch_identity(self, server: Server, deadline: float | None) -> ServerIdentity:
-        self._bump("identity_checks")
-        first = server.pinned.info_path if server.pinned is not None else None
-        return fetch_identity(server.client, server.url, self._request_timeout(deadline), first)
-
-    def _verify(self, server: Server, deadline: float | None) -> None:
-        """Re-read the server's identity; quarantine it when it changed or no longer fits."""
-        identity = self._fetch_identity(server, deadline)
-        reason = self._policy.changed(server.pinned, identity)
-        if reason:
-            self._quarantine(server, reason)
-            raise Quarantined(reason)
-        # The same model: keep what may legitimately move (served names, layout) current.
-        server.pinned = identity if server.pinned is None else dataclasses.replace(
-            identity, served_names=identity.served_names | server.pinned.served_names)
-        server.verified_at = self._clock()
-        if server.quarantine_reason:
-            log.warning("encoder_server_restored", server=server.url, identity=identity.key)
-            server.quarantine_reason = None
-
-    def _quarantine(self, server: Server, reason: str, *, sticky: bool = False) -> None:
-        server.quarantine(reason, sticky=sticky)
-        log.error("encoder_server_quarantined", server=server.url, reason=reason,
-                  expected_model=self.model_ref, expected_version=self._manifest.version)
 
     # ----- encoding -----
 
@@ -431,55 +538,6 @@ class RemoteEncoder:
 
         return self._retrying(attempt, deadline)
 
-    def _retrying(self, fn: Callable[[], T], deadline: float | None) -> T:
-        def before_retry(attempt: int, exc: BaseException | None, sleep_s: float) -> None:
-            self._bump("retries")
-            log.warning("encoder_request_retry", attempt=attempt, reason=str(exc), sleep_s=round(sleep_s, 3))
-
-        return retry_transient(fn, retries=self.retries, deadline=deadline, clock=self._clock,
-                               backoff_base_s=self.backoff_base_s, backoff_max_s=self.backoff_max_s,
-                               before_retry=before_retry)
-
-    def _acquire_server(self, deadline: float | None, avoid: Sequence[Server]) -> Server:
-        """The least-loaded usable server (not the one that just failed, when there is a choice),
-        with one of its concurrency slots. Fails fast when every circuit is open."""
-        for server in self._pool.candidates(avoid):
-            if server.sticky or not server.breaker.try_acquire():
-                continue
-            # A probe re-reads the identity first (cheap, and a restarted server may serve another
-            # model); the request that follows decides whether the circuit closes.
-            due = self._clock() - server.verified_at >= self.identity_recheck_s
-            if server.breaker.is_probing() or due or server.quarantine_reason:
-                try:
-                    if not self._verified(server, deadline):
-                        continue
-                except BaseException:
-                    server.breaker.release()
-                    raise
-            timeout = None if deadline is None else max(0.0, deadline - self._clock())
-            if not self._pool.take_slot(server, timeout):
-                raise BackendUnavailableError(
-                    f"encoder deadline exceeded waiting for a free slot on {server.url}")
-            if avoid and server not in avoid:
-                self._bump("failovers")
-            return server
-        if self._pool.all_quarantined():
-            raise ModelMismatchError(
-                "every encoder server serves another model than "
-                f"{self.model_ref!r} version {self._manifest.version!r}: "
-                + "; ".join(f"{s.url} {s.quarantine_reason}" for s in self._servers)
-            )
-        raise BackendUnavailableError(
-            f"every encoder server is failing (circuit open); next probe in {self._pool.retry_in():.1f}s"
-        )
-
-    def _request_timeout(self, deadline: float | None) -> float:
-        if deadline is None:
-            return self.timeout_s
-        remaining = deadline - self._clock()
-        if remaining <= 0.001:
-            raise BackendUnavailableError("encoder deadline exceeded")
-        return min(self.timeout_s, remaining)
 
     def _post(self, server: Server, texts: list[str], deadline: float | None) -> np.ndarray:
         try:
@@ -563,8 +621,3 @@ class RemoteEncoder:
                         note="the server does not normalize: check its pooling/normalize config")
         return vectors
 
-    def _bump(self, name: str, url: str | None = None, *, count: int = 1) -> None:
-        with self._lock:
-            setattr(self.stats, name, getattr(self.stats, name) + count)
-            if url is not None:
-                self.stats.per_server[url] = self.stats.per_server.get(url, 0) + count

@@ -282,6 +282,42 @@ def _resumable(config: FinetuneConfig, out: Path) -> Path | None:
     return last_checkpoint(out)
 
 
+def run_flag_process(
+    command: list[str],
+    config: FinetuneConfig,
+    *,
+    log_file: Path,
+    stream_output: bool = True,
+    task: str = "embedder",
+) -> None:
+    """Run a FlagEmbedding fine-tune (`trainer._flag_entry`) in a child process; RuntimeError if it fails."""
+    env = dict(
+        os.environ,
+        SEMSEARCH_TRAIN_LOG=str(log_file),
+        SEMSEARCH_FLAG_TASK=task,
+        TOKENIZERS_PARALLELISM="false",
+        WANDB_DISABLED="true",
+    )
+    if not config.uses_cuda():
+        env["CUDA_VISIBLE_DEVICES"] = ""
+    if config.torch_threads:
+        env["OMP_NUM_THREADS"] = env["MKL_NUM_THREADS"] = str(config.torch_threads)
+    # The package root must be importable by the child (`-m trainer._flag_entry`).
+    root = str(Path(__file__).resolve().parent.parent)
+    env["PYTHONPATH"] = os.pathsep.join(p for p in (root, env.get("PYTHONPATH")) if p)
+    result = subprocess.run(
+        command,
+        env=env,
+        check=False,
+        stdout=None if stream_output else subprocess.PIPE,
+        stderr=None if stream_output else subprocess.STDOUT,
+        text=True,
+    )
+    if result.returncode != 0:
+        tail = (result.stdout or "")[-4000:]
+        raise RuntimeError(f"FlagEmbedding fine-tune failed (exit {result.returncode}){': ' + tail if tail else ''}")
+
+
 def run_finetune(
     config: FinetuneConfig, *, overwrite: bool = False, stream_output: bool = True, resume: bool = False
 ) -> ModelManifest:
@@ -330,14 +366,6 @@ def run_finetune(
     if checkpoint is not None:
         command += ["--resume_from_checkpoint", str(checkpoint)]
         log.info("finetune_resume", checkpoint=str(checkpoint))
-    env = dict(os.environ, SEMSEARCH_TRAIN_LOG=str(log_file), TOKENIZERS_PARALLELISM="false", WANDB_DISABLED="true")
-    if not config.uses_cuda():
-        env["CUDA_VISIBLE_DEVICES"] = ""
-    if config.torch_threads:
-        env["OMP_NUM_THREADS"] = env["MKL_NUM_THREADS"] = str(config.torch_threads)
-    # The package root must be importable by the child (`-m trainer._flag_entry`).
-    root = str(Path(__file__).resolve().parent.parent)
-    env["PYTHONPATH"] = os.pathsep.join(p for p in (root, env.get("PYTHONPATH")) if p)
     log.info(
         "finetune_start",
         model=config.model,
@@ -348,19 +376,9 @@ def run_finetune(
     )
     started = time.perf_counter()
     try:
-        result = subprocess.run(
-            command,
-            env=env,
-            check=False,
-            stdout=None if stream_output else subprocess.PIPE,
-            stderr=None if stream_output else subprocess.STDOUT,
-            text=True,
-        )
+        run_flag_process(command, config, log_file=log_file, stream_output=stream_output)
     finally:
         shutil.rmtree(cache_dir, ignore_errors=True)
-    if result.returncode != 0:
-        tail = (result.stdout or "")[-4000:]
-        raise RuntimeError(f"FlagEmbedding fine-tune failed (exit {result.returncode}){': ' + tail if tail else ''}")
     wall = time.perf_counter() - started
     if not any(out.glob("*.safetensors")) and not any(out.glob("pytorch_model*.bin")):
         raise RuntimeError(f"fine-tune finished but wrote no weights to {out}")

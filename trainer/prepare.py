@@ -315,9 +315,10 @@ def build_rows(graph: _Graph, test_ratio: float, seed: int) -> PrepareResult:
             pos=[graph.surface[p] for p in positives],
             neg=[graph.surface[n] for n in negatives],
             group=group,
-            # Rows of train-only sources are marked, so evaluation pools can leave them out.
-            **({} if q in graph.holdout_keys else {"source": "extra"}),
         )
+        if q not in graph.holdout_keys:
+            # Marked (an extra field TrainRow keeps), so evaluation pools can leave these rows out.
+            row = row.model_copy(update={"source": "extra"})
         (test if group in test_groups else train).append(row)
     stats = {
         "texts": len(graph.surface),

@@ -282,6 +282,15 @@ def _resumable(config: FinetuneConfig, out: Path) -> Path | None:
     return last_checkpoint(out)
 
 
+def _die_with_parent() -> None:
+    """In the child: SIGKILL when the parent dies, so a killed `train run` leaves no trainer behind
+    (it would otherwise keep writing into the step directory the resumed run uses)."""
+    import ctypes
+    import signal
+
+    ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, signal.SIGKILL)  # 1 = PR_SET_PDEATHSIG
+
+
 def run_flag_process(
     command: list[str],
     config: FinetuneConfig,
@@ -309,6 +318,7 @@ def run_flag_process(
         command,
         env=env,
         check=False,
+        preexec_fn=_die_with_parent if sys.platform == "linux" else None,
         stdout=None if stream_output else subprocess.PIPE,
         stderr=None if stream_output else subprocess.STDOUT,
         text=True,

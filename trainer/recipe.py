@@ -258,7 +258,8 @@ def load_recipe(path: Path) -> Recipe:
         if not (model_path / "config.json").is_file():
             raise RecipeError(f"{path}: model: not a model directory: {model_path}")
         recipe.model = str(model_path)
-    recipe.work_dir = resolve(recipe.work_dir) if recipe.work_dir else base / "runs" / (recipe.name or path.stem)
+    work_dir = resolve(recipe.work_dir) if recipe.work_dir else base / "runs" / (recipe.name or path.stem)
+    recipe.work_dir = Path(os.path.normpath(work_dir))
 
     steps = recipe.steps
     base_ft = _finetune_settings(path, steps.finetune, "steps.finetune", FinetuneConfig)
@@ -592,7 +593,7 @@ def run_recipe(recipe: Recipe, *, stream_output: bool = True, echo: Callable[[st
         promote = steps.promote
 
         def do_promote(out: Path, _: bool) -> dict[str, Any]:
-            command = [sys.executable, "-m", "semsearch.cli", "promote", model, "--eval-data", str(test_file),
+            command = [sys.executable, "-m", "semsearch", "promote", model, "--eval-data", str(test_file),
                        "--collection", str(promote.collection), "--metric", promote.metric,
                        "--min-improvement", str(promote.min_improvement)]
             if promote.milvus_uri:

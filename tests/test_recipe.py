@@ -121,34 +121,58 @@ def test_a_bad_data_row_stops_its_step_with_file_and_line(tmp_path: Path) -> Non
     assert not list((tmp_path / "runs" / "tiny").glob(f"prepare-*/{DONE}"))
 
 
-def test_recipe_runs_end_to_end_and_a_rerun_skips_every_step(tmp_path: Path) -> None:
-    path = _recipe(tmp_path, steps=f"  finetune: {FINETUNE % (2, 0)}\n  evaluate: {{include_base: false}}\n")
-    result = _cli("run", str(path), cwd=tmp_path, env=dict(os.environ, SEMSEARCH_TORCH_THREADS="1"))
-    assert result.returncode == 0, result.stderr[-3000:]
-    summary = json.loads(result.stdout.strip().splitlines()[-1])
-    assert [s[0] for s in summary["steps"]] == ["prepare", "extend-vocab", "mine-r1", "finetune-r1", "evaluate"]
-    assert all(status == "ran" for _, status, _ in summary["steps"])
+def test_a_rerun_skips_done_steps_and_a_changed_setting_reruns_only_what_follows(tmp_path: Path) -> None:
+    path = _recipe(tmp_path, steps="  evaluate: {enabled: false}\n")
+    first = run_recipe(load_recipe(path), stream_output=False, echo=lambda _: None, until="mine-r1")
+    assert [(s["step"], s["status"]) for s in first["steps"]] == [
+        ("prepare", "ran"), ("extend-vocab", "ran"), ("mine-r1", "ran")]
     work = tmp_path / "runs" / "tiny"
-    report = json.loads((work / "report-tiny" / "report.json").read_text(encoding="utf-8"))
-    labels = [m["label"] for m in report["evaluation"]["models"]]
-    assert labels == ["extended (untrained)", "round 1"]
-    assert report["losses"]["finetune-r1"] and (work / "report-tiny" / "losses.png").exists()
-    markdown = (work / "report-tiny" / "report.md").read_text(encoding="utf-8")
-    assert "| finetune-r1 |" in markdown and "**global pool**" in markdown
     # The extended tokenizer knows the characters the tiny one missed.
     extended = next(work.glob("extend-vocab-*/model"))
     assert "鲸" in (extended / "vocab.txt").read_text(encoding="utf-8").split()
+    mined = next(work.glob("mine-r1-*/mined.jsonl")).read_bytes()
+
+    again = run_recipe(load_recipe(path), stream_output=False, echo=lambda _: None, until="mine-r1")
+    assert [s["status"] for s in again["steps"]] == ["skipped"] * 3
+    assert next(work.glob("mine-r1-*/mined.jsonl")).read_bytes() == mined
+    # A step dir without its marker (a killed run) runs again; the others stay skipped.
+    (next(work.glob("mine-r1-*")) / DONE).unlink()
+    resumed = run_recipe(load_recipe(path), stream_output=False, echo=lambda _: None, until="mine-r1")
+    assert [s["status"] for s in resumed["steps"]] == ["skipped", "skipped", "resumed"]
+    # A changed setting re-runs that step (a new directory) and what follows it, not what comes before.
+    path.write_text(path.read_text(encoding="utf-8").replace("negative_number: 3", "negative_number: 2"), "utf-8")
+    changed = run_recipe(load_recipe(path), stream_output=False, echo=lambda _: None, until="mine-r1")
+    assert [s["status"] for s in changed["steps"]] == ["skipped", "skipped", "ran"]
+    assert len(list(work.glob("mine-r1-*"))) == 2
+
+
+@pytest.mark.slow
+def test_recipe_runs_end_to_end_with_reranker_and_distillation_then_skips_everything(tmp_path: Path) -> None:
+    reranker = "  reranker: {enabled: true, train: {max_steps: 2, batch_size: 2, train_group_size: 2, max_len: 32, " \
+               "query_max_len: 16, passage_max_len: 16, logging_steps: 1}}\n" \
+               "  score: {enabled: true, batch_size: 8, max_length: 32}\n  distil: {max_steps: 2}\n" \
+               "  evaluate: {include_base: false, rerank_top: 5}\n"
+    path = _recipe(tmp_path, steps=f"  finetune: {FINETUNE % (2, 0)}\n" + reranker)
+    result = _cli("run", str(path), cwd=tmp_path, env=dict(os.environ, SEMSEARCH_TORCH_THREADS="1"))
+    assert result.returncode == 0, result.stderr[-3000:]
+    summary = json.loads(result.stdout.strip().splitlines()[-1])
+    assert [s[0] for s in summary["steps"]] == [
+        "prepare", "extend-vocab", "mine-r1", "finetune-r1", "reranker", "mine-distil", "score", "distil", "evaluate"]
+    assert all(status == "ran" for _, status, _ in summary["steps"])
+    work = tmp_path / "runs" / "tiny"
+    report = json.loads((work / "report-tiny" / "report.json").read_text(encoding="utf-8"))
+    entries = report["evaluation"]["models"]
+    assert [m["label"] for m in entries] == ["extended (untrained)", "round 1", "distilled"]
+    assert entries[-1]["rerank"]["top"] == 5 and "global" in entries[-1]["rerank"]["pools"]
+    scored = [json.loads(line) for line in next(work.glob("score-*/scored.jsonl")).read_text("utf-8").splitlines()]
+    assert all(len(r["neg_scores"]) == len(r["neg"]) for r in scored)  # our reranker was the teacher
+    assert report["losses"]["finetune-r1"] and (work / "report-tiny" / "losses.png").exists()
+    markdown = (work / "report-tiny" / "report.md").read_text(encoding="utf-8")
+    assert "| distil |" in markdown and "distilled → reranker (top 5)" in markdown
 
     again = run_recipe(load_recipe(path), stream_output=False, echo=lambda _: None)
     assert {s["status"] for s in again["steps"]} == {"skipped"}
     assert again["evaluation"] == report["evaluation"]
-    # A changed setting re-runs that step and what follows it, not what comes before.
-    path.write_text(path.read_text(encoding="utf-8").replace("negative_number: 3", "negative_number: 2"), "utf-8")
-    plan = load_recipe(path)
-    plan.steps.evaluate.enabled = False
-    plan.round_finetune[0]["max_steps"] = 1
-    changed = run_recipe(plan, stream_output=False, echo=lambda _: None)
-    assert [s["status"] for s in changed["steps"]] == ["skipped", "skipped", "ran", "ran"]
 
 
 @pytest.mark.slow

@@ -337,11 +337,16 @@ class StepRecord:
     result: dict[str, Any]
 
 
+class _Stop(Exception):
+    """Raised after the step named by `until` has finished."""
+
+
 @dataclass
 class Run:
     recipe: Recipe
     stream_output: bool = True
     echo: Callable[[str], None] = print
+    until: str | None = None
     records: list[StepRecord] = field(default_factory=list)
     started: float = field(default_factory=time.perf_counter)
 
@@ -382,16 +387,31 @@ class Run:
             record = StepRecord(name, key, out, "resumed" if resuming else "ran", wall, result)
             self.echo(f"[{number}] {name}: finished in {wall:.0f} s")
         self.records.append(record)
+        if name == self.until:
+            raise _Stop
         return record
 
 
 def run_recipe(recipe: Recipe, *, stream_output: bool = True, echo: Callable[[str], None] = print,
                until: str | None = None) -> dict[str, Any]:
-    """Run (or resume) every step; returns the report (also written to <work_dir>/report/)."""
+    """Run (or resume) every step, or up to the step named `until`; returns the report (also written to
+    <work_dir>/report-<name>/)."""
+
+    run = Run(recipe, stream_output=stream_output, echo=echo, until=until)
+    run.work.mkdir(parents=True, exist_ok=True)
+    models: list[tuple[str, str]] = [("base", recipe.model)]
+    try:
+        return _run_steps(run, models)
+    except _Stop:
+        return _finish(run, models, None)
+
+
+def _run_steps(run: Run, models: list[tuple[str, str]]) -> dict[str, Any]:
     from trainer.rows import read_rows
 
-    run = Run(recipe, stream_output=stream_output, echo=echo)
-    run.work.mkdir(parents=True, exist_ok=True)
+    recipe = run.recipe
+    stream_output = run.stream_output
+    echo = run.echo
     steps = recipe.steps
     threads = recipe.threads
 
@@ -422,7 +442,6 @@ def run_recipe(recipe: Recipe, *, stream_output: bool = True, echo: Callable[[st
 
     # extend-vocab -------------------------------------------------------------------------------
     model, model_key = recipe.model, _model_identity(recipe.model)
-    models: list[tuple[str, str]] = [("base", recipe.model)]
     first_ft = recipe.round_finetune[0]
     instruction = first_ft.get("query_instruction", FinetuneConfig.model_fields["query_instruction"].default)
     vocab = steps.extend_vocab
@@ -451,8 +470,6 @@ def run_recipe(recipe: Recipe, *, stream_output: bool = True, echo: Callable[[st
         else:
             echo("extend-vocab: the tokenizer knows every character of the training data, skipped")
     vocab_model, vocab_key = model, model_key
-    if until == "extend-vocab":
-        return _finish(run, models, None)
 
     # rounds of mine -> finetune -------------------------------------------------------------------
     def mine_step(label: str, settings: MineStep, rows_file: Path, rows_key: str, model_ref: str,
@@ -505,8 +522,6 @@ def run_recipe(recipe: Recipe, *, stream_output: bool = True, echo: Callable[[st
                               mined.key, model, model_key)
         model, model_key = str(tuned.dir / "model"), tuned.key
         models.append((f"round {r + 1}", model))
-        if until == f"finetune-r{r + 1}":
-            return _finish(run, models, None)
 
     # reranker -------------------------------------------------------------------------------------
     reranker_dir: str | None = None

@@ -20,6 +20,28 @@ def _checkpoint_step(checkpoint: str | None) -> int | None:
     return int(state["global_step"])
 
 
+def _load_inner(wrapper: Any, checkpoint: str) -> None:
+    import safetensors.torch
+    import torch
+
+    inner = wrapper.model
+    folder = Path(checkpoint)
+    if (folder / "model.safetensors").exists():
+        state = safetensors.torch.load_file(str(folder / "model.safetensors"), device="cpu")
+    else:
+        state = torch.load(folder / "pytorch_model.bin", map_location="cpu", weights_only=True)
+    result = inner.load_state_dict(state, strict=False)
+    # Non-persistent buffers and tied weights may be absent from a save; anything else is a mismatch.
+    missing = [k for k in result.missing_keys if not k.endswith("position_ids")]
+    if missing or result.unexpected_keys:
+        raise RuntimeError(
+            f"checkpoint {checkpoint} does not fit the model: missing {missing[:5]}, "
+            f"unexpected {result.unexpected_keys[:5]}"
+        )
+    if hasattr(inner, "tie_weights"):
+        inner.tie_weights()
+
+
 def main() -> None:
     if os.environ.get("SEMSEARCH_FLAG_TASK") == "reranker":
         from FlagEmbedding.abc.finetune.reranker import AbsRerankerDataArguments as DataArguments
@@ -52,6 +74,13 @@ def main() -> None:
     runner = Runner(model_args=model_args, data_args=data_args, training_args=training_args)
     counter = StepCounter()
     runner.trainer.add_callback(counter)
+    # FlagEmbedding checkpoints hold the inner transformers model (its `save_pretrained`), while the
+    # Trainer would load them into the wrapper, whose keys all differ (`model.` prefix): with
+    # strict=False that restores no weight at all, and then fails on a missing attribute. Load them
+    # into the inner model, strictly.
+    runner.trainer._load_from_checkpoint = lambda checkpoint, model=None: _load_inner(
+        runner.trainer.model if model is None else model, checkpoint
+    )
     resumed_from = _checkpoint_step(training_args.resume_from_checkpoint)
     runner.run()
     log_path = os.environ.get("SEMSEARCH_TRAIN_LOG")

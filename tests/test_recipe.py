@@ -81,7 +81,8 @@ def test_a_bad_recipe_fails_naming_file_and_key(tmp_path: Path, body: str, expec
     path = tmp_path / "recipe.yaml"
     _write_data(tmp_path)
     path.write_text(
-        "model: some/hub-model\ndevice: cpu\ndata:\n  sources:\n    - labelled: pairs.tsv\nsteps:\n" + body, encoding="utf-8"
+        "model: some/hub-model\ndevice: cpu\ndata:\n  sources:\n    - labelled: pairs.tsv\nsteps:\n" + body,
+        encoding="utf-8",
     )
     with pytest.raises(RecipeError) as info:
         load_recipe(path)
@@ -205,3 +206,34 @@ def test_a_run_killed_mid_finetune_resumes_from_its_checkpoint(tmp_path: Path) -
     assert log["steps_this_run"] == total - resumed  # continued, not restarted
     assert not list((step_dir / "model").glob("checkpoint-*"))  # cleaned once done
     assert (step_dir / DONE).exists()
+
+
+def test_extra_sources_train_only_and_leave_the_held_out_split_as_it_was(tmp_path: Path) -> None:
+    from trainer.prepare import Source, prepare
+
+    labelled = _write_data(tmp_path)
+    triplets = tmp_path / "simclue.jsonl"
+    triplets.write_text(
+        json.dumps({"query": "快递怎么查", "title": "查快递", "neg_title": "发票怎么开"}, ensure_ascii=False) + "\n"
+        # This one shares a text with a BQ intent: it joins that intent's group, whichever side it is on.
+        + json.dumps({"query": "退款多久到", "title": "如何申请退款", "neg_title": "积分"}, ensure_ascii=False) + "\n",
+        encoding="utf-8",
+    )
+    squad = tmp_path / "cmrc.json"
+    squad.write_text(json.dumps({"data": [{"paragraphs": [{"context": "退款在三个工作日内完成。", "qas": [
+        {"question": "退款要几天？"}, {"question": "退款多久完成"}, {"question": " "}]}]}]}, ensure_ascii=False),
+        encoding="utf-8")
+    alone = prepare(labelled=[labelled], test_ratio=0.25, seed=3)
+    extra = prepare(sources=[Source("labelled", labelled), Source("triplets", triplets, holdout=False),
+                             Source("squad", squad, holdout=False)], test_ratio=0.25, seed=3)
+    assert [r.query for r in extra.test] == [r.query for r in alone.test]  # same held-out intents
+    assert all(getattr(r, "source", None) is None for r in extra.test)  # only held-out sources are tested
+    train_texts = {t for r in extra.train for t in (r.query, *r.pos, *r.neg)}
+    test_texts = {t for r in extra.test for t in (r.query, *r.pos, *r.neg)}
+    assert not train_texts & test_texts
+    squad_rows = [r for r in extra.train if r.pos == ["退款在三个工作日内完成。"]]
+    assert len(squad_rows) == 2 and len({r.group for r in squad_rows}) == 1  # blank question skipped
+    assert extra.stats["extra_train_rows"] >= 3
+    squad.write_text(json.dumps({"data": [{"paragraphs": [{"context": "x", "qas": [{"id": 1}]}]}]}), "utf-8")
+    with pytest.raises(Exception, match=r"cmrc\.json: data\[0\]\.paragraphs\[0\]\.qas\[0\]: needs a `question`"):
+        prepare(sources=[Source("squad", squad, holdout=False)])

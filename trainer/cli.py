@@ -390,7 +390,7 @@ def evaluate_cmd(
 
 @train_app.command("run")
 def run_cmd(
-    recipe_file: Annotated[Path, typer.Argument(help="Recipe YAML: data, base model, steps (trainer/README.md)")],
+    recipe_file: Annotated[Path, typer.Argument(help="Recipe YAML: data, base model, steps (README.md, Fine-tuning)")],
     check: Annotated[bool, typer.Option("--check", help="Only validate the recipe, run nothing")] = False,
     until: Annotated[
         str | None, typer.Option("--until", help="Stop after this step (extend-vocab, finetune-r1, ...)")

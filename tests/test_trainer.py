@@ -570,6 +570,30 @@ def test_evaluate_pools_metrics_and_report(
     assert ModelManifest.load(model_dir / "semsearch_manifest.json").metrics["eval"]["global"]["queries"] == 4
 
 
+def test_evaluate_rerank_reorders_each_models_dense_top_n(tiny_settings: Settings, tiny: TorchEncoder) -> None:
+    test_rows = [TrainRow(query=g[0], pos=g[1:], neg=[INTENTS[(i + 1) % 4][0]]) for i, g in enumerate(INTENTS[:4])]
+    intent = {t: i for i, g in enumerate(INTENTS) for t in g}
+    calls: list[int] = []
+
+    def oracle(pairs: list[tuple[str, str]]) -> list[float]:  # a cross-encoder that knows the intents
+        calls.append(len(pairs))
+        return [1.0 if intent.get(q) == intent.get(d) else 0.0 for q, d in pairs]
+
+    report, _ = evaluate_models(test_rows, [parse_model_spec(f"tiny={tiny_settings.model}")], tiny_settings,
+                                pool_rows=[TrainRow(query=g[0], pos=g[1:]) for g in INTENTS[4:]],
+                                show_progress=False, rerank=oracle, rerank_label="oracle", rerank_top=3)
+    entry = report["models"][0]
+    rerank = entry["rerank"]
+    assert rerank["reranker"] == "oracle" and rerank["top"] == 3
+    assert calls == [len(test_rows) * 3, len(test_rows) * 3]  # each query's dense top 3, both pools
+    assert "| tiny → oracle (top 3) |" in markdown_table(report)
+    # Reranking the whole (small) pool with an oracle puts a positive first for every query.
+    report, _ = evaluate_models(test_rows, [parse_model_spec(f"tiny={tiny_settings.model}")], tiny_settings,
+                                show_progress=False, rerank=oracle, rerank_top=50)
+    reranked = report["models"][0]["rerank"]["pools"]["test"]["metrics"]
+    assert reranked["hit@1"] == 1.0 and reranked["ndcg@10"] == pytest.approx(1.0)
+
+
 def test_evaluation_excludes_the_query_itself_from_the_pool(
     tiny_settings: Settings, monkeypatch: pytest.MonkeyPatch, tiny: TorchEncoder
 ) -> None:

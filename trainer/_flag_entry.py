@@ -1,6 +1,7 @@
-"""Subprocess entry for FlagEmbedding's `encoder_only.base` fine-tune (plain python or torchrun).
+"""Subprocess entry for FlagEmbedding's `encoder_only.base` fine-tunes (plain python or torchrun).
 
-Same arguments as `python -m FlagEmbedding.finetune.embedder.encoder_only.base`; additionally writes
+Same arguments as `python -m FlagEmbedding.finetune.embedder.encoder_only.base` (or, with
+SEMSEARCH_FLAG_TASK=reranker, `...finetune.reranker.encoder_only.base`); additionally writes
 the trainer's log history (losses, runtime) to $SEMSEARCH_TRAIN_LOG so the manifest can record it.
 """
 
@@ -9,26 +10,78 @@ from __future__ import annotations
 import json
 import os
 from pathlib import Path
+from typing import Any
+
+
+def _checkpoint_step(checkpoint: str | None) -> int | None:
+    if not checkpoint:
+        return None
+    state = json.loads((Path(checkpoint) / "trainer_state.json").read_text(encoding="utf-8"))
+    return int(state["global_step"])
+
+
+def _load_inner(wrapper: Any, checkpoint: str) -> None:
+    import safetensors.torch
+    import torch
+
+    inner = wrapper.model
+    folder = Path(checkpoint)
+    if (folder / "model.safetensors").exists():
+        state = safetensors.torch.load_file(str(folder / "model.safetensors"), device="cpu")
+    else:
+        state = torch.load(folder / "pytorch_model.bin", map_location="cpu", weights_only=True)
+    result = inner.load_state_dict(state, strict=False)
+    # Non-persistent buffers and tied weights may be absent from a save; anything else is a mismatch.
+    missing = [k for k in result.missing_keys if not k.endswith("position_ids")]
+    if missing or result.unexpected_keys:
+        raise RuntimeError(
+            f"checkpoint {checkpoint} does not fit the model: missing {missing[:5]}, "
+            f"unexpected {result.unexpected_keys[:5]}"
+        )
+    if hasattr(inner, "tie_weights"):
+        inner.tie_weights()
 
 
 def main() -> None:
-    from FlagEmbedding.finetune.embedder.encoder_only.base import (
-        EncoderOnlyEmbedderDataArguments,
-        EncoderOnlyEmbedderModelArguments,
-        EncoderOnlyEmbedderRunner,
-        EncoderOnlyEmbedderTrainingArguments,
-    )
-    from transformers import HfArgumentParser
-
-    parser = HfArgumentParser(
-        (
-            EncoderOnlyEmbedderModelArguments,
-            EncoderOnlyEmbedderDataArguments,
-            EncoderOnlyEmbedderTrainingArguments,
+    if os.environ.get("SEMSEARCH_FLAG_TASK") == "reranker":
+        from FlagEmbedding.abc.finetune.reranker import AbsRerankerDataArguments as DataArguments
+        from FlagEmbedding.abc.finetune.reranker import AbsRerankerModelArguments as ModelArguments
+        from FlagEmbedding.abc.finetune.reranker import AbsRerankerTrainingArguments as TrainingArguments
+        from FlagEmbedding.finetune.reranker.encoder_only.base import EncoderOnlyRerankerRunner as Runner
+    else:
+        from FlagEmbedding.finetune.embedder.encoder_only.base import (
+            EncoderOnlyEmbedderDataArguments as DataArguments,  # type: ignore[assignment]
         )
-    )
+        from FlagEmbedding.finetune.embedder.encoder_only.base import (
+            EncoderOnlyEmbedderModelArguments as ModelArguments,  # type: ignore[assignment]
+        )
+        from FlagEmbedding.finetune.embedder.encoder_only.base import (
+            EncoderOnlyEmbedderRunner as Runner,  # type: ignore[assignment]
+        )
+        from FlagEmbedding.finetune.embedder.encoder_only.base import (
+            EncoderOnlyEmbedderTrainingArguments as TrainingArguments,  # type: ignore[assignment]
+        )
+    from transformers import HfArgumentParser, TrainerCallback
+
+    class StepCounter(TrainerCallback):  # type: ignore[misc]
+        steps = 0
+
+        def on_step_end(self, *args: Any, **kwargs: Any) -> None:
+            self.steps += 1
+
+    parser = HfArgumentParser((ModelArguments, DataArguments, TrainingArguments))
     model_args, data_args, training_args = parser.parse_args_into_dataclasses()
-    runner = EncoderOnlyEmbedderRunner(model_args=model_args, data_args=data_args, training_args=training_args)
+    runner = Runner(model_args=model_args, data_args=data_args, training_args=training_args)
+    counter = StepCounter()
+    runner.trainer.add_callback(counter)
+    # FlagEmbedding checkpoints hold the inner transformers model (its `save_pretrained`), while the
+    # Trainer would load them into the wrapper, whose keys all differ (`model.` prefix): with
+    # strict=False that restores no weight at all, and then fails on a missing attribute. Load them
+    # into the inner model, strictly.
+    runner.trainer._load_from_checkpoint = lambda checkpoint, model=None: _load_inner(
+        runner.trainer.model if model is None else model, checkpoint
+    )
+    resumed_from = _checkpoint_step(training_args.resume_from_checkpoint)
     runner.run()
     log_path = os.environ.get("SEMSEARCH_TRAIN_LOG")
     if log_path and runner.trainer.is_world_process_zero():
@@ -41,6 +94,9 @@ def main() -> None:
                     "log_history": state.log_history,
                     "world_size": training_args.world_size,
                     "device": str(training_args.device),
+                    # Evidence that a resumed run continued: steps done here + the checkpoint's step.
+                    "resumed_from_step": resumed_from,
+                    "steps_this_run": counter.steps,
                 },
                 indent=2,
             ),

@@ -32,7 +32,7 @@ train_app = typer.Typer(
     add_completion=False,
     pretty_exceptions_enable=False,
     help="Fine-tune an embedding model on your own data: "
-    "prepare -> extend-vocab -> mine -> score -> finetune -> evaluate.",
+    "prepare -> extend-vocab -> mine -> score -> finetune -> evaluate, or all of it: `run RECIPE.yaml`.",
 )
 
 DataOption = Annotated[Path, typer.Option("--data", help="Input rows (FlagEmbedding JSONL)")]
@@ -65,17 +65,26 @@ def prepare_cmd(
         list[Path] | None, typer.Option("--labelled", help="labelled question pairs: TSV q1, q2, 0/1")
     ] = None,
     triplets: Annotated[list[Path] | None, typer.Option("--triplets", help="JSONL {query, title, neg_title}")] = None,
+    squad: Annotated[
+        list[Path] | None, typer.Option("--squad", help="SQuAD JSON (CMRC2018): question -> passage, train only")
+    ] = None,
+    extra_triplets: Annotated[
+        list[Path] | None, typer.Option("--extra-triplets", help="Triplets that only train (never held out)")
+    ] = None,
     test_ratio: Annotated[float, typer.Option("--test-ratio", help="Share of intent groups held out")] = 0.1,
     seed: SeedOption = 42,
     config: ConfigOption = None,
 ) -> None:
     """Build training rows and split train/test by intent group (no group on both sides)."""
-    from trainer.prepare import prepare
+    from trainer.prepare import Source, prepare
     from trainer.rows import write_rows
 
     settings_from_cli(config)
     with _cli_errors():
-        result = prepare(pairs=pairs, labelled=labelled, triplets=triplets, test_ratio=test_ratio, seed=seed)
+        extra = [Source("triplets", p, holdout=False) for p in extra_triplets or []]
+        extra += [Source("squad", p, holdout=False) for p in squad or []]
+        result = prepare(pairs=pairs, labelled=labelled, triplets=triplets, sources=extra,
+                         test_ratio=test_ratio, seed=seed)
         write_rows(out_dir / "train.jsonl", result.train)
         write_rows(out_dir / "test.jsonl", result.test)
         (out_dir / "prepare_stats.json").write_text(json.dumps(result.stats, ensure_ascii=False, indent=2), "utf-8")
@@ -332,12 +341,19 @@ def evaluate_cmd(
         typer.Option("--retrieval", help="Comma-separated modes: dense, lexical, hybrid (not dense alone: "
                      "ranked through Milvus Lite like the service)"),
     ] = "dense",
+    rerank: Annotated[
+        str | None,
+        typer.Option("--rerank", help="Cross-encoder (directory or hub id): also rerank each model's dense top N"),
+    ] = None,
+    rerank_top: Annotated[int, typer.Option("--rerank-top", help="Candidates the reranker reorders")] = 50,
+    rerank_max_length: Annotated[int, typer.Option("--rerank-max-length", help="Tokens per pair")] = 256,
     config: ConfigOption = None,
 ) -> None:
     """recall@1/5/10, MRR@10, nDCG@10 on the test and global pools, side by side; JSON, Markdown, PNG."""
     from trainer.evaluate import evaluate_models, parse_model_spec, parse_retrieval, record_metrics, write_report
     from trainer.mine import read_corpus
     from trainer.rows import read_rows
+    from trainer.score import ScoreConfig, flag_reranker_scorer
 
     settings = settings_from_cli(config, encoder_url=encoder_url, device=device, encode_batch_size=batch_size,
                                  encoder_backend=encoder_backend)
@@ -357,6 +373,10 @@ def evaluate_cmd(
             pool_rows=[r for p in pool or [] for r in read_rows(p)],
             corpus=[c.text for c in read_corpus(corpus)] if corpus else (),
             retrieval=modes,
+            rerank=flag_reranker_scorer(rerank, device=settings.device,
+                                        config=ScoreConfig(max_length=rerank_max_length)) if rerank else None,
+            rerank_label=parse_model_spec(rerank)[0] if rerank else "rerank",
+            rerank_top=rerank_top,
         )
         report["wall_s"] = round(time.perf_counter() - started, 1)
         paths = write_report(report, distributions, out_dir)
@@ -366,6 +386,63 @@ def evaluate_cmd(
                     record_metrics(Path(entry["model"]), entry)
     typer.echo((out_dir / "report.md").read_text(encoding="utf-8"))
     typer.echo(" ".join(f"{kind}={path}" for kind, path in paths.items()))
+
+
+@train_app.command("run")
+def run_cmd(
+    recipe_file: Annotated[Path, typer.Argument(help="Recipe YAML: data, base model, steps (README.md, Fine-tuning)")],
+    check: Annotated[bool, typer.Option("--check", help="Only validate the recipe, run nothing")] = False,
+    until: Annotated[
+        str | None, typer.Option("--until", help="Stop after this step (extend-vocab, finetune-r1, ...)")
+    ] = None,
+) -> None:
+    """Run a whole training recipe; a re-run skips finished steps and resumes an interrupted one."""
+    from trainer.recipe import load_recipe, run_recipe
+
+    with _cli_errors():
+        recipe = load_recipe(recipe_file)
+        if check:
+            typer.echo(f"{recipe_file}: ok ({recipe.rounds} round(s), work directory {recipe.work_dir})")
+            return
+        report = run_recipe(recipe, echo=lambda line: typer.echo(line, err=True), until=until)
+    typer.echo(json.dumps({"report": report["report"],
+                           "steps": [(s["step"], s["status"], s["wall_s"]) for s in report["steps"]]},
+                          ensure_ascii=False))
+
+
+@train_app.command("reranker")
+def reranker_cmd(
+    data: Annotated[list[Path], typer.Option("--data", help="Training rows with neg (mined or labelled)")],
+    out: Annotated[Path, typer.Option("--out", help="Output model directory")],
+    model: ModelOption = None,
+    group_size: Annotated[int, typer.Option("--group-size", help="1 positive + n-1 negatives, one softmax")] = 8,
+    max_len: Annotated[int, typer.Option("--max-len", help="Tokens of query + passage")] = 128,
+    epochs: Annotated[float, typer.Option("--epochs")] = 1.0,
+    max_steps: Annotated[int, typer.Option("--max-steps", help="> 0 overrides epochs")] = -1,
+    learning_rate: Annotated[float, typer.Option("--lr")] = 6e-5,
+    batch_size: Annotated[int, typer.Option("--batch-size", help="Queries per device per step")] = 16,
+    save_steps: Annotated[int, typer.Option("--save-steps", help="Checkpoint every N steps (resumable)")] = 0,
+    resume: Annotated[bool, typer.Option("--resume", help="Continue an interrupted run in --out")] = False,
+    device: DeviceOption = None,
+    threads: Annotated[int | None, typer.Option("--threads", help="CPU threads (OMP_NUM_THREADS)")] = None,
+    seed: SeedOption = 42,
+    config: ConfigOption = None,
+) -> None:
+    """Fine-tune a cross-encoder reranker (FlagEmbedding, group-wise softmax) on the same rows."""
+    from trainer.reranker import RerankerConfig, run_reranker_finetune
+
+    settings = settings_from_cli(config, model=model, device=device)
+    with _cli_errors():
+        try:
+            rr_config = RerankerConfig(
+                model=settings.model, train_data=data, output_dir=out, train_group_size=group_size, max_len=max_len,
+                epochs=epochs, max_steps=max_steps, learning_rate=learning_rate, batch_size=batch_size,
+                save_steps=save_steps, device=settings.device, torch_threads=threads, seed=seed,
+            )
+        except ValueError as exc:
+            raise fail(f"reranker config: {exc}", code=2) from exc
+        info = run_reranker_finetune(rr_config, resume=resume)
+    _echo_json({"out": str(out), "train": {k: v for k, v in info["train"].items() if k != "losses"}})
 
 
 def register(app: typer.Typer) -> None:

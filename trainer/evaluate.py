@@ -37,6 +37,7 @@ from semsearch.store import ChunkRow, MilvusStore
 from trainer.encoding import ExactIndex, encode_texts, open_encoder
 from trainer.metrics import mean_metrics, query_metrics, similarity_gap
 from trainer.rows import TrainRow, candidate_texts, distinct_texts, normalize_text
+from trainer.score import Scorer
 
 log = structlog.get_logger(__name__)
 
@@ -67,7 +68,13 @@ def _pool_metrics(
     query_keys: Sequence[str],
     relevant_keys: Sequence[set[str]],
     keys: Sequence[str],
+    *,
+    rerank: Scorer | None = None,
+    rerank_top: int = 50,
+    query_texts: Sequence[str] = (),
+    texts: Sequence[str] = (),
 ) -> dict[str, Any]:
+    """Metrics of the dense ranking of `pool`; with `rerank`, of the top `rerank_top` reordered by it."""
     local = {keys[g]: i for i, g in enumerate(pool)}
     index = ExactIndex(doc_vectors[list(pool)])
     exclude = [[local[q]] if q in local else [] for q in query_keys]
@@ -75,8 +82,20 @@ def _pool_metrics(
         {local[k] for k in rel if k in local and k != q} for rel, q in zip(relevant_keys, query_keys, strict=True)
     ]
     kept = [i for i, rel in enumerate(relevant) if rel]
-    ids, _ = index.search(query_vectors[kept], 10, exclude=[exclude[i] for i in kept])
-    per_query = [query_metrics([int(x) for x in ids[j]], relevant[i]) for j, i in enumerate(kept)]
+    depth = rerank_top if rerank is not None else 10
+    ids, _ = index.search(query_vectors[kept], depth, exclude=[exclude[i] for i in kept])
+    rankings = [[int(x) for x in ids[j]] for j in range(len(kept))]
+    if rerank is not None:
+        pool_list = list(pool)
+        pairs = [(query_texts[i], texts[pool_list[c]]) for j, i in enumerate(kept) for c in rankings[j]]
+        scores = rerank(pairs)
+        at = 0
+        for j, ranking in enumerate(rankings):
+            own = scores[at : at + len(ranking)]
+            at += len(ranking)
+            # Stable: ties keep the dense order.
+            rankings[j] = [c for _, c in sorted(zip(own, ranking, strict=True), key=lambda t: -t[0])]
+    per_query = [query_metrics(rankings[j][:10], relevant[i]) for j, i in enumerate(kept)]
     return {
         "candidates": len(pool),
         "queries": len(kept),
@@ -217,7 +236,13 @@ def evaluate_models(
     corpus: Sequence[str] = (),
     show_progress: bool = True,
     retrieval: Sequence[str] = ("dense",),
+    rerank: Scorer | None = None,
+    rerank_label: str = "rerank",
+    rerank_top: int = 50,
+    rerank_models: Sequence[str] | None = None,
 ) -> tuple[dict[str, Any], list[ModelScores]]:
+    """`rerank`: a cross-encoder scorer; each model in `rerank_models` (labels; None = all) gets a
+    second set of pool metrics: its dense top `rerank_top` reordered by the scorer."""
     test_texts = candidate_texts(test_rows)
     all_texts = distinct_texts([*test_texts, *candidate_texts(pool_rows), *corpus])
     keys = [normalize_text(t) for t in all_texts]
@@ -254,6 +279,16 @@ def evaluate_models(
             "test": _pool_metrics(query_vectors, doc_vectors, test_pool, query_keys, relevant_keys, keys),
             "global": _pool_metrics(query_vectors, doc_vectors, range(len(all_texts)), query_keys, relevant_keys, keys),
         }
+        rerank_pools: dict[str, Any] = {}
+        if rerank is not None and (rerank_models is None or label in rerank_models):
+            phase = time.perf_counter()
+            query_texts = [r.query for r in test_rows]
+            for pool_name, pool in (("test", test_pool), ("global", range(len(all_texts)))):
+                rerank_pools[pool_name] = _pool_metrics(
+                    query_vectors, doc_vectors, pool, query_keys, relevant_keys, keys,
+                    rerank=rerank, rerank_top=rerank_top, query_texts=query_texts, texts=all_texts,
+                )
+            rerank_pools["seconds"] = round(time.perf_counter() - phase, 1)
         scores = ModelScores(label)
         pos_lists, neg_lists = [], []
         for i, row in enumerate(test_rows):
@@ -264,7 +299,7 @@ def evaluate_models(
             scores.positives += pos
             scores.negatives += neg
         distributions.append(scores)
-        entry = {
+        entry: dict[str, Any] = {
             "label": label,
             "model": ref,
             "version": manifest.version,
@@ -276,6 +311,8 @@ def evaluate_models(
             "seconds": round(time.perf_counter() - started, 1),
             "encode_seconds": round(encode_s, 1),
         }
+        if rerank_pools:
+            entry["rerank"] = {"reranker": rerank_label, "top": rerank_top, "pools": rerank_pools}
         if tuple(retrieval) != ("dense",):
             phase = time.perf_counter()
             entry["retrieval"] = _retrieval_metrics(
@@ -313,6 +350,10 @@ def markdown_table(report: dict[str, Any]) -> str:
             for mode, pools in entry.get("retrieval", {}).items():
                 cells = [_fmt(pools[pool]["metrics"][c]) for c in TABLE_COLUMNS] + [""]
                 lines.append(f"| {entry['label']} · {mode} (Milvus) | " + " | ".join(cells) + " |")
+            if "rerank" in entry:
+                rr = entry["rerank"]
+                cells = [_fmt(rr["pools"][pool]["metrics"][c]) for c in TABLE_COLUMNS] + [""]
+                lines.append(f"| {entry['label']} → {rr['reranker']} (top {rr['top']}) | " + " | ".join(cells) + " |")
         lines.append("")
     return "\n".join(lines)
 

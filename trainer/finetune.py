@@ -71,7 +71,10 @@ class FinetuneConfig(BaseModel):
     )
     gradient_checkpointing: bool = False
     logging_steps: int = 10
-    save_steps: int = Field(default=0, ge=0, description="0: no intermediate checkpoints")
+    save_steps: int = Field(
+        default=0, ge=0, description="0: no intermediate checkpoints; > 0: a run killed mid-way resumes from the last"
+    )
+    save_total_limit: int = Field(default=2, ge=1, description="Checkpoints kept (each holds the optimizer state)")
     dataloader_num_workers: int = 0
     torch_threads: int | None = Field(
         default=None,
@@ -172,7 +175,8 @@ def flag_arguments(
             "{}{}",
         ]
     if config.save_steps:
-        args += ["--save_strategy", "steps", "--save_steps", str(config.save_steps)]
+        args += ["--save_strategy", "steps", "--save_steps", str(config.save_steps),
+                 "--save_total_limit", str(config.save_total_limit)]
     else:
         args += ["--save_strategy", "no"]
     if not cuda:
@@ -242,7 +246,7 @@ def _train_metrics(log_file: Path) -> dict[str, Any]:
         return {}
     data = json.loads(log_file.read_text(encoding="utf-8"))
     history = data.get("log_history", [])
-    losses = [(h["step"], h["loss"]) for h in history if "loss" in h]
+    losses = [[h["step"], h["loss"]] for h in history if "loss" in h]
     final: dict[str, Any] = next((h for h in reversed(history) if "train_runtime" in h), {})
     return {
         "steps": data.get("global_step"),
@@ -254,16 +258,92 @@ def _train_metrics(log_file: Path) -> dict[str, Any]:
         "train_loss": final.get("train_loss"),
         "train_runtime_s": final.get("train_runtime"),
         "train_samples_per_second": final.get("train_samples_per_second"),
+        "resumed_from_step": data.get("resumed_from_step"),
+        "steps_this_run": data.get("steps_this_run"),
+        "losses": losses,
     }
 
 
-def run_finetune(config: FinetuneConfig, *, overwrite: bool = False, stream_output: bool = True) -> ModelManifest:
-    """Train, then write the manifest; returns it. Raises InvalidInputError on bad data or config."""
+def last_checkpoint(out: Path) -> Path | None:
+    """The newest complete HF checkpoint under `out` (`checkpoint-N` with its trainer state, which
+    the Trainer writes after the weights and the optimizer), or None."""
+    done = [
+        d for d in out.glob("checkpoint-*")
+        if d.name.split("-", 1)[1].isdigit() and (d / "trainer_state.json").exists()
+    ]
+    return max(done, key=lambda d: int(d.name.split("-", 1)[1]), default=None)
+
+
+def _resumable(config: FinetuneConfig, out: Path) -> Path | None:
+    """A checkpoint of an interrupted run of this very config (same settings file), else None."""
+    saved = out / WORK_SUBDIR / "finetune_config.json"
+    if not saved.exists() or saved.read_text(encoding="utf-8") != config.model_dump_json(indent=2):
+        return None
+    return last_checkpoint(out)
+
+
+def _die_with_parent() -> None:
+    """In the child: SIGKILL when the parent dies, so a killed `train run` leaves no trainer behind
+    (it would otherwise keep writing into the step directory the resumed run uses)."""
+    import ctypes
+    import signal
+
+    ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, signal.SIGKILL)  # 1 = PR_SET_PDEATHSIG
+
+
+def run_flag_process(
+    command: list[str],
+    config: FinetuneConfig,
+    *,
+    log_file: Path,
+    stream_output: bool = True,
+    task: str = "embedder",
+) -> None:
+    """Run a FlagEmbedding fine-tune (`trainer._flag_entry`) in a child process; RuntimeError if it fails."""
+    env = dict(
+        os.environ,
+        SEMSEARCH_TRAIN_LOG=str(log_file),
+        SEMSEARCH_FLAG_TASK=task,
+        TOKENIZERS_PARALLELISM="false",
+        WANDB_DISABLED="true",
+    )
+    if not config.uses_cuda():
+        env["CUDA_VISIBLE_DEVICES"] = ""
+    if config.torch_threads:
+        env["OMP_NUM_THREADS"] = env["MKL_NUM_THREADS"] = str(config.torch_threads)
+    # The package root must be importable by the child (`-m trainer._flag_entry`).
+    root = str(Path(__file__).resolve().parent.parent)
+    env["PYTHONPATH"] = os.pathsep.join(p for p in (root, env.get("PYTHONPATH")) if p)
+    result = subprocess.run(
+        command,
+        env=env,
+        check=False,
+        preexec_fn=_die_with_parent if sys.platform == "linux" else None,
+        stdout=None if stream_output else subprocess.PIPE,
+        stderr=None if stream_output else subprocess.STDOUT,
+        text=True,
+    )
+    if result.returncode != 0:
+        tail = (result.stdout or "")[-4000:]
+        raise RuntimeError(f"FlagEmbedding fine-tune failed (exit {result.returncode}){': ' + tail if tail else ''}")
+
+
+def run_finetune(
+    config: FinetuneConfig, *, overwrite: bool = False, stream_output: bool = True, resume: bool = False
+) -> ModelManifest:
+    """Train, then write the manifest; returns it. Raises InvalidInputError on bad data or config.
+
+    `resume`: when `output_dir` holds a checkpoint of an interrupted run of the same config, continue
+    from it (HF Trainer `resume_from_checkpoint`: step, optimizer, scheduler and data order), else
+    start over in it."""
     model_dir = locate_model(config.model)
     parent = resolve_manifest(model_dir, config.model)
     pooling = config.pooling or parent.pooling
     out = config.output_dir
-    if out.exists() and any(out.iterdir()):
+    checkpoint = _resumable(config, out) if resume else None
+    if resume:
+        overwrite = True
+    if checkpoint is None and out.exists() and any(out.iterdir()):
         if not overwrite:
             raise InvalidInputError(f"output directory {out} is not empty (use --overwrite)")
         if not (out / WORK_SUBDIR / "finetune_config.json").exists():
@@ -275,7 +355,7 @@ def run_finetune(config: FinetuneConfig, *, overwrite: bool = False, stream_outp
         for path in config.train_data
         for row in read_rows(path, require_neg=True, require_scores=config.knowledge_distillation)
     ]
-    if out.exists() and any(out.iterdir()):
+    if checkpoint is None and out.exists() and any(out.iterdir()):
         shutil.rmtree(out)
     if len(rows) < config.batch_size * config.nproc_per_node:
         log.warning("fewer_rows_than_one_batch", rows=len(rows), batch_size=config.batch_size)
@@ -293,14 +373,9 @@ def run_finetune(config: FinetuneConfig, *, overwrite: bool = False, stream_outp
         *launcher(config),
         *flag_arguments(config, model_dir=model_dir, pooling=pooling, train_file=train_file, cache_dir=cache_dir),
     ]
-    env = dict(os.environ, SEMSEARCH_TRAIN_LOG=str(log_file), TOKENIZERS_PARALLELISM="false", WANDB_DISABLED="true")
-    if not config.uses_cuda():
-        env["CUDA_VISIBLE_DEVICES"] = ""
-    if config.torch_threads:
-        env["OMP_NUM_THREADS"] = env["MKL_NUM_THREADS"] = str(config.torch_threads)
-    # The package root must be importable by the child (`-m trainer._flag_entry`).
-    root = str(Path(__file__).resolve().parent.parent)
-    env["PYTHONPATH"] = os.pathsep.join(p for p in (root, env.get("PYTHONPATH")) if p)
+    if checkpoint is not None:
+        command += ["--resume_from_checkpoint", str(checkpoint)]
+        log.info("finetune_resume", checkpoint=str(checkpoint))
     log.info(
         "finetune_start",
         model=config.model,
@@ -311,22 +386,14 @@ def run_finetune(config: FinetuneConfig, *, overwrite: bool = False, stream_outp
     )
     started = time.perf_counter()
     try:
-        result = subprocess.run(
-            command,
-            env=env,
-            check=False,
-            stdout=None if stream_output else subprocess.PIPE,
-            stderr=None if stream_output else subprocess.STDOUT,
-            text=True,
-        )
+        run_flag_process(command, config, log_file=log_file, stream_output=stream_output)
     finally:
         shutil.rmtree(cache_dir, ignore_errors=True)
-    if result.returncode != 0:
-        tail = (result.stdout or "")[-4000:]
-        raise RuntimeError(f"FlagEmbedding fine-tune failed (exit {result.returncode}){': ' + tail if tail else ''}")
     wall = time.perf_counter() - started
     if not any(out.glob("*.safetensors")) and not any(out.glob("pytorch_model*.bin")):
         raise RuntimeError(f"fine-tune finished but wrote no weights to {out}")
+    for done in out.glob("checkpoint-*"):  # only needed to resume; each holds the optimizer state
+        shutil.rmtree(done, ignore_errors=True)
 
     _write_sentence_transformers_config(out, pooling, config.normalize, parent.max_tokens)
     name = config.name or f"{parent.name}-ft"

@@ -4,13 +4,19 @@ Inputs, any mix:
 - query/answer pairs: TSV `query<TAB>answer` or JSONL `{query, answer | pos (str or list), group?}`;
 - labelled question pairs: TSV `q1<TAB>q2<TAB>label` (BQ, LCQMC): label 1 joins two questions' intents,
   label 0 makes each the other's (human-labelled, hence hard) negative;
-- triplets: JSONL `{query, title | pos, neg_title | neg}` (SimCLUE).
+- triplets: JSONL `{query, title | pos, neg_title | neg}` (SimCLUE);
+- reading-comprehension sets in SQuAD JSON (CMRC2018): each question -> its passage.
 
 Intent groups are the connected components of the positive links (plus explicit `group` fields).
 A question from labelled pairs is a query whose positives are all other members of its group, since
 paraphrase is transitive; a pair/triplet query's positives are its own answers. The split puts whole
 groups on one side, and a negative is kept only if it is on its query's side, so no text of a test
 intent is ever seen in training.
+
+Sources can be marked train-only (`holdout=False`: extra data such as SimCLUE beside BQ): only groups
+that hold a text of a held-out source are split; the rest always train. Sources are read in the order
+given and group ids follow first appearance, so adding train-only sources after the held-out ones
+leaves the held-out split as it was without them.
 """
 
 from __future__ import annotations
@@ -38,12 +44,16 @@ class _Graph:
     neg_links: dict[str, list[str]] = field(default_factory=dict)
     symmetric: set[str] = field(default_factory=set)  # questions from labelled pairs
     explicit_group: dict[str, str] = field(default_factory=dict)  # group label -> a member key
+    holdout_keys: set[str] = field(default_factory=set)  # texts of sources a test split may take
+    collect_holdout: bool = True  # whether keys made now belong to a held-out source
 
     def key(self, text: str) -> str:
         k = normalize_text(text)
         if k not in self.surface:
             self.surface[k] = text.strip()
             self.parent[k] = k
+        if self.collect_holdout:
+            self.holdout_keys.add(k)
         return k
 
     def find(self, k: str) -> str:
@@ -125,7 +135,7 @@ def _lines(path: Path) -> Iterator[tuple[int, str]]:
     yield from iter_jsonl(path)
 
 
-def add_pairs(graph: _Graph, path: Path) -> int:
+def add_pairs(graph: _Graph, path: Path, max_rows: int | None = None) -> int:
     problems: list[tuple[int, str]] = []
     count = 0
     is_json = path.suffix in (".jsonl", ".json")
@@ -139,6 +149,8 @@ def add_pairs(graph: _Graph, path: Path) -> int:
             if not isinstance(query, str) or not query.strip() or answers is None:
                 problems.append((number, "needs a non-empty `query` and `answer` (or `pos`)"))
                 continue
+            if max_rows is not None and count >= max_rows:
+                continue  # past the cap: still validated, not used
             for answer in answers:
                 graph.link(query, answer)
             if isinstance(data.get("group"), str | int):
@@ -148,6 +160,8 @@ def add_pairs(graph: _Graph, path: Path) -> int:
             if parts is None:
                 continue
             query, answer = parts
+            if max_rows is not None and count >= max_rows:
+                continue
             graph.link(query, answer)
         count += 1
     if problems:
@@ -155,7 +169,7 @@ def add_pairs(graph: _Graph, path: Path) -> int:
     return count
 
 
-def add_labelled_pairs(graph: _Graph, path: Path) -> int:
+def add_labelled_pairs(graph: _Graph, path: Path, max_rows: int | None = None) -> int:
     problems: list[tuple[int, str]] = []
     labelled: list[tuple[str, str, str]] = []
     for number, line in _lines(path):
@@ -169,6 +183,7 @@ def add_labelled_pairs(graph: _Graph, path: Path) -> int:
         labelled.append((a, b, label))
     if problems:
         raise RowError(path, problems)
+    labelled = labelled[:max_rows] if max_rows is not None else labelled
     for a, b, label in labelled:
         graph.symmetric.update((graph.key(a), graph.key(b)))
         if label == "1":
@@ -180,7 +195,7 @@ def add_labelled_pairs(graph: _Graph, path: Path) -> int:
     return len(labelled)
 
 
-def add_triplets(graph: _Graph, path: Path) -> int:
+def add_triplets(graph: _Graph, path: Path, max_rows: int | None = None) -> int:
     problems: list[tuple[int, str]] = []
     count = 0
     for number, line in _lines(path):
@@ -193,6 +208,8 @@ def add_triplets(graph: _Graph, path: Path) -> int:
         if not isinstance(query, str) or not query.strip() or positives is None or negatives is None:
             problems.append((number, "needs `query`, `title` (or `pos`) and `neg_title` (or `neg`) texts"))
             continue
+        if max_rows is not None and count >= max_rows:
+            continue
         for positive in positives:
             graph.link(query, positive)
         for negative in negatives:
@@ -200,6 +217,53 @@ def add_triplets(graph: _Graph, path: Path) -> int:
         count += 1
     if problems:
         raise RowError(path, problems)
+    return count
+
+
+def add_squad(graph: _Graph, path: Path, max_rows: int | None = None) -> int:
+    """SQuAD-format JSON (CMRC2018): every question is a query whose positive is its passage. Questions
+    over one passage share its group, so the split never separates them."""
+    if not path.exists():
+        raise InvalidInputError(f"input not found: {path}")
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        raise InvalidInputError(f"{path}: not JSON ({exc})") from exc
+    articles = data.get("data") if isinstance(data, dict) else None
+    if not isinstance(articles, list):
+        raise InvalidInputError(f"{path}: expected SQuAD format: an object with a `data` list")
+    problems: list[tuple[str, str]] = []
+    count = blank = 0
+    for a, article in enumerate(articles):
+        paragraphs = article.get("paragraphs") if isinstance(article, dict) else None
+        if not isinstance(paragraphs, list):
+            problems.append((f"data[{a}]", "needs a `paragraphs` list"))
+            continue
+        for p, paragraph in enumerate(paragraphs):
+            where = f"data[{a}].paragraphs[{p}]"
+            context = paragraph.get("context") if isinstance(paragraph, dict) else None
+            qas = paragraph.get("qas") if isinstance(paragraph, dict) else None
+            if not isinstance(context, str) or not context.strip() or not isinstance(qas, list):
+                problems.append((where, "needs a non-empty `context` and a `qas` list"))
+                continue
+            for q, qa in enumerate(qas):
+                question = qa.get("question") if isinstance(qa, dict) else None
+                if not isinstance(question, str):
+                    problems.append((f"{where}.qas[{q}]", "needs a `question` string"))
+                    continue
+                if not question.strip():
+                    # CMRC2018's trial set has a few blank questions: nothing to learn, not a broken file.
+                    blank += 1
+                    continue
+                if max_rows is not None and count >= max_rows:
+                    continue
+                graph.link(question, context)
+                count += 1
+    if problems:
+        lines = [f"{path}: {loc}: {reason}" for loc, reason in problems[:10]]
+        raise InvalidInputError("\n".join(lines))
+    if blank:
+        log.warning("squad_blank_questions_skipped", path=str(path), count=blank)
     return count
 
 
@@ -217,8 +281,10 @@ def build_rows(graph: _Graph, test_ratio: float, seed: int) -> PrepareResult:
     gid = {k: group_of[graph.find(k)] for k in graph.surface}
 
     queries: list[str] = [k for k in graph.surface if k in graph.pos_links]
-    query_groups = list(dict.fromkeys(gid[q] for q in queries))
-    other_groups = [g for g in members if g not in set(query_groups)]
+    # Only groups with a text of a held-out source are split; train-only sources' groups always train.
+    splittable = {gid[k] for k in graph.holdout_keys}
+    query_groups = [g for g in dict.fromkeys(gid[q] for q in queries) if g in splittable]
+    other_groups = [g for g in members if g not in set(query_groups) and g in splittable]
     rng = random.Random(seed)
     test_groups: set[str] = set()
     for groups in (query_groups, other_groups):
@@ -231,9 +297,14 @@ def build_rows(graph: _Graph, test_ratio: float, seed: int) -> PrepareResult:
 
     train: list[TrainRow] = []
     test: list[TrainRow] = []
-    dropped_conflicting = dropped_cross_split = 0
+    dropped_conflicting = dropped_cross_split = dropped_train_only_test = 0
     for q in queries:
         group = gid[q]
+        if group in test_groups and q not in graph.holdout_keys:
+            # A train-only source's question that joined a held-out intent: it may not train (its
+            # intent is held out) and is not what the test measures.
+            dropped_train_only_test += 1
+            continue
         positives = list(graph.pos_links[q])
         if q in graph.symmetric:
             positives += [m for m in members[group] if m in graph.symmetric and m != q and m not in positives]
@@ -251,6 +322,9 @@ def build_rows(graph: _Graph, test_ratio: float, seed: int) -> PrepareResult:
             neg=[graph.surface[n] for n in negatives],
             group=group,
         )
+        if q not in graph.holdout_keys:
+            # Marked (an extra field TrainRow keeps), so evaluation pools can leave these rows out.
+            row = row.model_copy(update={"source": "extra"})
         (test if group in test_groups else train).append(row)
     stats = {
         "texts": len(graph.surface),
@@ -262,10 +336,35 @@ def build_rows(graph: _Graph, test_ratio: float, seed: int) -> PrepareResult:
         "rows_without_neg": sum(1 for r in (*train, *test) if not r.neg),
         "dropped_conflicting_neg": dropped_conflicting,
         "dropped_cross_split_neg": dropped_cross_split,
+        "dropped_train_only_test_rows": dropped_train_only_test,
+        "extra_train_rows": sum(1 for r in train if getattr(r, "source", None) == "extra"),
         "test_ratio": test_ratio,
         "seed": seed,
     }
     return PrepareResult(train, test, stats)
+
+
+SOURCE_KINDS = ("labelled", "pairs", "triplets", "squad")
+
+
+@dataclass(frozen=True)
+class Source:
+    """One input file: its kind (SOURCE_KINDS), whether the test split may take its intents, and an
+    optional cap on the rows read from it (a reduced-size run)."""
+
+    kind: str
+    path: Path
+    holdout: bool = True
+    max_rows: int | None = None
+
+
+def _add_source(graph: _Graph, source: Source) -> int:
+    graph.collect_holdout = source.holdout
+    try:
+        readers = {"labelled": add_labelled_pairs, "pairs": add_pairs, "triplets": add_triplets, "squad": add_squad}
+        return readers[source.kind](graph, source.path, source.max_rows)
+    finally:
+        graph.collect_holdout = True
 
 
 def prepare(
@@ -273,19 +372,25 @@ def prepare(
     pairs: list[Path] | None = None,
     labelled: list[Path] | None = None,
     triplets: list[Path] | None = None,
+    sources: list[Source] | None = None,
     test_ratio: float = 0.1,
     seed: int = 42,
 ) -> PrepareResult:
+    """`sources` are read in their order, after pairs, labelled and triplets (all held out)."""
     graph = _Graph()
     counts: dict[str, int] = {}
-    for path in pairs or []:
-        counts[str(path)] = add_pairs(graph, path)
-    for path in labelled or []:
-        counts[str(path)] = add_labelled_pairs(graph, path)
-    for path in triplets or []:
-        counts[str(path)] = add_triplets(graph, path)
+    ordered = [
+        *(Source("pairs", p) for p in pairs or []),
+        *(Source("labelled", p) for p in labelled or []),
+        *(Source("triplets", p) for p in triplets or []),
+        *(sources or []),
+    ]
+    for source in ordered:
+        if source.kind not in SOURCE_KINDS:
+            raise InvalidInputError(f"unknown source kind {source.kind!r} (expected {', '.join(SOURCE_KINDS)})")
+        counts[str(source.path)] = counts.get(str(source.path), 0) + _add_source(graph, source)
     if not counts:
-        raise InvalidInputError("no input: give --pairs, --labelled or --triplets")
+        raise InvalidInputError("no input: give --pairs, --labelled, --triplets or --squad")
     result = build_rows(graph, test_ratio, seed)
     result.stats["inputs"] = counts
     log.info("prepared", **{k: v for k, v in result.stats.items() if k != "inputs"})

@@ -29,6 +29,9 @@ from semsearch.manifest import ModelManifest, resolve_manifest, weights_hash
 log = structlog.get_logger(__name__)
 
 
+INIT_MODES = ("random", "cjk")
+
+
 @dataclass
 class VocabResult:
     out_dir: Path
@@ -97,10 +100,16 @@ def extend_vocabulary(
     seed: int = 0,
     name: str | None = None,
     query_instruction: str | None = None,
+    init: str = "random",
 ) -> VocabResult:
     """Write to `out_dir` the model with its vocabulary extended, its tokenizer and a manifest.
 
-    `always`: text whose unknown characters are added whatever their count (the query instruction)."""
+    `always`: text whose unknown characters are added whatever their count (the query instruction).
+    `init`: new rows drawn around the mean/spread of all existing rows (`random`) or of the existing
+    single CJK-character rows (`cjk`: where the model keeps the Chinese it knows; falls back to all
+    rows when it knows fewer than 16)."""
+    if init not in INIT_MODES:
+        raise InvalidInputError(f"init must be one of {', '.join(INIT_MODES)}, got {init!r}")
     texts = list(texts)
     model_dir = locate_model(model_ref)
     parent = resolve_manifest(model_dir, model_ref)
@@ -148,6 +157,10 @@ def extend_vocabulary(
     with torch.no_grad():
         weight = model.get_input_embeddings().weight
         reference = weight[:old_size]
+        if init == "cjk":
+            cjk_rows = [i for token, i in tokenizer.get_vocab().items() if len(token) == 1 and _is_cjk(token)]
+            if len(cjk_rows) >= 16:
+                reference = weight[sorted(cjk_rows)]
         generator = torch.Generator().manual_seed(seed)
         fresh = torch.randn((weight.shape[0] - old_size, weight.shape[1]), generator=generator)
         weight[old_size:] = reference.mean(dim=0) + fresh * reference.std(dim=0)
@@ -160,6 +173,7 @@ def extend_vocabulary(
         "old_vocab": old_size,
         "new_vocab": len(new_tokenizer),
         "min_count": min_count,
+        "init": init,
         "unk_rate_before": round(unk_rate(tokenizer, texts), 4),
         "unk_rate_after": round(unk_rate(new_tokenizer, texts), 4),
     }

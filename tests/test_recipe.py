@@ -167,6 +167,8 @@ def test_recipe_runs_end_to_end_with_reranker_and_distillation_then_skips_everyt
     assert entries[-1]["rerank"]["top"] == 5 and "global" in entries[-1]["rerank"]["pools"]
     scored = [json.loads(line) for line in next(work.glob("score-*/scored.jsonl")).read_text("utf-8").splitlines()]
     assert all(len(r["neg_scores"]) == len(r["neg"]) for r in scored)  # our reranker was the teacher
+    manifests = list(work.glob("reranker-*/**/semsearch_reranker.json"))  # what serving and promotion read
+    assert len(manifests) == 1 and json.loads(manifests[0].read_text("utf-8"))["activation"] == "none"
     assert report["losses"]["finetune-r1"] and (work / "report-tiny" / "losses.png").exists()
     markdown = (work / "report-tiny" / "report.md").read_text(encoding="utf-8")
     assert "| distil |" in markdown and "distilled → reranker (top 5)" in markdown

@@ -22,6 +22,7 @@ from pydantic import Field
 
 from semsearch.encoders.local import locate_model
 from semsearch.errors import InvalidInputError
+from semsearch.rerankers.manifest import resolve_reranker_manifest
 from trainer.finetune import (
     WORK_SUBDIR,
     FinetuneConfig,
@@ -123,5 +124,9 @@ def run_reranker_finetune(
         "train": _train_metrics(log_file) | {"wall_s": round(time.perf_counter() - started, 1), "rows": len(rows)},
     }
     (out / RERANKER_INFO).write_text(json.dumps(info, ensure_ascii=False, indent=2), encoding="utf-8")
+    # What serving and `promote --reranker` read: the version of these weights, the length trained
+    # with, and raw logits (group-wise softmax training gives no calibrated probability).
+    resolve_reranker_manifest(out, str(out), {"max_length": config.max_len, "activation": "none",
+                                              "parent_model": config.model}).save(out)
     log.info("reranker_done", out=str(out), wall_s=info["train"]["wall_s"])
     return info

@@ -68,12 +68,12 @@ def serve_process(tmp_path: Path, tiny_model_dir: Path) -> Iterator[tuple[str, s
 
 
 def test_serve_fails_fast_on_a_missing_model(tmp_path: Path) -> None:
-    started = time.monotonic()
+    # Fails instead of retrying or serving without a model (run_cli's timeout catches a hang;
+    # how fast is not asserted here: timings belong in bench/).
     result = run_cli("serve", "--model", str(tmp_path / "no-such-model"), "--milvus-uri", str(tmp_path / "m.db"),
                      "--port", str(free_port()))
     assert result.returncode == 1
     assert "model directory not found" in result.stderr
-    assert time.monotonic() - started < 60
     hub = run_cli("serve", "--model", "BAAI/bge-large-zh-v1.5", "--milvus-uri", str(tmp_path / "m.db"),
                   "--port", str(free_port()), env={"HF_HUB_OFFLINE": "1"})
     assert hub.returncode == 1 and "bge-large-zh-v1.5" in hub.stderr

@@ -388,6 +388,18 @@ def test_metrics_disabled() -> None:
     assert not find(docs, "ServiceMonitor")
 
 
+def test_http_port_beside_grpc() -> None:
+    """Off by default; when set, `serve --http-port`, a named container port and a Service port."""
+    container = pod_spec(server(render(load_values("gpu-production"))))["containers"][0]
+    assert "--http-port" not in container["args"] and all(p["name"] != "http" for p in container["ports"])
+    docs = render(merge(load_values("gpu-production"), {"service": {"httpPort": 8080}}))
+    container = pod_spec(server(docs))["containers"][0]
+    assert container["args"][container["args"].index("--http-port") + 1] == "8080"
+    assert {"name": "http", "containerPort": 8080, "protocol": "TCP"} in container["ports"]
+    ports = one(docs, "Service", FULLNAME)["spec"]["ports"]
+    assert any(p["name"] == "http" and p["port"] == 8080 and p["targetPort"] == "http" for p in ports)
+
+
 @pytest.mark.parametrize("name", VALUE_SETS)
 def test_milvus_uri(name: str) -> None:
     values = chart_values(name)

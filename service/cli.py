@@ -79,6 +79,7 @@ def response_to_json(response: pb.SearchDocumentsResponse) -> dict[str, Any]:
         "model_version": response.model_version,
         "collection": response.collection,
         "took_ms": round(response.timing.total_ms, 3),
+        **({"next_page_token": response.next_page_token} if response.next_page_token else {}),
         **_rerank_json(response),
     }
 
@@ -243,6 +244,15 @@ def register(app: typer.Typer) -> None:
         = False,
         rerank_candidates: Annotated[int, typer.Option(
             "--rerank-candidates", help="Candidates to rerank (0: the service's rerank_candidates)")] = 0,
+        min_score: Annotated[float | None, typer.Option(
+            "--min-score", help="Leave out hits scoring below this (the final score of the mode)",
+            show_default=False)] = None,
+        tenant: Annotated[str, typer.Option("--tenant", help="The tenant to search (default: the default tenant)")]
+        = "",
+        page_size: Annotated[int, typer.Option(
+            "--page-size", help="Page through the results this many at a time (prints next_page_token)")] = 0,
+        page_token: Annotated[str, typer.Option(
+            "--page-token", help="next_page_token of the previous page (same query and options)")] = "",
         as_json: Annotated[bool, typer.Option("--json", help="Print one JSON object")] = False,
         timeout: Annotated[float, typer.Option("--timeout", help="Deadline in seconds")] = 30.0,
         config: ConfigOption = None, host: ClientHostOption = None, port: PortOption = None,
@@ -263,8 +273,10 @@ def register(app: typer.Typer) -> None:
         request = pb.SearchDocumentsRequest(
             query=query, top_k=top_k or 0, filters=[parse_filter(f) for f in filters or []], return_chunks=chunks,
             mode=MODE_VALUES[mode] if mode else pb.RETRIEVAL_MODE_UNSPECIFIED, rerank=rerank,
-            rerank_candidates=rerank_candidates,
+            rerank_candidates=rerank_candidates, tenant=tenant, page_size=page_size, page_token=page_token,
         )
+        if min_score is not None:
+            request.min_score = min_score
         with open_client(settings, target, timeout=timeout) as client:
             try:
                 response = client.search(request)

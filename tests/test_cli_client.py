@@ -87,6 +87,27 @@ def test_search_with_an_api_key(make_service: Callable[..., LiveService], tiny_e
     assert wrong.stdout == ""
 
 
+def test_search_pages_thresholds_and_tenants_from_the_command_line(
+        make_service: Callable[..., LiveService], tiny_encoder: TorchEncoder) -> None:
+    service = make_service(tiny_encoder)
+    fill(service)
+    service.stub.UpsertDocuments(pb.UpsertDocumentsRequest(
+        documents=[pb.Document(id="acme-only", text="如何申请退款？", tenant="acme")]), timeout=60)
+    address = service.address
+    first = cli("search", "如何申请退款？", "--addr", address, "--page-size", "2", "--json")
+    assert first.returncode == 0, first.stderr
+    page = json.loads(first.stdout)
+    assert len(page["hits"]) == 2 and page["next_page_token"]
+    second = hit_ids(cli("search", "如何申请退款？", "--addr", address, "--page-size", "2",
+                         "--page-token", page["next_page_token"], "--json"))
+    assert second and not set(second) & {hit["id"] for hit in page["hits"]}
+    assert "acme-only" not in [*second, *(hit["id"] for hit in page["hits"])]  # another tenant's document
+    assert hit_ids(cli("search", "如何申请退款？", "--addr", address, "--tenant", "acme", "--json")) == ["acme-only"]
+    assert hit_ids(cli("search", "如何申请退款？", "--addr", address, "--min-score", "2", "--json")) == []
+    forged = cli("search", "如何申请退款？", "--addr", address, "--page-size", "2", "--page-token", "forged")
+    assert_one_error_line(forged, "page_token")
+
+
 # ---------------------------------------------------------------------------------------------
 # TLS and mutual TLS
 

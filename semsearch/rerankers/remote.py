@@ -41,7 +41,6 @@ from semsearch.encoders.remote.config import DEFAULT_CONCURRENCY, DEFAULT_RETRIE
 from semsearch.encoders.remote.identity import ServerIdentity
 from semsearch.encoders.remote.retry import Quarantined, Transient
 from semsearch.encoders.remote.servers import Server
-from semsearch.encoders.remote.status import Verdict, classify_status, error_message, retry_after_seconds
 from semsearch.errors import BackendUnavailableError, InvalidInputError, ModelMismatchError, ModelNotFoundError
 from semsearch.rerankers.base import Pair, convert, score_by_query
 from semsearch.rerankers.manifest import (
@@ -238,54 +237,19 @@ class RemoteReranker(RemoteServerClient):
         return self._retrying(attempt, deadline)
 
     def _post(self, server: Server, query: str, texts: list[str], deadline: float | None) -> list[float]:
-        try:
-            timeout = self._request_timeout(deadline)
-        except BackendUnavailableError:
-            server.breaker.release()
-            raise
         assert server.pinned is not None
         identity = server.pinned
-        path = RERANK_PATHS.get(identity.info_path, "/v1/rerank")
-        if server.url not in self._raw:  # a server that joined after start-up
-            self._raw[server.url] = takes_raw_scores(identity, server.client, timeout)
-        raw = self._raw[server.url]
-        self._bump("requests", server.url)
-        try:
-            response = server.client.post(path, json=request_body(identity, query, texts, raw=raw), timeout=timeout)
-        except httpx.TimeoutException as exc:
-            self._pool.failed(server, f"timed out after {timeout:.2f}s")
-            raise Transient(f"{server.url}: timed out after {timeout:.2f}s") from exc
-        except httpx.RequestError as exc:
-            self._pool.failed(server, f"{type(exc).__name__}: {exc}")
-            raise Transient(f"{server.url}: {type(exc).__name__}: {exc}") from exc
-        verdict = classify_status(response.status_code)
-        if verdict is Verdict.OK:
-            try:
-                scores = self._parse(server, response, len(texts))
-            except Transient as exc:
-                self._pool.failed(server, str(exc))
-                raise
-            self._pool.ok(server)
-            return scores
-        try:
-            body: Any = response.json()
-        except ValueError:
-            body = None
-        message = error_message(body, response.text, response.reason_phrase)
-        status = response.status_code
-        if verdict is Verdict.BUSY:
-            self._pool.ok(server)
-            raise Transient(f"{server.url}: HTTP 429 {message}", retry_after=retry_after_seconds(response.headers))
-        if verdict is Verdict.FAILING:
-            self._pool.failed(server, f"HTTP {status}")
-            raise Transient(f"{server.url}: HTTP {status} {message}", retry_after=retry_after_seconds(response.headers))
-        self._pool.ok(server)
-        if verdict is Verdict.UNAUTHORIZED:
-            raise BackendUnavailableError(f"{server.url} rejected the API key (HTTP {status}): {message}")
-        if verdict is Verdict.NOT_FOUND:
-            raise BackendUnavailableError(
-                f"{server.url}{path} answered {status} ({message}): not a rerank server or an unknown model name")
-        raise InvalidInputError(f"the reranker server rejected the input (HTTP {status}): {message}")
+
+        def request(timeout: float) -> dict[str, Any]:
+            if server.url not in self._raw:  # a server that joined after start-up
+                self._raw[server.url] = takes_raw_scores(identity, server.client, timeout)
+            return {"json": request_body(identity, query, texts, raw=self._raw[server.url])}
+
+        return self._exchange(
+            server, RERANK_PATHS.get(identity.info_path, "/v1/rerank"), deadline, request,
+            lambda response: self._parse(server, response, len(texts)),
+            not_found="not a rerank server or an unknown model name",
+        )
 
     def _parse(self, server: Server, response: httpx.Response, expected: int) -> list[float]:
         assert server.pinned is not None

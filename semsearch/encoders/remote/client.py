@@ -298,6 +298,56 @@ class RemoteServerClient:
             raise BackendUnavailableError(f"{self.kind} deadline exceeded")
         return min(self.timeout_s, remaining)
 
+    def _exchange(self, server: Server, path: str, deadline: float | None,
+                  request: Callable[[float], dict[str, Any]], parse: Callable[[httpx.Response], T],
+                  *, not_found: str) -> T:
+        """One POST to one server, and what its answer means for the pool: a parsed answer, a
+        Transient failure (retried elsewhere; the server's circuit counts it), or a permanent error.
+        `request(timeout)` gives httpx's post arguments; `not_found` says what a 404 suggests."""
+        try:
+            timeout = self._request_timeout(deadline)
+        except BackendUnavailableError:
+            server.breaker.release()
+            raise
+        arguments = request(timeout)
+        self._bump("requests", server.url)
+        try:
+            response = server.client.post(path, timeout=timeout, **arguments)
+        except httpx.TimeoutException as exc:
+            self._pool.failed(server, f"timed out after {timeout:.2f}s")
+            raise Transient(f"{server.url}: timed out after {timeout:.2f}s") from exc
+        except httpx.RequestError as exc:  # connection, protocol, decoding
+            self._pool.failed(server, f"{type(exc).__name__}: {exc}")
+            raise Transient(f"{server.url}: {type(exc).__name__}: {exc}") from exc
+        status = response.status_code
+        verdict = classify_status(status)
+        if verdict is Verdict.OK:
+            try:
+                answer = parse(response)
+            except Transient as exc:
+                self._pool.failed(server, str(exc))
+                raise
+            self._pool.ok(server)
+            return answer
+        try:
+            body: Any = response.json()
+        except ValueError:
+            body = None
+        message = error_message(body, response.text, response.reason_phrase)
+        retry_after = retry_after_seconds(response.headers)
+        if verdict is Verdict.BUSY:
+            self._pool.ok(server)  # alive, only busy: no reason to open its circuit
+            raise Transient(f"{server.url}: HTTP 429 {message}", retry_after=retry_after)
+        if verdict is Verdict.FAILING:
+            self._pool.failed(server, f"HTTP {status}")
+            raise Transient(f"{server.url}: HTTP {status} {message}", retry_after=retry_after)
+        self._pool.ok(server)  # it answered; the request is what was wrong
+        if verdict is Verdict.UNAUTHORIZED:
+            raise BackendUnavailableError(f"{server.url} rejected the API key (HTTP {status}): {message}")
+        if verdict is Verdict.NOT_FOUND:
+            raise BackendUnavailableError(f"{server.url}{path} answered {status} ({message}): {not_found}")
+        raise InvalidInputError(f"the {self.kind} server rejected the input (HTTP {status}): {message}")
+
     def _bump(self, name: str, url: str | None = None, *, count: int = 1) -> None:
         with self._lock:
             setattr(self.stats, name, getattr(self.stats, name) + count)
@@ -540,54 +590,14 @@ class RemoteEncoder(RemoteServerClient):
 
 
     def _post(self, server: Server, texts: list[str], deadline: float | None) -> np.ndarray:
-        try:
-            timeout = self._request_timeout(deadline)
-        except BackendUnavailableError:
-            server.breaker.release()
-            raise
         assert server.pinned is not None
-        path = server.pinned.embeddings_path
         content = request_body(server.pinned.model_name, texts, self.encoding_format)
-        self._bump("requests", server.url)
-        try:
-            response = server.client.post(path, content=content, timeout=timeout,
-                                          headers={"Content-Type": "application/json"})
-        except httpx.TimeoutException as exc:
-            self._pool.failed(server, f"timed out after {timeout:.2f}s")
-            raise Transient(f"{server.url}: timed out after {timeout:.2f}s") from exc
-        except httpx.RequestError as exc:  # connection, protocol, decoding
-            self._pool.failed(server, f"{type(exc).__name__}: {exc}")
-            raise Transient(f"{server.url}: {type(exc).__name__}: {exc}") from exc
-        status = response.status_code
-        verdict = classify_status(status)
-        if verdict is Verdict.OK:
-            try:
-                vectors = self._parse(server, response, len(texts))
-            except Transient as exc:
-                self._pool.failed(server, str(exc))
-                raise
-            self._pool.ok(server)
-            return vectors
-        try:
-            body: Any = response.json()
-        except ValueError:
-            body = None
-        message = error_message(body, response.text, response.reason_phrase)
-        retry_after = retry_after_seconds(response.headers)
-        if verdict is Verdict.BUSY:
-            self._pool.ok(server)  # alive, only busy: no reason to open its circuit
-            raise Transient(f"{server.url}: HTTP 429 {message}", retry_after=retry_after)
-        if verdict is Verdict.FAILING:
-            self._pool.failed(server, f"HTTP {status}")
-            raise Transient(f"{server.url}: HTTP {status} {message}", retry_after=retry_after)
-        self._pool.ok(server)  # it answered; the request is what was wrong
-        if verdict is Verdict.UNAUTHORIZED:
-            raise BackendUnavailableError(f"{server.url} rejected the API key (HTTP {status}): {message}")
-        if verdict is Verdict.NOT_FOUND:
-            raise BackendUnavailableError(
-                f"{server.url}{path} answered {status} ({message}): not an embeddings server, an unknown "
-                "model name, or sglang launched without --is-embedding")
-        raise InvalidInputError(f"the embedding server rejected the input (HTTP {status}): {message}")
+        return self._exchange(
+            server, server.pinned.embeddings_path, deadline,
+            lambda timeout: {"content": content, "headers": {"Content-Type": "application/json"}},
+            lambda response: self._parse(server, response, len(texts)),
+            not_found="not an embeddings server, an unknown model name, or sglang launched without --is-embedding",
+        )
 
     def _parse(self, server: Server, response: httpx.Response, expected: int) -> np.ndarray:
         assert server.pinned is not None

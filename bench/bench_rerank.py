@@ -26,18 +26,13 @@ import sys
 import tempfile
 from pathlib import Path
 
-import grpc
-
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from loadgen import Call, LoadResult, closed_loop
+from loadgen import Call, LoadResult, closed_loop, served_faq
 
 from semsearch.config import Settings
 from semsearch.encoders import STAND_IN_MODEL, TorchEncoder, stand_in_model_path
 from semsearch.logs import configure_logging
 from semsearch.v1 import search_pb2 as pb
-from semsearch.v1 import search_pb2_grpc
-from service.demo import read_corpus, shipped_corpus, to_document
-from service.server import start_server
 
 QUERIES = ["退钱怎么操作？", "包裹好几天没动静了", "手机开不了机", "密码忘了登不上去", "发票抬头写错了能改吗",
            "保修期是多久", "会员积分怎么用", "可以分期付款吗", "how do I get a refund", "where is my parcel"]
@@ -68,34 +63,26 @@ async def run(args: argparse.Namespace) -> dict[str, object]:
                             reranker_model=str(reranker_dir), torch_threads=args.threads,
                             max_rerank_candidates=max(200, max(args.candidates)))
         encoder = TorchEncoder.from_ref(STAND_IN_MODEL, device="cpu")
-        running = await start_server(settings)
         rows: dict[tuple[str, int], LoadResult] = {}
-        try:
-            await running.load(encoder)
-            async with grpc.aio.insecure_channel(running.address) as channel:
-                stub = search_pb2_grpc.SearchServiceStub(channel)
-                documents = [to_document(row) for row in read_corpus(shipped_corpus())]
-                await stub.UpsertDocuments(pb.UpsertDocumentsRequest(documents=documents), timeout=300)
+        async with served_faq(settings, encoder) as (running, stub, documents):
 
-                def caller(candidates: int) -> Call:
-                    async def search(n: int) -> pb.SearchDocumentsResponse:
-                        request = pb.SearchDocumentsRequest(query=QUERIES[n % len(QUERIES)] + str(n), top_k=10,
-                                                            rerank=candidates > 0, rerank_candidates=candidates)
-                        return await stub.SearchDocuments(request, timeout=120)  # type: ignore[no-any-return]
-                    return search
+            def caller(candidates: int) -> Call:
+                async def search(n: int) -> pb.SearchDocumentsResponse:
+                    request = pb.SearchDocumentsRequest(query=QUERIES[n % len(QUERIES)] + str(n), top_k=10,
+                                                        rerank=candidates > 0, rerank_candidates=candidates)
+                    return await stub.SearchDocuments(request, timeout=120)  # type: ignore[no-any-return]
+                return search
 
-                await closed_loop(caller(50), concurrency=2, requests=6)  # warm-up
-                for candidates in (0, *args.candidates):
-                    for concurrency in (1, 8):
-                        label = "search" if candidates == 0 else f"rerank {candidates}"
-                        rows[(label, concurrency)] = await closed_loop(
-                            caller(candidates), concurrency=concurrency, requests=args.requests)
-        finally:
-            await running.stop(grace_s=1)
+            await closed_loop(caller(50), concurrency=2, requests=6)  # warm-up
+            for candidates in (0, *args.candidates):
+                for concurrency in (1, 8):
+                    label = "search" if candidates == 0 else f"rerank {candidates}"
+                    rows[(label, concurrency)] = await closed_loop(
+                        caller(candidates), concurrency=concurrency, requests=args.requests)
     engine = running.servicer.engine
     batches = engine.rerank.batcher.stats if engine is not None and engine.rerank is not None else None
     print(f"\nRerank stage through gRPC · encoder {encoder.manifest.version} · cross-encoder: random-weight "
-          f"MiniLM-L6-shaped stand-in · {len(documents)} documents · torch threads {args.threads} · "
+          f"MiniLM-L6-shaped stand-in · {documents} documents · torch threads {args.threads} · "
           f"{os.cpu_count()} CPUs · {platform.processor() or platform.machine()}")
     print(f"{'request':>10} {'conc':>4} {'ok':>4} {'p50 ms':>8} {'p99 ms':>8} {'req/s':>7} "
           f"{'rerank_ms p50':>13} {'p50 / search':>12}")

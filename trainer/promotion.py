@@ -63,6 +63,13 @@ def gate(
     )
     before = report["models"][0]["pools"][pool]["metrics"]
     after = report["models"][1]["pools"][pool]["metrics"]
+    return verdict(before, after, metric=metric, min_improvement=min_improvement, guards=guards)
+
+
+def verdict(before: dict[str, float], after: dict[str, float], *, metric: str, min_improvement: float,
+            guards: dict[str, float]) -> GateResult:
+    """Pass when `metric` improves by at least `min_improvement` and no guard metric regresses by
+    more than its tolerance (the same rule for embedders and rerankers)."""
     if metric not in before:
         raise InvalidInputError(f"unknown gate metric {metric!r}; known: {', '.join(sorted(before))}")
     reasons = []

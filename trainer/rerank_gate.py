@@ -16,7 +16,7 @@ from semsearch.errors import InvalidInputError
 from semsearch.rerankers import Reranker
 from trainer.encoding import ExactIndex
 from trainer.metrics import mean_metrics, query_metrics
-from trainer.promotion import GateResult
+from trainer.promotion import GateResult, verdict
 from trainer.rows import TrainRow, distinct_texts, normalize_text
 
 
@@ -54,14 +54,4 @@ def rerank_metrics(rows: Sequence[TrainRow], encoder: Encoder, rerankers: Sequen
 def rerank_gate(rows: Sequence[TrainRow], encoder: Encoder, current: Reranker | None, candidate: Reranker, *,
                 metric: str, min_improvement: float, guards: dict[str, float], candidates: int = 50) -> GateResult:
     before, after = rerank_metrics(rows, encoder, [current, candidate], candidates=candidates)
-    if metric not in before:
-        raise InvalidInputError(f"unknown gate metric {metric!r}; known: {', '.join(sorted(before))}")
-    reasons = []
-    if after[metric] - before[metric] < min_improvement:
-        reasons.append(f"{metric} {before[metric]:.4f} -> {after[metric]:.4f}: improvement below {min_improvement}")
-    for name, tolerance in guards.items():
-        if name not in before:
-            raise InvalidInputError(f"unknown guard metric {name!r}")
-        if before[name] - after[name] > tolerance:
-            reasons.append(f"guard {name} regressed {before[name]:.4f} -> {after[name]:.4f} (tolerance {tolerance})")
-    return GateResult(passed=not reasons, metric=metric, current=before, candidate=after, reasons=reasons)
+    return verdict(before, after, metric=metric, min_improvement=min_improvement, guards=guards)

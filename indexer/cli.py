@@ -104,12 +104,7 @@ def _open(settings: Settings) -> tuple[Any, Any]:
     from semsearch.store import MilvusStore
 
     encoder = create_encoder(settings)
-    store = MilvusStore(
-        settings.milvus_uri, token=settings.milvus_token.get_secret_value() if settings.milvus_token else None,
-        timeout_s=max(settings.milvus_timeout_s, 60.0), hnsw_m=settings.hnsw_m,
-        hnsw_ef_construction=settings.hnsw_ef_construction, search_ef=settings.search_ef,
-        lexical_analyzer=settings.lexical_analyzer, lexical_user_dict=settings.lexical_user_dict,
-    )
+    store = MilvusStore.from_settings(settings, min_timeout_s=60.0)
     return encoder, store
 
 

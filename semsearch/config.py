@@ -72,6 +72,9 @@ class Settings(BaseSettings):
     hnsw_m: int = 16
     hnsw_ef_construction: int = 200
     search_ef: int = 128
+    # Milvus Lite searches unflushed rows one by one: flush a collection once writes pause this
+    # long (seconds; 0: only every 4096 rows and on close).
+    lite_idle_flush_s: float = Field(default=2.0, ge=0.0)
     # Lexical (BM25) retrieval: Milvus tokenizes chunk text with this analyzer into a sparse field
     # of every new collection (Milvus Lite, Milvus >= 2.5). "jieba": Chinese words (search mode);
     # "jieba_exact": jieba's exact mode; "standard": Milvus' standard tokenizer; "none": no field.

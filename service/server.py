@@ -139,13 +139,7 @@ async def start_server(settings: Settings, store: MilvusStore | None = None) -> 
     """Bind and start answering (health NOT_SERVING) before the model is loaded."""
     own_store = store is None
     if store is None:
-        store = await asyncio.to_thread(
-            MilvusStore, settings.milvus_uri,
-            token=settings.milvus_token.get_secret_value() if settings.milvus_token else None,
-            timeout_s=settings.milvus_timeout_s, hnsw_m=settings.hnsw_m,
-            hnsw_ef_construction=settings.hnsw_ef_construction, search_ef=settings.search_ef,
-            lexical_analyzer=settings.lexical_analyzer, lexical_user_dict=settings.lexical_user_dict,
-        )
+        store = await asyncio.to_thread(MilvusStore.from_settings, settings)
     interceptors = [ApiKeyInterceptor(settings.api_keys)] if settings.api_keys else []
     if not settings.api_keys and settings.host not in ("127.0.0.1", "localhost", "::1"):
         log.warning("no_authentication", host=settings.host,

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import time
 from collections.abc import Callable
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -120,3 +122,44 @@ def test_alias_points_readers_at_a_collection(store: MilvusStore, collection_nam
     assert store.resolve(alias) == second
     assert store.collection_info(alias).model_version == "t-v2"
     assert store.resolve(collection_name + "_nothing") == ""
+
+
+def lite_data_files(uri: str) -> list[str]:
+    return sorted(path.name for path in Path(uri).rglob("data_*.parquet"))
+
+
+def test_lite_flushes_a_collection_once_writes_pause(tmp_path: Path) -> None:
+    # Unflushed Lite rows are converted one by one on every search: a service flushes after a pause.
+    from semsearch.config import Settings
+
+    uri = str(tmp_path / "milvus.db")
+    store = MilvusStore.from_settings(Settings(milvus_uri=uri, lite_idle_flush_s=2.0))
+    try:
+        store.ensure_collection("idle", MANIFEST)
+        store.write_documents("idle", [row("a", 1)])
+        time.sleep(0.1)
+        store.write_documents("idle", [row("b", 2)])  # a write re-arms the pause
+        assert lite_data_files(uri) == []
+        deadline = time.monotonic() + 10
+        while not lite_data_files(uri) and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert len(lite_data_files(uri)) == 1  # both writes in one segment
+        assert store.count("idle") == 2
+        assert [hit.doc_id for hit in store.search("idle", unit(2)[None, :], top_k=1)[0]] == ["b"]
+    finally:
+        store.close()
+
+
+def test_lite_without_idle_flush_keeps_small_writes_in_memory(tmp_path: Path) -> None:
+    from semsearch.config import Settings
+
+    uri = str(tmp_path / "milvus.db")
+    store = MilvusStore.from_settings(Settings(milvus_uri=uri, lite_idle_flush_s=0))
+    try:
+        store.ensure_collection("idle", MANIFEST)
+        store.write_documents("idle", [row("a", 1)])
+        time.sleep(1.0)
+        assert lite_data_files(uri) == []
+    finally:
+        store.close()
+    assert len(lite_data_files(uri)) == 1  # closing flushes what is pending

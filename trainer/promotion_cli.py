@@ -30,13 +30,7 @@ console = Console(stderr=True)
 
 
 def _store(settings: Settings) -> MilvusStore:
-    return MilvusStore(
-        settings.milvus_uri,
-        token=settings.milvus_token.get_secret_value() if settings.milvus_token else None,
-        timeout_s=max(settings.milvus_timeout_s, 60.0),
-        hnsw_m=settings.hnsw_m, hnsw_ef_construction=settings.hnsw_ef_construction, search_ef=settings.search_ef,
-        lexical_analyzer=settings.lexical_analyzer, lexical_user_dict=settings.lexical_user_dict,
-    )
+    return MilvusStore.from_settings(settings, min_timeout_s=60.0)
 
 
 def _print_report(report: PromotionReport) -> None:

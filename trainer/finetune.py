@@ -174,11 +174,13 @@ def flag_arguments(
             "--query_instruction_format",
             "{}{}",
         ]
-    if config.save_steps:
-        args += ["--save_strategy", "steps", "--save_steps", str(config.save_steps),
-                 "--save_total_limit", str(config.save_total_limit)]
-    else:
-        args += ["--save_strategy", "no"]
+    return args + closing_arguments(config, cuda)
+
+
+def closing_arguments(config: FinetuneConfig, cuda: bool) -> list[str]:
+    """Checkpointing, CPU and the user's extra arguments: the same for embedder and reranker runs."""
+    args = (["--save_strategy", "steps", "--save_steps", str(config.save_steps),
+             "--save_total_limit", str(config.save_total_limit)] if config.save_steps else ["--save_strategy", "no"])
     if not cuda:
         args += ["--use_cpu", "True", "--dataloader_pin_memory", "False"]
     return args + list(config.extra_args)

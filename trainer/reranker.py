@@ -29,6 +29,7 @@ from trainer.finetune import (
     _precision_arguments,
     _resumable,
     _train_metrics,
+    closing_arguments,
     launcher,
     run_flag_process,
 )
@@ -74,14 +75,7 @@ def reranker_arguments(config: RerankerConfig, *, model_dir: Path, train_file: P
     ]
     if config.query_instruction:
         args += ["--query_instruction_for_rerank", config.query_instruction, "--query_instruction_format", "{}{}"]
-    if config.save_steps:
-        args += ["--save_strategy", "steps", "--save_steps", str(config.save_steps),
-                 "--save_total_limit", str(config.save_total_limit)]
-    else:
-        args += ["--save_strategy", "no"]
-    if not cuda:
-        args += ["--use_cpu", "True", "--dataloader_pin_memory", "False"]
-    return args + list(config.extra_args)
+    return args + closing_arguments(config, cuda)
 
 
 def run_reranker_finetune(

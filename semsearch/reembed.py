@@ -138,8 +138,22 @@ def validate(store: MilvusStore, source: str, target: str, encoder: Encoder, *, 
             worst = max(worst, error)
             if error > tolerance:
                 mismatched.append(str(row["id"]))
-    return Validation(source_count=store.count(source), target_count=store.count(target), sampled=len(chosen),
+    source_count, target_count = _settled_counts(store, source, target)
+    return Validation(source_count=source_count, target_count=target_count, sampled=len(chosen),
                       max_vector_error=worst, mismatched=mismatched)
+
+
+def _settled_counts(store: MilvusStore, source: str, target: str, *, reads: int = 5,
+                    wait_s: float = 0.2) -> tuple[int, int]:
+    """Both counts, read again while they differ: under load a write lands in the live collection a
+    moment before its dual-write reaches the target, so one pair of reads can catch it in flight."""
+    counts = store.count(source), store.count(target)
+    for _ in range(reads - 1):
+        if counts[0] == counts[1]:
+            break
+        time.sleep(wait_s)
+        counts = store.count(source), store.count(target)
+    return counts
 
 
 __all__ = ["CopyStats", "Validation", "chunk_row_id", "copy_rows", "remove_orphans", "row_ids", "validate"]

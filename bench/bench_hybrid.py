@@ -7,10 +7,10 @@ quality  — one model's vectors encoded once, then each lexical analysis indexe
            Milvus' standard analyzer text with a space between CJK characters (Milvus Lite's standard
            tokenizer keeps a run of Han characters as one token, so this is a measurement, not a setting).
 latency  — p50/p99 of SearchDocuments per mode at concurrency 1 and 8 through the real gRPC service
-           (stand-in model, Milvus Lite, the shipped FAQ); the dense p50 is the baseline.
+           (stand-in model, Milvus Lite, the shipped FAQ); the dense p50 of the same round is the baseline.
 
     .venv/bin/python bench/bench_hybrid.py quality --data data/test.jsonl --pool data/train.jsonl --model models/zh
-    .venv/bin/python bench/bench_hybrid.py latency [--requests 200]
+    .venv/bin/python bench/bench_hybrid.py latency [--requests 200] [--rounds 3]
 """
 
 from __future__ import annotations
@@ -135,6 +135,10 @@ def quality(args: argparse.Namespace) -> dict[str, Any]:
 
 
 async def latency(args: argparse.Namespace) -> dict[str, Any]:
+    """Every (mode, concurrency) once per round, the modes in a rotated order each round, so that drift
+    on a shared machine hits all modes alike; the ratio is taken within each round."""
+    import statistics
+
     from loadgen import closed_loop, served_faq
 
     from semsearch.encoders import STAND_IN_MODEL, TorchEncoder
@@ -146,32 +150,50 @@ async def latency(args: argparse.Namespace) -> dict[str, Any]:
     modes = {"dense": pb.RETRIEVAL_MODE_DENSE, "lexical": pb.RETRIEVAL_MODE_LEXICAL,
              "hybrid": pb.RETRIEVAL_MODE_HYBRID}
     configure_logging("ERROR", json_output=False)
-    rows: dict[str, dict[int, Any]] = {}
+    # rounds[r][mode][concurrency]
+    rounds: list[dict[str, dict[int, Any]]] = []
     with tempfile.TemporaryDirectory() as tmp:
         settings = Settings(milvus_uri=str(Path(tmp) / "m.db"), port=0, collection="bench_hybrid", metrics_port=0,
                             torch_threads=args.threads)
         encoder = TorchEncoder.from_ref(args.model or STAND_IN_MODEL, device="cpu")
         async with served_faq(settings, encoder) as (_, stub, documents):
-            for name, mode in modes.items():
-                def call(n: int, mode: Any = mode) -> Any:
+            def caller(mode: Any) -> Any:
+                def call(n: int) -> Any:
                     return stub.SearchDocuments(pb.SearchDocumentsRequest(
                         query=queries[n % len(queries)] + str(n), top_k=10, mode=mode), timeout=30)
+                return call
 
-                await closed_loop(call, concurrency=4, requests=20)  # warm-up
-                for concurrency in (1, 8):
-                    rows.setdefault(name, {})[concurrency] = await closed_loop(
-                        call, concurrency=concurrency, requests=args.requests)
+            names = list(modes)
+            for name in names:  # warm-up
+                await closed_loop(caller(modes[name]), concurrency=4, requests=20)
+            for r in range(args.rounds):
+                rounds.append({})
+                for name in names[r % len(names):] + names[: r % len(names)]:
+                    for concurrency in (1, 8):
+                        rounds[r].setdefault(name, {})[concurrency] = await closed_loop(
+                            caller(modes[name]), concurrency=concurrency, requests=args.requests)
+                print(f"  round {r + 1}/{args.rounds}: " + ", ".join(
+                    f"{name} c{c} p50 {rounds[r][name][c].p50:.0f} ms" for name in modes for c in (1, 8)), flush=True)
     print(f"\nSearchDocuments through gRPC · {encoder.manifest.version} on CPU · Milvus Lite · "
-          f"{documents} documents · {os.cpu_count()} CPUs · {platform.processor() or platform.machine()}")
-    print("| mode | concurrency | requests | errors | p50 ms | p99 ms | req/s | p50 vs dense |")
-    print("|---|---:|---:|---:|---:|---:|---:|---:|")
-    for name, by_concurrency in rows.items():
-        for concurrency, result in by_concurrency.items():
-            ratio = result.p50 / rows["dense"][concurrency].p50
-            print(f"| {name} | {concurrency} | {result.ok} | {sum(result.errors.values())} | {result.p50:.2f} | "
-                  f"{result.p99:.2f} | {result.throughput:.1f} | {ratio:.2f}x |")
-    return {name: {c: {"p50": r.p50, "p99": r.p99, "rps": r.throughput, "errors": r.errors}
-                   for c, r in by_c.items()} for name, by_c in rows.items()}
+          f"{documents} documents · {os.cpu_count()} CPUs · {platform.processor() or platform.machine()} · "
+          f"{args.rounds} rounds of {args.requests} requests per row, modes in rotated order")
+    print("| mode | concurrency | errors | p50 ms (median of rounds) | p99 ms (median) | req/s (median) | "
+          "p50 vs dense, each round | median |")
+    print("|---|---:|---:|---:|---:|---:|---|---:|")
+    summary: dict[str, Any] = {}
+    for name in modes:
+        for concurrency in (1, 8):
+            results = [round_[name][concurrency] for round_ in rounds]
+            ratios = [round_[name][concurrency].p50 / round_["dense"][concurrency].p50 for round_ in rounds]
+            errors = sum(sum(result.errors.values()) for result in results)
+            p50 = statistics.median(result.p50 for result in results)
+            p99 = statistics.median(result.p99 for result in results)
+            rps = statistics.median(result.throughput for result in results)
+            print(f"| {name} | {concurrency} | {errors} | {p50:.2f} | {p99:.2f} | {rps:.1f} | "
+                  f"{' / '.join(f'{ratio:.2f}x' for ratio in ratios)} | {statistics.median(ratios):.2f}x |")
+            summary.setdefault(name, {})[concurrency] = {"p50": p50, "p99": p99, "rps": rps, "errors": errors,
+                                                         "p50_vs_dense": ratios}
+    return summary
 
 
 def main() -> None:
@@ -185,7 +207,8 @@ def main() -> None:
     q.add_argument("--fusions", default="", help="more hybrids to rank from the same searches, e.g. "
                    "weighted:0.3:0.7,rrf:20 (the default hybrid is RRF k=60, equal weights)")
     lat = sub.add_parser("latency")
-    lat.add_argument("--requests", type=int, default=200)
+    lat.add_argument("--requests", type=int, default=200, help="per mode, concurrency and round")
+    lat.add_argument("--rounds", type=int, default=3)
     lat.add_argument("--model", default=None, help="default: the packaged stand-in")
     for p in (q, lat):
         p.add_argument("--threads", type=int, default=1, help="torch threads")

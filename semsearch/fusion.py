@@ -10,8 +10,8 @@ from semsearch.config import Settings
 from semsearch.store import MAX_SEARCH_LIMIT, Hit, RetrieverScore
 
 MODES = ("dense", "lexical", "hybrid")
-# Hybrid fuses each retriever's best `max(HYBRID_CANDIDATES, 2 * top_k)` documents: one ranked
-# just outside top_k by both retrievers can still win.
+# Hybrid fuses each retriever's best `max(HYBRID_CANDIDATES, 2 * top_k)` documents (those that many
+# rows hold, and at least top_k): one ranked just outside top_k by both retrievers can still win.
 HYBRID_CANDIDATES = 20
 
 

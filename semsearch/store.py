@@ -698,7 +698,7 @@ class MilvusStore:
         self, name: str, vectors: np.ndarray | None = None, *, top_k: int, filters: Sequence[Condition] = (),
         output_fields: Iterable[str] = ("doc_id", "chunk_index", "text", "metadata"),
         timeout_s: float | None = None, texts: Sequence[str] | None = None, per_document: bool = False,
-        min_score: float | None = None,
+        min_score: float | None = None, enough: int | None = None,
     ) -> list[list[Hit]]:
         """Dense search (`vectors`) or BM25 search over the chunk text (`texts`), best first.
 
@@ -706,6 +706,9 @@ class MilvusStore:
         the collection holds that many after filters: Milvus grouping search where the backend has
         it (Milvus >= 2.4), then, for queries still short (Milvus Lite and 2.3 have no native
         grouping), searches with growing limits until enough documents or no more rows.
+        `enough` (per_document, below top_k): up to top_k documents are welcome but `enough` suffice, so
+        the first search fetches top_k rows, not PER_DOCUMENT_OVERSAMPLE times more (hybrid candidates:
+        Milvus Lite builds every fetched row in Python, and the rows are most of a search's cost).
 
         `min_score`: no hit scores below it. Dense searches are Milvus range searches (`radius`:
         rows below it are never fetched); BM25 scores are cut here (best first: a cut row means
@@ -743,18 +746,19 @@ class MilvusStore:
             return run(data, top_k, False)
         found: list[list[Hit]] = [[] for _ in data]
         todo = list(range(len(data)))
+        wanted = top_k if enough is None else min(enough, top_k)
         if self.capabilities().grouping:
             grouped = run(data, top_k, True)
             for i in todo:
                 found[i] = best_chunk_per_document(grouped[i], top_k)
-            todo = [i for i in todo if len(found[i]) < top_k]
-        limit = min(top_k * PER_DOCUMENT_OVERSAMPLE, MAX_SEARCH_LIMIT)
+            todo = [i for i in todo if len(found[i]) < wanted]
+        limit = min(top_k * (PER_DOCUMENT_OVERSAMPLE if enough is None else 1), MAX_SEARCH_LIMIT)
         while todo:
             results = run([data[i] for i in todo], limit, False)
             short = []
             for i, hits in zip(todo, results, strict=True):
                 found[i] = best_chunk_per_document(hits, top_k)
-                if len(found[i]) < top_k and len(hits) >= limit and limit < MAX_SEARCH_LIMIT:
+                if len(found[i]) < wanted and len(hits) >= limit and limit < MAX_SEARCH_LIMIT:
                     short.append(i)  # more rows may hold more documents
             todo = short
             limit = min(limit * 4, MAX_SEARCH_LIMIT)

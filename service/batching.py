@@ -186,6 +186,7 @@ class SearchJob:
     texts: tuple[str, ...] = ()
     per_document: bool = False
     min_score: float | None = None
+    enough: int | None = None  # per_document: fewer than top_k documents suffice (hybrid candidates)
 
     @property
     def lexical(self) -> bool:
@@ -198,7 +199,7 @@ class SearchJob:
     @property
     def key(self) -> Hashable:
         return (self.collection, self.top_k, self.filters, self.fields, self.per_document, self.lexical,
-                self.min_score)
+                self.min_score, self.enough)
 
 
 class SearchBatcher(MicroBatcher[SearchJob, list[list[Hit]]]):
@@ -216,12 +217,13 @@ class SearchBatcher(MicroBatcher[SearchJob, list[list[Hit]]]):
                     hits = store.search(first.collection, top_k=first.top_k, filters=first.filters,
                                         output_fields=first.fields, timeout_s=timeout_s,
                                         texts=[text for i in indices for text in jobs[i].texts],
-                                        per_document=first.per_document, min_score=first.min_score)
+                                        per_document=first.per_document, min_score=first.min_score,
+                                        enough=first.enough)
                 else:
                     hits = store.search(first.collection, np.concatenate([jobs[i].vectors for i in indices]),
                                         top_k=first.top_k, filters=first.filters, output_fields=first.fields,
                                         timeout_s=timeout_s, per_document=first.per_document,
-                                        min_score=first.min_score)
+                                        min_score=first.min_score, enough=first.enough)
                 offset = 0
                 for i in indices:
                     count = jobs[i].size

@@ -329,17 +329,19 @@ class SearchEngine:
         for i, (query, mode) in enumerate(zip(queries, modes, strict=True)):
             depth = self.depth(query)
             limit = depth if mode != "hybrid" else hybrid_candidates(depth)
+            # Hybrid fuses up to `limit` documents per retriever; `depth` of them suffice.
+            enough = depth if mode == "hybrid" else None
             # A threshold on a fused score cannot be pushed down to one retriever.
             cut = query.min_score if mode != "hybrid" else None
             for retriever in (("dense", "lexical") if mode == "hybrid" else (mode,)):
                 key = (retriever, query.filters, limit, query.return_chunks, query.with_text, query.with_metadata,
-                       cut)
+                       cut, enough)
                 groups.setdefault(key, []).append(i)
         rankings: list[dict[str, list[Hit]]] = [{} for _ in queries]
         store_ms: list[float] = [0.0] * len(queries)
 
         async def run_group(key: tuple[Any, ...], indices: list[int]) -> None:
-            retriever, filters, limit, return_chunks, with_text, with_metadata, min_score = key
+            retriever, filters, limit, return_chunks, with_text, with_metadata, min_score, enough = key
             fields = [name for name, wanted in (("text", with_text), ("metadata", with_metadata)) if wanted]
             group_started = time.perf_counter()
             remaining = None if timeout_s is None else max(0.05, timeout_s - (time.perf_counter() - started))
@@ -348,7 +350,7 @@ class SearchEngine:
                 per_document=not return_chunks,
                 vectors=np.asarray([vectors[i] for i in indices]) if retriever == "dense" else None,
                 texts=tuple(queries[i].text for i in indices) if retriever == "lexical" else (),
-                min_score=min_score,
+                min_score=min_score, enough=enough,
             )
             batcher = self.lexical_batcher if retriever == "lexical" else self.search_batcher
             with span("semsearch.search", collection=pair.collection.name, queries=len(indices), top_k=limit,

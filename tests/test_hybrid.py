@@ -99,6 +99,43 @@ def test_a_fifty_chunk_document_does_not_crowd_out_others(
     assert len(hits) == 7  # exhausted: every document once
 
 
+@pytest.mark.parametrize("mode", ["dense", "lexical"])
+def test_hybrid_candidates_fetch_only_the_rows_they_need(
+    mode: str, tmp_path: Path, store_factory: Callable[[str], MilvusStore], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """`enough`: up to top_k documents, but `enough` suffice, so the first search asks for top_k rows (not
+    3x more) and searches again only while fewer than `enough` documents came back."""
+    store = store_factory(str(tmp_path / "m.db"))
+    store.create_collection("c", MANIFEST)
+    store.write_documents("c", crowded_rows())
+    limits: list[int] = []
+    search = store.client.search
+
+    def recording(*args: object, **kwargs: object) -> object:
+        limits.append(int(kwargs["limit"]))  # type: ignore[call-overload]
+        return search(*args, **kwargs)
+
+    monkeypatch.setattr(store.client, "search", recording)
+
+    def run(top_k: int, enough: int | None) -> list[Hit]:
+        limits.clear()
+        if mode == "dense":
+            (hits,) = store.search("c", unit(0)[None, :], top_k=top_k, per_document=True, enough=enough)
+        else:
+            (hits,) = store.search("c", texts=["退款"], top_k=top_k, per_document=True, enough=enough)
+        return hits
+
+    # The big document's 50 chunks come first: 6 rows hold one document, 24 still one, 96 all seven.
+    hits = run(6, 3)
+    assert limits == [6, 24, 96]
+    assert len(hits) == 6 and len({h.doc_id for h in hits}) == 6 and hits[0].doc_id == "big"
+    hits = run(6, None)  # without it: 3x oversampling from the start
+    assert limits == [18, 72] and len(hits) == 6
+    hits = run(60, 1)  # one document suffices: one search of 60 rows, every document they hold
+    assert limits == [60]
+    assert hits[0].doc_id == "big" and len(hits) == len({h.doc_id for h in hits}) >= 2
+
+
 def test_lexical_search_through_a_second_process_on_the_shared_lite_directory(
     tmp_path: Path, store_factory: Callable[[str], MilvusStore]
 ) -> None:

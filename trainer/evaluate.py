@@ -153,6 +153,7 @@ def milvus_pool_metrics(
     kept = [i for i, rel in enumerate(relevant) if rel]
     fetch = k + 1  # one more: the query's own text may be among them
     candidates = hybrid_candidates(fetch)  # what serving fetches per retriever for hybrid
+    enough = fetch if "hybrid" in modes else None  # as serving: `fetch` documents suffice
     ranked: dict[str, list[list[int]]] = {mode: [] for mode in [*modes, *more_fusions]}
     for start in range(0, len(kept), batch):
         part = kept[start : start + batch]
@@ -163,13 +164,13 @@ def milvus_pool_metrics(
                 found["dense"] = [dense_cache[i] for i in part]
             else:
                 found["dense"] = store.search(collection, query_vectors[part], top_k=limit, output_fields=(),
-                                              per_document=True)
+                                              per_document=True, enough=enough)
                 if dense_cache is not None:
                     dense_cache.update(zip(part, found["dense"], strict=True))
         if "lexical" in modes or "hybrid" in modes:
             limit = fetch if "hybrid" not in modes else candidates
             found["lexical"] = store.search(collection, top_k=limit, output_fields=(), per_document=True,
-                                            texts=[query_texts[i] for i in part])
+                                            texts=[query_texts[i] for i in part], enough=enough)
         for row, i in enumerate(part):
             for mode in [*modes, *(more_fusions if "hybrid" in modes else ())]:
                 if mode == "hybrid" or mode in more_fusions:

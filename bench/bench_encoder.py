@@ -352,28 +352,90 @@ def measure_threads(setup: Setup, threads: int, texts: list[str]) -> list[Backen
     return backends
 
 
-def print_table(backends: list[Backend], texts: int, threads: int) -> list[dict[str, Any]]:
+def forward_gflop(config: Any, batches: Sequence[tuple[int, int]]) -> float:
+    """Multiply-adds of the encoder's forward passes, in GFLOP, for (batch, padded length) shapes: per token
+    and layer the Q/K/V/output projections (4h²) and the feed-forward (2hi) as matrix products, plus
+    attention scores and weighted values (2Lh). Embeddings, norms and activations are left out (small)."""
+    h, i, layers = int(config.hidden_size), int(config.intermediate_size), int(config.num_hidden_layers)
+    return sum(layers * b * n * 2 * (4 * h * h + 2 * h * i + 2 * n * h) for b, n in batches) / 1e9
+
+
+def batch_shapes(encoder: TorchEncoder, texts: Sequence[str], batch_size: int) -> list[tuple[int, int]]:
+    """The (batch, padded length) shapes LocalEncoder runs for these texts (longest first, as it sorts)."""
+    ordered = sorted(texts, key=len, reverse=True)
+    counts = [min(n, encoder.max_tokens) for n in encoder.count_tokens(ordered)]
+    return [(len(counts[s : s + batch_size]), max(counts[s : s + batch_size]))
+            for s in range(0, len(counts), batch_size)]
+
+
+def gemm_peak(threads: int, size: int = 1024, repeats: int = 20) -> dict[str, float]:
+    """fp32 matrix-product GFLOP/s of this CPU with `threads` threads, through torch (MKL/oneDNN) and
+    onnxruntime (MLAS): the ceiling any fp32 backend's encoder throughput is bounded by."""
+    import onnxruntime as ort
+    from onnx import TensorProto, helper, numpy_helper
+
+    rng = np.random.default_rng(0)
+    a = rng.standard_normal((size, size), dtype=np.float32)
+    b = rng.standard_normal((size, size), dtype=np.float32)
+    flop = 2 * size**3 / 1e9
+    out: dict[str, float] = {}
+    previous = torch.get_num_threads()
+    if threads:
+        torch.set_num_threads(threads)
+    ta, tb = torch.from_numpy(a), torch.from_numpy(b)
+    for _ in range(3):
+        ta @ tb
+    best = min(timed(lambda: (ta @ tb).numpy(), torch.device("cpu"))[0] for _ in range(repeats))
+    out["torch"] = flop / best
+    torch.set_num_threads(previous)
+    graph = helper.make_graph([helper.make_node("MatMul", ["a", "b"], ["c"])], "gemm",
+                              [helper.make_tensor_value_info("a", TensorProto.FLOAT, [size, size])],
+                              [helper.make_tensor_value_info("c", TensorProto.FLOAT, [size, size])],
+                              [numpy_helper.from_array(b, "b")])
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    options = ort.SessionOptions()
+    options.intra_op_num_threads = threads or 0
+    session = ort.InferenceSession(model.SerializeToString(), options, providers=["CPUExecutionProvider"])
+    for _ in range(3):
+        session.run(["c"], {"a": a})
+    best = min(timed(lambda: session.run(["c"], {"a": a})[0], torch.device("cpu"))[0] for _ in range(repeats))
+    out["onnxruntime"] = flop / best
+    return out
+
+
+def print_table(backends: list[Backend], texts: int, threads: int, gflop: float,
+                peak: dict[str, float] | None) -> list[dict[str, Any]]:
     base = backends[0]
     assert base.vectors is not None
     base_tps = texts / statistics.median(base.seconds)
     base_p50 = statistics.median(base.query_ms)
     print(f"\n**{threads or 'default'} thread(s)**\n")
     short = base.name.split()[0]
-    print(f"| backend | texts/s | × {short} | query p50 ms | p99 ms | p50 × | min cosine to {short} |")
-    print("|---|---:|---:|---:|---:|---:|---:|")
+    print(f"| backend | texts/s | × {short} | GFLOP/s | query p50 ms | p99 ms | p50 × | min cosine to {short} |")
+    print("|---|---:|---:|---:|---:|---:|---:|---:|")
     rows: list[dict[str, Any]] = []
     for backend in backends:
         assert backend.vectors is not None
-        tps = texts / statistics.median(backend.seconds)
+        seconds = statistics.median(backend.seconds)
+        tps = texts / seconds
         p50 = statistics.median(backend.query_ms)
         cosine = min_cosine(backend.vectors, base.vectors)
-        print(f"| {backend.name} | {tps:.1f} | {tps / base_tps:.2f} | {p50:.2f} | "
+        print(f"| {backend.name} | {tps:.1f} | {tps / base_tps:.2f} | {gflop / seconds:.1f} | {p50:.2f} | "
               f"{percentile(backend.query_ms, 99):.2f} | {p50 / base_p50:.2f} | {cosine:.6f} |")
         rows.append({"backend": backend.name, "threads": threads, "texts_per_s": tps,
-                     "throughput_ratio": tps / base_tps,
+                     "throughput_ratio": tps / base_tps, "gflop_per_s": gflop / seconds,
                      "query_p50_ms": p50, "query_p99_ms": percentile(backend.query_ms, 99),
                      "p50_ratio": p50 / base_p50, "min_cosine": cosine,
                      "texts_per_s_runs": [texts / s for s in backend.seconds]})
+    if peak:
+        best = max(peak.values())
+        achieved = gflop / statistics.median(base.seconds)
+        print(f"\nfp32 matrix-product peak with {threads or 'default'} thread(s), 1024² fp32 GEMM: "
+              + ", ".join(f"{name} {value:.1f}" for name, value in peak.items())
+              + f" GFLOP/s. {base.name} runs the encoder at {achieved:.1f} GFLOP/s ({achieved / best:.0%} of the "
+              f"best), so an fp32 backend doing the same arithmetic is bounded by {best / achieved:.2f}x its "
+              "throughput on this CPU.")
+        rows.append({"gemm_peak_gflop_per_s": peak, "fp32_ceiling_ratio": best / achieved, "threads": threads})
     return rows
 
 
@@ -459,9 +521,15 @@ def measure(args: argparse.Namespace, model_ref: str, model_dir: Path, split: An
           f"max {max(lengths)}, {sum(n > ours.max_tokens for n in lengths)} truncated at {ours.max_tokens}")
     summary: dict[str, Any] = {"model": manifest.version, "device": str(setup.device), "texts": len(texts),
                                "source": source, "batch_size": args.batch_size, "runs": []}
+    shapes = batch_shapes(ours, texts, args.batch_size)
+    gflop = forward_gflop(ours.model.config, shapes)
+    print(f"one pass: {len(shapes)} batches, {sum(b * n for b, n in shapes)} tokens with padding, "
+          f"{gflop:.1f} GFLOP of matrix products")
+    summary["gflop_per_pass"] = gflop
     for threads in args.threads:
         backends = measure_threads(setup, threads, texts)
-        summary["runs"] += print_table(backends, len(texts), threads)
+        peak = gemm_peak(threads) if setup.device.type == "cpu" else None
+        summary["runs"] += print_table(backends, len(texts), threads, gflop, peak)
     if split is not None and not args.random_bge_large:
         summary["bq"] = bq_recall(setup, split)
     return summary

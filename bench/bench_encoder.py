@@ -8,7 +8,10 @@ single short query latency p50/p99 (each query timed on every backend in turn) a
 minimum cosine of its vectors to PyTorch's. Then, with the BQ data present, the held-out split's
 recall@10 per semsearch backend (test pool) and the share of queries whose top-10 ranking equals PyTorch's.
 Targets (issue 16): ONNX fp32 >= 2x PyTorch throughput, <= 0.5x its single-query p50, identical
-rankings; int8 recall@10 within 1 point of PyTorch's.
+rankings; int8 recall@10 within 1 point of PyTorch's. On CPU each table ends with the ceiling: the
+matrix-product GFLOP of a pass (from the model config and the batch shapes) against this CPU's fp32
+GEMM peak measured in the same run. `infinity-optimum` adds infinity-emb's ONNX engine over HTTP as the
+outside peer (bash bench/setup_infinity_optimum.sh makes its virtualenv).
 
 Model: by default the vocabulary-extended MiniLM (`trainer/vocab.py`, the BQ training split's
 characters added to the packaged all-MiniLM-L6-v2, built in a temporary directory in seconds) when
@@ -284,6 +287,9 @@ class Setup:
                     started = time.perf_counter()
                     self.onnx_paths[name] = export_model(model_dir, self.manifest, cache, quantize=name == "onnx-int8")
                     self.export_s[name] = time.perf_counter() - started
+        self.peer: InfinityPeer | None = None
+        if "infinity-optimum" in args.backends:
+            self.peer = InfinityPeer(model_dir, self.manifest, args.infinity_venv, args.batch_size)
         self.st: Any = None
         if "st" in args.backends:
             from sentence_transformers import SentenceTransformer
@@ -308,7 +314,14 @@ class Setup:
                 out.append(Backend(label, encoder.encode_documents, encoder.encode_queries))
             elif name == "st":
                 out.append(Backend("sentence-transformers", self.st_documents, self.st_queries))
+            elif name == "infinity-optimum" and self.peer is not None and threads in (0, os.cpu_count()):
+                # onnxruntime's default threads (the cores) inside infinity: compared where ours use as many.
+                out.append(Backend("infinity-emb optimum (HTTP)", self.peer.documents, self.peer.queries))
         return out
+
+    def close(self) -> None:
+        if self.peer is not None:
+            self.peer.close()
 
     def st_documents(self, texts: Sequence[str]) -> np.ndarray:
         return self.st.encode(list(texts), batch_size=self.args.batch_size, normalize_embeddings=True,  # type: ignore[no-any-return]
@@ -316,6 +329,58 @@ class Setup:
 
     def st_queries(self, queries: Sequence[str]) -> np.ndarray:
         return self.st_documents([self.manifest.apply_query_instruction(q) for q in queries])
+
+
+class InfinityPeer:
+    """The outside peer for ONNX: infinity-emb's optimum engine (ONNX Runtime; optimum's ORTOptimizer
+    fuses the graph) from its own virtualenv (bench/setup_infinity_optimum.sh), on loopback, over HTTP.
+    It is given the model directory plus the plain (unfused) TorchScript export of the transformer as
+    `model.onnx`: optimum 1.x's own exporter needs torch's dynamo exporter, which fails on torch 2.13
+    there, and infinity loads a directory that has an ONNX file."""
+
+    def __init__(self, model_dir: Path, manifest: Any, venv: Path, batch_size: int) -> None:
+        import shutil
+
+        import httpx
+
+        from semsearch.encoders.onnx import export_unfused
+        from tests.infinity_server import InfinityServer
+
+        if not (venv / "bin" / "infinity_emb").exists():
+            raise SystemExit(f"no infinity_emb in {venv}: run bash bench/setup_infinity_optimum.sh first")
+        self.manifest = manifest
+        self._workdir = tempfile.TemporaryDirectory(prefix="bench-infinity-")
+        exported = Path(self._workdir.name) / "model"
+        started = time.perf_counter()
+        shutil.copytree(model_dir, exported, ignore=shutil.ignore_patterns("*.safetensors", "*.bin", "*.onnx"))
+        reference = TorchEncoder(model_dir, manifest, device="cpu")
+        export_unfused(reference, exported / "model.onnx")
+        reference.close()
+        self.server = InfinityServer(
+            exported, served_name="peer", engine="optimum", venv=venv,
+            extra_args=("--batch-size", str(batch_size), "--pooling-method", manifest.pooling),
+            env={"HF_HOME": str(Path(self._workdir.name) / "hf")},
+        ).start(timeout_s=600)
+        print(f"infinity-emb (optimum engine) serving an optimum export on {self.server.url}, "
+              f"export + optimize + start {time.perf_counter() - started:.0f} s", flush=True)
+        self.client = httpx.Client(timeout=600)
+
+    def documents(self, texts: Sequence[str]) -> np.ndarray:
+        vectors: list[list[float]] = []
+        for start in range(0, len(texts), 1024):  # infinity's limit on inputs per request is 2048
+            response = self.client.post(f"{self.server.url}/embeddings",
+                                        json={"model": "peer", "input": list(texts[start : start + 1024])})
+            response.raise_for_status()
+            vectors += [row["embedding"] for row in sorted(response.json()["data"], key=lambda r: r["index"])]
+        return np.asarray(vectors, dtype=np.float32)
+
+    def queries(self, queries: Sequence[str]) -> np.ndarray:
+        return self.documents([self.manifest.apply_query_instruction(q) for q in queries])
+
+    def close(self) -> None:
+        self.client.close()
+        self.server.stop()
+        self._workdir.cleanup()
 
 
 def measure_threads(setup: Setup, threads: int, texts: list[str]) -> list[Backend]:
@@ -458,9 +523,9 @@ def bq_recall(setup: Setup, split: Any) -> list[dict[str, Any]]:
     print("|---|---:|---:|---:|---:|---:|---:|")
     results: list[dict[str, Any]] = []
     reference: np.ndarray | None = None
-    # sentence-transformers is left out: its vectors are PyTorch's (min cosine in the tables above).
+    # sentence-transformers and infinity are left out: their vectors are PyTorch's (min cosine above).
     for backend in setup.backends(setup.args.threads[0]):
-        if backend.name == "sentence-transformers":
+        if backend.name.startswith(("sentence-transformers", "infinity")):
             continue
         docs = backend.documents(texts)
         queries = backend.queries([r.query for r in rows])
@@ -499,6 +564,13 @@ def run(args: argparse.Namespace) -> dict[str, object]:
 
 def measure(args: argparse.Namespace, model_ref: str, model_dir: Path, split: Any) -> dict[str, object]:
     setup = Setup(args, model_ref, model_dir)
+    try:
+        return measure_with(setup, args, split)
+    finally:
+        setup.close()
+
+
+def measure_with(setup: Setup, args: argparse.Namespace, split: Any) -> dict[str, object]:
     manifest, ours = setup.manifest, setup.torch
     if args.texts == "bq" and BQ_FILE.exists():
         texts, source = bq_texts(args.max_texts)
@@ -541,7 +613,10 @@ def main() -> None:
                         help="minilm-zh (vocabulary-extended MiniLM, built here; default), a hub id or a directory")
     parser.add_argument("--backends", default="torch,onnx,onnx-int8,st",
                         help="comma-separated, the first is the baseline: torch, onnx, onnx-int8, "
-                             "st (sentence-transformers)")
+                             "st (sentence-transformers), infinity-optimum (infinity-emb's ONNX engine over "
+                             "HTTP; needs bash bench/setup_infinity_optimum.sh)")
+    parser.add_argument("--infinity-venv", type=Path, default=REPO_ROOT / ".venv-infinity-optimum",
+                        help="virtualenv with infinity-emb[optimum] (for the infinity-optimum backend)")
     parser.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
     parser.add_argument("--texts", default="bq", choices=["bq", "passages"])
     parser.add_argument("--batch-size", type=int, default=32)
@@ -556,7 +631,7 @@ def main() -> None:
     args = parser.parse_args()
     args.backends = [b.strip() for b in args.backends.split(",") if b.strip()]
     args.threads = [int(t) for t in args.threads.split(",")]
-    unknown = set(args.backends) - {"torch", "onnx", "onnx-int8", "st"}
+    unknown = set(args.backends) - {"torch", "onnx", "onnx-int8", "st", "infinity-optimum"}
     if unknown:
         parser.error(f"unknown backends: {', '.join(sorted(unknown))}")
     if args.device == "cuda":

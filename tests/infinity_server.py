@@ -33,11 +33,15 @@ class InfinityServer:
     to bring it back on the same port."""
 
     def __init__(self, model_dir: str | Path, *, served_name: str | None = None, url_prefix: str = "",
-                 port: int | None = None, extra_args: tuple[str, ...] = ()) -> None:
-        executable = infinity_executable()
-        if executable is None:
-            raise RuntimeError("infinity is not installed: run bash scripts/setup.sh (creates .venv-infinity/)")
+                 port: int | None = None, extra_args: tuple[str, ...] = (), engine: str = "torch",
+                 venv: Path | None = None, env: dict[str, str] | None = None) -> None:
+        executable = infinity_executable() if venv is None else venv / "bin" / "infinity_emb"
+        if executable is None or not executable.exists():
+            raise RuntimeError(f"infinity is not installed ({executable or '.venv-infinity/'}): "
+                               "run bash scripts/setup.sh (creates .venv-infinity/)")
         self.executable = executable
+        self.engine = engine
+        self.env = env or {}
         self.model_dir = str(model_dir)
         self.served_name = served_name
         self.url_prefix = url_prefix.rstrip("/")
@@ -53,7 +57,7 @@ class InfinityServer:
 
     def command(self) -> list[str]:
         args = [str(self.executable), "v2", "--model-id", self.model_dir, "--host", "127.0.0.1",
-                "--port", str(self.port), "--device", "cpu", "--engine", "torch", "--no-model-warmup",
+                "--port", str(self.port), "--device", "cpu", "--engine", self.engine, "--no-model-warmup",
                 "--no-vector-disk-cache", "--log-level", "warning"]
         if self.served_name:
             args += ["--served-model-name", self.served_name]
@@ -63,7 +67,7 @@ class InfinityServer:
 
     def start(self, timeout_s: float = 180.0) -> InfinityServer:
         env = {**os.environ, "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1", "DO_NOT_TRACK": "1",
-               "INFINITY_ANONYMOUS_USAGE_STATS": "0", "OMP_NUM_THREADS": "1", "PYTHONPATH": ""}
+               "INFINITY_ANONYMOUS_USAGE_STATS": "0", "OMP_NUM_THREADS": "1", "PYTHONPATH": "", **self.env}
         with self.log_path.open("ab") as log:
             self.process = subprocess.Popen(self.command(), cwd=self._workdir.name, env=env, stdout=log,
                                             stderr=subprocess.STDOUT, start_new_session=True)

@@ -123,23 +123,30 @@ def _min_cosine(a: np.ndarray, b: np.ndarray) -> float:
     return float(np.min(np.sum(a * b, axis=1)))
 
 
-def _export_fp32(reference: TorchEncoder, out: Path) -> list[str]:
-    """torch -> ONNX -> fused ONNX at `out`; returns the graph's input names."""
-    import onnx
-    from onnxruntime.transformers.optimizer import optimize_model
-
+def export_unfused(reference: TorchEncoder, out: Path) -> list[str]:
+    """torch -> ONNX at `out` (the transformer, inputs by their tokenizer names, output
+    `last_hidden_state`), not yet fused; returns the graph's input names."""
     model = reference.model
     # Two texts of different lengths: the traced graph must keep the attention mask (padding).
     example = reference.tokenize(PROBE_TEXTS[:3])
     names = _input_names(model, example)
     axes = {name: {0: "batch", 1: "tokens"} for name in [*names, "last_hidden_state"]}
-    raw = out.with_name("raw.onnx")
     with warnings.catch_warnings(), torch.inference_mode():
         warnings.simplefilter("ignore")  # the TorchScript exporter's deprecation and tracer notes
-        torch.onnx.export(model, tuple(example[n] for n in names), str(raw), input_names=names,
+        torch.onnx.export(model, tuple(example[n] for n in names), str(out), input_names=names,
                           output_names=["last_hidden_state"], dynamic_axes=axes, opset_version=OPSET,
                           do_constant_folding=True, dynamo=False)
-    config = model.config
+    return names
+
+
+def _export_fp32(reference: TorchEncoder, out: Path) -> list[str]:
+    """torch -> ONNX -> fused ONNX at `out`; returns the graph's input names."""
+    import onnx
+    from onnxruntime.transformers.optimizer import optimize_model
+
+    raw = out.with_name("raw.onnx")
+    names = export_unfused(reference, raw)
+    config = reference.model.config
     if config.model_type in BERT_LIKE:
         fused = optimize_model(str(raw), model_type="bert", num_heads=int(config.num_attention_heads),
                                hidden_size=int(config.hidden_size), opt_level=1, use_gpu=False)

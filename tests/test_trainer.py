@@ -587,6 +587,10 @@ def test_evaluate_rerank_reorders_each_models_dense_top_n(tiny_settings: Setting
     assert rerank["reranker"] == "oracle" and rerank["top"] == 3
     assert calls == [len(test_rows) * 3, len(test_rows) * 3]  # each query's dense top 3, both pools
     assert "| tiny → oracle (top 3) |" in markdown_table(report)
+    # Below 10 candidates the dense order continues after them: the top 10 hold the same documents.
+    for pool in ("test", "global"):
+        dense, reranked = entry["pools"][pool]["metrics"], rerank["pools"][pool]["metrics"]
+        assert reranked["recall@10"] == dense["recall@10"] and reranked["hit@10"] == dense["hit@10"]
     # Reranking the whole (small) pool with an oracle puts a positive first for every query.
     report, _ = evaluate_models(test_rows, [parse_model_spec(f"tiny={tiny_settings.model}")], tiny_settings,
                                 show_progress=False, rerank=oracle, rerank_top=50)

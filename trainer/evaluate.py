@@ -82,19 +82,20 @@ def _pool_metrics(
         {local[k] for k in rel if k in local and k != q} for rel, q in zip(relevant_keys, query_keys, strict=True)
     ]
     kept = [i for i, rel in enumerate(relevant) if rel]
-    depth = rerank_top if rerank is not None else 10
+    depth = max(rerank_top, 10) if rerank is not None else 10
     ids, _ = index.search(query_vectors[kept], depth, exclude=[exclude[i] for i in kept])
     rankings = [[int(x) for x in ids[j]] for j in range(len(kept))]
     if rerank is not None:
         pool_list = list(pool)
-        pairs = [(query_texts[i], texts[pool_list[c]]) for j, i in enumerate(kept) for c in rankings[j]]
+        pairs = [(query_texts[i], texts[pool_list[c]]) for j, i in enumerate(kept) for c in rankings[j][:rerank_top]]
         scores = rerank(pairs)
         at = 0
         for j, ranking in enumerate(rankings):
-            own = scores[at : at + len(ranking)]
-            at += len(ranking)
-            # Stable: ties keep the dense order.
-            rankings[j] = [c for _, c in sorted(zip(own, ranking, strict=True), key=lambda t: -t[0])]
+            head, tail = ranking[:rerank_top], ranking[rerank_top:]
+            own = scores[at : at + len(head)]
+            at += len(head)
+            # Stable: ties keep the dense order. Fewer candidates than 10: the rest keep the dense order.
+            rankings[j] = [c for _, c in sorted(zip(own, head, strict=True), key=lambda t: -t[0])] + tail
     per_query = [query_metrics(rankings[j][:10], relevant[i]) for j, i in enumerate(kept)]
     return {
         "candidates": len(pool),

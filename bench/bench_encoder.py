@@ -361,7 +361,7 @@ class InfinityPeer:
             extra_args=("--batch-size", str(batch_size), "--pooling-method", manifest.pooling),
             env={"HF_HOME": str(Path(self._workdir.name) / "hf")},
         ).start(timeout_s=600)
-        print(f"infinity-emb (optimum engine) serving an optimum export on {self.server.url}, "
+        print(f"infinity-emb (optimum engine) serving the model's ONNX export on {self.server.url}, "
               f"export + optimize + start {time.perf_counter() - started:.0f} s", flush=True)
         self.client = httpx.Client(timeout=600)
 

@@ -15,4 +15,4 @@ PINS=("torch==2.13.0" "infinity-emb[server,optimum]==0.0.78" "optimum[onnxruntim
 "$VENV/bin/python" -m pip install -q "torch==2.13.0" 2>&1 | grep -v "^WARNING: Location" || true
 "$VENV/bin/python" -m pip install -q "${PINS[@]}" 2>&1 | grep -v "^WARNING: Location" || true
 "$VENV/bin/python" -m pip check
-echo "infinity-emb with the optimum engine: $VENV/bin/infinity_emb (optimum-cli: $VENV/bin/optimum-cli)"
+echo "infinity-emb with the optimum engine: $VENV/bin/infinity_emb"

@@ -52,6 +52,9 @@ import torch
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO_ROOT))
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from loadgen import rotate  # noqa: E402
 
 from semsearch.encoders.local import STAND_IN_MODEL, TorchEncoder, locate_model  # noqa: E402
 from semsearch.manifest import BGE_ZH_INSTRUCTION, ModelManifest, resolve_manifest  # noqa: E402
@@ -258,11 +261,6 @@ def percentile(values: Sequence[float], q: float) -> float:
     return ordered[min(len(ordered) - 1, round(q / 100 * (len(ordered) - 1)))]
 
 
-def rotate(items: list[Backend], by: int) -> list[Backend]:
-    by %= len(items)
-    return items[by:] + items[:by]
-
-
 def min_cosine(a: np.ndarray, b: np.ndarray) -> float:
     return float(np.min(np.sum(a * b, axis=1) / (np.linalg.norm(a, axis=1) * np.linalg.norm(b, axis=1))))
 
@@ -425,12 +423,10 @@ def forward_gflop(config: Any, batches: Sequence[tuple[int, int]]) -> float:
     return sum(layers * b * n * 2 * (4 * h * h + 2 * h * i + 2 * n * h) for b, n in batches) / 1e9
 
 
-def batch_shapes(encoder: TorchEncoder, texts: Sequence[str], batch_size: int) -> list[tuple[int, int]]:
-    """The (batch, padded length) shapes LocalEncoder runs for these texts (longest first, as it sorts)."""
-    ordered = sorted(texts, key=len, reverse=True)
-    counts = [min(n, encoder.max_tokens) for n in encoder.count_tokens(ordered)]
-    return [(len(counts[s : s + batch_size]), max(counts[s : s + batch_size]))
-            for s in range(0, len(counts), batch_size)]
+def batch_shapes(encoder: TorchEncoder, texts: Sequence[str]) -> list[tuple[int, int]]:
+    """The (batch, padded length) shapes the encoder runs for these texts."""
+    counts = [min(n, encoder.max_tokens) for n in encoder.count_tokens(texts)]
+    return [(len(batch), max(counts[i] for i in batch)) for batch in encoder.batches(texts)]
 
 
 def gemm_peak(threads: int, size: int = 1024, repeats: int = 20) -> dict[str, float]:
@@ -593,7 +589,7 @@ def measure_with(setup: Setup, args: argparse.Namespace, split: Any) -> dict[str
           f"max {max(lengths)}, {sum(n > ours.max_tokens for n in lengths)} truncated at {ours.max_tokens}")
     summary: dict[str, Any] = {"model": manifest.version, "device": str(setup.device), "texts": len(texts),
                                "source": source, "batch_size": args.batch_size, "runs": []}
-    shapes = batch_shapes(ours, texts, args.batch_size)
+    shapes = batch_shapes(ours, texts)
     gflop = forward_gflop(ours.model.config, shapes)
     print(f"one pass: {len(shapes)} batches, {sum(b * n for b, n in shapes)} tokens with padding, "
           f"{gflop:.1f} GFLOP of matrix products")

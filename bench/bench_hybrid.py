@@ -139,7 +139,7 @@ async def latency(args: argparse.Namespace) -> dict[str, Any]:
     on a shared machine hits all modes alike; the ratio is taken within each round."""
     import statistics
 
-    from loadgen import closed_loop, served_faq
+    from loadgen import closed_loop, rotate, served_faq
 
     from semsearch.encoders import STAND_IN_MODEL, TorchEncoder
     from semsearch.logs import configure_logging
@@ -168,7 +168,7 @@ async def latency(args: argparse.Namespace) -> dict[str, Any]:
                 await closed_loop(caller(modes[name]), concurrency=4, requests=20)
             for r in range(args.rounds):
                 rounds.append({})
-                for name in names[r % len(names):] + names[: r % len(names)]:
+                for name in rotate(names, r):
                     for concurrency in (1, 8):
                         rounds[r].setdefault(name, {})[concurrency] = await closed_loop(
                             caller(modes[name]), concurrency=concurrency, requests=args.requests)

@@ -9,13 +9,21 @@ import asyncio
 import contextlib
 import statistics
 import time
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, TypeVar
 
 import grpc
 
 Call = Callable[[int], Awaitable[object]]
+T = TypeVar("T")
+
+
+def rotate(items: Sequence[T], by: int) -> list[T]:
+    """`items` starting at position `by` (wrapping): compared variants run in another order each
+    repetition, so drift on a shared machine hits them all alike."""
+    by %= len(items)
+    return [*items[by:], *items[:by]]
 
 
 @dataclass

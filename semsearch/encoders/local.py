@@ -113,14 +113,17 @@ class LocalEncoder:
         """The last hidden state (batch, tokens, hidden) for tokenized `features`."""
         raise NotImplementedError
 
+    def batches(self, texts: Sequence[str]) -> list[list[int]]:
+        """The positions of `texts` in each forward pass, in the order they run."""
+        # Longest first, as sentence-transformers does: batches hold similar lengths, less padding.
+        order = sorted(range(len(texts)), key=lambda i: -len(texts[i]))
+        return [order[start : start + self.batch_size] for start in range(0, len(order), self.batch_size)]
+
     def _encode(self, texts: list[str]) -> np.ndarray:
         out = np.empty((len(texts), self._manifest.dimension), dtype=np.float32)
         if not texts:
             return out
-        # Longest first, as sentence-transformers does: batches hold similar lengths, less padding.
-        order = sorted(range(len(texts)), key=lambda i: -len(texts[i]))
-        for start in range(0, len(order), self.batch_size):
-            batch_ids = order[start : start + self.batch_size]
+        for batch_ids in self.batches(texts):
             features = self.tokenize([texts[i] for i in batch_ids])
             # The lock is per batch: a large upsert lets waiting queries in between its batches.
             with self._lock, torch.inference_mode():

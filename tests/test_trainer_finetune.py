@@ -168,3 +168,26 @@ def test_config_maps_to_flagembedding_arguments(tmp_path: Path) -> None:
     assert loaded.epochs == 5 and loaded.pooling == "mean"
     with pytest.raises(ValueError, match="pooling"):
         FinetuneConfig.load(yaml_file, pooling="max")
+
+
+def test_embedding_learning_rate_is_its_own_optimizer_group(
+    finetuned: tuple[FinetuneConfig, ModelManifest], tmp_path: Path, tiny_model_dir: Path
+) -> None:
+    """The embedding matrix (extend-vocab's new rows) trains at its own rate: with the body's rate
+    ~0, one step moves the embeddings and nothing else."""
+    import safetensors.torch
+
+    config, _ = finetuned
+    out = tmp_path / "emb-lr"
+    run_finetune(
+        config.model_copy(
+            update={"output_dir": out, "learning_rate": 1e-12, "embedding_learning_rate": 1e-2, "weight_decay": 0.0}
+        ),
+        stream_output=False,
+    )
+    before = safetensors.torch.load_file(str(tiny_model_dir / "model.safetensors"))
+    after = safetensors.torch.load_file(str(out / "model.safetensors"))
+    moved = {name: float((after[name] - before[name]).abs().max()) for name in before if name in after}
+    embedding = next(name for name in moved if name.endswith("word_embeddings.weight"))
+    assert moved[embedding] > 1e-3  # Adam's first step: about the rate, on the rows the batch used
+    assert max(v for name, v in moved.items() if name != embedding) < 1e-6, moved

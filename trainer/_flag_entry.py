@@ -12,6 +12,9 @@ import os
 from pathlib import Path
 from typing import Any
 
+# FlagEmbedding's argument parser has no per-group learning rate: the parent passes it here.
+EMBEDDING_LR_ENV = "SEMSEARCH_EMBEDDING_LR"
+
 
 def _checkpoint_step(checkpoint: str | None) -> int | None:
     if not checkpoint:
@@ -40,6 +43,29 @@ def _load_inner(wrapper: Any, checkpoint: str) -> None:
         )
     if hasattr(inner, "tie_weights"):
         inner.tie_weights()
+
+
+def _embedding_learning_rate(trainer: Any, learning_rate: float) -> None:
+    """Give the input embedding matrix its own optimizer group at `learning_rate` (the rest keep the
+    trainer's). The scheduler, made after the optimizer, scales every group from its own rate."""
+    make_optimizer = trainer.create_optimizer
+
+    def create_optimizer() -> Any:
+        optimizer = make_optimizer()
+        weight = trainer.model.model.get_input_embeddings().weight
+        if any(p is weight for group in optimizer.param_groups if group.get("is_embedding") for p in group["params"]):
+            return optimizer  # already split (the Trainer may call this more than once)
+        decay = 0.0
+        for group in optimizer.param_groups:
+            if any(p is weight for p in group["params"]):
+                decay = group["weight_decay"]
+                group["params"] = [p for p in group["params"] if p is not weight]
+        optimizer.add_param_group(
+            {"params": [weight], "weight_decay": decay, "lr": learning_rate, "is_embedding": True}
+        )
+        return optimizer
+
+    trainer.create_optimizer = create_optimizer
 
 
 def main() -> None:
@@ -72,6 +98,9 @@ def main() -> None:
     parser = HfArgumentParser((ModelArguments, DataArguments, TrainingArguments))
     model_args, data_args, training_args = parser.parse_args_into_dataclasses()
     runner = Runner(model_args=model_args, data_args=data_args, training_args=training_args)
+    embedding_lr = os.environ.get(EMBEDDING_LR_ENV)
+    if embedding_lr:
+        _embedding_learning_rate(runner.trainer, float(embedding_lr))
     counter = StepCounter()
     runner.trainer.add_callback(counter)
     # FlagEmbedding checkpoints hold the inner transformers model (its `save_pretrained`), while the

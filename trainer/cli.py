@@ -251,6 +251,9 @@ def finetune_cmd(
     epochs: Annotated[float | None, typer.Option("--epochs")] = None,
     max_steps: Annotated[int | None, typer.Option("--max-steps")] = None,
     learning_rate: Annotated[float | None, typer.Option("--lr")] = None,
+    embedding_lr: Annotated[
+        float | None, typer.Option("--embedding-lr", help="LR of the input embeddings (new rows); default --lr")
+    ] = None,
     batch_size: Annotated[int | None, typer.Option("--batch-size", help="Queries per device per step")] = None,
     kd: Annotated[bool | None, typer.Option("--kd/--no-kd", help="Knowledge distillation from pos/neg scores")] = None,
     nproc: Annotated[int | None, typer.Option("--nproc", help="GPUs: > 1 runs torchrun")] = None,
@@ -288,6 +291,7 @@ def finetune_cmd(
                 epochs=epochs,
                 max_steps=max_steps,
                 learning_rate=learning_rate,
+                embedding_learning_rate=embedding_lr,
                 batch_size=batch_size,
                 knowledge_distillation=kd,
                 nproc_per_node=nproc,
@@ -420,6 +424,9 @@ def reranker_cmd(
     epochs: Annotated[float, typer.Option("--epochs")] = 1.0,
     max_steps: Annotated[int, typer.Option("--max-steps", help="> 0 overrides epochs")] = -1,
     learning_rate: Annotated[float, typer.Option("--lr")] = 6e-5,
+    embedding_lr: Annotated[
+        float | None, typer.Option("--embedding-lr", help="LR of the input embeddings (new rows); default --lr")
+    ] = None,
     batch_size: Annotated[int, typer.Option("--batch-size", help="Queries per device per step")] = 16,
     save_steps: Annotated[int, typer.Option("--save-steps", help="Checkpoint every N steps (resumable)")] = 0,
     resume: Annotated[bool, typer.Option("--resume", help="Continue an interrupted run in --out")] = False,
@@ -437,7 +444,8 @@ def reranker_cmd(
             rr_config = RerankerConfig(
                 model=settings.model, train_data=data, output_dir=out, train_group_size=group_size, max_len=max_len,
                 epochs=epochs, max_steps=max_steps, learning_rate=learning_rate, batch_size=batch_size,
-                save_steps=save_steps, device=settings.device, torch_threads=threads, seed=seed,
+                embedding_learning_rate=embedding_lr, save_steps=save_steps, device=settings.device,
+                torch_threads=threads, seed=seed,
             )
         except ValueError as exc:
             raise fail(f"reranker config: {exc}", code=2) from exc

@@ -28,6 +28,7 @@ from pydantic import BaseModel, ConfigDict, Field, model_validator
 from semsearch.encoders.local import locate_model
 from semsearch.errors import InvalidInputError
 from semsearch.manifest import BGE_ZH_INSTRUCTION, ModelManifest, resolve_manifest, weights_hash
+from trainer._flag_entry import EMBEDDING_LR_ENV
 from trainer.rows import file_hash, read_rows, write_rows
 
 log = structlog.get_logger(__name__)
@@ -54,6 +55,12 @@ class FinetuneConfig(BaseModel):
     epochs: float = Field(default=1.0, gt=0)
     max_steps: int = Field(default=-1, description="> 0 overrides epochs")
     learning_rate: float = Field(default=1e-5, gt=0)
+    embedding_learning_rate: float | None = Field(
+        default=None,
+        gt=0,
+        description="Learning rate of the input embedding matrix, where extend-vocab's new character rows "
+        "live (they start untrained while the body is pretrained); default: learning_rate",
+    )
     batch_size: int = Field(default=32, gt=0, description="Queries per device per step")
     warmup_ratio: float = 0.1
     weight_decay: float = 0.01
@@ -311,6 +318,8 @@ def run_flag_process(
     )
     if not config.uses_cuda():
         env["CUDA_VISIBLE_DEVICES"] = ""
+    if config.embedding_learning_rate is not None:
+        env[EMBEDDING_LR_ENV] = repr(config.embedding_learning_rate)
     if config.torch_threads:
         env["OMP_NUM_THREADS"] = env["MKL_NUM_THREADS"] = str(config.torch_threads)
     # The package root must be importable by the child (`-m trainer._flag_entry`).

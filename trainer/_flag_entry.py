@@ -52,9 +52,9 @@ def _embedding_learning_rate(trainer: Any, learning_rate: float) -> None:
 
     def create_optimizer() -> Any:
         optimizer = make_optimizer()
+        if any(group.get("is_embedding") for group in optimizer.param_groups):
+            return optimizer  # already split (the Trainer returns its optimizer on later calls)
         weight = trainer.model.model.get_input_embeddings().weight
-        if any(p is weight for group in optimizer.param_groups if group.get("is_embedding") for p in group["params"]):
-            return optimizer  # already split (the Trainer may call this more than once)
         decay = 0.0
         for group in optimizer.param_groups:
             if any(p is weight for p in group["params"]):

@@ -318,6 +318,7 @@ def run_flag_process(
     )
     if not config.uses_cuda():
         env["CUDA_VISIBLE_DEVICES"] = ""
+    env.pop(EMBEDDING_LR_ENV, None)  # only this config's setting, never one inherited from the shell
     if config.embedding_learning_rate is not None:
         env[EMBEDDING_LR_ENV] = repr(config.embedding_learning_rate)
     if config.torch_threads:

@@ -534,6 +534,7 @@ def test_evaluate_pools_metrics_and_report(
         tiny_settings,
         pool_rows=pool_rows,
         show_progress=False,
+        misses=True,
     )
     perfect, tiny_entry = report["models"]
     test_candidates = len({t for r in test_rows for t in (*r.pos, *r.neg)})
@@ -551,13 +552,24 @@ def test_evaluate_pools_metrics_and_report(
     # (the query's own text excluded) and check the top one is a positive.
     texts = distinct_texts([*candidate_texts(test_rows), *candidate_texts(pool_rows)])
     doc_vectors = tiny.encode_documents(texts)
-    hits = []
+    hits, expected_misses = [], []
     for query_vector, row in zip(tiny.encode_queries([r.query for r in test_rows]), test_rows, strict=True):
         ranked = [texts[i] for i in np.argsort(-(doc_vectors @ query_vector))
                   if normalize_text(texts[i]) != normalize_text(row.query)]
         hits.append(normalize_text(ranked[0]) in {normalize_text(p) for p in row.pos})
+        if not hits[-1]:
+            expected_misses.append((row.query, ranked[0]))
     assert tiny_entry["pools"]["global"]["metrics"]["hit@1"] == pytest.approx(np.mean(hits))
+    # The label audit lists exactly those queries, with their top 1 and on which side it lives.
+    assert distributions[0].misses == [] and expected_misses
+    assert [(m["query"], m["top1"]) for m in distributions[1].misses] == expected_misses
+    test_side = set(candidate_texts(test_rows))
+    for miss in distributions[1].misses:
+        assert miss["top1_pool"] == ("test" if miss["top1"] in test_side else "other")
+        assert (miss["first_relevant"] is None) == (miss["first_relevant_rank"] is None)
     paths = write_report(report, distributions, tmp_path / "report")
+    written = [json.loads(line) for line in paths["misses2"].read_text(encoding="utf-8").splitlines()]
+    assert [m["model"] for m in written] == ["tiny"] * len(expected_misses) and "misses1" not in paths
     assert json.loads(paths["json"].read_text(encoding="utf-8"))["models"][0]["label"] == "perfect"
     table = markdown_table(report)
     assert "| perfect | 0." in table and "| tiny |" in table and "**global pool**" in table

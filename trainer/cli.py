@@ -351,6 +351,11 @@ def evaluate_cmd(
     ] = None,
     rerank_top: Annotated[int, typer.Option("--rerank-top", help="Candidates the reranker reorders")] = 50,
     rerank_max_length: Annotated[int, typer.Option("--rerank-max-length", help="Tokens per pair")] = 256,
+    misses: Annotated[
+        bool,
+        typer.Option("--misses", help="Also write misses-N.jsonl: each test query whose global-pool top 1 is "
+                     "not a labelled positive, with that top 1 and the first positive (a label audit)"),
+    ] = False,
     config: ConfigOption = None,
 ) -> None:
     """recall@1/5/10, MRR@10, nDCG@10 on the test and global pools, side by side; JSON, Markdown, PNG."""
@@ -381,6 +386,7 @@ def evaluate_cmd(
                                         config=ScoreConfig(max_length=rerank_max_length)) if rerank else None,
             rerank_label=parse_model_spec(rerank)[0] if rerank else "rerank",
             rerank_top=rerank_top,
+            misses=misses,
         )
         report["wall_s"] = round(time.perf_counter() - started, 1)
         paths = write_report(report, distributions, out_dir)

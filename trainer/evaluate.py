@@ -46,11 +46,12 @@ TABLE_COLUMNS = ("recall@1", "recall@5", "recall@10", "hit@1", "hit@10", "mrr@10
 
 @dataclass
 class ModelScores:
-    """One model's raw similarity distributions, for the plot."""
+    """One model's raw similarity distributions, for the plot, and its global-pool top-1 misses."""
 
     label: str
     positives: list[float] = field(default_factory=list)
     negatives: list[float] = field(default_factory=list)
+    misses: list[dict[str, Any]] = field(default_factory=list)
 
 
 def parse_model_spec(spec: str) -> tuple[str, str]:
@@ -73,8 +74,11 @@ def _pool_metrics(
     rerank_top: int = 50,
     query_texts: Sequence[str] = (),
     texts: Sequence[str] = (),
+    misses: list[dict[str, Any]] | None = None,
 ) -> dict[str, Any]:
-    """Metrics of the dense ranking of `pool`; with `rerank`, of the top `rerank_top` reordered by it."""
+    """Metrics of the dense ranking of `pool`; with `rerank`, of the top `rerank_top` reordered by it.
+    `misses`: appended with each query whose first candidate is not a labelled positive (indices into
+    `pool`'s texts' global numbering)."""
     local = {keys[g]: i for i, g in enumerate(pool)}
     index = ExactIndex(doc_vectors[list(pool)])
     exclude = [[local[q]] if q in local else [] for q in query_keys]
@@ -97,6 +101,14 @@ def _pool_metrics(
             # Stable: ties keep the dense order. Fewer candidates than 10: the rest keep the dense order.
             rankings[j] = [c for _, c in sorted(zip(own, head, strict=True), key=lambda t: -t[0])] + tail
     per_query = [query_metrics(rankings[j][:10], relevant[i]) for j, i in enumerate(kept)]
+    if misses is not None:
+        pool_list = list(pool)
+        for j, i in enumerate(kept):
+            if rankings[j][0] not in relevant[i]:
+                first = next(((rank, c) for rank, c in enumerate(rankings[j][:10], 1) if c in relevant[i]), None)
+                misses.append({"query": i, "top1": pool_list[rankings[j][0]],
+                               "first_relevant": pool_list[first[1]] if first else None,
+                               "first_relevant_rank": first[0] if first else None})
     return {
         "candidates": len(pool),
         "queries": len(kept),
@@ -242,9 +254,12 @@ def evaluate_models(
     rerank_label: str = "rerank",
     rerank_top: int = 50,
     rerank_models: Sequence[str] | None = None,
+    misses: bool = False,
 ) -> tuple[dict[str, Any], list[ModelScores]]:
     """`rerank`: a cross-encoder scorer; each model in `rerank_models` (labels; None = all) gets a
-    second set of pool metrics: its dense top `rerank_top` reordered by the scorer."""
+    second set of pool metrics: its dense top `rerank_top` reordered by the scorer. `misses`: each
+    ModelScores also lists the test queries whose global-pool top 1 is not a labelled positive (for a
+    label audit: with intent labels from linked pairs, many such top-1s are unlinked paraphrases)."""
     test_texts = candidate_texts(test_rows)
     all_texts = distinct_texts([*test_texts, *candidate_texts(pool_rows), *corpus])
     keys = [normalize_text(t) for t in all_texts]
@@ -277,9 +292,11 @@ def evaluate_models(
         finally:
             encoder.close()
         encode_s = time.perf_counter() - started
+        global_misses: list[dict[str, Any]] | None = [] if misses else None
         pools = {
             "test": _pool_metrics(query_vectors, doc_vectors, test_pool, query_keys, relevant_keys, keys),
-            "global": _pool_metrics(query_vectors, doc_vectors, range(len(all_texts)), query_keys, relevant_keys, keys),
+            "global": _pool_metrics(query_vectors, doc_vectors, range(len(all_texts)), query_keys, relevant_keys, keys,
+                                    misses=global_misses),
         }
         rerank_pools: dict[str, Any] = {}
         if rerank is not None and (rerank_models is None or label in rerank_models):
@@ -292,6 +309,16 @@ def evaluate_models(
                 )
             rerank_pools["seconds"] = round(time.perf_counter() - phase, 1)
         scores = ModelScores(label)
+        in_test_pool = set(test_pool)
+        for miss in global_misses or []:
+            first = miss["first_relevant"]
+            scores.misses.append({
+                "query": test_rows[miss["query"]].query,
+                "top1": all_texts[miss["top1"]],
+                "top1_pool": "test" if miss["top1"] in in_test_pool else "other",
+                "first_relevant": all_texts[first] if first is not None else None,
+                "first_relevant_rank": miss["first_relevant_rank"],
+            })
         pos_lists, neg_lists = [], []
         for i, row in enumerate(test_rows):
             pos = [float(query_vectors[i] @ doc_vectors[position[normalize_text(t)]]) for t in row.pos]
@@ -396,6 +423,14 @@ def write_report(report: dict[str, Any], distributions: Sequence[ModelScores], o
     paths["json"].write_text(json.dumps(report, ensure_ascii=False, indent=2), encoding="utf-8")
     paths["markdown"].write_text(markdown_table(report), encoding="utf-8")
     plot_distributions(distributions, paths["plot"])
+    for number, scores in enumerate(distributions, 1):
+        if scores.misses:
+            # Numbered, not named by label: labels are free text ("minilm-zh (untrained)").
+            paths[f"misses{number}"] = out_dir / f"misses-{number}.jsonl"
+            paths[f"misses{number}"].write_text(
+                "".join(json.dumps({"model": scores.label, **m}, ensure_ascii=False) + "\n" for m in scores.misses),
+                encoding="utf-8",
+            )
     return paths
 
 

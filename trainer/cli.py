@@ -354,7 +354,7 @@ def evaluate_cmd(
     misses: Annotated[
         bool,
         typer.Option("--misses", help="Also write misses-N.jsonl: each test query whose global-pool top 1 is "
-                     "not a labelled positive, with that top 1 and the first positive (a label audit)"),
+                     "not a labelled positive, with that top 1 and the first positive in its top 10 (a label audit)"),
     ] = False,
     config: ConfigOption = None,
 ) -> None:

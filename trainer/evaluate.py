@@ -77,10 +77,11 @@ def _pool_metrics(
     misses: list[dict[str, Any]] | None = None,
 ) -> dict[str, Any]:
     """Metrics of the dense ranking of `pool`; with `rerank`, of the top `rerank_top` reordered by it.
-    `misses`: appended with each query whose first candidate is not a labelled positive (indices into
-    `pool`'s texts' global numbering)."""
-    local = {keys[g]: i for i, g in enumerate(pool)}
-    index = ExactIndex(doc_vectors[list(pool)])
+    `misses`: appended with each query whose first candidate is not a labelled positive, and the first
+    positive in its top 10 (indices in the global numbering of the texts)."""
+    pool_list = list(pool)
+    local = {keys[g]: i for i, g in enumerate(pool_list)}
+    index = ExactIndex(doc_vectors[pool_list])
     exclude = [[local[q]] if q in local else [] for q in query_keys]
     relevant = [
         {local[k] for k in rel if k in local and k != q} for rel, q in zip(relevant_keys, query_keys, strict=True)
@@ -90,7 +91,6 @@ def _pool_metrics(
     ids, _ = index.search(query_vectors[kept], depth, exclude=[exclude[i] for i in kept])
     rankings = [[int(x) for x in ids[j]] for j in range(len(kept))]
     if rerank is not None:
-        pool_list = list(pool)
         pairs = [(query_texts[i], texts[pool_list[c]]) for j, i in enumerate(kept) for c in rankings[j][:rerank_top]]
         scores = rerank(pairs)
         at = 0
@@ -102,7 +102,6 @@ def _pool_metrics(
             rankings[j] = [c for _, c in sorted(zip(own, head, strict=True), key=lambda t: -t[0])] + tail
     per_query = [query_metrics(rankings[j][:10], relevant[i]) for j, i in enumerate(kept)]
     if misses is not None:
-        pool_list = list(pool)
         for j, i in enumerate(kept):
             if rankings[j][0] not in relevant[i]:
                 first = next(((rank, c) for rank, c in enumerate(rankings[j][:10], 1) if c in relevant[i]), None)
@@ -265,6 +264,7 @@ def evaluate_models(
     keys = [normalize_text(t) for t in all_texts]
     position = {k: i for i, k in enumerate(keys)}
     test_pool = [position[normalize_text(t)] for t in test_texts]
+    in_test_pool = set(test_pool)
     query_keys = [normalize_text(r.query) for r in test_rows]
     relevant_keys = [{normalize_text(p) for p in r.pos} for r in test_rows]
 
@@ -309,7 +309,6 @@ def evaluate_models(
                 )
             rerank_pools["seconds"] = round(time.perf_counter() - phase, 1)
         scores = ModelScores(label)
-        in_test_pool = set(test_pool)
         for miss in global_misses or []:
             first = miss["first_relevant"]
             scores.misses.append({

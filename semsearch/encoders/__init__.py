@@ -12,6 +12,7 @@ import structlog
 
 from semsearch.config import Settings
 from semsearch.encoders.base import Encoder
+from semsearch.encoders.use import USE_MODEL
 from semsearch.errors import ModelNotFoundError
 
 if TYPE_CHECKING:
@@ -20,8 +21,8 @@ if TYPE_CHECKING:
 
 log = structlog.get_logger(__name__)
 
-__all__ = ["STAND_IN_MODEL", "Encoder", "ModelNotFoundError", "OnnxEncoder", "TorchEncoder", "create_encoder",
-           "locate_model", "stand_in_model_path"]
+__all__ = ["OFFLINE_FALLBACK_MODEL", "STAND_IN_MODEL", "Encoder", "ModelNotFoundError", "OnnxEncoder", "TorchEncoder",
+           "create_encoder", "locate_model", "stand_in_model_path"]
 _LOCAL = {"STAND_IN_MODEL", "TorchEncoder", "locate_model", "stand_in_model_path"}
 
 
@@ -37,9 +38,13 @@ def __getattr__(name: str) -> Any:
     raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 
+# The offline fallback of `allow_stand_in`: the packaged model that reads Chinese (encoders/use.py).
+OFFLINE_FALLBACK_MODEL = USE_MODEL
+
+
 def create_encoder(settings: Settings, *, allow_stand_in: bool = False) -> Encoder:
-    """The configured encoder; with `allow_stand_in`, fall back to the packaged MiniLM when the
-    configured model cannot be found (the demo's offline path), loudly."""
+    """The configured encoder; with `allow_stand_in`, fall back to the packaged USE-Multilingual v3
+    when the configured model cannot be found (the demo's offline path), loudly."""
     if settings.torch_threads:
         import torch
 
@@ -52,24 +57,26 @@ def create_encoder(settings: Settings, *, allow_stand_in: bool = False) -> Encod
             return DiscoveringEncoder(settings)
 
         return RemoteEncoder.from_settings(settings)
-    from semsearch.encoders.local import STAND_IN_MODEL
-
     try:
         return _local_encoder(settings.model, settings)
     except ModelNotFoundError as exc:
         if not allow_stand_in:
             raise
         log.warning(
-            "model_unavailable_using_stand_in", model=settings.model, reason=str(exc), stand_in=STAND_IN_MODEL,
-            note="all-MiniLM-L6-v2 has an English vocabulary: Chinese results are NOT representative",
+            "model_unavailable_using_fallback", model=settings.model, reason=str(exc), fallback=OFFLINE_FALLBACK_MODEL,
+            note="USE-Multilingual v3 reads Chinese, but is a smaller, older model than bge-large-zh",
         )
-        return _local_encoder(STAND_IN_MODEL, settings)
+        return _local_encoder(OFFLINE_FALLBACK_MODEL, settings)
 
 
 def _local_encoder(model_ref: str, settings: Settings) -> Encoder:
     """The in-process backend `encoder_backend` asks for. ONNX runs on CPU only: the GPU path stays torch.
     fp32 ONNX that cannot be exported falls back to torch (same vectors) with one warning; int8 never
     falls back, because torch's vectors are another model version than the one asked for."""
+    if model_ref == USE_MODEL:  # not a transformers model: its own numpy runtime, whatever the backend
+        from semsearch.encoders.use import UseEncoder
+
+        return UseEncoder(threads=settings.torch_threads, batch_size=max(settings.encode_batch_size, 64))
     from semsearch.encoders.local import TorchEncoder, pick_device
 
     backend = settings.encoder_backend

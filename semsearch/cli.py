@@ -6,17 +6,70 @@ from __future__ import annotations
 import os
 import sys
 import traceback
+from collections.abc import Sequence
 from importlib.metadata import PackageNotFoundError, entry_points, version
 from pathlib import Path
 from typing import Annotated, Any
 
 import typer
+from typer._click import exceptions as click_errors  # typer vendors click and re-exports only BadParameter
+from typer.core import TyperGroup
 
 from semsearch.config import Settings, load_settings
 from semsearch.logs import configure_logging
 
+# Exit codes: 1 = the command failed (unreachable service, refused key, model mismatch...),
+# 2 = bad usage or settings (a flag, a variable, the YAML file), 3 = refused: the command ran and
+# declined to change anything (a failed promotion gate, a validation that found divergence, another
+# writer won the race); nothing is broken and re-running after fixing the cause may succeed.
+EXIT_FAILED = 1
+EXIT_USAGE = 2
+EXIT_REFUSED = 3
+
+
+def usage_message(exc: click_errors.UsageError) -> str:
+    """One line for a usage error: the flag, the closest valid one, and where the help is."""
+    if isinstance(exc, click_errors.NoSuchOption):
+        message = f"no such option {exc.option_name}"
+        if exc.possibilities:
+            message += f" (did you mean {' or '.join(exc.possibilities)}?)"
+    else:
+        message = one_line(exc.format_message()).rstrip(".")
+    if exc.ctx is not None:
+        message += f"; see `{exc.ctx.command_path} --help`"
+    return message
+
+
+class SemsearchGroup(TyperGroup):
+    """The root group: click's usage errors (a misspelt flag, a value of the wrong type, a missing
+    argument) become one `error:` line and exit 2 in every command, instead of typer's usage block
+    and box; typer only offers to turn that box off, not to shorten it."""
+
+    def main(self, args: Sequence[str] | None = None, prog_name: str | None = None, complete_var: str | None = None,
+             standalone_mode: bool = True, windows_expand_args: bool = True, **extra: Any) -> Any:
+        if not standalone_mode:
+            return super().main(args, prog_name, complete_var, standalone_mode, windows_expand_args, **extra)
+        try:
+            result = super().main(args, prog_name, complete_var, False, windows_expand_args, **extra)
+        except click_errors.NoArgsIsHelpError as exc:  # `semsearch train` alone: the help, as before
+            exc.show()
+            sys.exit(exc.exit_code)
+        except click_errors.UsageError as exc:  # NoSuchOption, BadParameter, MissingParameter, NoSuchCommand
+            typer.secho(f"error: {usage_message(exc)}", err=True, fg=typer.colors.RED)
+            sys.exit(EXIT_USAGE)
+        except click_errors.ClickException as exc:  # FileError and the like
+            typer.secho(f"error: {one_line(exc.format_message())}", err=True, fg=typer.colors.RED)
+            sys.exit(exc.exit_code)
+        except typer.Abort:
+            typer.echo("error: aborted", err=True)
+            sys.exit(EXIT_FAILED)
+        # Without standalone mode click returns the exit code of a typer.Exit, or the command's value.
+        sys.exit(result if isinstance(result, int) else 0)
+
+
 app = typer.Typer(
     name="semsearch", no_args_is_help=True, add_completion=False, pretty_exceptions_enable=False,
+    cls=SemsearchGroup, context_settings={"help_option_names": ["-h", "--help"]},
     help="Chinese semantic search: serve, index, search, train and promote embedding models.",
 )
 
@@ -44,12 +97,6 @@ HostOption = Annotated[str | None, typer.Option("--host", help="Address the serv
 PortOption = Annotated[int | None, typer.Option("--port", help="gRPC port" + env_hint("port"))]
 LogLevelOption = Annotated[str | None, typer.Option(
     "--log-level", help="DEBUG, INFO, WARNING" + env_hint("log_level"))]
-
-# Exit codes: 1 = the command failed (unreachable service, refused key, model mismatch...),
-# 2 = bad usage or settings (a flag, a variable, the YAML file).
-EXIT_FAILED = 1
-EXIT_USAGE = 2
-
 
 def settings_from_cli(config: Path | None = None, **flags: Any) -> Settings:
     """Settings with CLI flags on top; exits with a one-line message on a bad file or value."""

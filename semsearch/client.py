@@ -8,15 +8,19 @@ Each method takes either a request message or its fields as keyword arguments (a
 message, so fields added to the .proto work unchanged; nested messages may be dicts, enums their
 names) and returns the response message. Errors are `grpc.RpcError` with the service's status code.
 
-`timeout` is the deadline of one method call, retries included: UNAVAILABLE (the service restarting
-or still loading its model, a connection refused) is retried with jittered exponential backoff while
-the deadline allows, up to `max_attempts` attempts. Every RPC is safe to retry: searches read,
-upserts are idempotent by id, deletes by id remove what is there.
+`timeout` is the deadline of one method call, retries included. Retries are gRPC's own (the
+channel's service config, gRFC A6), not a loop here: UNAVAILABLE (the service restarting or still
+loading its model, a connection refused) and RESOURCE_EXHAUSTED (a full queue, a key over its rate
+limit) are retried with jittered exponential backoff, up to `max_attempts` attempts (gRPC allows at
+most 5), and when the service answers with `grpc-retry-pushback-ms` the next attempt waits exactly
+that long (a negative value: do not retry). `wait_for_ready=True` makes a call wait for the service
+to come up (a restart, a rollout) within its deadline instead of failing at once. Every RPC is safe
+to retry: searches read, upserts are idempotent by id, deletes by id remove what is there.
 """
 
 from __future__ import annotations
 
-import time
+import json
 from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any, Self, TypeVar
@@ -25,10 +29,10 @@ import grpc
 from google.protobuf.message import Message
 
 from semsearch.config import Settings
-from semsearch.retry import async_retry_call, retry_call
 from semsearch.v1 import admin_pb2, admin_pb2_grpc, search_pb2, search_pb2_grpc
 
-__all__ = ["AsyncSearchClient", "SearchClient", "TlsFileError", "is_unavailable", "status_of"]
+__all__ = ["AsyncSearchClient", "SearchClient", "TlsFileError", "is_unavailable", "retry_service_config",
+           "status_of"]
 
 M = TypeVar("M", bound=Message)
 Metadata = Sequence[tuple[str, str]]
@@ -78,6 +82,26 @@ def channel_credentials(tls_ca_file: str | Path | bytes | None = None,
     )
 
 
+SERVICES = ("semsearch.v1.SearchService", "semsearch.v1.AdminService")
+RETRY_CODES = ("UNAVAILABLE", "RESOURCE_EXHAUSTED")
+MAX_GRPC_ATTEMPTS = 5  # gRPC lowers any larger maxAttempts to 5
+
+
+def retry_service_config(max_attempts: int = 5, base_s: float = 0.1, max_wait_s: float = 2.0,
+                         codes: Sequence[str] = RETRY_CODES, wait_for_ready: bool = False) -> str:
+    """The `grpc.service_config` of the clients' channels: gRPC retries `codes` itself (backoff
+    min(max_wait_s, base_s * 2^n), each wait drawn at random below it; the server's
+    grpc-retry-pushback-ms replaces the wait, or stops the retries when negative)."""
+    method: dict[str, Any] = {"name": [{"service": service} for service in SERVICES],
+                              "waitForReady": wait_for_ready}
+    attempts = min(max_attempts, MAX_GRPC_ATTEMPTS)
+    if attempts > 1 and codes:  # a retryPolicy needs maxAttempts >= 2: one attempt means none
+        method["retryPolicy"] = {"maxAttempts": attempts, "initialBackoff": f"{base_s:g}s",
+                                 "maxBackoff": f"{max_wait_s:g}s", "backoffMultiplier": 2,
+                                 "retryableStatusCodes": list(codes)}
+    return json.dumps({"methodConfig": [method]})
+
+
 class _ClientBase:
     """What both clients share: the target, credentials, metadata, deadline and retry policy."""
 
@@ -95,16 +119,13 @@ class _ClientBase:
         max_attempts: int = 5,
         retry_base_s: float = 0.1,
         retry_max_wait_s: float = 2.0,
-        retry_on: Callable[[BaseException], bool] = is_unavailable,
+        retry_codes: Sequence[str] = RETRY_CODES,
+        wait_for_ready: bool = False,
         metadata: Metadata = (),
         options: Sequence[tuple[str, Any]] = (),
     ) -> None:
         self.target = target
         self.timeout = timeout
-        self.max_attempts = max(1, max_attempts)
-        self.retry_base_s = retry_base_s
-        self.retry_max_wait_s = retry_max_wait_s
-        self.retry_on = retry_on
         self.metadata: list[tuple[str, str]] = list(metadata)
         if api_key is not None:
             self.metadata.append(("authorization", f"Bearer {api_key}"))
@@ -114,14 +135,18 @@ class _ClientBase:
         self.credentials = (channel_credentials(tls_ca_file, tls_client_cert_file, tls_client_key_file)
                             if use_tls else None)
         self.options = list(options)
+        if not any(name == "grpc.service_config" for name, _ in self.options):  # the caller's own wins
+            self.options += [("grpc.enable_retries", 1), ("grpc.service_config", retry_service_config(
+                max_attempts, retry_base_s, retry_max_wait_s, retry_codes, wait_for_ready))]
         if tls_server_name:
             self.options.append(("grpc.ssl_target_name_override", tls_server_name))
 
     @classmethod
     def from_settings(cls, settings: Settings, target: str | None = None, **kwargs: Any) -> Self:
-        """A client configured like `semsearch search`: api_key and tls_* settings, host:port as target."""
+        """A client configured like `semsearch search`: api_key and tls_* settings, `addr` as the target
+        (never host/port: those are where `serve` binds)."""
         return cls(
-            target or f"{settings.host}:{settings.port}",
+            target or settings.addr or f"127.0.0.1:{Settings.model_fields['port'].default}",
             api_key=settings.api_key.get_secret_value() if settings.api_key is not None else None,
             tls_ca_file=settings.tls_ca_file, tls_client_cert_file=settings.tls_client_cert_file,
             tls_client_key_file=settings.tls_client_key_file, tls_server_name=settings.tls_server_name,
@@ -141,17 +166,8 @@ class _ClientBase:
     def _metadata(self, extra: Metadata) -> list[tuple[str, str]]:
         return [*self.metadata, *extra]
 
-    def _deadline(self, timeout: float | None) -> float | None:
-        timeout = self.timeout if timeout is None else timeout
-        return None if timeout is None else time.monotonic() + timeout
-
-    @staticmethod
-    def _remaining(deadline: float | None) -> float | None:
-        # The last attempt gets what is left of the deadline (a little, never zero: grpc wants > 0).
-        return None if deadline is None else max(0.001, deadline - time.monotonic())
-
-    def _retry_window(self, deadline: float | None) -> float:
-        return float("inf") if deadline is None else max(0.0, deadline - time.monotonic())
+    def _timeout(self, timeout: float | None) -> float | None:
+        return self.timeout if timeout is None else timeout
 
 
 class SearchClient(_ClientBase):
@@ -175,12 +191,8 @@ class SearchClient(_ClientBase):
         self.channel.close()
 
     def _call(self, method: Callable[..., M], request: Message, timeout: float | None, metadata: Metadata) -> M:
-        deadline = self._deadline(timeout)
-        headers = self._metadata(metadata)
-        return retry_call(lambda: method(request, timeout=self._remaining(deadline), metadata=headers),
-                          retry_on=self.retry_on, deadline_s=self._retry_window(deadline),
-                          base_s=self.retry_base_s, max_wait_s=self.retry_max_wait_s,
-                          max_attempts=self.max_attempts)
+        # One call: gRPC retries it within the deadline (the channel's service config).
+        return method(request, timeout=self._timeout(timeout), metadata=self._metadata(metadata))
 
     def search(self, request: search_pb2.SearchDocumentsRequest | None = None, /, *, timeout: float | None = None,
                metadata: Metadata = (), **fields: Any) -> search_pb2.SearchDocumentsResponse:
@@ -242,15 +254,7 @@ class AsyncSearchClient(_ClientBase):
 
     async def _call(self, method: Callable[..., Any], request: Message, timeout: float | None,
                     metadata: Metadata) -> Any:
-        deadline = self._deadline(timeout)
-        headers = self._metadata(metadata)
-
-        async def attempt() -> Any:
-            return await method(request, timeout=self._remaining(deadline), metadata=headers)
-
-        return await async_retry_call(attempt, retry_on=self.retry_on, deadline_s=self._retry_window(deadline),
-                                      base_s=self.retry_base_s, max_wait_s=self.retry_max_wait_s,
-                                      max_attempts=self.max_attempts)
+        return await method(request, timeout=self._timeout(timeout), metadata=self._metadata(metadata))
 
     async def search(self, request: search_pb2.SearchDocumentsRequest | None = None, /, *,
                      timeout: float | None = None, metadata: Metadata = (),

@@ -124,6 +124,9 @@ class Settings(BaseSettings):
     port: int = 50051
     # HTTP/JSON gateway on the same host, in the same process (service/http_gateway.py); 0 or unset disables.
     http_port: int | None = None
+    # Origins whose browser pages may call the HTTP API (CORS), e.g. ["https://app.example.com"];
+    # empty: no CORS headers, so browsers refuse cross-origin calls. "*" allows any origin.
+    http_cors_origins: list[str] = Field(default_factory=list)
     default_top_k: int = 10
     max_top_k: int = 100
     max_query_chars: int = 2048
@@ -133,11 +136,14 @@ class Settings(BaseSettings):
     max_metadata_bytes: int = 16384
     max_filters: int = 16
     # Paging (page_size / page_token): how deep a client may page (offset + page size), at most
-    # 16383 (Milvus' largest search limit is 16384); tokens are HMAC-signed with page_token_secret
-    # (every replica needs the same one: unset, it is derived from the API keys, or random per
-    # process when there are none) and expire after page_token_ttl_s.
+    # 16383 (Milvus' largest search limit is 16384); tokens are HMAC-signed and expire after
+    # page_token_ttl_s. page_token_secrets: the first signs, every one verifies, so a secret rotates
+    # without breaking tokens in flight (add the new one first, drop the old after the TTL);
+    # page_token_secret is a list of one. Every replica needs the same list: unset, the key is derived
+    # from the API keys (rotating a key then ends every token), or random per process when there are none.
     max_page_depth: int = Field(default=1000, ge=1, le=16383)
     page_token_secret: SecretStr | None = None
+    page_token_secrets: list[SecretStr] = Field(default_factory=list)
     page_token_ttl_s: float = Field(default=3600.0, gt=0)
     microbatch_max_size: int = 32
     microbatch_max_wait_ms: float = 2.0
@@ -151,7 +157,9 @@ class Settings(BaseSettings):
     tls_key_file: Path | None = None
     tls_client_ca_file: Path | None = None  # set: clients must present a certificate (mutual TLS)
 
-    # Client side (`semsearch search`): how to reach a service that requires a key or TLS.
+    # Client side (`semsearch search`): which service to call (HOST:PORT; unset: 127.0.0.1:50051;
+    # never host/port, which are where `serve` binds), and how to reach one that requires a key or TLS.
+    addr: str | None = None
     api_key: SecretStr | None = None  # sent as `authorization: Bearer <key>`
     tls_ca_file: Path | None = None  # CA bundle that signed the service's certificate; set: use TLS
     tls_client_cert_file: Path | None = None  # client certificate for mutual TLS

@@ -8,7 +8,8 @@ The producer half of the protocol that service/serving_state.py consumes (throug
              each upsert/delete to both collections from then on (dual-write)
 3. re-embed  copy the live collection's stored chunks into the candidate collection with the
              candidate model, then replay rows written since the pending record, drop orphans
-4. validate  count parity and a sample of stored vectors re-encoded and compared
+4. validate  every row id and content hash compared (rows in flight read again until their dual
+             write lands), and a sample of stored vectors re-encoded and compared
 5. swap      one registry write: current <- candidate, previous <- old current; then the alias.
              Instances swap (encoder, collection) as one reference; in-flight calls finish on the old.
 
@@ -196,18 +197,13 @@ class Promoter:
 
         phase = time.perf_counter()
         check = validate(self.store, source.collection, target.collection, encoder)
-        report.validation = {
-            "source_count": check.source_count,
-            "target_count": check.target_count,
-            "sampled": check.sampled,
-            "max_vector_error": check.max_vector_error,
-            "mismatched": check.mismatched[:10],
-        }
+        report.validation = check.report()
         report.timings_s["validate"] = round(time.perf_counter() - phase, 2)
         if not check.ok:
             raise PromotionError(
                 f"validation failed: {check.source_count} rows live vs {check.target_count} in "
-                f"{target.collection}; {len(check.mismatched)} sampled vectors differ. The pending pair stays "
+                f"{target.collection}: {check.summary()}; {len(check.mismatched)} sampled vectors differ. "
+                "The pending pair stays "
                 "(instances keep dual-writing): re-run to retry, or --abort"
             )
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import json
 import re
+import socket
 from pathlib import Path
 from typing import Annotated, Any
 
@@ -29,7 +30,7 @@ from semsearch.cli import (
     fail,
     settings_from_cli,
 )
-from semsearch.client import SearchClient, TlsFileError, status_of
+from semsearch.client import SearchClient, TlsFileError
 from semsearch.config import Settings
 from semsearch.errors import SemsearchError
 from semsearch.v1 import search_pb2 as pb
@@ -94,9 +95,16 @@ def _rerank_json(response: pb.SearchDocumentsResponse) -> dict[str, Any]:
                          for h in response.hits]}
 
 
-# `semsearch search` is a client: its --host names the service to call, not an address to bind.
+# `semsearch search` is a client: it calls --addr (SEMSEARCH_ADDR). Its --host/--port are flags
+# only: SEMSEARCH_HOST/SEMSEARCH_PORT say where `serve` binds (0.0.0.0 in a pod), not what to call.
+AddrOption = Annotated[str | None, typer.Option(
+    "--addr", help="Service HOST:PORT (default 127.0.0.1:50051)" + env_hint("addr"), show_default=False)]
 ClientHostOption = Annotated[str | None, typer.Option(
-    "--host", help="Host of the service to call (with --port; --addr wins)" + env_hint("host"))]
+    "--host", help="Host of the service to call, with --port; --addr wins (no variable: SEMSEARCH_HOST is "
+    "where serve binds)", show_default=False)]
+ClientPortOption = Annotated[int | None, typer.Option(
+    "--port", help="Port of the service to call (no variable: SEMSEARCH_PORT is where serve binds)",
+    show_default=False)]
 ApiKeyOption = Annotated[str | None, typer.Option(
     "--api-key", help="API key, sent as `authorization: Bearer <key>`; prefer the variable (a flag shows in ps)"
     + env_hint("api_key"), show_default=False)]
@@ -115,6 +123,14 @@ LOOPBACK = ("127.0.0.1", "localhost", "::1", "[::1]")
 LAST_ERROR = re.compile(r"last error: [A-Z_]+: (?:(?:ipv4|ipv6|unix):(?:\[[^\]]*\]|[^:\s]+)(?::\d+)?: )?(.*)$")
 
 
+def client_target(settings: Settings, addr: str | None, host: str | None, port: int | None) -> str:
+    """What `semsearch search` calls: --addr, else --host/--port, else SEMSEARCH_ADDR (or `addr` in the
+    file), else the default service on loopback. Flags beat the variable, as for every setting."""
+    if addr is None and (host is not None or port is not None):
+        return f"{host or LOOPBACK[0]}:{port or Settings.model_fields['port'].default}"
+    return settings.addr or f"{LOOPBACK[0]}:{Settings.model_fields['port'].default}"
+
+
 def uses_tls(settings: Settings) -> bool:
     return bool(settings.tls_ca_file or settings.tls_client_cert_file or settings.tls_client_key_file)
 
@@ -124,14 +140,14 @@ TLS_SETTINGS = ("tls_ca_file", "tls_client_cert_file", "tls_client_key_file")
 
 def open_client(settings: Settings, target: str, *, timeout: float) -> SearchClient:
     """The client `semsearch search` calls through: plaintext, TLS (--tls-ca-file) or mutual TLS.
-    It retries only while the service is still loading its model: a refused connection or a TLS
-    mismatch is reported at once, with what to do."""
+    gRPC's retry policy retries UNAVAILABLE (a service still loading its model, a refused connection)
+    and RESOURCE_EXHAUSTED (waiting what the service's grpc-retry-pushback-ms says) a few times
+    within the deadline; what still fails is reported with what to do."""
     if not uses_tls(settings) and settings.api_key is not None and target.rsplit(":", 1)[0] not in LOOPBACK:
         typer.secho(f"warning: the API key goes to {target} in clear text; use TLS (--tls-ca-file)",
                     err=True, fg=typer.colors.YELLOW)
     try:
-        return SearchClient.from_settings(settings, target, timeout=timeout, retry_on=still_loading,
-                                          retry_base_s=0.5)
+        return SearchClient.from_settings(settings, target, timeout=timeout)
     except TlsFileError as exc:
         message = str(exc)
         for name in TLS_SETTINGS:  # name the flags, as the user typed them
@@ -139,9 +155,42 @@ def open_client(settings: Settings, target: str, *, timeout: float) -> SearchCli
         raise fail(message, EXIT_USAGE) from exc
 
 
-def still_loading(exc: BaseException) -> bool:
-    status = status_of(exc)
-    return status is not None and status[0] == grpc.StatusCode.UNAVAILABLE and "still loading" in status[1]
+def _refused(exc: grpc.RpcError) -> bool:
+    return (isinstance(exc, grpc.Call) and exc.code() == grpc.StatusCode.UNAVAILABLE
+            and "refused" in (exc.details() or "").lower())
+
+
+def search_reporting_the_answering_address(settings: Settings, target: str, timeout: float,
+                                           request: pb.SearchDocumentsRequest) -> pb.SearchDocumentsResponse:
+    """gRPC reports only the last address's error for a name with several (its resolver gives localhost
+    as [::1] and 127.0.0.1). When that one refused the connection, each address the system resolver
+    knows is asked on its own (TLS still checks the name), so that one that answered and hung up (a
+    TLS mismatch) is what gets reported."""
+    with open_client(settings, target, timeout=timeout) as client:
+        try:
+            return client.search(request)
+        except grpc.RpcError as exc:
+            if not _refused(exc):
+                raise
+            refused = exc
+    host, _, port = target.rpartition(":")
+    try:
+        infos = socket.getaddrinfo(host.strip("[]"), int(port), type=socket.SOCK_STREAM)
+    except (OSError, ValueError):
+        raise refused from None
+    addresses = dict.fromkeys(f"[{i[4][0]}]:{port}" if i[0] == socket.AF_INET6 else f"{i[4][0]}:{port}"
+                              for i in infos)
+    if list(addresses) == [target]:  # an address already: nothing else to ask
+        raise refused
+    by_name = settings.model_copy(update={"tls_server_name": settings.tls_server_name or host.strip("[]")})
+    for address in addresses:
+        with open_client(by_name, address, timeout=timeout) as client:
+            try:
+                return client.search(request)
+            except grpc.RpcError as exc:
+                if not _refused(exc):
+                    raise
+    raise refused
 
 
 def _describe_unavailable(details: str, target: str, settings: Settings) -> str:
@@ -232,8 +281,7 @@ def register(app: typer.Typer) -> None:
     @app.command()
     def search(
         query: Annotated[str, typer.Argument(help="The query text (no instruction: the service adds it)")],
-        addr: Annotated[str | None, typer.Option(
-            "--addr", help="Service HOST:PORT (default from --host/--port)")] = None,
+        addr: AddrOption = None,
         top_k: Annotated[int | None, typer.Option(
             "--top-k", help="How many hits (default: the service's default_top_k)", show_default=False)] = None,
         filters: Annotated[list[str] | None, typer.Option("--filter", help="field=value, field>=3 ... (ANDed)")] = None,
@@ -255,18 +303,18 @@ def register(app: typer.Typer) -> None:
             "--page-token", help="next_page_token of the previous page (same query and options)")] = "",
         as_json: Annotated[bool, typer.Option("--json", help="Print one JSON object")] = False,
         timeout: Annotated[float, typer.Option("--timeout", help="Deadline in seconds")] = 30.0,
-        config: ConfigOption = None, host: ClientHostOption = None, port: PortOption = None,
+        config: ConfigOption = None, host: ClientHostOption = None, port: ClientPortOption = None,
         api_key: ApiKeyOption = None, tls_ca_file: TlsCaOption = None,
         tls_client_cert_file: TlsClientCertOption = None, tls_client_key_file: TlsClientKeyOption = None,
         tls_server_name: TlsServerNameOption = None,
     ) -> None:
         """Search a running service over gRPC (with an API key and TLS when the service requires them)."""
         settings = settings_from_cli(
-            config, host=host, port=port, api_key=api_key, tls_ca_file=tls_ca_file,
+            config, addr=addr, api_key=api_key, tls_ca_file=tls_ca_file,
             tls_client_cert_file=tls_client_cert_file, tls_client_key_file=tls_client_key_file,
             tls_server_name=tls_server_name,
         )
-        target = addr or f"{settings.host}:{settings.port}"
+        target = client_target(settings, addr, host, port)
         if mode is not None and mode not in MODE_VALUES:
             raise fail(f"--mode {mode!r}: expected dense, lexical or hybrid", EXIT_USAGE)
         # top_k 0 asks for the service's default_top_k.
@@ -277,11 +325,10 @@ def register(app: typer.Typer) -> None:
         )
         if min_score is not None:
             request.min_score = min_score
-        with open_client(settings, target, timeout=timeout) as client:
-            try:
-                response = client.search(request)
-            except grpc.RpcError as exc:
-                raise fail(describe_rpc_error(exc, target, settings, timeout=timeout)) from exc
+        try:
+            response = search_reporting_the_answering_address(settings, target, timeout, request)
+        except grpc.RpcError as exc:
+            raise fail(describe_rpc_error(exc, target, settings, timeout=timeout)) from exc
         if as_json:
             typer.echo(json.dumps(response_to_json(response), ensure_ascii=False))
         else:

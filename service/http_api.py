@@ -115,7 +115,15 @@ def http_status(code: grpc.StatusCode) -> int:
     return HTTP_STATUS.get(code, 500)
 
 
-def error_body(code: grpc.StatusCode, message: str, details: list[dict[str, Any]] | None = None) -> dict[str, Any]:
-    """The JSON error: google.rpc.Status's fields (numeric gRPC `code`, `message`, `details`) plus the
-    code's name in `status`, as Google's HTTP APIs answer."""
-    return {"code": code.value[0], "status": code.name, "message": message, "details": details or []}
+ERROR_DOMAIN = "semsearch"
+
+
+def error_body(code: grpc.StatusCode, message: str, details: list[dict[str, Any]] | None = None,
+               http: int | None = None) -> dict[str, Any]:
+    """Google's JSON error form (AIP-193): `{"error": {...}}` with the HTTP status in `code`, the gRPC
+    code's name in `status`, and details led by the google.rpc.ErrorInfo that AIP-193 requires
+    (`reason` is the gRPC code's name: the service has no finer machine-readable reasons)."""
+    info = {"@type": "type.googleapis.com/google.rpc.ErrorInfo", "reason": code.name, "domain": ERROR_DOMAIN,
+            "metadata": {}}
+    return {"error": {"code": http or http_status(code), "status": code.name, "message": message,
+                      "details": [info, *(details or [])]}}

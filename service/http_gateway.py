@@ -19,7 +19,7 @@ import math
 import re
 import socket
 import ssl
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterable, Iterator, Sequence
 from typing import Any
 
 import grpc
@@ -31,6 +31,8 @@ from google.protobuf.message import Message
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from starlette.applications import Starlette
 from starlette.exceptions import HTTPException
+from starlette.middleware import Middleware
+from starlette.middleware.cors import CORSMiddleware
 from starlette.requests import Request
 from starlette.responses import Response
 from starlette.routing import Route
@@ -138,8 +140,8 @@ def retry_details(trailing: Iterable[tuple[str, str | bytes]] | None) -> tuple[s
 
 
 def error_response(code: grpc.StatusCode, message: str, trailing: Iterable[tuple[str, str | bytes]] | None = None,
-                   http: int | None = None) -> Response:
-    headers: dict[str, str] = {}
+                   http: int | None = None, headers: dict[str, str] | None = None) -> Response:
+    headers = dict(headers or {})
     details: list[dict[str, Any]] = []
     if code == grpc.StatusCode.UNAUTHENTICATED:
         headers["WWW-Authenticate"] = 'Bearer realm="semsearch"'
@@ -149,13 +151,24 @@ def error_response(code: grpc.StatusCode, message: str, trailing: Iterable[tuple
             retry_after = "1"  # a queue or limit is full: tell clients to back off rather than hammer
         if retry_after is not None:
             headers["Retry-After"] = retry_after
-    return json_response(error_body(code, message, details), http or http_status(code), headers)
+    status = http or http_status(code)
+    return json_response(error_body(code, message, details, status), status, headers)
+
+
+def cors_middleware(origins: Sequence[str]) -> list[Middleware]:
+    """Browsers may call the API from `origins` only (none by default: no CORS headers at all). The
+    credentials are the API key headers, never cookies, so no Allow-Credentials."""
+    if not origins:
+        return []
+    return [Middleware(CORSMiddleware, allow_origins=list(origins), allow_methods=["GET", "POST"],
+                       allow_headers=[*FORWARDED_HEADERS, "content-type", "grpc-timeout"],
+                       expose_headers=["retry-after", "www-authenticate"], max_age=600)]
 
 
 class Gateway:
     """The ASGI app: routes → RPCs over `channel` (the in-process hop to the gRPC server)."""
 
-    def __init__(self, channel: grpc.aio.Channel, *, max_body_bytes: int) -> None:
+    def __init__(self, channel: grpc.aio.Channel, *, max_body_bytes: int, cors_origins: Sequence[str] = ()) -> None:
         self.channel = channel
         self.max_body_bytes = max_body_bytes
         self.openapi = packaged_document()
@@ -164,7 +177,8 @@ class Gateway:
                         name=route.operation_id) for route in ROUTES]
         routes += [Route("/healthz", self.healthz, methods=["GET"]),
                    Route("/openapi.json", self.openapi_json, methods=["GET"])]
-        self.app = Starlette(routes=routes, exception_handlers={HTTPException: self.http_error})
+        self.app = Starlette(routes=routes, exception_handlers={HTTPException: self.http_error},
+                             middleware=cors_middleware(cors_origins))
 
     async def read_body(self, request: Request) -> bytes:
         declared = request.headers.get("content-length")
@@ -222,8 +236,9 @@ class Gateway:
         if exc.status_code == 404:
             return error_response(grpc.StatusCode.NOT_FOUND, f"no route {request.url.path}", http=404)
         if exc.status_code == 405:
+            # RFC 9110: a 405 lists the methods the resource supports (starlette puts them in `Allow`).
             return error_response(grpc.StatusCode.UNIMPLEMENTED, f"{request.method} is not allowed on "
-                                  f"{request.url.path}", http=405)
+                                  f"{request.url.path}", http=405, headers=dict(exc.headers or {}))
         return error_response(grpc.StatusCode.UNKNOWN, str(exc.detail), http=exc.status_code)
 
 
@@ -256,7 +271,8 @@ class HttpServer:
         options = [("grpc.max_receive_message_length", settings.max_message_bytes),
                    ("grpc.max_send_message_length", settings.max_message_bytes)]
         self.channel = grpc.aio.insecure_channel(grpc_target, options=options)
-        self.gateway = Gateway(self.channel, max_body_bytes=settings.max_message_bytes)
+        self.gateway = Gateway(self.channel, max_body_bytes=settings.max_message_bytes,
+                               cors_origins=settings.http_cors_origins)
         self.port = 0
         self._server: _EmbeddedServer | None = None
         self._task: asyncio.Task[None] | None = None

@@ -67,14 +67,26 @@ SCALARS: dict[int, dict[str, Any]] = {
 
 ERROR_SCHEMA: dict[str, Any] = {
     "type": "object",
-    "description": "google.rpc.Status in JSON, plus the gRPC code's name",
+    "description": "Google's JSON error form (AIP-193, https://google.aip.dev/193)",
     "properties": {
-        "code": {"type": "integer", "description": "the gRPC status code (3 = INVALID_ARGUMENT, ...)"},
-        "status": {"type": "string", "description": "the gRPC status code's name"},
-        "message": {"type": "string"},
-        "details": {"type": "array", "items": {"type": "object", "additionalProperties": True}},
+        "error": {
+            "type": "object",
+            "properties": {
+                "code": {"type": "integer", "description": "the HTTP status code"},
+                "status": {"type": "string", "description": "the gRPC status code's name (google.rpc.Code)"},
+                "message": {"type": "string"},
+                "details": {
+                    "type": "array",
+                    "description": "google.rpc.ErrorInfo first (reason: the status name, domain: semsearch), "
+                                   "then google.rpc.RetryInfo when the service says how long to wait",
+                    "items": {"type": "object", "properties": {"@type": {"type": "string"}},
+                              "required": ["@type"], "additionalProperties": True},
+                },
+            },
+            "required": ["code", "status", "message", "details"],
+        },
     },
-    "required": ["code", "status", "message", "details"],
+    "required": ["error"],
 }
 
 

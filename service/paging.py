@@ -15,6 +15,7 @@ import hmac
 import json
 import secrets
 import time
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 import structlog
@@ -46,17 +47,21 @@ def binding(request: pb.SearchDocumentsRequest, tenant: str) -> str:
     return hashlib.sha256(fixed.SerializeToString(deterministic=True)).hexdigest()[:32]
 
 
-def page_secret(settings: Settings) -> bytes:
-    """`page_token_secret`; unset: derived from the API keys (shared by replicas with the same keys),
-    or random per process when there are none (tokens then work on the issuing replica only)."""
-    if settings.page_token_secret is not None:
-        return settings.page_token_secret.get_secret_value().encode("utf-8")
+def page_secrets(settings: Settings) -> list[bytes]:
+    """The HMAC keys of page tokens, the signing one first: `page_token_secret` and then
+    `page_token_secrets` (every one verifies, so secrets rotate without breaking tokens in flight);
+    none set: one derived from the API keys (shared by replicas with the same keys), or random per
+    process when there are none (tokens then work on the issuing replica only)."""
+    configured = [settings.page_token_secret] if settings.page_token_secret is not None else []
+    configured += settings.page_token_secrets
+    if configured:
+        return [secret.get_secret_value().encode("utf-8") for secret in configured]
     if settings.api_keys:
         material = "\n".join(sorted(k.key.get_secret_value() for k in settings.api_keys))
-        return hmac.new(b"semsearch page tokens", material.encode("utf-8"), hashlib.sha256).digest()
+        return [hmac.new(b"semsearch page tokens", material.encode("utf-8"), hashlib.sha256).digest()]
     log.warning("page_token_secret_random",
-                note="page tokens are valid on this process only: set page_token_secret for several replicas")
-    return secrets.token_bytes(32)
+                note="page tokens are valid on this process only: set page_token_secrets for several replicas")
+    return [secrets.token_bytes(32)]
 
 
 def _b64(data: bytes) -> str:
@@ -68,17 +73,22 @@ def _unb64(text: str) -> bytes:
 
 
 class PageTokens:
-    def __init__(self, secret: bytes, ttl_s: float) -> None:
-        self._secret = secret
+    """Issues tokens signed with the first secret and opens tokens signed with any of them."""
+
+    def __init__(self, secrets: bytes | Sequence[bytes], ttl_s: float) -> None:
+        self._secrets = [secrets] if isinstance(secrets, bytes) else list(secrets)
+        if not self._secrets:
+            raise ValueError("page tokens need at least one secret")
         self.ttl_s = ttl_s
 
-    def _mac(self, payload: bytes) -> bytes:
-        return hmac.new(self._secret, payload, hashlib.sha256).digest()[:_MAC_BYTES]
+    @staticmethod
+    def _mac(secret: bytes, payload: bytes) -> bytes:
+        return hmac.new(secret, payload, hashlib.sha256).digest()[:_MAC_BYTES]
 
     def issue(self, bound_to: str, cursor: Cursor) -> str:
         payload = json.dumps({"o": cursor.offset, "m": cursor.model_version, "c": cursor.collection,
                               "b": bound_to, "e": int(time.time() + self.ttl_s)}, separators=(",", ":")).encode()
-        return f"{_b64(payload)}.{_b64(self._mac(payload))}"
+        return f"{_b64(payload)}.{_b64(self._mac(self._secrets[0], payload))}"
 
     def open(self, token: str, bound_to: str, where: str = "page_token") -> Cursor:
         """The cursor of a token this service issued for this very query; INVALID_ARGUMENT otherwise."""
@@ -87,7 +97,9 @@ class PageTokens:
         try:
             encoded, mac = token.split(".")
             payload = _unb64(encoded)
-            valid = hmac.compare_digest(self._mac(payload), _unb64(mac))
+            given = _unb64(mac)
+            # A list, not a generator: every secret is tried, so the timing does not tell which matched.
+            valid = any([hmac.compare_digest(self._mac(secret, payload), given) for secret in self._secrets])
         except (ValueError, binascii.Error):
             valid = False
         if not valid:

@@ -115,9 +115,25 @@ def _deny(code: grpc.StatusCode, details: str,
     return grpc.unary_unary_rpc_method_handler(deny)
 
 
-def retry_after(wait_s: float) -> list[tuple[str, str]]:
-    """Trailing metadata of a rate-limited call: whole seconds (as HTTP Retry-After) and milliseconds."""
-    return [("retry-after", str(max(1, math.ceil(wait_s)))), ("retry-after-ms", str(max(1, math.ceil(wait_s * 1e3))))]
+def retry_after(wait_s: float, retry: bool = True) -> list[tuple[str, str]]:
+    """Trailing metadata of a rate-limited call: gRPC's own pushback (gRFC A6), which a client's retry
+    policy obeys (the next attempt waits exactly that long; -1: do not retry), and for the HTTP
+    gateway whole seconds (HTTP's Retry-After) and milliseconds."""
+    millis = str(max(1, math.ceil(wait_s * 1e3)))
+    return [("grpc-retry-pushback-ms", millis if retry else "-1"), ("retry-after", str(max(1, math.ceil(wait_s)))),
+            ("retry-after-ms", millis)]
+
+
+def _rate_limited(details: str, wait_s: float) -> grpc.RpcMethodHandler:
+    async def deny(request: Any, context: grpc.aio.ServicerContext) -> Any:
+        # A wait past the caller's deadline cannot end in an answer: tell its retry policy to stop now,
+        # so the caller sees this status rather than DEADLINE_EXCEEDED after a pointless wait.
+        remaining = context.time_remaining()
+        retry = remaining is None or remaining > wait_s
+        await context.abort(grpc.StatusCode.RESOURCE_EXHAUSTED, details,
+                            trailing_metadata=tuple(retry_after(wait_s, retry)))
+
+    return grpc.unary_unary_rpc_method_handler(deny)
 
 
 class ApiKeyInterceptor(grpc.aio.ServerInterceptor):
@@ -146,9 +162,8 @@ class ApiKeyInterceptor(grpc.aio.ServerInterceptor):
         wait_s = self.limiter.wait_s(api_key)
         if wait_s > 0:
             log.info("rate_limited", method=method, key_name=api_key.name)
-            return _deny(grpc.StatusCode.RESOURCE_EXHAUSTED,
-                         f"key {api_key.name!r} is over its rate limit ({api_key.rate_limit_per_s}/s): "
-                         f"retry after {wait_s:.3f} s", retry_after(wait_s))
+            return _rate_limited(f"key {api_key.name!r} is over its rate limit ({api_key.rate_limit_per_s}/s): "
+                                 f"retry after {wait_s:.3f} s", wait_s)
         return await continuation(handler_call_details)
 
 

@@ -25,7 +25,7 @@ from semsearch.v1 import search_pb2 as pb
 from semsearch.v1 import search_pb2_grpc
 from service import validation
 from service.engine import Reranked, SearchEngine, SearchQuery, SearchResult
-from service.paging import Cursor, PageTokens, binding, page_secret
+from service.paging import Cursor, PageTokens, binding, page_secrets
 from service.security import caller, tenant_for
 
 log = structlog.get_logger(__name__)
@@ -188,7 +188,7 @@ class SearchServicer(search_pb2_grpc.SearchServiceServicer):
     def __init__(self, settings: Settings, engine: SearchEngine | None = None) -> None:
         self.settings = settings
         self.engine = engine
-        self.page_tokens = PageTokens(page_secret(settings), settings.page_token_ttl_s)
+        self.page_tokens = PageTokens(page_secrets(settings), settings.page_token_ttl_s)
 
     def _tenant(self, context: grpc.aio.ServicerContext, requested: str, where: str = "tenant") -> str:
         """The tenant this call acts on: the request's, within what the caller's key is bound to."""

@@ -154,7 +154,7 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
 
 
 LONGEST_MODULES = ["test_user_flows.py", "test_promotion.py", "test_resilience.py", "test_faults.py",
-                   "test_indexer.py"]
+                   "test_indexer.py", "test_recipe.py"]
 
 
 def pytest_xdist_auto_num_workers(config: pytest.Config) -> int:

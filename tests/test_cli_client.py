@@ -195,6 +195,37 @@ def test_unreachable_service_is_one_line() -> None:
     assert_one_error_line(by_host, f"127.0.0.1:{port}")
 
 
+def test_search_calls_semsearch_addr_never_the_bind_host() -> None:
+    """SEMSEARCH_HOST/PORT say where `serve` binds (0.0.0.0 in a pod): `search` calls SEMSEARCH_ADDR."""
+    port = free_port()  # nothing listens there
+    env = {"SEMSEARCH_HOST": "bind.invalid", "SEMSEARCH_PORT": "1", "SEMSEARCH_ADDR": f"127.0.0.1:{port}"}
+    result = cli("search", "退款", "--timeout", "5", env=env)
+    assert_one_error_line(result, f"cannot reach the service at 127.0.0.1:{port}")
+    flag = cli("search", "退款", "--timeout", "5", "--port", str(free_port()), env=env)  # a flag beats the variable
+    assert "bind.invalid" not in flag.stderr and f"127.0.0.1:{port}" not in flag.stderr
+
+
+@pytest.mark.parametrize(("args", "fragments"), [
+    (["search", "退款", "--topk", "3"], ["no such option --topk", "did you mean --top-k?"]),
+    (["search", "退款", "--top-k", "abc"], ["'--top-k'", "integer"]),
+    (["search"], ["Missing argument", "query"]),
+    (["serch", "退款"], ["No such command 'serch'", "search"]),
+    (["promote", "m", "--colection", "faq"], ["no such option --colection", "did you mean --collection?"]),
+    (["index", "run", "x.jsonl", "--shard"], ["--shard"]),
+])
+def test_usage_errors_are_one_line_exit_2(args: list[str], fragments: list[str]) -> None:
+    result = cli(*args)
+    assert_one_error_line(result, *fragments, code=2)
+    assert "Usage:" not in result.stderr and "╭" not in result.stderr, result.stderr
+
+
+@pytest.mark.parametrize("command", [[], ["search"], ["serve"], ["promote"], ["train", "evaluate"], ["index", "run"]])
+def test_dash_h_is_help(command: list[str]) -> None:
+    result = cli(*command, "-h")
+    assert result.returncode == 0, result.stderr
+    assert "Usage:" in result.stdout and "--help" in result.stdout
+
+
 def test_settings_file_mistakes_are_one_line(tmp_path: Path) -> None:
     typo = tmp_path / "typo.yaml"
     typo.write_text("collection: faq\nmax_topk: 5\n", encoding="utf-8")
@@ -236,8 +267,8 @@ def test_settings_file_errors_name_the_file_and_line(tmp_path: Path, monkeypatch
     assert settings.collection == "faq" and settings.api_key is not None
 
 
-@pytest.mark.slow
 def test_serve_refuses_a_collection_of_another_model(tmp_path: Path, tiny_model_dir: Path) -> None:
+    # Tiny models: one `semsearch serve` process that stops at the check (~15 s, mostly imports).
     from semsearch.store import MilvusStore, versioned_name
     from tests.tinymodel import build_tiny_bert
 
@@ -294,8 +325,21 @@ def test_help_shows_the_environment_variables(command: str) -> None:
     if command == "search":
         for flag in ("--api-key", "--tls-ca-file", "--tls-client-cert-file", "--tls-client-key-file"):
             assert flag in text
-        assert "[env SEMSEARCH_API_KEY]" in text
+        assert "[env SEMSEARCH_API_KEY]" in text and "[env SEMSEARCH_ADDR]" in text
+        # --host/--port of search name the service to call; SEMSEARCH_HOST/PORT are serve's bind address.
+        assert "[env SEMSEARCH_HOST]" not in text and "[env SEMSEARCH_PORT]" not in text
         host_help = next(line for line in text.splitlines() if re.search(r"--host\s", line))
         assert "Bind" not in host_help and "service to call" in host_help
         top_k_help = next(line for line in text.splitlines() if re.search(r"--top-k\s", line))
         assert "default_top_k" in top_k_help
+
+
+def test_a_refused_promotion_exits_3_not_1() -> None:
+    """3: the command declined and changed nothing (gate, validation, state, another writer); 1: failed."""
+    from semsearch.errors import BackendUnavailableError, ConflictError
+    from semsearch.promotion import PromotionError
+    from trainer.promotion_cli import exit_code
+
+    assert exit_code(PromotionError("validation failed: 76 rows live vs 75")) == 3
+    assert exit_code(ConflictError("another writer changed it; re-read and retry")) == 3
+    assert exit_code(BackendUnavailableError("Milvus is down")) == 1

@@ -1,9 +1,11 @@
 """semsearch.client against a real service on loopback: every method, sync and asyncio, API keys,
-TLS and mutual TLS, the deadline, and retries on UNAVAILABLE against a server that starts late."""
+TLS and mutual TLS, the deadline, gRPC's retry policy with the server's pushback, and waiting for a
+server that starts late."""
 
 from __future__ import annotations
 
 import asyncio
+import json
 import threading
 import time
 from collections.abc import Callable
@@ -13,7 +15,7 @@ from typing import Any
 import grpc
 import pytest
 
-from semsearch.client import AsyncSearchClient, SearchClient, TlsFileError, is_unavailable
+from semsearch.client import AsyncSearchClient, SearchClient, TlsFileError, retry_service_config
 from semsearch.config import ApiKey, Settings
 from semsearch.encoders import TorchEncoder
 from semsearch.v1 import search_pb2 as pb
@@ -128,60 +130,98 @@ class LateService:
 
 
 @pytest.mark.parametrize("flavour", ["sync", "async"])
-def test_retries_until_a_late_server_answers(flavour: str, tmp_path: Path, tiny_encoder: TorchEncoder) -> None:
+def test_waits_for_a_late_server_when_asked(flavour: str, tmp_path: Path, tiny_encoder: TorchEncoder) -> None:
+    """wait_for_ready (gRPC's own): the call waits for the service to come up within its deadline."""
     port = free_port()
     settings = Settings(milvus_uri=str(tmp_path / "milvus.db"), host="127.0.0.1", port=port, metrics_port=0,
                         collection="docs", use_registry=False)
-    failures: list[grpc.StatusCode] = []
-
-    def retry_on(exc: BaseException) -> bool:
-        if is_unavailable(exc):
-            failures.append(exc.code())  # type: ignore[attr-defined]
-            return True
-        return False
-
     late = LateService(settings, tiny_encoder, delay_s=1.5)
+    started = time.monotonic()
     try:
         target = f"127.0.0.1:{port}"
         if flavour == "sync":
-            with SearchClient(target, timeout=90, max_attempts=100, retry_on=retry_on) as client:
+            with SearchClient(target, timeout=90, wait_for_ready=True) as client:
                 response = client.search(query="退款")
         else:
             async def run() -> pb.SearchDocumentsResponse:
-                async with AsyncSearchClient(target, timeout=90, max_attempts=100, retry_on=retry_on) as client:
+                async with AsyncSearchClient(target, timeout=90, wait_for_ready=True) as client:
                     return await client.search(query="退款")
 
             response = asyncio.run(run())
         assert late.error is None
         assert response.model_version  # answered by the real service
-        assert len(failures) >= 2, failures  # it was down, and the client retried
+        assert time.monotonic() - started >= 1.5  # it was down, and the call waited
     finally:
         late.stop()
 
 
-def test_retries_stop_at_the_deadline_or_the_attempts() -> None:
+def test_unreachable_fails_fast_by_default() -> None:
     target = f"127.0.0.1:{free_port()}"  # nothing listens there
     started = time.monotonic()
-    with SearchClient(target, timeout=1.5, max_attempts=100) as client, pytest.raises(grpc.RpcError) as down:
+    with SearchClient(target, timeout=30) as client, pytest.raises(grpc.RpcError) as down:
         client.search(query="退款")
-    assert down.value.code() in (grpc.StatusCode.UNAVAILABLE,  # type: ignore[attr-defined]
-                                 grpc.StatusCode.DEADLINE_EXCEEDED)
-    assert time.monotonic() - started < 5
-    attempts: list[int] = []
-
-    def count(exc: BaseException) -> bool:
-        attempts.append(1)
-        return is_unavailable(exc)
-
-    with SearchClient(target, timeout=30, max_attempts=3, retry_on=count) as client, pytest.raises(grpc.RpcError):
-        client.search(query="退款")
-    assert len(attempts) == 3
+    assert down.value.code() == grpc.StatusCode.UNAVAILABLE  # type: ignore[attr-defined]
+    assert time.monotonic() - started < 5  # a few quick retries, not the 30 s deadline
 
     async def run() -> None:
-        async with AsyncSearchClient(target, timeout=1.5, max_attempts=100) as client:
-            with pytest.raises(grpc.RpcError):
+        async with AsyncSearchClient(target, timeout=1.5, wait_for_ready=True) as client:
+            with pytest.raises(grpc.RpcError) as waited:
                 await client.search(query="退款")
+            assert waited.value.code() == grpc.StatusCode.DEADLINE_EXCEEDED  # type: ignore[attr-defined]
 
     started = time.monotonic()
     asyncio.run(run())
     assert time.monotonic() - started < 5
+
+
+def test_retry_policy_is_grpcs_service_config() -> None:
+    config = json.loads(retry_service_config(max_attempts=100, base_s=0.2, max_wait_s=3))
+    [method] = config["methodConfig"]
+    assert {"service": "semsearch.v1.SearchService"} in method["name"]
+    assert method["retryPolicy"] == {"maxAttempts": 5, "initialBackoff": "0.2s", "maxBackoff": "3s",
+                                     "backoffMultiplier": 2,
+                                     "retryableStatusCodes": ["UNAVAILABLE", "RESOURCE_EXHAUSTED"]}
+    assert "retryPolicy" not in json.loads(retry_service_config(max_attempts=1))["methodConfig"][0]
+    options = dict(SearchClient("127.0.0.1:1").options)
+    assert options["grpc.enable_retries"] == 1 and "retryPolicy" in options["grpc.service_config"]
+
+
+SLOW_KEY = "slow-key-0123456789abcdef"
+STUCK_KEY = "stuck-key-0123456789abcdef"
+LIMITED = [ApiKey(name="slow", key=SLOW_KEY, scope="search", rate_limit_per_s=2, rate_burst=1),  # type: ignore
+           ApiKey(name="stuck", key=STUCK_KEY, scope="search", rate_limit_per_s=0.01, rate_burst=1)]  # type: ignore
+
+
+def test_the_client_obeys_the_servers_pushback(make_service: Callable[..., LiveService],
+                                               tiny_encoder: TorchEncoder) -> None:
+    """Over its rate limit a key gets RESOURCE_EXHAUSTED with grpc-retry-pushback-ms (gRFC A6): the
+    client's gRPC retry policy waits that long and the call succeeds; when the wait would pass the
+    deadline the server sends -1 and the client stops at once."""
+    service = make_service(tiny_encoder, api_keys=LIMITED)
+    with SearchClient(service.address, api_key=SLOW_KEY, timeout=30) as client:
+        client.search(query="退款")  # the burst of 1
+        started = time.monotonic()
+        assert client.search(query="退款").model_version  # over the limit: waited ~0.5 s, then answered
+        assert 0.3 <= time.monotonic() - started < 5
+    with SearchClient(service.address, api_key=SLOW_KEY, timeout=30, max_attempts=1) as client, \
+            pytest.raises(grpc.RpcError) as refused:
+        client.search(query="退款")
+        client.search(query="退款")
+    assert refused.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED  # type: ignore[attr-defined]
+    metadata: Any = refused.value.trailing_metadata()  # type: ignore[attr-defined]
+    trailers = {str(k): str(v) for k, v in metadata}
+    assert 0 < int(trailers["grpc-retry-pushback-ms"]) <= 500
+
+    async def stuck() -> grpc.aio.AioRpcError:
+        async with AsyncSearchClient(service.address, api_key=STUCK_KEY, timeout=5) as client:
+            await client.search(query="退款")
+            with pytest.raises(grpc.aio.AioRpcError) as stopped:
+                await client.search(query="退款")  # 100 s to wait, 5 s allowed: the server says stop
+            return stopped.value
+
+    started = time.monotonic()
+    stopped = asyncio.run(stuck())
+    assert stopped.code() == grpc.StatusCode.RESOURCE_EXHAUSTED and "rate limit" in (stopped.details() or "")
+    assert time.monotonic() - started < 4  # not a wait until DEADLINE_EXCEEDED
+    stopped_metadata: Any = stopped.trailing_metadata()
+    assert dict(stopped_metadata)["grpc-retry-pushback-ms"] == "-1"

@@ -3,9 +3,22 @@ code behind ctypes), linted, and every manifest validated against the Kubernetes
 mode (kubernetes-validate). No cluster and no helm binary are needed.
 
 Each value set under helm/semsearch/ci/ is rendered once per module; the tests then assert what matters
-in production: gRPC probes, GPU limits on sglang and the trainer, the PodDisruptionBudget, selectors that
-never change between value sets, pinned images, the security context, and a values schema that rejects
-bad values before anything reaches a cluster.
+in production: gRPC probes, GPU limits on sglang and the trainer, the PodDisruptionBudgets, selectors that
+never change between value sets, pinned images, the security context (sglang included), the gRPC
+Ingress, extra volumes, what NOTES.txt tells the user, and a values schema that rejects bad values before
+anything reaches a cluster.
+
+The Milvus subchart is rendered offline with a STUB: tests/data/helm/milvus-stub/ is a small chart written
+for these tests, not the official Milvus chart and none of its templates. It has the values interface our
+chart uses under `milvus:` (exactly those keys, in a values schema that refuses any other) and minimal
+templates of its own: the Service that SEMSEARCH_MILVUS_URI names, the standalone Deployment or the
+cluster-mode Deployments, and stand-ins for etcd, MinIO and Pulsar v3. It is put into a temporary copy of
+the chart, as `helm dependency update` would put the real one. What that proves: every `milvus.*` key our
+values set is one of the keys listed in the stub (a misspelt key is refused), the URI names the Service and
+port the subchart renders (release-name rule included), and the standalone/cluster switches reach the
+subchart with their replica counts. What it cannot prove: that the real chart's templates render these
+values, or that the keys mean there what the stub assumes. That needs `helm dependency update` and
+`helm template` against the real chart on a networked machine (tests/data/helm/README.md).
 """
 
 from __future__ import annotations
@@ -57,8 +70,9 @@ CRD_KINDS = {("monitoring.coreos.com/v1", "ServiceMonitor")}
 REQUIRED_VALUE_SETS = {"cpu-minimal", "gpu-production", "external-milvus"}
 MISSING_MILVUS = "chart directory is missing these dependencies: milvus"
 SGLANG_FLAGS = ["--is-embedding", "--host", "0.0.0.0", "--port", "30000"]
-# Settings the chart passes as SEMSEARCH_* variables that the service adds in its own change.
-PENDING_SETTINGS = {"encoder_api_key"}
+# A stub of the Milvus chart written for these tests (tests/data/helm/README.md), not upstream's chart:
+# rendered in a copy of the chart, offline.
+MILVUS_CHART = ROOT / "tests" / "data" / "helm" / "milvus-stub"
 
 VALUE_SETS = sorted(p.stem for p in (CHART / "ci").glob("*.yaml"))
 
@@ -180,6 +194,11 @@ def test_chart_metadata_and_milvus_dependency() -> None:
     assert dep["condition"] == "milvus.enabled"
     listed = {d["name"]: d for d in helm.dependency_list(str(CHART))}
     assert listed["milvus"]["status"] in {"ok", "missing"}
+    # An icon (helm lint and Artifact Hub ask for one): a file of this repository, by its raw URL.
+    prefix = "https://raw.githubusercontent.com/semsearch/semsearch/main/"
+    assert meta["icon"].startswith(prefix) and (ROOT / meta["icon"].removeprefix(prefix)).is_file()
+    report = helm.lint(str(CHART), {}, namespace=NAMESPACE)
+    assert not [m for m in report["messages"] if "icon" in m["error"]], report["messages"]
 
 
 def test_required_value_sets_exist() -> None:
@@ -235,15 +254,108 @@ def test_default_values_render_and_validate() -> None:
         kubernetes_validate.validate(doc, KUBE_VERSIONS[0], strict=True)
 
 
-def test_milvus_subchart_renders_when_vendored() -> None:
-    if not milvus_vendored():
-        pytest.skip(
-            "the Milvus chart is not in helm/semsearch/charts/ (offline); run "
-            "`helm dependency update helm/semsearch` to render it too"
-        )
-    docs = rendered("gpu-production")
-    service = one(docs, "Service", f"{RELEASE}-milvus")
-    assert any(p["port"] == 19530 for p in service["spec"]["ports"])
+@pytest.fixture(scope="module")
+def chart_with_milvus(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A copy of the chart with the Milvus stub in charts/milvus, where `helm dependency update` would put
+    the real chart. Never helm/semsearch/charts itself, which users would package and ship."""
+    copy = tmp_path_factory.mktemp("with-milvus") / "semsearch"
+    shutil.copytree(CHART, copy, ignore=shutil.ignore_patterns("charts"))
+    (copy / "charts").mkdir()
+    shutil.copytree(MILVUS_CHART, copy / "charts" / "milvus")
+    # Helm reports an archive that fits the dependency "ok" and a directory that fits it "unpacked"
+    # (name and version checked: else "misnamed" or "wrong version").
+    status = {d["name"]: d["status"] for d in helm.dependency_list(str(copy))}
+    assert status["milvus"] == "unpacked", f"Chart.yaml's milvus dependency does not accept the stub: {status}"
+    return copy
+
+
+def value_paths(values: dict[str, Any], prefix: tuple[str, ...] = ()) -> Iterator[tuple[str, ...]]:
+    for key, value in values.items():
+        if isinstance(value, dict) and value:
+            yield from value_paths(value, (*prefix, key))
+        else:
+            yield (*prefix, key)
+
+
+def our_milvus_keys() -> set[tuple[str, ...]]:
+    """Every `milvus.*` key our chart sets (values.yaml, ci/*.yaml) or reads in its templates."""
+    keys: set[tuple[str, ...]] = set()
+    for source in [CHART / "values.yaml", *sorted((CHART / "ci").glob("*.yaml"))]:
+        keys |= set(value_paths((yaml.safe_load(source.read_text(encoding="utf-8")) or {}).get("milvus", {})))
+    for template in (CHART / "templates").rglob("*.*"):
+        for ref in re.findall(r"\.Values\.milvus\.([A-Za-z0-9_.]+)", template.read_text(encoding="utf-8")):
+            keys.add(tuple(ref.split(".")))
+    return keys
+
+
+def test_milvus_values_validate_against_the_stub_schema(chart_with_milvus: Path) -> None:
+    """The stub's values are exactly the keys our chart uses under `milvus:`, and its schema refuses any
+    other: a misspelt key would otherwise be ignored silently (the real chart has no values schema)."""
+    stub_values = yaml.safe_load((MILVUS_CHART / "values.yaml").read_text(encoding="utf-8"))
+    assert set(value_paths(stub_values)) == our_milvus_keys(), (
+        "the stub's values.yaml and values.schema.json must list exactly the milvus.* keys our chart uses "
+        "(check a new key against the real Milvus chart's values first)"
+    )
+    with helm.Chart.load(MILVUS_CHART) as stub:
+        stub.validate_schema({})
+        for source in [CHART / "values.yaml", *sorted((CHART / "ci").glob("*.yaml"))]:
+            stub.validate_schema((yaml.safe_load(source.read_text(encoding="utf-8")) or {}).get("milvus", {}))
+        for misspelt in ({"querynode": {"replicas": 2}}, {"queryNode": {"replica": 2}},
+                         {"standalone": {"persistence": {"persistentVolumeClaim": {"sise": "1Gi"}}}}):
+            with pytest.raises(helm.HelmValuesError):
+                stub.validate_schema(misspelt)
+    # Rendering our chart with the stub in charts/ refuses it too (Helm validates each subchart's values).
+    with pytest.raises(helm.HelmValuesError, match="replica"):
+        render(merge(load_values("gpu-production"), {"milvus": {"queryNode": {"replica": 2}}}),
+               chart_dir=chart_with_milvus)
+
+
+@pytest.mark.parametrize(("release", "override", "service"), [
+    ("milvus-prod", "", "milvus-prod"), (RELEASE, "vectors", "vectors")])
+def test_milvus_uri_names_the_subchart_service(
+    release: str, override: str, service: str, chart_with_milvus: Path
+) -> None:
+    """The fullname rule of semsearch.milvusUri (release name containing "milvus", fullnameOverride)."""
+    values = merge(load_values("cpu-minimal"), {"milvus": {"fullnameOverride": override}})
+    objects = render(values, chart_dir=chart_with_milvus, release=release)
+    one(objects, "Service", service)
+    assert one(objects, "Deployment", f"{service}-standalone")
+    server_env = env_of(pod_spec(one(objects, "Deployment", f"{release}-semsearch"))["containers"][0])
+    assert server_env["SEMSEARCH_MILVUS_URI"] == f"http://{service}:19530"
+
+
+@pytest.mark.parametrize("name", ["cpu-minimal", "gpu-production"])
+def test_milvus_subchart_renders_and_validates(name: str, chart_with_milvus: Path) -> None:
+    values = chart_values(name)["milvus"]
+    docs = render_with_sources(load_values(name), chart_dir=chart_with_milvus)
+    stub = [doc for source, doc in docs if source.startswith("semsearch/charts/milvus/")]
+    assert stub
+    for kube_version in KUBE_VERSIONS:
+        for doc in stub:  # the stub's templates are ours: strict mode
+            kubernetes_validate.validate(doc, kube_version, strict=True)
+    objects = [doc for _, doc in docs]
+    # The service's URI names the subchart's Service and port.
+    service = one(objects, "Service", f"{RELEASE}-milvus")
+    port = next(p["port"] for p in service["spec"]["ports"] if p["name"] == "milvus")
+    assert env_of(pod_spec(server(objects))["containers"][0])["SEMSEARCH_MILVUS_URI"] == \
+        f"http://{RELEASE}-milvus:{port}"
+    replicas = {d["metadata"]["name"]: d["spec"].get("replicas") for d in workloads(stub)}
+    if values["cluster"]["enabled"]:
+        for part in ("proxy", "querynode", "datanode", "indexnode", "mixcoord"):
+            assert f"{RELEASE}-milvus-{part}" in replicas, part
+        assert replicas[f"{RELEASE}-milvus-querynode"] == values["queryNode"]["replicas"]
+        assert replicas[f"{RELEASE}-milvus-proxy"] == values["proxy"]["replicas"]
+        assert replicas[f"{RELEASE}-etcd"] == values["etcd"]["replicaCount"]
+        assert replicas[f"{RELEASE}-minio"] >= 4, "distributed MinIO"
+        assert any(n.startswith(f"{RELEASE}-pulsarv3-") for n in replicas), "Pulsar v3 (pulsarv3.enabled)"
+        assert f"{RELEASE}-milvus-standalone" not in replicas
+    else:
+        assert f"{RELEASE}-milvus-standalone" in replicas
+        assert not any("pulsar" in n or n.startswith(f"{RELEASE}-milvus-query") for n in replicas)
+    # With the dependency in place, lint has nothing to say about the chart (no missing-dependency error).
+    report = helm.lint(str(chart_with_milvus), load_values(name), strict=True, namespace=NAMESPACE,
+                       kube_version=f"v{KUBE_VERSIONS[0]}")
+    assert [m for m in report["messages"] if m["severity"] >= 2] == []
 
 
 # ---------------------------------------------------------------------------------------------
@@ -334,7 +446,7 @@ def test_settings_configmap_loads_as_semsearch_settings(
             for var in env_of(container):
                 if var.startswith("SEMSEARCH_") and var != "SEMSEARCH_CONFIG":
                     field = var.removeprefix("SEMSEARCH_").lower()
-                    assert field in Settings.model_fields or field in PENDING_SETTINGS, var
+                    assert field in Settings.model_fields, var
 
 
 @pytest.mark.parametrize("name", VALUE_SETS)
@@ -853,6 +965,145 @@ def test_promotion_job_and_hook_order() -> None:
 
 
 # ---------------------------------------------------------------------------------------------
+# Ingress, extra volumes, sglang's security context and PDB, NOTES.txt
+
+
+INGRESS: dict[str, Any] = {"ingress": {
+    "enabled": True, "className": "nginx",
+    "hosts": [{"host": "search.example.com", "paths": [{"path": "/", "pathType": "Prefix"}]}],
+    "tls": [{"secretName": "search-tls", "hosts": ["search.example.com"]}],
+}}
+
+
+def test_ingress_routes_grpc_to_the_grpc_port() -> None:
+    assert not find(render({}), "Ingress"), "off by default"
+    assert find(rendered("gpu-production"), "Ingress"), "a CI value set renders it (lint, strict schemas)"
+    docs = render(merge(load_values("cpu-minimal"), INGRESS))
+    ingress = one(docs, "Ingress", FULLNAME)
+    assert ingress["metadata"]["annotations"]["nginx.ingress.kubernetes.io/backend-protocol"] == "GRPC"
+    assert ingress["spec"]["ingressClassName"] == "nginx"
+    assert ingress["spec"]["tls"] == [{"hosts": ["search.example.com"], "secretName": "search-tls"}]
+    (rule,) = ingress["spec"]["rules"]
+    assert rule["host"] == "search.example.com"
+    (path,) = rule["http"]["paths"]
+    backend = path["backend"]["service"]
+    ports = {p["name"]: p for p in one(docs, "Service", backend["name"])["spec"]["ports"]}
+    assert ports[backend["port"]["name"]]["appProtocol"] == "grpc"
+    assert ports[backend["port"]["name"]]["port"] == chart_values("cpu-minimal")["service"]["port"]
+    for kube_version in KUBE_VERSIONS:
+        kubernetes_validate.validate(ingress, kube_version, strict=True)
+    # Another controller: the nginx annotation can be removed (null), the rest stays.
+    other = render(merge(INGRESS, {"ingress": {"className": "traefik", "annotations": {
+        "nginx.ingress.kubernetes.io/backend-protocol": None}}}))
+    assert "annotations" not in one(other, "Ingress", FULLNAME)["metadata"]
+
+
+EXTRA_VOLUMES: dict[str, Any] = {
+    "volumes": [{"name": "encoder-ca", "secret": {"secretName": "encoder-ca"}}],
+    "volumeMounts": [{"name": "encoder-ca", "mountPath": "/etc/semsearch/tls", "readOnly": True}],
+    "settings": {"encoder_ca_file": "/etc/semsearch/tls/ca.crt"},
+}
+
+
+def test_extra_volumes_are_mounted_in_every_semsearch_container() -> None:
+    """TLS files (here the CA of https encoder URLs) reach the service and the Jobs."""
+    docs = render(merge(merge(load_values("gpu-promotion"), EXTRA_VOLUMES), {"trainer": {"enabled": True}}))
+    mounted = set()
+    for doc in semsearch_workloads(docs):
+        if component(doc) == "test":
+            continue
+        spec = pod_spec(doc)
+        assert EXTRA_VOLUMES["volumes"][0] in spec["volumes"], component(doc)
+        for container in spec["containers"]:
+            assert EXTRA_VOLUMES["volumeMounts"][0] in container["volumeMounts"], component(doc)
+        kubernetes_validate.validate(doc, KUBE_VERSIONS[0], strict=True)
+        mounted.add(component(doc))
+    assert mounted == {"server", "indexer", "trainer", "promotion"}
+    config = yaml.safe_load(one(docs, "ConfigMap", FULLNAME)["data"]["config.yaml"])
+    assert config["encoder_ca_file"] == "/etc/semsearch/tls/ca.crt"
+    # A name the chart uses itself would make an invalid pod: refused at render time.
+    with pytest.raises(helm.HelmRenderError, match="the chart mounts itself"):
+        render({"volumes": [{"name": "tmp", "emptyDir": {}}]})
+
+
+@pytest.mark.parametrize("name", VALUE_SETS)
+def test_sglang_runs_as_non_root_with_a_disruption_budget(name: str) -> None:
+    docs = rendered(name)
+    deployments = [d for d in find(docs, "Deployment") if component(d) == "sglang"]
+    budgets = [d for d in find(docs, "PodDisruptionBudget") if component(d) == "sglang"]
+    assert len(budgets) == len(deployments)
+    for deployment in deployments:
+        color = deployment["metadata"]["labels"]["semsearch.io/color"]
+        pdb = one(docs, "PodDisruptionBudget", f"{FULLNAME}-sglang-{color}")
+        assert pdb["spec"]["selector"] == deployment["spec"]["selector"]
+        if "minAvailable" in pdb["spec"]:
+            assert pdb["spec"]["minAvailable"] < deployment["spec"]["replicas"], "drains must stay possible"
+        else:
+            assert pdb["spec"]["maxUnavailable"] >= 1
+        spec = pod_spec(deployment)
+        pod = spec["securityContext"]
+        assert pod["runAsNonRoot"] is True and pod["runAsUser"] == 10001 and pod["runAsGroup"] == 10001
+        assert pod["fsGroup"] == 10001, "the emptyDirs (HF cache, /dev/shm) must be writable"
+        (container,) = spec["containers"]
+        assert container["securityContext"]["allowPrivilegeEscalation"] is False
+        assert container["securityContext"]["capabilities"]["drop"] == ["ALL"]
+        assert env_of(container)["HOME"] == "/tmp", "JIT caches under HOME need a writable one"
+
+
+def test_sglang_disruption_budgets_follow_the_colors() -> None:
+    assert {d["metadata"]["name"] for d in find(rendered("gpu-promotion"), "PodDisruptionBudget")} == {
+        FULLNAME, f"{FULLNAME}-sglang-blue", f"{FULLNAME}-sglang-green"}
+    disabled = render(merge(load_values("gpu-promotion"), {"sglang": {"podDisruptionBudget": {"enabled": False}}}))
+    assert {d["metadata"]["name"] for d in find(disabled, "PodDisruptionBudget")} == {FULLNAME}
+
+
+def notes(values: dict[str, Any]) -> str:
+    with helm.Chart.load(CHART) as chart:
+        manifests = chart.render(values, name=RELEASE, namespace=NAMESPACE, is_install=True)
+    return manifests["semsearch/templates/NOTES.txt"]
+
+
+def search_lines(text: str) -> list[str]:
+    return [line.strip() for line in text.splitlines() if line.strip().startswith("semsearch search")]
+
+
+KEYS: dict[str, Any] = {"secrets": {"apiKeys": [{"name": "web", "key": "k" * 32, "scope": "search"}]}}
+
+
+@pytest.mark.parametrize("service_type", ["ClusterIP", "NodePort", "LoadBalancer"])
+def test_notes_follow_the_service_type_http_port_and_keys(service_type: str) -> None:
+    port = 50051
+    text = notes(merge(KEYS, {"service": {"type": service_type, "httpPort": 8080}}))
+    (search,) = search_lines(text)
+    # The sample sends a key: SEMSEARCH_API_KEY, read from the release's Secret.
+    assert f"export SEMSEARCH_API_KEY=$(kubectl --namespace {NAMESPACE} get secret {FULLNAME}" in text
+    curl = next(line for line in text.splitlines() if "curl" in line)
+    assert "/v1/search" in curl and "Bearer $SEMSEARCH_API_KEY" in curl
+    if service_type == "ClusterIP":
+        assert f"port-forward service/{FULLNAME} {port}:{port} 8080:8080" in text
+        assert search.endswith(f"--addr 127.0.0.1:{port}") and "http://127.0.0.1:8080/v1/search" in curl
+    elif service_type == "NodePort":
+        assert "port-forward" not in text and "nodePort" in text
+        assert search.endswith("--addr $NODE_IP:$NODE_PORT") and "$HTTP_NODE_PORT" in curl
+    else:
+        assert "port-forward" not in text and "loadBalancer.ingress" in text
+        assert search.endswith(f"--addr $SERVICE_IP:{port}") and "$SERVICE_IP:8080" in curl
+    # Without an HTTP port or keys, neither is mentioned (and the user is told there are no keys).
+    plain = notes({"service": {"type": service_type}})
+    assert "curl" not in plain and "8080" not in plain and "SEMSEARCH_API_KEY" not in plain
+    assert "No API keys are configured" in plain
+    # An existing Secret is where the keys are read from.
+    assert "get secret my-keys" in notes({"secrets": {"create": False, "existingSecret": "my-keys"}})
+
+
+def test_notes_with_an_ingress() -> None:
+    (search,) = search_lines(notes(INGRESS))
+    assert search.startswith('semsearch search "') and "--addr search.example.com:443 --tls-ca-file" in search
+    plain = merge(INGRESS, {"ingress": {"tls": []}})
+    assert "--addr search.example.com:80" in search_lines(notes(plain))[0]
+
+
+# ---------------------------------------------------------------------------------------------
 # The values schema rejects bad values; the templates guard what a schema cannot
 
 
@@ -890,6 +1141,14 @@ BAD_VALUES: dict[str, dict[str, Any]] = {
     "in-pod TLS (plaintext probes)": {"settings": {"tls_cert_file": "/etc/tls/tls.crt"}},
     "short API key": {"secrets": {"apiKeys": [{"name": "web", "key": "short", "scope": "search"}]}},
     "unknown API key scope": {"secrets": {"apiKeys": [{"name": "web", "key": "k" * 32, "scope": "root"}]}},
+    "ingress without hosts": {"ingress": {"enabled": True, "hosts": []}},
+    "ingress path without type": {"ingress": {"hosts": [{"host": "a.example.com", "paths": [{"path": "/"}]}]}},
+    "unknown key in ingress": {"ingress": {"host": "a.example.com"}},
+    "ingress TLS without secret": {"ingress": {"tls": [{"hosts": ["a.example.com"]}]}},
+    "volume without name": {"volumes": [{"emptyDir": {}}]},
+    "mount without path": {"volumeMounts": [{"name": "ca"}]},
+    "relative mount path": {"volumeMounts": [{"name": "ca", "mountPath": "etc/ca"}]},
+    "negative sglang PDB": {"sglang": {"podDisruptionBudget": {"maxUnavailable": -1}}},
 }
 
 
@@ -933,6 +1192,7 @@ GUARDED: dict[str, tuple[dict[str, Any], str]] = {
     "no Milvus": ({"milvus": {"enabled": False}}, "Milvus is required"),
     "inactive active color": ({"sglang": {"enabled": True, "activeColor": "green"}}, "activeColor"),
     "promotion without candidate": ({"promotion": {"enabled": True}}, "candidate"),
+    "ingress without hosts": ({"ingress": {"enabled": True, "hosts": []}}, "ingress.hosts"),
 }
 
 

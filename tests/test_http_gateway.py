@@ -38,6 +38,20 @@ DOCS = [{"id": "refund", "text": "如何申请退款？", "metadata": {"category
         {"id": "订单/2024", "text": "快递包裹几天没动静", "metadata": {"category": "parcel", "rank": 3}}]
 
 
+def assert_aip193(body: dict[str, Any], status: int, grpc_name: str, *fragments: str) -> None:
+    """Google's JSON error form (https://google.aip.dev/193): one `error` object, the HTTP status as
+    `code`, the gRPC code's name as `status`, and an ErrorInfo among the details."""
+    assert set(body) == {"error"}, body
+    error = body["error"]
+    assert set(error) == {"code", "status", "message", "details"}, error
+    assert error["code"] == status and error["status"] == grpc_name, error
+    info = [d for d in error["details"] if d["@type"] == "type.googleapis.com/google.rpc.ErrorInfo"]
+    assert info == [{"@type": "type.googleapis.com/google.rpc.ErrorInfo", "reason": grpc_name,
+                     "domain": "semsearch", "metadata": {}}], error
+    for fragment in fragments:
+        assert fragment in error["message"], error
+
+
 def http_service(make_service: Callable[..., LiveService], encoder: TorchEncoder, **overrides: Any) -> LiveService:
     service = make_service(encoder, http_port=free_port(), **overrides)
     assert service.running.http_port
@@ -90,7 +104,8 @@ def test_routes_answer_in_proto3_json(make_service: Callable[..., LiveService], 
         assert deleted.status_code == 200 and deleted.json() == {"deletedCount": 1}
         missing = http.get("/v1/documents/refund")
         assert missing.status_code == 404
-        assert missing.json()["status"] == "NOT_FOUND" and missing.json()["code"] == 5 and "refund" in missing.text
+        assert missing.json()["error"]["status"] == "NOT_FOUND" and missing.json()["error"]["code"] == 404
+        assert "refund" in missing.json()["error"]["message"]
 
         state = http.get("/v1/admin/serving-state")
         assert state.status_code == 200 and state.json()["current"]["modelVersion"] == body["modelVersion"]
@@ -103,10 +118,7 @@ def test_bad_input_is_400_with_a_reason(make_service: Callable[..., LiveService]
     with httpx.Client(base_url=base_url(service), timeout=60) as http:
         def error(response: httpx.Response, status: int, grpc_name: str, *fragments: str) -> None:
             assert response.status_code == status, response.text
-            body = response.json()
-            assert body["status"] == grpc_name and body["code"] == grpc.StatusCode[grpc_name].value[0]
-            for fragment in fragments:
-                assert fragment in body["message"], body
+            assert_aip193(response.json(), status, grpc_name, *fragments)
 
         error(http.post("/v1/search", content=b'{"query": '), 400, "INVALID_ARGUMENT", "not valid JSON")
         error(http.post("/v1/search", content=b"\xff\xfe"), 400, "INVALID_ARGUMENT", "not UTF-8")
@@ -124,6 +136,8 @@ def test_bad_input_is_400_with_a_reason(make_service: Callable[..., LiveService]
               "max_message_bytes")
         error(http.get("/v1/nothing"), 404, "NOT_FOUND", "/v1/nothing")
         error(http.get("/v1/search"), 405, "UNIMPLEMENTED")
+        assert http.get("/v1/search").headers["allow"] == "POST"  # RFC 9110: a 405 names the methods
+        assert set(http.post("/v1/documents/refund").headers["allow"].split(", ")) == {"GET", "HEAD"}
         error(http.post("/v1/search", json={"query": "退款"}, headers={"grpc-timeout": "soon"}), 400,
               "INVALID_ARGUMENT", "grpc-timeout")
 
@@ -140,10 +154,10 @@ def test_same_auth_as_grpc(make_service: Callable[..., LiveService], tiny_encode
         upsert = {"documents": DOCS[:1]}
         missing = call("/v1/documents:upsert", None, body=upsert)
         assert missing.status_code == 401 and missing.headers["www-authenticate"].startswith("Bearer")
-        assert missing.json()["status"] == "UNAUTHENTICATED" and "missing API key" in missing.json()["message"]
+        assert_aip193(missing.json(), 401, "UNAUTHENTICATED", "missing API key")
         assert call("/v1/documents:upsert", "wrong-key", body=upsert).status_code == 401
         forbidden = call("/v1/documents:upsert", READ_KEY, body=upsert)
-        assert forbidden.status_code == 403 and "write scope" in forbidden.json()["message"]
+        assert forbidden.status_code == 403 and "write scope" in forbidden.json()["error"]["message"]
         assert call("/v1/documents:upsert", WRITE_KEY, "x-api-key", body=upsert).status_code == 200
         assert call("/v1/search", READ_KEY, body={"query": "退款"}).json()["hits"][0]["id"] == "refund"
         assert call("/v1/documents/refund", READ_KEY).status_code == 200
@@ -157,8 +171,6 @@ def test_same_auth_as_grpc(make_service: Callable[..., LiveService], tiny_encode
 
 def test_rate_limited_key_is_429_with_retry_after(make_service: Callable[..., LiveService],
                                                    tiny_encoder: TorchEncoder) -> None:
-    if "rate_limit_per_s" not in ApiKey.model_fields:
-        pytest.skip("per-key rate limits are not in this tree (they come with the API extension)")
     limited = ApiKey(name="slow", key=READ_KEY, scope="search", rate_limit_per_s=0.5, rate_burst=1)  # type: ignore
     service = http_service(make_service, tiny_encoder, api_keys=[limited])
     with httpx.Client(base_url=base_url(service), timeout=60,
@@ -166,10 +178,41 @@ def test_rate_limited_key_is_429_with_retry_after(make_service: Callable[..., Li
         assert http.post("/v1/search", json={"query": "退款"}).status_code == 200
         refused = http.post("/v1/search", json={"query": "退款"})
         assert refused.status_code == 429, refused.text
-        assert refused.json()["status"] == "RESOURCE_EXHAUSTED"
+        assert_aip193(refused.json(), 429, "RESOURCE_EXHAUSTED")
         assert 1 <= int(refused.headers["retry-after"]) <= 2
-        [detail] = refused.json()["details"]
+        [_, detail] = refused.json()["error"]["details"]
         assert detail["@type"] == "type.googleapis.com/google.rpc.RetryInfo" and detail["retryDelay"].endswith("s")
+
+
+def test_cors_allows_only_the_configured_origins(make_service: Callable[..., LiveService],
+                                                 tiny_encoder: TorchEncoder) -> None:
+    allowed, other = "https://app.example.com", "https://evil.example.net"
+    preflight = {"access-control-request-method": "POST",
+                 "access-control-request-headers": "authorization, content-type"}
+    service = http_service(make_service, tiny_encoder, http_cors_origins=[allowed])
+    with httpx.Client(base_url=base_url(service), timeout=60) as http:
+        ok = http.options("/v1/search", headers={"origin": allowed, **preflight})
+        assert ok.status_code == 200, ok.text
+        assert ok.headers["access-control-allow-origin"] == allowed
+        assert "POST" in ok.headers["access-control-allow-methods"]
+        assert "authorization" in ok.headers["access-control-allow-headers"].lower()
+        refused = http.options("/v1/search", headers={"origin": other, **preflight})
+        assert refused.status_code == 400 and "access-control-allow-origin" not in refused.headers
+        answer = http.post("/v1/search", json={"query": "退款"}, headers={"origin": allowed})
+        assert answer.status_code == 200 and answer.headers["access-control-allow-origin"] == allowed
+        assert "access-control-allow-origin" not in http.post("/v1/search", json={"query": "退款"},
+                                                              headers={"origin": other}).headers
+
+
+def test_cors_is_off_by_default(make_service: Callable[..., LiveService], tiny_encoder: TorchEncoder) -> None:
+    assert Settings().http_cors_origins == []
+    service = http_service(make_service, tiny_encoder)
+    with httpx.Client(base_url=base_url(service), timeout=60) as http:
+        preflight = http.options("/v1/search", headers={"origin": "https://app.example.com",
+                                                        "access-control-request-method": "POST"})
+        assert preflight.status_code == 405 and "access-control-allow-origin" not in preflight.headers
+        answer = http.post("/v1/search", json={"query": "退款"}, headers={"origin": "https://app.example.com"})
+        assert answer.status_code == 200 and "access-control-allow-origin" not in answer.headers
 
 
 def test_tls_and_mutual_tls(make_service: Callable[..., LiveService], tiny_encoder: TorchEncoder,
@@ -263,7 +306,7 @@ def test_status_table() -> None:
     limited = error_response(grpc.StatusCode.RESOURCE_EXHAUSTED, "slow down",
                              grpc.aio.Metadata(("retry-after", "2"), ("retry-after-ms", "1500")))
     assert limited.status_code == 429 and limited.headers["retry-after"] == "2"
-    assert json.loads(bytes(limited.body))["details"] == [
+    assert json.loads(bytes(limited.body))["error"]["details"][1:] == [
         {"@type": "type.googleapis.com/google.rpc.RetryInfo", "retryDelay": "1.500s"}]
     queue_full = error_response(grpc.StatusCode.RESOURCE_EXHAUSTED, "queue is full")
     assert queue_full.headers["retry-after"] == "1"

@@ -14,11 +14,14 @@ from pathlib import Path
 import grpc
 import pytest
 
+from semsearch import promotion
+from semsearch.chunking import content_hash
 from semsearch.config import Settings
 from semsearch.encoders import TorchEncoder
-from semsearch.promotion import Promoter
+from semsearch.promotion import Promoter, PromotionError
+from semsearch.reembed import Validation, copy_rows, validate
 from semsearch.registry import ModelRegistry
-from semsearch.store import MilvusStore, versioned_name
+from semsearch.store import ChunkRow, MilvusStore, versioned_name
 from semsearch.v1 import admin_pb2, admin_pb2_grpc
 from semsearch.v1 import search_pb2 as pb
 from tests.conftest import LiveService
@@ -199,7 +202,7 @@ def test_a_failed_gate_changes_nothing(tiny_model_dir: Path, tiny_encoder: Torch
         result = _promote_cli(str(second_model_dir), "--collection", collection_name, "--milvus-uri",
                               milvus_server_uri, "--eval-data", str(_eval_rows(tmp_path / "eval.jsonl")),
                               "--min-improvement", "1.5")
-        assert result.returncode == 1, result.stderr
+        assert result.returncode == 3, result.stderr  # refused, not failed
         assert "gate failed" in result.stderr and "recall@1" in result.stderr
         assert set(store.client.list_collections()) == collections_before
         assert ModelRegistry(store).get(collection_name) is None  # not even a bootstrap record
@@ -245,4 +248,120 @@ def test_a_crash_at_any_step_leaves_a_state_a_rerun_completes(
         assert record.current.collection == c2 and store.resolve(name) == c2
         assert store.count(c2) == store.count(c1) == 12
     finally:
+        store.close()
+
+
+# ---------------------------------------------------------------- validation: exact, not counts
+def _row(doc_id: str, text: str, encoder: TorchEncoder, hash_of: str | None = None) -> ChunkRow:
+    return ChunkRow(doc_id, 0, text, encoder.encode_documents([text])[0],
+                    content_hash=content_hash(text if hash_of is None else hash_of))
+
+
+def _copied_pair(uri: str, name: str, live: TorchEncoder, candidate: TorchEncoder) -> tuple[MilvusStore, str, str]:
+    """A live collection of 12 rows and its candidate copy, as the re-embed step leaves them."""
+    store = MilvusStore(uri, timeout_s=60)
+    source, target = f"{name}_live", f"{name}_cand"
+    store.ensure_collection(source, live.manifest)
+    store.ensure_collection(target, candidate.manifest)
+    store.write_documents(source, [_row(f"d{n}", f"第{n}条：如何申请退款？", live) for n in range(12)])
+    copy_rows(store, source, target, candidate)
+    return store, source, target
+
+
+def test_validation_refuses_divergence_with_equal_counts(
+    tiny_encoder: TorchEncoder, second_encoder: TorchEncoder, milvus_server_uri: str, collection_name: str,
+) -> None:
+    store, source, target = _copied_pair(milvus_server_uri, collection_name, tiny_encoder, second_encoder)
+    try:
+        assert validate(store, source, target, second_encoder, settle_s=0.5).ok
+        # Written before validation, straight into the candidate: one row lost, one that the live
+        # collection never had, one with other content. Vectors all match their texts, counts stay 12.
+        store.delete_rows(target, ["d3#0"])
+        store.upsert(target, [_row("ghost", "不存在的文档", second_encoder),
+                              _row("d5", "第5条：如何申请退款？", second_encoder, hash_of="旧的内容")])
+        check = validate(store, source, target, second_encoder, settle_s=0.5)
+        assert not check.ok
+        assert (check.source_count, check.target_count) == (12, 12)
+        assert (check.missing, check.extra, check.changed, check.in_flight) == (["d3#0"], ["ghost#0"], ["d5#0"], 0)
+        assert check.mismatched == [] and check.sampled == 12
+    finally:
+        store.close()
+
+
+def test_a_promotion_refuses_divergence_naming_rows(
+    tiny_encoder: TorchEncoder, second_encoder: TorchEncoder, milvus_server_uri: str, collection_name: str,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    name = collection_name
+    store = _bootstrapped(milvus_server_uri, name, tiny_encoder)
+    c2 = versioned_name(name, second_encoder.manifest.version)
+
+    def corrupt_then_validate(store: MilvusStore, source: str, target: str, encoder: TorchEncoder,
+                              **kwargs: object) -> Validation:
+        # After the copy: d3 lost and an extra row (the counts still agree), before validation starts.
+        store.delete_rows(target, ["d3#0"])
+        store.upsert(target, [_row("ghost", "不存在的文档", encoder)])
+        return validate(store, source, target, encoder, settle_s=0.5)
+
+    monkeypatch.setattr(promotion, "validate", corrupt_then_validate)
+    try:
+        settings = Settings(milvus_uri=milvus_server_uri, collection=name)
+        with pytest.raises(PromotionError) as refused:
+            Promoter(settings, store).promote(name, second_encoder, lambda current: {})
+        message = str(refused.value)
+        assert "12 rows live vs 12 in " + c2 in message, message
+        assert "1 live rows missing there, 1 there whose live row is gone" in message, message
+        assert "d3#0" in message and "ghost#0" in message, message
+        record = ModelRegistry(store).get(name)
+        assert record is not None and record.pending is not None and record.pending.collection == c2
+        assert store.resolve(name) == versioned_name(name, tiny_encoder.manifest.version)  # nothing swapped
+    finally:
+        store.close()
+
+
+def test_validation_waits_for_a_dual_write_in_flight(
+    tiny_encoder: TorchEncoder, second_encoder: TorchEncoder, milvus_server_uri: str, collection_name: str,
+) -> None:
+    """A write acknowledged by the live collection reaches the candidate seconds later (a slow
+    dual-write): validation waits for it instead of refusing."""
+    store, source, target = _copied_pair(milvus_server_uri, collection_name, tiny_encoder, second_encoder)
+    writer = MilvusStore(milvus_server_uri, timeout_s=60)
+    late = _row("late", "运行中写入的文档", second_encoder)
+    landed = threading.Timer(8.0, lambda: writer.write_documents(target, [late]))
+    try:
+        store.write_documents(source, [_row("late", "运行中写入的文档", tiny_encoder)])
+        landed.start()
+        check = validate(store, source, target, second_encoder, settle_s=15.0)
+        assert check.ok, check
+        assert check.in_flight == 0  # it landed within the window
+        assert check.source_count == 13
+    finally:
+        landed.join(30)
+        writer.close()
+        store.close()
+
+
+def test_validation_counts_a_row_rewritten_meanwhile_as_in_flight(
+    tiny_encoder: TorchEncoder, second_encoder: TorchEncoder, milvus_server_uri: str, collection_name: str,
+) -> None:
+    """A row whose candidate copy is behind and that is rewritten during validation, its dual writes
+    not landed within the window: in flight, not divergence (the dual write brings it up to date)."""
+    store, source, target = _copied_pair(milvus_server_uri, collection_name, tiny_encoder, second_encoder)
+    store.write_documents(target, [_row("d1", "第1条：旧版本", second_encoder)])
+    writer = MilvusStore(milvus_server_uri, timeout_s=60)
+
+    def rewrite() -> None:
+        for n in range(20):  # a second or more: validation's first read lands among them
+            writer.write_documents(source, [_row("d1", f"第1条：第{n}次修改", tiny_encoder)])
+            time.sleep(0.05)
+
+    thread = threading.Thread(target=rewrite, daemon=True)
+    try:
+        thread.start()
+        check = validate(store, source, target, second_encoder, settle_s=5.0)
+        assert check.ok, check
+        assert (check.source_count, check.target_count, check.in_flight) == (12, 12, 1)
+    finally:
+        thread.join(30)
+        writer.close()
         store.close()

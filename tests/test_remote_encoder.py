@@ -7,8 +7,9 @@ from __future__ import annotations
 import shutil
 import ssl
 import subprocess
+import threading
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 from types import SimpleNamespace
 from typing import Any, cast
@@ -572,8 +573,63 @@ def test_not_healthy_when_every_server_serves_another_model(
     assert encoder.server_states() == {server.url: "quarantined"}
 
 
-def test_local_encoders_are_always_healthy(tiny_encoder: TorchEncoder) -> None:
-    assert tiny_encoder.healthy()
+class HealthSwitch:
+    """The tiny in-process encoder with a health a test sets. In-process encoders report healthy
+    whenever they are loaded (LocalEncoder.healthy is `return True`), so what there is to test is
+    the service's side of the contract: health follows healthy(), and a probe that hangs is bounded."""
+
+    def __init__(self, inner: TorchEncoder) -> None:
+        self.inner = inner
+        self.up = True
+        self.hang = threading.Event()  # set: healthy() blocks until released
+        self.release = threading.Event()
+        self.checks = 0
+
+    @property
+    def manifest(self):  # type: ignore[no-untyped-def]
+        return self.inner.manifest
+
+    def encode_queries(self, queries: Sequence[str], *, timeout_s: float | None = None) -> np.ndarray:
+        return self.inner.encode_queries(queries)
+
+    def encode_documents(self, documents: Sequence[str], *, timeout_s: float | None = None) -> np.ndarray:
+        return self.inner.encode_documents(documents)
+
+    def count_tokens(self, texts: Sequence[str]) -> list[int]:
+        return self.inner.count_tokens(texts)
+
+    def healthy(self) -> bool:
+        self.checks += 1
+        if self.hang.is_set():
+            self.release.wait(30)
+        return self.up
+
+    def close(self) -> None:
+        self.release.set()
+
+
+def test_service_health_follows_the_encoders_healthy_and_bounds_a_hung_probe(
+    make_service: Callable[..., Any], tiny_encoder: TorchEncoder,
+) -> None:
+    from tests.test_faults import health_status, wait_for
+
+    serving, not_serving = health_pb2.HealthCheckResponse.SERVING, health_pb2.HealthCheckResponse.NOT_SERVING
+    encoder = HealthSwitch(tiny_encoder)
+    service = make_service(encoder, health_probe_interval_s=0.2)
+    assert health_status(service) == serving
+    wait_for(lambda: encoder.checks >= 2, 10, "the service to ask the encoder")
+    encoder.up = False
+    wait_for(lambda: health_status(service) == not_serving, 10, "NOT_SERVING while healthy() is False")
+    encoder.up = True
+    wait_for(lambda: health_status(service) == serving, 10, "SERVING again")
+    # A healthy() that never returns must not wedge the health loop: the probe gives up (1 s here).
+    encoder.hang.set()
+    started = time.monotonic()
+    wait_for(lambda: health_status(service) == not_serving, 10, "NOT_SERVING while healthy() hangs")
+    assert time.monotonic() - started < 5
+    encoder.hang.clear()
+    encoder.release.set()
+    wait_for(lambda: health_status(service) == serving, 10, "SERVING once healthy() answers")
 
 
 def test_service_health_follows_a_killed_and_restarted_encoder_server(

@@ -3,6 +3,7 @@ record, a Milvus server killed and restarted underneath, a new process on existi
 
 from __future__ import annotations
 
+import re
 import time
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
@@ -24,12 +25,33 @@ from tests.conftest import LiveService
 SENTENCE = "退款申请提交后，系统会在一到三个工作日内审核并原路退回款项。"
 
 
-def chunks_of(service: LiveService, doc_id: str) -> list[int]:
+def stored_rows(service: LiveService, doc_id: str) -> list[tuple[int, str]]:
+    """(chunk index, content hash) of every stored row of the document, read from Milvus itself."""
     store = service.running.store
     collection = service.running.servicer.engine.pair.collection.name  # type: ignore[union-attr]
     rows = store.client.query(collection_name=collection, filter=render_string_in("doc_id", [doc_id]),
-                              output_fields=["chunk_index"], consistency_level="Strong")
-    return sorted(int(row["chunk_index"]) for row in rows)
+                              output_fields=["chunk_index", "content_hash"], consistency_level="Strong")
+    return sorted((int(row["chunk_index"]), str(row["content_hash"])) for row in rows)
+
+
+def chunks_of(service: LiveService, doc_id: str) -> list[int]:
+    return [index for index, _ in stored_rows(service, doc_id)]
+
+
+def assert_whole(service: LiveService, doc_id: str, text: str, chunks: int) -> None:
+    """Every row of one version: chunks 0..n-1 once each, one content hash, as many chunks as the
+    text makes. (GetDocument alone would not see a leftover tail of a longer version.)"""
+    rows = stored_rows(service, doc_id)
+    assert [index for index, _ in rows] == list(range(chunks)), f"{doc_id}: chunks {[i for i, _ in rows]}"
+    assert len({digest for _, digest in rows}) == 1, f"{doc_id}: rows of several versions"
+    assert service.stub.GetDocument(pb.GetDocumentRequest(id=doc_id)).document.text == text
+
+
+def assert_absent(service: LiveService, doc_id: str) -> None:
+    assert stored_rows(service, doc_id) == []
+    with pytest.raises(grpc.RpcError) as missing:
+        service.stub.GetDocument(pb.GetDocumentRequest(id=doc_id))
+    assert missing.value.code() is grpc.StatusCode.NOT_FOUND
 
 
 def test_concurrent_upsert_and_delete_of_one_id_never_leave_a_fragment(
@@ -40,25 +62,26 @@ def test_concurrent_upsert_and_delete_of_one_id_never_leave_a_fragment(
     service = make_service(tiny_encoder, max_document_chars=200_000)
     short_text = SENTENCE * 2
     long_text = SENTENCE * 40  # several chunks with the tiny model's 128-token limit
-    outcomes: dict[str, int] = {"absent": 0, "whole": 0}
+    # How many chunks each version makes, from the same service without a race.
+    service.stub.UpsertDocuments(pb.UpsertDocumentsRequest(documents=[
+        pb.Document(id="ref-long", text=long_text), pb.Document(id="ref-short", text=short_text)]))
+    long_chunks, short_chunks = len(chunks_of(service, "ref-long")), len(chunks_of(service, "ref-short"))
+    assert long_chunks > short_chunks >= 1
     with ThreadPoolExecutor(max_workers=2) as pool:
         for attempt in range(12):
             doc_id = f"race-{attempt}"
             service.stub.UpsertDocuments(pb.UpsertDocumentsRequest(documents=[pb.Document(id=doc_id, text=short_text)]))
+            assert_whole(service, doc_id, short_text, short_chunks)
             upsert = pool.submit(service.stub.UpsertDocuments, pb.UpsertDocumentsRequest(
                 documents=[pb.Document(id=doc_id, text=long_text)]))
             delete = pool.submit(service.stub.DeleteDocuments, pb.DeleteDocumentsRequest(ids=[doc_id]))
             upsert.result(60)
             delete.result(60)
-            stored = chunks_of(service, doc_id)
-            if not stored:
-                outcomes["absent"] += 1
-                continue
-            assert stored == list(range(len(stored))), f"fragment left: chunks {stored}"
-            document = service.stub.GetDocument(pb.GetDocumentRequest(id=doc_id)).document
-            assert document.text == long_text
-            outcomes["whole"] += 1
-    assert sum(outcomes.values()) == 12
+            # Whichever ran last decides: absent (the delete), or the long version whole.
+            if stored_rows(service, doc_id):
+                assert_whole(service, doc_id, long_text, long_chunks)
+            else:
+                assert_absent(service, doc_id)
 
 
 def test_writes_of_one_id_are_ordered_inside_the_service(
@@ -67,14 +90,17 @@ def test_writes_of_one_id_are_ordered_inside_the_service(
     """Many concurrent upserts and deletes of one id: the final state is the last call's."""
     service = make_service(tiny_encoder, max_document_chars=200_000)
     texts = [SENTENCE * n for n in (1, 30, 3, 25, 2)]
+    service.stub.UpsertDocuments(pb.UpsertDocumentsRequest(documents=[
+        pb.Document(id=f"ref-{i}", text=text) for i, text in enumerate(texts)]))
+    chunk_counts = {text: len(chunks_of(service, f"ref-{i}")) for i, text in enumerate(texts)}
     with ThreadPoolExecutor(max_workers=5) as pool:
         calls = [pool.submit(service.stub.UpsertDocuments, pb.UpsertDocumentsRequest(
             documents=[pb.Document(id="busy", text=text)])) for text in texts]
         for call in calls:
             call.result(60)
-    stored = chunks_of(service, "busy")
-    assert stored == list(range(len(stored)))
-    assert service.stub.GetDocument(pb.GetDocumentRequest(id="busy")).document.text in texts
+    text = service.stub.GetDocument(pb.GetDocumentRequest(id="busy")).document.text
+    assert text in texts
+    assert_whole(service, "busy", text, chunk_counts[text])  # no tail of a longer version left behind
 
 
 def test_a_malformed_registry_record_is_reported_and_the_watch_keeps_going(
@@ -92,8 +118,14 @@ def test_a_malformed_registry_record_is_reported_and_the_watch_keeps_going(
         time.sleep(0.2)
         state = admin.GetServingState(admin_pb2.GetServingStateRequest())
     assert state.registry_watch_failures >= 2, "the watch stopped after the first failure (or never read)"
-    assert "ValidationError" in state.registry_watch_error or "valid" in state.registry_watch_error.lower()
-    assert service.stub.SearchDocuments(pb.SearchDocumentsRequest(query="退款", top_k=1)) is not None
+    # The error names the record and what is wrong with it (the truncated JSON), not just "invalid".
+    assert "docs" in state.registry_watch_error, state.registry_watch_error
+    assert re.search(r"json|EOF|generation", state.registry_watch_error, re.I), state.registry_watch_error
+    # Meanwhile the service goes on serving the pair it had: a real answer, from that model version.
+    service.stub.UpsertDocuments(pb.UpsertDocumentsRequest(documents=[pb.Document(id="kept", text=SENTENCE)]))
+    answer = service.stub.SearchDocuments(pb.SearchDocumentsRequest(query="退款", top_k=1))
+    assert [hit.id for hit in answer.hits] == ["kept"]
+    assert answer.model_version == tiny_encoder.manifest.version
 
     store.client.upsert(collection_name=REGISTRY_COLLECTION, data=[
         {"name": "docs", "record": good.replace('"generation":', '"generation_was":', 0), "vector": [0.0, 0.0]}])

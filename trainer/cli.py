@@ -140,6 +140,68 @@ def extend_vocab_cmd(
     _echo_json(result.stats | {"out": str(result.out_dir)})
 
 
+@train_app.command("distill")
+def distill_cmd(
+    out: Annotated[Path, typer.Option("--out", help="Output model directory (the student)")],
+    data: Annotated[
+        list[Path] | None, typer.Option("--data", help="Training rows (JSONL): every text is distilled on")
+    ] = None,
+    corpus: Annotated[
+        list[Path] | None, typer.Option("--corpus", help="Unlabelled text: JSONL {text} or one text a line")
+    ] = None,
+    student: Annotated[str, typer.Option("--student", help="WordPiece model (directory or hub id)")] = (
+        "sentence-transformers/all-MiniLM-L6-v2"),
+    teacher: Annotated[
+        str | None, typer.Option("--teacher", help="Teacher model [default: use-multilingual-v3]")
+    ] = None,
+    teacher_url: Annotated[
+        str | None, typer.Option("--teacher-url", help="Teacher on an embedding server (as --encoder-url)")
+    ] = None,
+    settings_file: Annotated[
+        Path | None, typer.Option("--settings", help="YAML of distill settings (trainer/distill.py DistillConfig)")
+    ] = None,
+    loss: Annotated[str | None, typer.Option("--loss", help="mse, cosine, simmatrix, mse+simmatrix, "
+                                             "cosine+simmatrix")] = None,
+    epochs: Annotated[float | None, typer.Option("--epochs")] = None,
+    max_steps: Annotated[int | None, typer.Option("--max-steps", help="> 0 overrides --epochs")] = None,
+    max_texts: Annotated[int | None, typer.Option("--max-texts", help="Distil on at most this many texts")] = None,
+    max_len: Annotated[int | None, typer.Option("--max-len", help="Student tokens per text")] = None,
+    batch_size: Annotated[int | None, typer.Option("--batch-size")] = None,
+    extend_vocab: Annotated[
+        bool | None, typer.Option("--extend-vocab/--no-extend-vocab", help="Add the corpus' unknown characters")
+    ] = None,
+    init_from_teacher: Annotated[
+        bool | None, typer.Option("--init-from-teacher/--random-init", help="New rows from the teacher's embeddings")
+    ] = None,
+    cache_dir: Annotated[
+        Path | None, typer.Option("--cache-dir", help="Teacher vectors cache [default: ~/.cache/semsearch/distill]")
+    ] = None,
+    threads: Annotated[int | None, typer.Option("--threads", help="CPU threads (torch and the teacher)")] = None,
+    config: ConfigOption = None,
+) -> None:
+    """Distil a teacher encoder into a transformers student on unlabelled text (resumable)."""
+    from trainer.distill import DistillConfig, default_cache_dir, run_distill, texts_of_corpus, texts_of_rows
+    from trainer.encoding import open_encoder
+
+    if not data and not corpus:
+        raise fail("give --data (training rows) and/or --corpus (unlabelled text)", code=2)
+    flags = {"student": student, "teacher": teacher, "loss": loss, "epochs": epochs, "max_steps": max_steps,
+             "max_texts": max_texts, "max_len": max_len, "batch_size": batch_size, "extend_vocab": extend_vocab,
+             "init_from_teacher": init_from_teacher}
+    with _cli_errors():
+        distill_config = DistillConfig.load(settings_file, output_dir=out, **flags)
+        settings = settings_from_cli(config, encoder_url=teacher_url, torch_threads=threads)
+        if threads:
+            import torch
+
+            torch.set_num_threads(threads)
+        texts = texts_of_rows(data or []) + texts_of_corpus(corpus or [])
+        sources = ", ".join(str(p) for p in [*(data or []), *(corpus or [])])
+        result = run_distill(distill_config, texts, lambda: open_encoder(settings, distill_config.teacher),
+                             sources=sources, cache_dir=cache_dir or default_cache_dir())
+    _echo_json({"out": str(out), "version": result.manifest.version, **result.stats})
+
+
 @train_app.command("mine")
 def mine_cmd(
     data: DataOption,
@@ -322,8 +384,33 @@ def finetune_cmd(
 
 @train_app.command("evaluate")
 def evaluate_cmd(
-    data: Annotated[Path, typer.Option("--data", help="Test rows (held-out intents)")],
     out_dir: Annotated[Path, typer.Option("--out-dir", help="Writes report.json, report.md, scores.png")],
+    data: Annotated[Path | None, typer.Option("--data", help="Test rows (held-out intents)")] = None,
+    passages: Annotated[
+        list[Path] | None,
+        typer.Option("--passages", help="SQuAD-format JSON (CMRC2018), repeatable: question -> passage retrieval, "
+                     "passages chunked and ranked through Milvus like the service"),
+    ] = None,
+    max_questions: Annotated[
+        int | None, typer.Option("--max-questions", help="--passages: a seeded sample of N questions (all passages)")
+    ] = None,
+    seed: Annotated[int, typer.Option("--seed", help="Seed of the --max-questions sample")] = 42,
+    chunk_tokens: Annotated[
+        int | None, typer.Option("--chunk-tokens", min=16, help="--passages: chunk to N tokens instead of each "
+                                 "model's max_tokens (to measure chunk sizes; the model still sees whole chunks)")
+    ] = None,
+    fusion: Annotated[
+        str | None, typer.Option("--fusion", help="Hybrid fusion: rrf or weighted [default: the `fusion` setting]")
+    ] = None,
+    rrf_k: Annotated[int | None, typer.Option("--rrf-k", help="RRF constant [default: the `rrf_k` setting]")] = None,
+    dense_weight: Annotated[float | None, typer.Option("--dense-weight", help="Weighted fusion: dense weight")] = None,
+    lexical_weight: Annotated[
+        float | None, typer.Option("--lexical-weight", help="Weighted fusion: lexical weight")
+    ] = None,
+    fusions: Annotated[
+        str, typer.Option("--fusions", help="--passages: more hybrids from the same searches, "
+                          "e.g. rrf:20,weighted:0.3:0.7"),
+    ] = "",
     models: Annotated[
         list[str] | None,
         typer.Option("--model", help="LABEL=REF or REF, repeatable: models side by side [default: SEMSEARCH_MODEL]"),
@@ -358,36 +445,57 @@ def evaluate_cmd(
     ] = False,
     config: ConfigOption = None,
 ) -> None:
-    """recall@1/5/10, MRR@10, nDCG@10 on the test and global pools, side by side; JSON, Markdown, PNG."""
-    from trainer.evaluate import evaluate_models, parse_model_spec, parse_retrieval, record_metrics, write_report
+    """recall@1/5/10, MRR@10, nDCG@10 on the test and global pools (--data) and question -> passage retrieval
+    (--passages), models side by side; JSON, Markdown, PNG."""
+    from trainer.evaluate import (
+        evaluate_models,
+        parse_fusions,
+        parse_model_spec,
+        parse_retrieval,
+        record_metrics,
+        write_report,
+    )
     from trainer.mine import read_corpus
+    from trainer.passages import evaluate_passages, load_passages
     from trainer.rows import read_rows
     from trainer.score import ScoreConfig, flag_reranker_scorer
 
+    if data is None and not passages:
+        raise fail("give --data (test rows) or --passages (SQuAD JSON), or both", code=2)
     settings = settings_from_cli(config, encoder_url=encoder_url, device=device, encode_batch_size=batch_size,
-                                 encoder_backend=encoder_backend)
+                                 encoder_backend=encoder_backend, fusion=fusion, rrf_k=rrf_k,
+                                 dense_weight=dense_weight, lexical_weight=lexical_weight)
     specs = [parse_model_spec(m) for m in models] if models else [parse_model_spec(settings.model)]
     if settings.encoder_url and len(specs) > 1:
         raise fail("--encoder-url evaluates the one served model: give at most one --model", code=2)
     try:
         modes = parse_retrieval(retrieval)
+        more_fusions = parse_fusions(fusions)
     except ValueError as exc:
         raise fail(str(exc), code=2) from exc
     with _cli_errors():
         started = time.perf_counter()
-        report, distributions = evaluate_models(
-            read_rows(data),
-            specs,
-            settings,
-            pool_rows=[r for p in pool or [] for r in read_rows(p)],
-            corpus=[c.text for c in read_corpus(corpus)] if corpus else (),
-            retrieval=modes,
-            rerank=flag_reranker_scorer(rerank, device=settings.device,
-                                        config=ScoreConfig(max_length=rerank_max_length)) if rerank else None,
-            rerank_label=parse_model_spec(rerank)[0] if rerank else "rerank",
-            rerank_top=rerank_top,
-            misses=misses,
-        )
+        # Passage files are read (and refused) before any model is loaded.
+        passage_set = load_passages(passages, max_questions=max_questions, seed=seed) if passages else None
+        report: dict[str, Any] = {"models": []}
+        distributions: list[Any] = []
+        if data is not None:
+            report, distributions = evaluate_models(
+                read_rows(data),
+                specs,
+                settings,
+                pool_rows=[r for p in pool or [] for r in read_rows(p)],
+                corpus=[c.text for c in read_corpus(corpus)] if corpus else (),
+                retrieval=modes,
+                rerank=flag_reranker_scorer(rerank, device=settings.device,
+                                            config=ScoreConfig(max_length=rerank_max_length)) if rerank else None,
+                rerank_label=parse_model_spec(rerank)[0] if rerank else "rerank",
+                rerank_top=rerank_top,
+                misses=misses,
+            )
+        if passage_set is not None:
+            report["passages"] = evaluate_passages(passage_set, specs, settings, retrieval=modes,
+                                                   more_fusions=more_fusions, chunk_tokens=chunk_tokens)
         report["wall_s"] = round(time.perf_counter() - started, 1)
         paths = write_report(report, distributions, out_dir)
         if record:

@@ -13,6 +13,9 @@ encoder, instruction on queries from the model's manifest.
 made by the serving store (BM25 field computed by Milvus with the `lexical_analyzer` setting), and
 every mode is searched through `MilvusStore.search` and `semsearch.fusion.fuse`, the calls the
 service makes, one hit per document: these are the service's numbers, not a separate BM25.
+
+Question -> passage retrieval (SQuAD files, chunked passages): trainer/passages.py, ranked by
+`rank_in_milvus` below and reported under `passages`.
 """
 
 from __future__ import annotations
@@ -33,7 +36,7 @@ import structlog
 from semsearch.config import Settings
 from semsearch.fusion import MODES, Fusion, fuse, hybrid_candidates
 from semsearch.manifest import MANIFEST_FILENAME, ModelManifest
-from semsearch.store import ChunkRow, MilvusStore
+from semsearch.store import ChunkRow, Hit, MilvusStore
 from trainer.encoding import ExactIndex, encode_texts, open_encoder
 from trainer.metrics import mean_metrics, query_metrics, similarity_gap
 from trainer.rows import TrainRow, candidate_texts, distinct_texts, normalize_text
@@ -145,7 +148,43 @@ def milvus_pool_metrics(
     dense_cache: dict[int, list[Any]] | None = None,
     more_fusions: dict[str, Fusion] | None = None,
 ) -> dict[str, dict[str, Any]]:
-    """Index one pool (document id = position) and rank it in each mode exactly as serving does.
+    """Index one pool (document id = position, one chunk each) and rank it in each mode exactly as
+    serving does (`rank_in_milvus`)."""
+    store.create_collection(collection, manifest)
+    rows = [ChunkRow(doc_id=str(i), chunk_index=0, text=text, vector=vector)
+            for i, (text, vector) in enumerate(zip(doc_texts, doc_vectors, strict=True))]
+    for start in range(0, len(rows), 1000):
+        store.upsert(collection, rows[start : start + 1000])
+    store.flush(collection)  # Milvus Lite indexes flushed rows only
+    return rank_in_milvus(store, collection, documents=len(doc_texts), query_texts=query_texts,
+                          query_vectors=query_vectors, exclude=exclude, relevant=relevant, modes=modes,
+                          fusion=fusion, k=k, batch=batch, dense_cache=dense_cache, more_fusions=more_fusions)
+
+
+def service_order(hits: Sequence[Hit]) -> list[Hit]:
+    """The order the service returns: score, then document id, then chunk (service/engine.py `_search`):
+    RRF gives equal scores to documents ranked at the same place by one retriever each."""
+    return sorted(hits, key=lambda h: (-h.score, h.doc_id, h.chunk_index))
+
+
+def rank_in_milvus(
+    store: MilvusStore,
+    collection: str,
+    *,
+    documents: int,
+    query_texts: Sequence[str],
+    query_vectors: np.ndarray,
+    exclude: Sequence[int | None],
+    relevant: Sequence[set[int]],
+    modes: Sequence[str],
+    fusion: Fusion,
+    k: int = 10,
+    batch: int = 64,
+    dense_cache: dict[int, list[Any]] | None = None,
+    more_fusions: dict[str, Fusion] | None = None,
+) -> dict[str, dict[str, Any]]:
+    """Metrics of an indexed collection (integer document ids) searched through `MilvusStore.search`
+    and `semsearch.fusion.fuse` as the service searches it: one hit per document (its best chunk).
 
     Each query's own candidate (`exclude`) is dropped from its ranking; queries without relevant
     candidates are skipped. Lexical and hybrid need a backend with BM25 (Milvus Lite here).
@@ -154,24 +193,19 @@ def milvus_pool_metrics(
     searches (reported under their names), to compare fusions in one run.
     """
     more_fusions = more_fusions or {}
-    store.create_collection(collection, manifest)
-    rows = [ChunkRow(doc_id=str(i), chunk_index=0, text=text, vector=vector)
-            for i, (text, vector) in enumerate(zip(doc_texts, doc_vectors, strict=True))]
-    for start in range(0, len(rows), 1000):
-        store.upsert(collection, rows[start : start + 1000])
-    store.flush(collection)  # Milvus Lite indexes flushed rows only
     if any(mode != "dense" for mode in modes) and not store.collection_info(collection).lexical:
         raise ValueError(f"this Milvus ({store.capabilities().server_version}) has no BM25: evaluate dense only")
     kept = [i for i, rel in enumerate(relevant) if rel]
-    fetch = k + 1  # one more: the query's own text may be among them
+    # One more when a query's own text may be among them; otherwise exactly the service's top_k.
+    fetch = k + 1 if any(e is not None for e in exclude) else k
     candidates = hybrid_candidates(fetch)  # what serving fetches per retriever for hybrid
     enough = fetch if "hybrid" in modes else None  # as serving: `fetch` documents suffice
+    limit = fetch if "hybrid" not in modes else candidates
     ranked: dict[str, list[list[int]]] = {mode: [] for mode in [*modes, *more_fusions]}
     for start in range(0, len(kept), batch):
         part = kept[start : start + batch]
         found: dict[str, list[list[Any]]] = {}
         if "dense" in modes or "hybrid" in modes:
-            limit = fetch if "hybrid" not in modes else candidates
             if dense_cache is not None and all(i in dense_cache for i in part):
                 found["dense"] = [dense_cache[i] for i in part]
             else:
@@ -180,7 +214,6 @@ def milvus_pool_metrics(
                 if dense_cache is not None:
                     dense_cache.update(zip(part, found["dense"], strict=True))
         if "lexical" in modes or "hybrid" in modes:
-            limit = fetch if "hybrid" not in modes else candidates
             found["lexical"] = store.search(collection, top_k=limit, output_fields=(), per_document=True,
                                             texts=[query_texts[i] for i in part], enough=enough)
         for row, i in enumerate(part):
@@ -190,11 +223,11 @@ def milvus_pool_metrics(
                                 more_fusions.get(mode, fusion), fetch)
                 else:
                     hits = found[mode][row][:fetch]
-                ids = [int(hit.doc_id) for hit in hits if int(hit.doc_id) != exclude[i]]
+                ids = [int(hit.doc_id) for hit in service_order(hits) if int(hit.doc_id) != exclude[i]]
                 ranked[mode].append(ids[:k])
     return {
         mode: {
-            "candidates": len(doc_texts),
+            "candidates": documents,
             "queries": len(kept),
             "skipped_queries": len(relevant) - len(kept),
             "metrics": mean_metrics(query_metrics(ids, relevant[i]) for ids, i in zip(ranked[mode], kept, strict=True)),
@@ -363,10 +396,17 @@ def _fmt(value: float) -> str:
     return "n/a" if math.isnan(value) else f"{value:.4f}"
 
 
+# Under the global pool's table: how far its labels can be trusted (trainer/RESULTS.md, the label audit).
+GLOBAL_POOL_NOTE = ("Global pool: a lower bound where labels are linked pairs: in the BQ label audit "
+                    "(trainer/RESULTS.md) 71% of the global top-1 misses were unlinked true paraphrases.")
+PASSAGE_COLUMNS = ("hit@1", "hit@10", "mrr@10", "ndcg@10")
+
+
 def markdown_table(report: dict[str, Any]) -> str:
+    """The test and global pools (paired data) and the passage benchmark, whichever the report holds."""
     lines: list[str] = []
-    for pool in ("test", "global"):
-        first = report["models"][0]["pools"][pool] if report["models"] else {"candidates": 0, "queries": 0}
+    for pool in ("test", "global") if report.get("models") else ():
+        first = report["models"][0]["pools"][pool]
         lines.append(f"**{pool} pool** ({first['candidates']} candidates, {first['queries']} queries)\n")
         lines.append("| model | " + " | ".join(TABLE_COLUMNS) + " | sim pos−neg |")
         lines.append("|---|" + "---:|" * (len(TABLE_COLUMNS) + 1))
@@ -382,8 +422,55 @@ def markdown_table(report: dict[str, Any]) -> str:
                 rr = entry["rerank"]
                 cells = [_fmt(rr["pools"][pool]["metrics"][c]) for c in TABLE_COLUMNS] + [""]
                 lines.append(f"| {entry['label']} → {rr['reranker']} (top {rr['top']}) | " + " | ".join(cells) + " |")
+        if pool == "global":
+            lines.append(f"\n{GLOBAL_POOL_NOTE}")
         lines.append("")
+    if report.get("passages"):
+        lines.append(passages_table(report["passages"]))
     return "\n".join(lines)
+
+
+def passages_table(section: dict[str, Any]) -> str:
+    """Question -> passage retrieval (trainer/passages.py): one row per model and mode."""
+    sample = (f", a sample (seed {section['sample_seed']}) of {section['questions_total']}"
+              if section.get("sample_seed") is not None else "")
+    fusion = section["fusion"]
+    lines = [f"**question → passage** ({', '.join(Path(f).name for f in section['files'])}: "
+             f"{section['passages']} passages, {section['questions']} questions{sample}; through Milvus, "
+             f"one hit per passage; hybrid = {fusion['method']}"
+             + (f" k={fusion['rrf_k']}" if fusion["method"] == "rrf"
+                else f" {fusion['dense_weight']}/{fusion['lexical_weight']}") + ")\n",
+             "| model | chunks (max tokens) | " + " | ".join(PASSAGE_COLUMNS) + " |",
+             "|---|---:|" + "---:|" * len(PASSAGE_COLUMNS)]
+    for entry in section["models"]:
+        chunks = f"{entry['chunks']} ({entry['max_tokens']})"
+        for mode, result in entry["retrieval"].items():
+            cells = [_fmt(result["metrics"][c]) for c in PASSAGE_COLUMNS]
+            lines.append(f"| {entry['label']} · {mode} | {chunks} | " + " | ".join(cells) + " |")
+    lines.append("\nA passage is found at the rank of its best chunk; every question has its own passage "
+                 "(no label gaps): hit@10 = recall@10.\n")
+    return "\n".join(lines)
+
+
+def parse_fusions(spec: str) -> dict[str, Fusion]:
+    """'rrf:20,weighted:0.3:0.7' -> extra hybrids named 'hybrid rrf k=20', 'hybrid weighted 0.3/0.7';
+    a bad item is an error naming it. (semsearch.fusion's RRF has no weights: ranks only.)"""
+    return dict(_fusion_item(item) for item in filter(None, (part.strip() for part in spec.split(","))))
+
+
+def _fusion_item(item: str) -> tuple[str, Fusion]:
+    method, *values = item.split(":")
+    if method == "rrf" and len(values) == 1 and values[0].isdigit() and int(values[0]) >= 1:
+        return f"hybrid rrf k={int(values[0])}", Fusion(rrf_k=int(values[0]))
+    if method == "weighted" and len(values) == 2:
+        try:
+            dense, lexical = float(values[0]), float(values[1])
+        except ValueError:
+            dense = lexical = -1.0
+        if 0 <= dense <= 1 and 0 <= lexical <= 1:
+            return (f"hybrid weighted {dense}/{lexical}",
+                    Fusion(method="weighted", dense_weight=dense, lexical_weight=lexical))
+    raise ValueError(f"--fusions: {item!r}: expected rrf:K (K >= 1) or weighted:DENSE:LEXICAL (weights in [0, 1])")
 
 
 def plot_distributions(distributions: Sequence[ModelScores], path: Path) -> None:
@@ -421,7 +508,10 @@ def write_report(report: dict[str, Any], distributions: Sequence[ModelScores], o
     }
     paths["json"].write_text(json.dumps(report, ensure_ascii=False, indent=2), encoding="utf-8")
     paths["markdown"].write_text(markdown_table(report), encoding="utf-8")
-    plot_distributions(distributions, paths["plot"])
+    if distributions:  # a passages-only run has no labelled positives and negatives to plot
+        plot_distributions(distributions, paths["plot"])
+    else:
+        del paths["plot"]
     for number, scores in enumerate(distributions, 1):
         if scores.misses:
             # Numbered, not named by label: labels are free text ("minilm-zh (untrained)").

@@ -220,9 +220,9 @@ def add_triplets(graph: _Graph, path: Path, max_rows: int | None = None) -> int:
     return count
 
 
-def add_squad(graph: _Graph, path: Path, max_rows: int | None = None) -> int:
-    """SQuAD-format JSON (CMRC2018): every question is a query whose positive is its passage. Questions
-    over one passage share its group, so the split never separates them."""
+def read_squad(path: Path) -> list[tuple[str, list[str]]]:
+    """(passage, its questions) of a SQuAD-format JSON file (CMRC2018), in file order; blank questions are
+    skipped (logged). A broken structure raises InvalidInputError naming the file and the place."""
     if not path.exists():
         raise InvalidInputError(f"input not found: {path}")
     try:
@@ -233,7 +233,8 @@ def add_squad(graph: _Graph, path: Path, max_rows: int | None = None) -> int:
     if not isinstance(articles, list):
         raise InvalidInputError(f"{path}: expected SQuAD format: an object with a `data` list")
     problems: list[tuple[str, str]] = []
-    count = blank = 0
+    passages: list[tuple[str, list[str]]] = []
+    blank = 0
     for a, article in enumerate(articles):
         paragraphs = article.get("paragraphs") if isinstance(article, dict) else None
         if not isinstance(paragraphs, list):
@@ -246,24 +247,35 @@ def add_squad(graph: _Graph, path: Path, max_rows: int | None = None) -> int:
             if not isinstance(context, str) or not context.strip() or not isinstance(qas, list):
                 problems.append((where, "needs a non-empty `context` and a `qas` list"))
                 continue
+            questions: list[str] = []
             for q, qa in enumerate(qas):
                 question = qa.get("question") if isinstance(qa, dict) else None
                 if not isinstance(question, str):
                     problems.append((f"{where}.qas[{q}]", "needs a `question` string"))
-                    continue
-                if not question.strip():
+                elif question.strip():
+                    questions.append(question)
+                else:
                     # CMRC2018's trial set has a few blank questions: nothing to learn, not a broken file.
                     blank += 1
-                    continue
-                if max_rows is not None and count >= max_rows:
-                    continue
-                graph.link(question, context)
-                count += 1
+            passages.append((context, questions))
     if problems:
         lines = [f"{path}: {loc}: {reason}" for loc, reason in problems[:10]]
         raise InvalidInputError("\n".join(lines))
     if blank:
         log.warning("squad_blank_questions_skipped", path=str(path), count=blank)
+    return passages
+
+
+def add_squad(graph: _Graph, path: Path, max_rows: int | None = None) -> int:
+    """SQuAD-format JSON (CMRC2018): every question is a query whose positive is its passage. Questions
+    over one passage share its group, so the split never separates them."""
+    count = 0
+    for context, questions in read_squad(path):
+        for question in questions:
+            if max_rows is not None and count >= max_rows:
+                return count
+            graph.link(question, context)
+            count += 1
     return count
 
 

@@ -10,6 +10,8 @@ import typer
 from rich.console import Console
 
 from semsearch.cli import (
+    EXIT_FAILED,
+    EXIT_REFUSED,
     CollectionOption,
     ConfigOption,
     DeviceOption,
@@ -20,13 +22,19 @@ from semsearch.cli import (
 )
 from semsearch.config import Settings
 from semsearch.encoders import create_encoder
-from semsearch.errors import SemsearchError
-from semsearch.promotion import Promoter, PromotionReport
+from semsearch.errors import ConflictError, SemsearchError
+from semsearch.promotion import Promoter, PromotionError, PromotionReport
 from semsearch.registry import PairRecord
 from semsearch.store import MilvusStore
 from trainer.promotion import GateResult, gate
 
 console = Console(stderr=True)
+
+
+def exit_code(exc: SemsearchError) -> int:
+    """3 for a refusal that left everything consistent (validation, state checks, another writer won),
+    so scripts can tell "not now" from a crash (1)."""
+    return EXIT_REFUSED if isinstance(exc, PromotionError | ConflictError) else EXIT_FAILED
 
 
 def _store(settings: Settings) -> MilvusStore:
@@ -134,7 +142,7 @@ def register(app: typer.Typer) -> None:
                 if not result.passed:
                     for reason in result.reasons:
                         console.print(f"[red]gate failed:[/red] {reason}")
-                    raise typer.Exit(1)
+                    raise typer.Exit(EXIT_REFUSED)  # the gate refused: nothing changed
                 return result.metrics()
 
             encoder = create_encoder(
@@ -146,7 +154,7 @@ def register(app: typer.Typer) -> None:
                 encoder.close()
             _print_report(report)
         except SemsearchError as exc:
-            raise fail(str(exc)) from exc
+            raise fail(str(exc), exit_code(exc)) from exc
         finally:
             store.close()
 
@@ -175,7 +183,7 @@ def register(app: typer.Typer) -> None:
                 return
             _print_report(Promoter(settings, store, progress=_progress).rollback(settings.collection))
         except SemsearchError as exc:
-            raise fail(str(exc)) from exc
+            raise fail(str(exc), exit_code(exc)) from exc
         finally:
             store.close()
 
@@ -235,7 +243,7 @@ def _promote_reranker(settings: Settings, promoter: Promoter, candidate_ref: str
             if not result.passed:
                 for reason in result.reasons:
                     console.print(f"[red]gate failed:[/red] {reason}")
-                raise typer.Exit(1)
+                raise typer.Exit(EXIT_REFUSED)  # the gate refused: nothing changed
             metrics = result.metrics()
         manifest = candidate.manifest
         updated = promoter.registry.set_reranker(name, RerankerRecord(

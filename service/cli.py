@@ -160,37 +160,42 @@ def _refused(exc: grpc.RpcError) -> bool:
             and "refused" in (exc.details() or "").lower())
 
 
-def search_reporting_the_answering_address(settings: Settings, target: str, timeout: float,
-                                           request: pb.SearchDocumentsRequest) -> pb.SearchDocumentsResponse:
-    """gRPC reports only the last address's error for a name with several (its resolver gives localhost
-    as [::1] and 127.0.0.1). When that one refused the connection, each address the system resolver
-    knows is asked on its own (TLS still checks the name), so that one that answered and hung up (a
-    TLS mismatch) is what gets reported."""
+def _search_unless_refused(settings: Settings, target: str, timeout: float,
+                           request: pb.SearchDocumentsRequest) -> pb.SearchDocumentsResponse | grpc.RpcError:
+    """The response, or the error of a refused connection; any other error is raised."""
     with open_client(settings, target, timeout=timeout) as client:
         try:
             return client.search(request)
         except grpc.RpcError as exc:
             if not _refused(exc):
                 raise
-            refused = exc
+            return exc
+
+
+def search_reporting_the_answering_address(settings: Settings, target: str, timeout: float,
+                                           request: pb.SearchDocumentsRequest) -> pb.SearchDocumentsResponse:
+    """gRPC reports only the last address's error for a name with several (its resolver gives localhost
+    as [::1] and 127.0.0.1). When that one refused the connection, each address the system resolver
+    knows is asked on its own (TLS still checks the name), so that one that answered and hung up (a
+    TLS mismatch) is what gets reported."""
+    outcome = _search_unless_refused(settings, target, timeout, request)
+    if not isinstance(outcome, grpc.RpcError):
+        return outcome
     host, _, port = target.rpartition(":")
     try:
         infos = socket.getaddrinfo(host.strip("[]"), int(port), type=socket.SOCK_STREAM)
     except (OSError, ValueError):
-        raise refused from None
+        raise outcome from None
     addresses = dict.fromkeys(f"[{i[4][0]}]:{port}" if i[0] == socket.AF_INET6 else f"{i[4][0]}:{port}"
                               for i in infos)
     if list(addresses) == [target]:  # an address already: nothing else to ask
-        raise refused
+        raise outcome
     by_name = settings.model_copy(update={"tls_server_name": settings.tls_server_name or host.strip("[]")})
     for address in addresses:
-        with open_client(by_name, address, timeout=timeout) as client:
-            try:
-                return client.search(request)
-            except grpc.RpcError as exc:
-                if not _refused(exc):
-                    raise
-    raise refused
+        answer = _search_unless_refused(by_name, address, timeout, request)
+        if not isinstance(answer, grpc.RpcError):
+            return answer
+    raise outcome
 
 
 def _describe_unavailable(details: str, target: str, settings: Settings) -> str:

@@ -94,6 +94,8 @@ def test_the_distilled_student_serves_vectors_closer_to_the_teacher(
 
     manifest = ModelManifest.load(tmp_path / "out" / MANIFEST_FILENAME)
     assert manifest.pooling == "mean" and manifest.dimension == 32 and manifest.query_instruction == ""
+    # It chunks to what it learnt: at most max_len tokens, never more than its parent's limit.
+    assert manifest.max_tokens == min(config.max_len, ModelManifest.load(student / MANIFEST_FILENAME).max_tokens)
     assert manifest.parent_model and manifest.data_hash and manifest.version.endswith(manifest.version[-12:])
     assert manifest.metrics["distill"]["teacher"] == teacher.manifest.version
     assert manifest.metrics["train"]["steps"] == 60 and manifest.metrics["train"]["losses"]

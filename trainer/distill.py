@@ -493,8 +493,15 @@ def _train_and_save(config: DistillConfig, init_dir: Path, train: list[str], tar
     out = config.output_dir
     student.body.save_pretrained(str(out))
     tokenizer.save_pretrained(str(out))
-    _write_sentence_transformers_config(out, parent.pooling, True, parent.max_tokens)
+    _write_sentence_transformers_config(out, parent.pooling, True, served_max_tokens(config, parent))
     return state, parent
+
+
+def served_max_tokens(config: DistillConfig, parent: ModelManifest) -> int:
+    """The student learnt texts of at most `max_len` tokens, so that is what it is told to chunk to:
+    on CMRC2018 passages a student distilled at 64 tokens scored MRR@10 0.80 on 64-token chunks and
+    0.63 on its parent's 256 (trainer/RESULTS.md)."""
+    return min(parent.max_tokens, config.max_len)
 
 
 def _write_manifest(config: DistillConfig, parent: ModelManifest, data_hash: str, stats: dict[str, Any],
@@ -510,7 +517,7 @@ def _write_manifest(config: DistillConfig, parent: ModelManifest, data_hash: str
         normalize=True,
         query_instruction="",  # the student learnt texts as the teacher encodes documents: no instruction
         dimension=hidden,
-        max_tokens=parent.max_tokens,
+        max_tokens=served_max_tokens(config, parent),
         parent_model=parent.version,
         data_hash=data_hash,
         metrics={"distill": stats, "train": {"steps": state.step, "losses": losses,

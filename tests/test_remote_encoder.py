@@ -9,7 +9,7 @@ import ssl
 import subprocess
 import threading
 import time
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from types import SimpleNamespace
 from typing import Any, cast
@@ -585,18 +585,8 @@ class HealthSwitch:
         self.release = threading.Event()
         self.checks = 0
 
-    @property
-    def manifest(self):  # type: ignore[no-untyped-def]
-        return self.inner.manifest
-
-    def encode_queries(self, queries: Sequence[str], *, timeout_s: float | None = None) -> np.ndarray:
-        return self.inner.encode_queries(queries)
-
-    def encode_documents(self, documents: Sequence[str], *, timeout_s: float | None = None) -> np.ndarray:
-        return self.inner.encode_documents(documents)
-
-    def count_tokens(self, texts: Sequence[str]) -> list[int]:
-        return self.inner.count_tokens(texts)
+    def __getattr__(self, name: str) -> Any:  # manifest, encode_*, count_tokens: the tiny model's
+        return getattr(self.inner, name)
 
     def healthy(self) -> bool:
         self.checks += 1

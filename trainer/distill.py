@@ -86,17 +86,10 @@ class DistillConfig(BaseModel):
     @classmethod
     def load(cls, path: Path | None, **overrides: Any) -> DistillConfig:
         """YAML file (optional) with non-None overrides (CLI flags) on top."""
-        import yaml
+        from trainer.finetune import settings_file_with_overrides
 
-        data: dict[str, Any] = {}
-        if path is not None:
-            loaded = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
-            if not isinstance(loaded, dict):
-                raise InvalidInputError(f"{path}: expected a mapping of distill settings")
-            data.update(loaded)
-        data.update({k: v for k, v in overrides.items() if v is not None})
         try:
-            return cls.model_validate(data)
+            return cls.model_validate(settings_file_with_overrides(path, overrides, "distill"))
         except ValidationError as exc:
             raise InvalidInputError(f"distill settings: {exc}") from exc
 

@@ -36,6 +36,18 @@ log = structlog.get_logger(__name__)
 WORK_SUBDIR = "training"
 
 
+def settings_file_with_overrides(path: Path | None, overrides: dict[str, Any], what: str) -> dict[str, Any]:
+    """A step's settings: the YAML mapping in `path` (optional), non-None `overrides` (CLI flags) on top."""
+    data: dict[str, Any] = {}
+    if path is not None:
+        loaded = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
+        if not isinstance(loaded, dict):
+            raise InvalidInputError(f"{path}: expected a mapping of {what} settings")
+        data.update(loaded)
+    data.update({k: v for k, v in overrides.items() if v is not None})
+    return data
+
+
 class FinetuneConfig(BaseModel):
     """Everything that decides the fine-tuned weights. YAML keys are these field names."""
 
@@ -101,14 +113,7 @@ class FinetuneConfig(BaseModel):
     @classmethod
     def load(cls, path: Path | None, **overrides: Any) -> FinetuneConfig:
         """YAML file (optional) with non-None overrides (CLI flags) on top."""
-        data: dict[str, Any] = {}
-        if path is not None:
-            loaded = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
-            if not isinstance(loaded, dict):
-                raise InvalidInputError(f"{path}: expected a mapping of finetune settings")
-            data.update(loaded)
-        data.update({k: v for k, v in overrides.items() if v is not None})
-        return cls.model_validate(data)
+        return cls.model_validate(settings_file_with_overrides(path, overrides, "finetune"))
 
     def uses_cuda(self) -> bool:
         if self.device == "cpu":

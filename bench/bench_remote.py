@@ -40,6 +40,7 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
 from semsearch.encoders.remote import EncodingFormat, RemoteEncoder  # noqa: E402
+from semsearch.encoders.remote.config import Transport  # noqa: E402
 from semsearch.encoders.remote.payload import decode_embeddings, normalize_rows, request_body  # noqa: E402
 
 MODEL = "BAAI/bge-large-zh-v1.5"
@@ -83,7 +84,7 @@ def ms(samples: list[float], q: float = 0.5) -> float:
 
 def per_request(url: str, encoding_format: EncodingFormat, texts: list[str], repeat: int) -> dict[str, float]:
     encoder = RemoteEncoder([url], model_ref=MODEL, encoding_format=encoding_format, max_batch=len(texts),
-                            concurrency=1)
+                            transport=Transport(concurrency=1))
     try:
         # The client's parts on their own: the wire format is pure functions (payload.py).
         def serialize_body() -> bytes:
@@ -117,7 +118,7 @@ def throughput(
     url: str, encoding_format: EncodingFormat, concurrency: int, texts: list[str], seconds: float,
 ) -> dict[str, float]:
     encoder = RemoteEncoder([url], model_ref=MODEL, encoding_format=encoding_format, max_batch=len(texts),
-                            concurrency=concurrency)
+                            transport=Transport(concurrency=concurrency))
     latencies: list[float] = []
     lock = threading.Lock()
     stop = threading.Event()

@@ -4,6 +4,7 @@ Usage:
     .venv/bin/python bench/compat_check.py --backend lite
     .venv/bin/python bench/compat_check.py --backend server
     .venv/bin/python bench/compat_check.py --backend uri --uri http://127.0.0.1:PORT
+    /tmp/lite25-venv/bin/python bench/compat_check.py --backend lite   # the engine of another venv
 
 Prints one line per operation: OK / FAIL with the exact exception text.
 """
@@ -35,10 +36,12 @@ def step(name):
             try:
                 out = fn(*a, **kw)
                 RESULTS.append((name, "OK", "" if out is None else str(out)[:300]))
+                print(f"OK   | {name}", file=sys.stderr, flush=True)
                 return out
             except Exception as e:
                 msg = f"{type(e).__name__}: {e}".replace("\n", " ")
                 RESULTS.append((name, "FAIL", msg[:400]))
+                print(f"FAIL | {name} | {msg[:200]}", file=sys.stderr, flush=True)
                 if os.environ.get("COMPAT_TRACE"):
                     traceback.print_exc()
                 return None
@@ -105,7 +108,14 @@ def probe(c: MilvusClient):
                      params={"M": 16, "efConstruction": 200})
         c.create_index(COL, ip)
         return c.describe_index(COL, c.list_indexes(COL)[0])
-    index()
+    if index() is None:
+        @step("create_index FLAT COSINE (fallback: HNSW refused)")
+        def index_flat():
+            ip = c.prepare_index_params()
+            ip.add_index(field_name="vector", index_type="FLAT", metric_type="COSINE")
+            c.create_index(COL, ip)
+            return c.describe_index(COL, c.list_indexes(COL)[0])
+        index_flat()
 
     @step("load_collection")
     def load():
@@ -349,10 +359,133 @@ def probe(c: MilvusClient):
     drop()
 
 
+FEAT = "compat_features"
+
+
+def feature_schema(c: MilvusClient, analyzer: dict | None, partition_key: bool = True):
+    from pymilvus import Function, FunctionType
+    s = c.create_schema(auto_id=False, enable_dynamic_field=False)
+    s.add_field("id", DataType.VARCHAR, is_primary=True, max_length=64)
+    s.add_field("doc_id", DataType.VARCHAR, max_length=64)
+    s.add_field("tenant", DataType.VARCHAR, max_length=64, is_partition_key=partition_key)
+    if analyzer is None:
+        s.add_field("text", DataType.VARCHAR, max_length=1024)
+    else:
+        s.add_field("text", DataType.VARCHAR, max_length=1024, enable_analyzer=True, analyzer_params=analyzer)
+    s.add_field("metadata", DataType.JSON)
+    s.add_field("vector", DataType.FLOAT_VECTOR, dim=DIM)
+    if analyzer is not None:
+        s.add_field("sparse", DataType.SPARSE_FLOAT_VECTOR)
+        s.add_function(Function(name="bm25", function_type=FunctionType.BM25, input_field_names=["text"],
+                                output_field_names=["sparse"]))
+    return s
+
+
+FEATURE_TEXTS = ["退款申请需要多久到账", "快递配送范围包括新疆吗", "如何修改账户绑定的手机号",
+                 "发票可以开具增值税专用发票吗", "订单取消后优惠券会退回吗"]
+
+
+def probe_features(c: MilvusClient, index_type: str):
+    """What semsearch's store uses beyond the basics: tenants (partition key), grouping, range search,
+    delete by filter, BM25 (`chinese` analyzer and jieba tokenizer) and hybrid search."""
+    v = vecs(40, seed=3)
+    rows = [{"id": f"d{i // 2}#{i % 2}", "doc_id": f"d{i // 2}", "tenant": ("acme", "globex")[i % 2],
+             "text": FEATURE_TEXTS[i % 5] + f" 第{i}条", "metadata": {"k": i % 4}, "vector": v[i].tolist()}
+            for i in range(40)]
+    for label, analyzer in (("chinese analyzer", {"type": "chinese"}), ("jieba tokenizer", {"tokenizer": "jieba"})):
+        @step(f"BM25 function with {label}: create + insert + lexical search")
+        def bm25(analyzer=analyzer):
+            if c.has_collection(FEAT):
+                c.drop_collection(FEAT)
+            ip = c.prepare_index_params()
+            ip.add_index(field_name="vector", index_type=index_type, metric_type="COSINE")
+            ip.add_index(field_name="sparse", index_type="SPARSE_INVERTED_INDEX", metric_type="BM25")
+            c.create_collection(FEAT, schema=feature_schema(c, analyzer), index_params=ip,
+                                consistency_level="Strong")
+            c.insert(FEAT, rows)
+            r = c.search(FEAT, data=["退款到账"], anns_field="sparse", limit=3,
+                         search_params={"metric_type": "BM25"}, output_fields=["text"])
+            if not r[0] or "退款" not in r[0][0]["entity"]["text"]:
+                raise AssertionError(f"lexical top hit is not the refund text: {r[0]}")
+            return [h["entity"]["text"] for h in r[0]]
+        bm25()
+    if not c.has_collection(FEAT):  # no BM25 here: the dense-only schema the store falls back to
+        ip = c.prepare_index_params()
+        ip.add_index(field_name="vector", index_type=index_type, metric_type="COSINE")
+        c.create_collection(FEAT, schema=feature_schema(c, None), index_params=ip, consistency_level="Strong")
+        c.insert(FEAT, rows)
+
+    @step("hybrid_search dense + BM25, RRF")
+    def hybrid():
+        from pymilvus import AnnSearchRequest, RRFRanker
+        reqs = [AnnSearchRequest(data=[v[0].tolist()], anns_field="vector", limit=10, param={"metric_type": "COSINE"}),
+                AnnSearchRequest(data=["退款到账"], anns_field="sparse", limit=10, param={"metric_type": "BM25"})]
+        r = c.hybrid_search(FEAT, reqs, ranker=RRFRanker(60), limit=5, output_fields=["doc_id"])
+        return [h["id"] for h in r[0]]
+    hybrid()
+
+    @step("partition-key tenant filter (search + upsert stays in its tenant)")
+    def tenants():
+        c.upsert(FEAT, [{**rows[0], "text": "改过的 退款"}])
+        r = c.search(FEAT, data=[v[0].tolist()], anns_field="vector", filter='tenant == "acme"', limit=40,
+                     output_fields=["tenant"])
+        if not r[0] or any(h["entity"]["tenant"] != "acme" for h in r[0]) or r[0][0]["id"] != rows[0]["id"]:
+            raise AssertionError(f"tenant filter leaked or missed the upserted row: {r[0][:3]}")
+        return len(r[0])
+    tenants()
+
+    @step("search group_by_field=doc_id")
+    def grouping():
+        r = c.search(FEAT, data=[v[0].tolist()], anns_field="vector", limit=5, group_by_field="doc_id",
+                     output_fields=["doc_id"])
+        docs = [h["entity"]["doc_id"] for h in r[0]]
+        if len(docs) != len(set(docs)):
+            raise AssertionError(f"duplicate groups: {docs}")
+        return docs
+    grouping()
+
+    @step("range search (radius / range_filter, COSINE)")
+    def range_search():
+        r = c.search(FEAT, data=[v[0].tolist()], anns_field="vector", limit=40,
+                     search_params={"metric_type": "COSINE", "params": {"radius": 0.05, "range_filter": 1.01}})
+        if not r[0] or any(not 0.05 < h["distance"] <= 1.01 for h in r[0]):
+            raise AssertionError(f"distances outside the range: {[h['distance'] for h in r[0]]}")
+        return len(r[0])
+    range_search()
+
+    @step("delete by filter (doc_id in [...] and tenant)")
+    def delete_filter():
+        c.delete(FEAT, filter='doc_id in ["d1", "d2"] and tenant == "globex"')
+        left = c.query(FEAT, filter='doc_id in ["d1", "d2"]', output_fields=["id", "tenant"])
+        if any(r["tenant"] == "globex" for r in left) or len(left) != 2:
+            raise AssertionError(f"delete by filter left {left}")
+        return len(left)
+    delete_filter()
+
+
+def restart_check(uri: str, before: int) -> None:
+    """Close the embedded engine, open the same directory again: rows and index come back."""
+    @step("restart: reopen the Lite directory, count(*) and search after load")
+    def restart():
+        import milvus_lite.server_manager as sm
+        sm.server_manager_instance.release_server(uri)
+        c = MilvusClient(uri=uri)
+        count = c.query(FEAT, filter="", output_fields=["count(*)"])[0]["count(*)"]
+        c.load_collection(FEAT)
+        r = c.search(FEAT, data=[vecs(40, seed=3)[5].tolist()], anns_field="vector", limit=1)
+        c.close()
+        if count != before or not r[0]:
+            raise AssertionError(f"after restart count={count} (before {before}) hits={r[0]}")
+        return count
+    restart()
+
+
 def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--backend", choices=["lite", "server", "uri"], required=True)
     ap.add_argument("--uri")
+    ap.add_argument("--feature-index", default="FLAT",
+                    help="vector index of the feature probe (Lite 2.5 refuses HNSW; 3.2 and servers take any)")
     args = ap.parse_args()
     tmp = tempfile.mkdtemp(prefix="compat_", dir="/tmp")
     srv = None
@@ -365,10 +498,20 @@ def main():
             uri = srv.start()
         else:
             uri = args.uri
-        c = MilvusClient(uri=uri)
-        print(f"# backend={args.backend} uri={uri} server_version={c.get_server_version()}")
+        # A per-call deadline: pymilvus 2.5 retries some refusals (filter templates on Lite 2.5) for minutes.
+        c = MilvusClient(uri=uri, timeout=15)
+        try:
+            version = c.get_server_version()
+        except Exception as exc:  # Lite 2.5 does not implement GetVersion
+            version = f"unknown ({type(exc).__name__})"
+        import pymilvus
+        print(f"# backend={args.backend} uri={uri} server_version={version} pymilvus={pymilvus.__version__}")
         probe(c)
+        probe_features(c, args.feature_index)
+        rows_before = c.query(FEAT, filter="", output_fields=["count(*)"])[0]["count(*)"]
         c.close()
+        if args.backend == "lite":
+            restart_check(uri, rows_before)
     finally:
         if srv:
             srv.stop()

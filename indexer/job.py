@@ -29,9 +29,18 @@ from typing import Any, Literal
 import structlog
 
 from indexer.checkpoint import STATUS_RUNNING, JobState, Progress, default_state_dir, job_id_for, list_jobs
-from indexer.pipeline import Pipeline, PipelineConfig, token_counter
+from indexer.pipeline import Pipeline, PipelineConfig, rejects_in, token_counter
 from indexer.progress import ProgressReporter
-from indexer.sources import FieldMap, InputError, Limits, SourceFile, completed_bytes, discover, shard_of
+from indexer.sources import (
+    DOCUMENT_FORMATS,
+    FieldMap,
+    InputError,
+    Limits,
+    SourceFile,
+    completed_bytes,
+    find_inputs,
+    shard_of,
+)
 from semsearch.encoders.base import Encoder
 from semsearch.errors import SemsearchError
 from semsearch.ingest import Planner, rules_of
@@ -56,6 +65,8 @@ class JobError(Exception):
 class IndexOptions:
     inputs: list[str] = field(default_factory=list)
     format: str = "auto"
+    include: tuple[str, ...] = ()  # .gitignore-style patterns for the files of directories
+    exclude: tuple[str, ...] = ()
     fields: FieldMap = field(default_factory=FieldMap)
     limits: Limits = field(default_factory=Limits)
     max_tokens: int | None = None  # default: the model's limit
@@ -219,11 +230,50 @@ def stop_on_signals(pipeline: Pipeline) -> Iterator[None]:
 
 def job_identity(target: Target, files: Sequence[SourceFile], options: IndexOptions,
                  chunking: dict[str, int], manifest: ModelManifest) -> dict[str, Any]:
-    return {
+    identity = {
         "collection": target.physical, "model_version": manifest.version,
         "files": [[f.path, f.format] for f in files], "fields": asdict(options.fields),
         "limits": asdict(options.limits), "chunking": chunking, "shard": list(options.shard),
     }
+    if options.include or options.exclude:  # only then: earlier jobs keep their ids
+        identity["filters"] = {"include": list(options.include), "exclude": list(options.exclude)}
+    return identity
+
+
+def prune_scope(files: Sequence[SourceFile]) -> set[str] | None:
+    """The roots whose documents --prune may delete when every input is a document file (a folder
+    indexed into a collection shared with other folders leaves theirs alone); None: all documents."""
+    if any(f.format not in DOCUMENT_FORMATS for f in files):
+        return None
+    return {f.root for f in files}
+
+
+def _interrupted_job(options: IndexOptions, state_dir: Path, collection: str | None) -> tuple[IndexOptions, str]:
+    """`--resume` without inputs: the options and collection of the interrupted job to finish."""
+    job_id = options.job_id or find_unfinished(state_dir, collection,
+                                                options.shard if options.shard != (0, 1) else None)
+    stored = JobState(state_dir, job_id)
+    try:
+        if not stored.exists:
+            raise JobError(f"no job {job_id!r} in {state_dir}")
+        return options_from_config(options, stored.get("config")), stored.get("config")["collection"]
+    finally:
+        stored.close()
+
+
+def _run_pipeline(pipeline: Pipeline, files: Sequence[SourceFile], options: IndexOptions) -> Any:
+    """Run the index phase with its progress display and signal handling; the progress it reached."""
+    reporter = ProgressReporter(options.progress, sum(f.size for f in files) or None,
+                                log_every_s=options.progress_every_s)
+    try:
+        with stop_on_signals(pipeline):
+            pipeline.run(tick=lambda: reporter.update(pipeline.live, completed_bytes(files, pipeline.live_position)))
+    except InputError as exc:  # e.g. a CSV file without the text column
+        raise JobError(f"{exc} (then resume with --resume)") from exc
+    finally:
+        reporter.update(pipeline.live, completed_bytes(files, pipeline.live_position))
+        reporter.close()
+    return pipeline.progress
 
 
 def run_index(options: IndexOptions, *, encoder: Encoder, store: MilvusStore, collection: str,
@@ -233,29 +283,24 @@ def run_index(options: IndexOptions, *, encoder: Encoder, store: MilvusStore, co
     state_dir = options.state_dir = options.state_dir.expanduser().resolve()
 
     if options.resume and not options.inputs:
-        job_id = options.job_id or find_unfinished(state_dir, collection if collection_given else None,
-                                                    options.shard if options.shard != (0, 1) else None)
-        stored = JobState(state_dir, job_id)
-        try:
-            if not stored.exists:
-                raise JobError(f"no job {job_id!r} in {state_dir}")
-            options = options_from_config(options, stored.get("config"))
-            collection = stored.get("config")["collection"]
-        finally:
-            stored.close()
+        options, collection = _interrupted_job(options, state_dir, collection if collection_given else None)
 
     max_tokens = min(options.max_tokens or manifest.max_tokens, manifest.max_tokens)
     chunking = chunking_record(max_tokens, options.overlap_tokens)
     target = plan_target(store, collection, manifest, options.alias_policy)
     try:
-        files = discover(options.inputs, options.format)
+        found = find_inputs(options.inputs, options.format, options.include, options.exclude)
     except InputError as exc:
         raise JobError(str(exc)) from exc
+    files = found.files
+    if (unsupported := found.unsupported_note()) is not None:
+        log.warning("index_files_skipped", note=unsupported)
     identity = job_identity(target, files, options, chunking, manifest)
     job_id = options.job_id or job_id_for(collection, options.shard, identity)
     config = {
         **identity, "job_id": job_id, "alias": collection, "inputs": list(options.inputs),
         "format": options.format, "fingerprints": [f.fingerprint() for f in files],
+        "include": list(options.include), "exclude": list(options.exclude),
         "prune": options.prune, "alias_policy": options.alias_policy, "force": options.pipeline.force,
         "milvus_uri": milvus_uri, "overlap_tokens": options.overlap_tokens, "max_tokens": options.max_tokens,
         "manifest": manifest.model_dump(mode="json", exclude={"metrics"}),
@@ -277,32 +322,20 @@ def run_index(options: IndexOptions, *, encoder: Encoder, store: MilvusStore, co
                  alias=collection, alias_state=target.alias_state, files=len(files),
                  shard=f"{options.shard[0]}/{options.shard[1]}", position=progress.position.to_json())
 
-        notes: list[str] = []
+        notes: list[str] = [unsupported] if unsupported else []
         status = "complete"
+        busy: dict[str, float] = defaultdict(float)
         if progress.phase == "index":
             pipeline = Pipeline(
                 files=files, fields=options.fields, limits=options.limits, planner=planner, encoder=encoder,
                 store=store, collection=target.physical, state=state, progress=progress,
                 reject_path=reject_path, config=options.pipeline,
             )
-            total_bytes = sum(f.size for f in files) or None
-            reporter = ProgressReporter(options.progress, total_bytes, log_every_s=options.progress_every_s)
-            busy = pipeline.busy_s
-            try:
-                with stop_on_signals(pipeline):
-                    pipeline.run(tick=lambda: reporter.update(
-                        pipeline.live, completed_bytes(files, pipeline.live_position)))
-            except InputError as exc:  # e.g. a CSV file without the text column
-                raise JobError(f"{exc} (then resume with --resume)") from exc
-            finally:
-                reporter.update(pipeline.live, completed_bytes(files, pipeline.live_position))
-                reporter.close()
-                progress = pipeline.progress
+            progress, busy = _run_pipeline(pipeline, files, options), pipeline.busy_s
             state.set_phase(progress, "prune" if options.prune else "alias")
-        else:
-            busy = defaultdict(float)
+        notes += rejected_file_notes(reject_path, files)
         if progress.phase == "prune":
-            note = _prune(store, target.physical, state, progress, options)
+            note = _prune(store, target.physical, state, progress, options, prune_scope(files))
             if note:
                 notes.append(note)
                 status = "complete, prune skipped"
@@ -323,6 +356,18 @@ def run_index(options: IndexOptions, *, encoder: Encoder, store: MilvusStore, co
         )
     finally:
         state.close()
+
+
+def rejected_file_notes(reject_path: Path, files: Sequence[SourceFile], limit: int = 20) -> list[str]:
+    """One line per document file that was not indexed (path and reason), the first `limit` of them."""
+    document_files = {f.display for f in files if f.format in DOCUMENT_FORMATS}
+    if not document_files:
+        return []
+    rejected = [r for r in rejects_in(reject_path) if r.get("file") in document_files]
+    notes = [f"not indexed: {r['file']}: {r['reason']}" for r in rejected[:limit]]
+    if len(rejected) > limit:
+        notes.append(f"... and {len(rejected) - limit} more files not indexed (all in {reject_path})")
+    return notes
 
 
 def _open_job(state: JobState, options: IndexOptions, config: dict[str, Any], files: Sequence[SourceFile]) -> bool:
@@ -352,6 +397,7 @@ def options_from_config(options: IndexOptions, config: dict[str, Any]) -> IndexO
     fields = config["fields"]
     return IndexOptions(
         inputs=list(config["inputs"]), format=config["format"],
+        include=tuple(config.get("include", ())), exclude=tuple(config.get("exclude", ())),
         fields=FieldMap(id=fields["id"], text=fields["text"], title=fields["title"],
                         metadata=tuple(fields["metadata"]), metadata_object=fields["metadata_object"]),
         limits=Limits(**config["limits"]), max_tokens=config.get("max_tokens"),
@@ -375,14 +421,17 @@ def _trim_rejects(path: Path, committed_bytes: int) -> None:
 
 
 def _prune(store: MilvusStore, physical: str, state: JobState, progress: Progress,
-           options: IndexOptions) -> str | None:
-    """Delete this shard's documents that are no longer in the source; a note when refused."""
+           options: IndexOptions, roots: set[str] | None = None) -> str | None:
+    """Delete this shard's documents that are no longer in the source (only those of `roots`, when
+    given: metadata.root); a note when refused."""
     totals = progress.totals
     in_shard = totals.get("read", 0) - totals.get("other_shards", 0)
     if totals.get("documents", 0) == 0:
         return "prune skipped: the source produced no documents (check --text-field and the input)"
     ratio = totals.get("rejected", 0) / max(in_shard, 1)
-    if ratio > options.prune_max_reject_ratio:
+    # A rejected document file (unreadable, no text) has its id, its path, so --prune keeps its stored
+    # version: rejects cannot make prune delete what is still there, and need no ratio guard.
+    if roots is None and ratio > options.prune_max_reject_ratio:
         return (f"prune skipped: {ratio:.1%} of rows were rejected (limit {options.prune_max_reject_ratio:.0%}, "
                 "--prune-max-reject-ratio); fix the input first")
     shard, shards = options.shard
@@ -398,8 +447,10 @@ def _prune(store: MilvusStore, physical: str, state: JobState, progress: Progres
         for start in range(0, len(gone), 256):
             pruned += store.delete_documents(physical, gone[start : start + 256])
 
-    for row in store.iter_rows(physical, ["doc_id"]):
+    for row in store.iter_rows(physical, ["doc_id", "metadata"] if roots is not None else ["doc_id"]):
         doc_id = str(row["doc_id"])
+        if roots is not None and (row.get("metadata") or {}).get("root") not in roots:
+            continue  # another folder's document, or one not from a file
         if shard_of(doc_id, shards) == shard:
             pending.add(doc_id)
         if len(pending) >= 1000:

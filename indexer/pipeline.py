@@ -148,7 +148,8 @@ def token_counter(encoder: Encoder) -> Callable[[Sequence[str]], list[int]]:
 
 
 def plan_document(planner: Planner, doc: SourceDoc) -> PlannedDoc:
-    return PlannedDoc(doc=doc, document=planner.plan(doc.doc_id, doc.text, doc.metadata))
+    return PlannedDoc(doc=doc, document=planner.plan(doc.doc_id, doc.text, doc.metadata, doc.page_starts,
+                                                                  doc.unhashed))
 
 
 def is_unchanged(planned: PlannedDoc, stored: Sequence[tuple[str, str, int, str]]) -> bool:

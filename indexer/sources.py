@@ -1,8 +1,11 @@
-"""Input files to documents: JSONL (also stdin), CSV/TSV and Parquet, streamed record by record.
+"""Input files to documents: JSONL (also stdin), CSV/TSV and Parquet, streamed record by record,
+and document files (Markdown, text, HTML, PDF, Word), one document each (indexer/documents.py).
 
 Every record gets a `Position` (file, records consumed, byte offset, line): the checkpoint stores
 the position after the last durably written batch, and a resumed job starts reading there.
 A record becomes a `SourceDoc` or a `Reject` (with file, line and reason); bad rows never raise.
+A document file's id is its path relative to the root it was found under (the directory given,
+or the directory of a file given), so it stays the same across runs.
 """
 
 from __future__ import annotations
@@ -12,20 +15,30 @@ import gzip
 import hashlib
 import json
 import sys
+from collections import Counter
 from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import IO, Any, Literal
 
+import structlog
+
 from semsearch.ingest import IngestError, check_id, check_metadata, check_text
 
-Format = Literal["jsonl", "csv", "tsv", "parquet"]
+log = structlog.get_logger(__name__)
+
+Format = Literal["jsonl", "csv", "tsv", "parquet", "markdown", "text", "html", "pdf", "docx"]
 STDIN = "-"
 PARQUET_READ_ROWS = 1024
 
 _SUFFIXES: dict[str, Format] = {
     ".jsonl": "jsonl", ".ndjson": "jsonl", ".csv": "csv", ".tsv": "tsv", ".parquet": "parquet", ".pq": "parquet",
+    ".md": "markdown", ".markdown": "markdown", ".txt": "text", ".html": "html", ".htm": "html",
+    ".xhtml": "html", ".pdf": "pdf", ".docx": "docx",
 }
+# One document per file (indexer/documents.py); the others hold one document per record.
+DOCUMENT_FORMATS: frozenset[str] = frozenset({"markdown", "text", "html", "pdf", "docx"})
 
 
 class InputError(Exception):
@@ -59,6 +72,7 @@ class SourceFile:
     format: Format
     size: int  # bytes; 0 when unknown (stdin)
     mtime_ns: int = 0
+    root: str = ""  # document files: the directory their id is relative to (absolute)
 
     @property
     def display(self) -> str:
@@ -70,6 +84,11 @@ class SourceFile:
 
     def fingerprint(self) -> dict[str, Any]:
         return {"path": self.path, "format": self.format, "size": self.size, "mtime_ns": self.mtime_ns}
+
+    @property
+    def relative(self) -> str:
+        """The path below its root, with "/" on every system: a document file's id."""
+        return Path(self.path).relative_to(self.root).as_posix() if self.root else Path(self.path).name
 
 
 @dataclass(frozen=True, order=True)
@@ -98,6 +117,8 @@ class SourceDoc:
     file: str
     line: int
     position: Position
+    page_starts: tuple[int, ...] = ()  # PDF: where each page starts in `text` (chunks cite their page)
+    unhashed: tuple[str, ...] = ()  # metadata keys the content hash leaves out (a file's `modified`)
 
 
 @dataclass(frozen=True)
@@ -127,44 +148,112 @@ class RowError(Exception):
 
 
 # ---------------------------------------------------------------------------------------- discovery
+@dataclass
+class Discovery:
+    files: list[SourceFile]
+    unsupported: Counter[str] = field(default_factory=Counter)  # extension -> files skipped
+
+    def unsupported_note(self) -> str | None:
+        """The skipped files, once per extension: `skipped 3 files of unsupported types: .png (2), .zip (1)`."""
+        if not self.unsupported:
+            return None
+        listing = ", ".join(f"{ext} ({count})" for ext, count in sorted(self.unsupported.items()))
+        total = sum(self.unsupported.values())
+        return f"skipped {total} file{'s' if total != 1 else ''} of unsupported types: {listing}"
+
+
 def format_for(path: str, forced: str | None) -> Format | None:
     if forced and forced != "auto":
         return forced  # type: ignore[return-value]
-    name = path.lower().removesuffix(".gz")
+    lowered = path.lower()
+    name = lowered.removesuffix(".gz")
     for suffix, fmt in _SUFFIXES.items():
         if name.endswith(suffix):
-            return fmt
+            return None if fmt in DOCUMENT_FORMATS and lowered.endswith(".gz") else fmt
     return None
 
 
-def discover(inputs: Sequence[str], forced_format: str | None = None) -> list[SourceFile]:
-    """The files to read, in a fixed order: arguments in order, each directory's files sorted."""
-    files: list[SourceFile] = []
+def _extension(path: Path) -> str:
+    return path.suffix.lower() or "(no extension)"
+
+
+def path_filter(include: Sequence[str] = (), exclude: Sequence[str] = ()) -> Any:
+    """Whether a path below a root (with "/") is wanted: it matches an --include pattern (when there
+    are any) and no --exclude pattern; patterns are .gitignore's (`*.md`, `drafts/`, `docs/**/*.pdf`)."""
+    import pathspec
+
+    included = pathspec.PathSpec.from_lines("gitwildmatch", include) if include else None
+    excluded = pathspec.PathSpec.from_lines("gitwildmatch", exclude) if exclude else None
+
+    def wanted(relative: str) -> bool:
+        return (included is None or included.match_file(relative)) and not (
+            excluded is not None and excluded.match_file(relative))
+
+    return wanted
+
+
+def _directory_files(directory: Path, wanted: Any) -> list[Path]:
+    """Files below `directory` (relative paths), sorted; hidden files and folders (.git, .DS_Store) left out."""
+    found = []
+    for path in directory.rglob("*"):
+        relative = path.relative_to(directory)
+        if any(part.startswith(".") for part in relative.parts) or not path.is_file():
+            continue
+        if wanted(relative.as_posix()):
+            found.append(relative)
+    return sorted(found)
+
+
+def _source_file(path: Path, fmt: Format, root: Path) -> SourceFile:
+    if fmt == "parquet" and path.name.endswith(".gz"):
+        raise InputError(f"{path}: gzip-compressed Parquet is not supported")
+    stat = path.stat()
+    return SourceFile(str(path), fmt, stat.st_size, stat.st_mtime_ns, str(root) if fmt in DOCUMENT_FORMATS else "")
+
+
+def find_inputs(inputs: Sequence[str], forced_format: str | None = None, include: Sequence[str] = (),
+                exclude: Sequence[str] = ()) -> Discovery:
+    """The files to read, in a fixed order (arguments in order, each directory's files sorted), and
+    the files skipped because their type is not supported (reported once per extension)."""
+    found = Discovery([])
+    wanted = path_filter(include, exclude)
     for item in inputs:
         if item == STDIN:
             if forced_format not in (None, "auto", "jsonl"):
                 raise InputError("stdin ('-') is read as JSONL only")
-            files.append(SourceFile(STDIN, "jsonl", 0))
+            found.files.append(SourceFile(STDIN, "jsonl", 0))
             continue
         path = Path(item).expanduser()
         if path.is_dir():
-            found = sorted(p for p in path.rglob("*") if p.is_file() and format_for(p.name, None))
-            if not found:
-                raise InputError(f"{path}: no .jsonl/.ndjson/.csv/.tsv/.parquet files in this directory")
-            candidates = found
+            root = path.resolve()  # the files keep their path below it: a link inside stays a file of the root
+            candidates = [root / relative for relative in _directory_files(path, wanted)]
         elif path.is_file():
-            candidates = [path]
+            root, candidates = path.resolve().parent, [path.resolve()]
         else:
             raise InputError(f"{item}: no such file or directory")
+        readable = 0
         for candidate in candidates:
-            fmt = format_for(candidate.name, forced_format)
+            # In a folder the extension picks the files (--format then says how to read them); a file
+            # named on the command line is read as --format says.
+            known = format_for(candidate.name, None) if path.is_dir() else candidate
+            fmt = format_for(candidate.name, forced_format) if known else None
             if fmt is None:
-                raise InputError(f"{candidate}: unknown format (use --format jsonl|csv|tsv|parquet)")
-            if fmt == "parquet" and candidate.name.endswith(".gz"):
-                raise InputError(f"{candidate}: gzip-compressed Parquet is not supported")
-            stat = candidate.stat()
-            files.append(SourceFile(str(candidate.resolve()), fmt, stat.st_size, stat.st_mtime_ns))
-    return files
+                found.unsupported[_extension(candidate)] += 1
+                continue
+            found.files.append(_source_file(candidate, fmt, root))
+            readable += 1
+        if path.is_dir() and not readable:
+            skipped = f" ({found.unsupported_note()})" if found.unsupported else ""
+            raise InputError(f"{path}: no files to index in this directory{skipped}; supported: "
+                             f"{' '.join(sorted(_SUFFIXES))}")
+    if not found.files and found.unsupported:
+        raise InputError(f"nothing to index: {found.unsupported_note()} (use --format to read them as one)")
+    return found
+
+
+def discover(inputs: Sequence[str], forced_format: str | None = None, include: Sequence[str] = (),
+             exclude: Sequence[str] = ()) -> list[SourceFile]:
+    return find_inputs(inputs, forced_format, include, exclude).files
 
 
 # ---------------------------------------------------------------------------------------- mapping
@@ -282,7 +371,10 @@ def read_file(source: SourceFile, file_index: int, fields: FieldMap, limits: Lim
     """Records of one file after `start` (a position in this file), each with its position."""
     if start is not None and start.file_index != file_index:
         start = None
-    if source.format == "jsonl":
+    if source.format in DOCUMENT_FORMATS:
+        if start is None or start.ordinal == 0:  # one record per file: done or not
+            yield read_document(source, file_index, limits)
+    elif source.format == "jsonl":
         yield from _read_jsonl(source, file_index, fields, limits, start)
     elif source.format in ("csv", "tsv"):
         yield from _read_csv(source, file_index, fields, limits, start)
@@ -462,6 +554,54 @@ def _read_parquet(source: SourceFile, file_index: int, fields: FieldMap, limits:
                               json.dumps(decoded, ensure_ascii=False, default=str)[:500])
 
 
+def _modified(mtime_ns: int) -> str:
+    return datetime.fromtimestamp(mtime_ns / 1e9, UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
+
+
+def read_document(source: SourceFile, file_index: int, limits: Limits) -> Record:
+    """A document file as one document (id: its path below its root), or a Reject saying why not.
+
+    Metadata: `path` (= the id), `title`, `format`, `modified` (UTC), `root` (the folder the path is
+    relative to: --prune deletes only documents of the roots it was given) and, for PDFs, `pages`."""
+    from indexer.documents import UnreadableFile, extract
+
+    position = Position(file_index, 1, source.size, 0)
+    relative = source.relative
+    try:
+        doc_id = check_id(relative, "path")
+    except IngestError as exc:
+        return Reject(source.display, 0, exc.kind, f"the path cannot be a document id: {exc.reason}", "", None,
+                      position)
+    try:
+        extracted = extract(Path(source.path), source.format)
+    except UnreadableFile as exc:
+        log.warning("file_unreadable", file=source.display, reason=str(exc))
+        return Reject(source.display, 0, "unreadable_file", str(exc), "", doc_id, position)
+    except OSError as exc:
+        return Reject(source.display, 0, "unreadable_file", f"cannot read the file: {exc.strerror or exc}", "",
+                      doc_id, position)
+    except Exception as exc:  # a parser's bug on a strange file must not stop the run
+        log.warning("extract_failed", file=source.display, error=f"{type(exc).__name__}: {exc}")
+        return Reject(source.display, 0, "unreadable_file", f"extraction failed: {type(exc).__name__}: {exc}",
+                      "", doc_id, position)
+    if not extracted.text.strip():
+        reason = ("no text layer (a scanned PDF? OCR is not supported)" if source.format == "pdf"
+                  else "no text in the file")
+        return Reject(source.display, 0, "missing_text", reason, "", doc_id, position)
+    metadata: dict[str, Any] = {"path": relative, "title": extracted.title or Path(relative).stem,
+                                "format": source.format, "modified": _modified(source.mtime_ns), "root": source.root}
+    if extracted.page_starts:
+        metadata["pages"] = len(extracted.page_starts)
+    try:
+        check_text(extracted.text, limits.max_doc_chars)
+        metadata = check_metadata(metadata, limits.max_metadata_bytes)
+    except IngestError as exc:
+        return Reject(source.display, 0, exc.kind, exc.reason, "", doc_id, position)
+    # `modified` is not content: a touched but unchanged file is skipped (and keeps its stored `modified`).
+    return SourceDoc(doc_id, extracted.text, metadata, source.display, 0, position, tuple(extracted.page_starts),
+                     unhashed=("modified",))
+
+
 def read_all(files: Sequence[SourceFile], fields: FieldMap, limits: Limits,
              start: Position | None = None) -> Iterator[Record]:
     """Every record of every file from `start` on, in the fixed order."""
@@ -478,7 +618,7 @@ def completed_bytes(files: Sequence[SourceFile], position: Position) -> int:
 
 
 __all__ = [
-    "STDIN", "FieldMap", "InputError", "Limits", "Position", "Record", "Reject", "RowError", "SourceDoc",
-    "SourceFile", "completed_bytes", "derived_id", "discover", "read_all", "read_file", "shard_of",
-    "to_document",
+    "DOCUMENT_FORMATS", "STDIN", "Discovery", "FieldMap", "InputError", "Limits", "Position", "Record", "Reject",
+    "RowError", "SourceDoc", "SourceFile", "completed_bytes", "derived_id", "discover", "find_inputs", "path_filter",
+    "read_all", "read_document", "read_file", "shard_of", "to_document",
 ]

@@ -130,7 +130,7 @@ def _check_sample(report: VerifyReport, sample: list[SourceDoc], encoder: Encode
         if not rows:
             continue  # counted as missing already
         report.sampled += 1
-        planned = planner.plan(doc.doc_id, doc.text, doc.metadata)
+        planned = planner.plan(doc.doc_id, doc.text, doc.metadata, doc.page_starts, doc.unhashed)
         expected = planned.chunks
         got = [(int(r["chunk_index"]), str(r["text"]), int(r["char_offset"])) for r in rows]
         if got != [(c.index, c.text, c.start) for c in expected]:

@@ -30,6 +30,16 @@ else
   echo "warning: a CUDA build of torch is installed" >&2
 fi
 
+# Debian's chromium for the browser test of the search console (tests/test_console.py drives it with
+# Playwright; never `playwright install`, which downloads browsers), and a small Chinese font so its
+# screenshots show text rather than boxes. Skipped when chromium is already there.
+if [ ! -x /usr/bin/chromium ]; then
+  if [ "$(id -u)" = 0 ]; then APT=(apt-get); else APT=(sudo apt-get); fi
+  { "${APT[@]}" update -q >/dev/null && DEBIAN_FRONTEND=noninteractive \
+      "${APT[@]}" install -y -q chromium fonts-wqy-microhei >/dev/null; } \
+    || { echo "setup failed: apt-get install chromium (needed by tests/test_console.py)" >&2; exit 1; }
+fi
+
 # infinity-emb in its own virtualenv (.venv-infinity/): a real third-party OpenAI-compatible server
 # (/embeddings, /rerank) for the contract tests, whose pins must not move .venv/'s. CPU torch first
 # and named again with infinity, so that nothing pulls CUDA wheels. Skipped when already installed.

@@ -140,6 +140,9 @@ def _root(
 
 
 def _load_plugins() -> None:
+    from semsearch import transfer  # the library's own commands (export / import); imports this module
+
+    transfer.register(app)
     for entry in sorted(entry_points(group="semsearch.cli"), key=lambda e: e.name):
         entry.load()(app)
 

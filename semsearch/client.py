@@ -21,7 +21,7 @@ to retry: searches read, upserts are idempotent by id, deletes by id remove what
 from __future__ import annotations
 
 import json
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any, Self, TypeVar
 
@@ -102,6 +102,20 @@ def retry_service_config(max_attempts: int = 5, base_s: float = 0.1, max_wait_s:
     return json.dumps({"methodConfig": [method]})
 
 
+# Each RPC: the stub attribute that carries it and its request message.
+RPCS: dict[str, tuple[str, type[Message]]] = {
+    "SearchDocuments": ("_search", search_pb2.SearchDocumentsRequest),
+    "BatchSearchDocuments": ("_search", search_pb2.BatchSearchDocumentsRequest),
+    "UpsertDocuments": ("_search", search_pb2.UpsertDocumentsRequest),
+    "DeleteDocuments": ("_search", search_pb2.DeleteDocumentsRequest),
+    "GetDocument": ("_search", search_pb2.GetDocumentRequest),
+    "Embed": ("_search", search_pb2.EmbedRequest),
+    "Rerank": ("_search", search_pb2.RerankRequest),
+    "GetServingState": ("_admin", admin_pb2.GetServingStateRequest),
+    "ReloadServingState": ("_admin", admin_pb2.ReloadServingStateRequest),
+}
+
+
 class _ClientBase:
     """What both clients share: the target, credentials, metadata, deadline and retry policy."""
 
@@ -163,11 +177,14 @@ class _ClientBase:
             return request
         return cls(**fields)
 
-    def _metadata(self, extra: Metadata) -> list[tuple[str, str]]:
-        return [*self.metadata, *extra]
-
-    def _timeout(self, timeout: float | None) -> float | None:
-        return self.timeout if timeout is None else timeout
+    def _invoke(self, rpc: str, request: Message | None, fields: dict[str, Any], timeout: float | None,
+                metadata: Metadata) -> Any:
+        """One call, for both clients: the response (blocking stub) or an awaitable of it (grpc.aio).
+        gRPC retries it within the deadline (the channel's service config)."""
+        stub, request_class = RPCS[rpc]
+        message = self._request(request_class, request, fields)
+        timeout = self.timeout if timeout is None else timeout
+        return getattr(getattr(self, stub), rpc)(message, timeout=timeout, metadata=[*self.metadata, *metadata])
 
 
 class SearchClient(_ClientBase):
@@ -190,46 +207,46 @@ class SearchClient(_ClientBase):
     def close(self) -> None:
         self.channel.close()
 
-    def _call(self, method: Callable[..., M], request: Message, timeout: float | None, metadata: Metadata) -> M:
-        # One call: gRPC retries it within the deadline (the channel's service config).
-        return method(request, timeout=self._timeout(timeout), metadata=self._metadata(metadata))
-
     def search(self, request: search_pb2.SearchDocumentsRequest | None = None, /, *, timeout: float | None = None,
                metadata: Metadata = (), **fields: Any) -> search_pb2.SearchDocumentsResponse:
-        message = self._request(search_pb2.SearchDocumentsRequest, request, fields)
-        return self._call(self._search.SearchDocuments, message, timeout, metadata)
+        return self._invoke("SearchDocuments", request, fields, timeout, metadata)  # type: ignore[no-any-return]
 
     def batch_search(self, request: search_pb2.BatchSearchDocumentsRequest | None = None, /, *,
                      timeout: float | None = None, metadata: Metadata = (),
                      **fields: Any) -> search_pb2.BatchSearchDocumentsResponse:
-        message = self._request(search_pb2.BatchSearchDocumentsRequest, request, fields)
-        return self._call(self._search.BatchSearchDocuments, message, timeout, metadata)
+        return self._invoke("BatchSearchDocuments", request, fields, timeout, metadata)  # type: ignore[no-any-return]
 
     def upsert(self, request: search_pb2.UpsertDocumentsRequest | None = None, /, *, timeout: float | None = None,
                metadata: Metadata = (), **fields: Any) -> search_pb2.UpsertDocumentsResponse:
-        message = self._request(search_pb2.UpsertDocumentsRequest, request, fields)
-        return self._call(self._search.UpsertDocuments, message, timeout, metadata)
+        return self._invoke("UpsertDocuments", request, fields, timeout, metadata)  # type: ignore[no-any-return]
 
     def delete(self, request: search_pb2.DeleteDocumentsRequest | None = None, /, *, timeout: float | None = None,
                metadata: Metadata = (), **fields: Any) -> search_pb2.DeleteDocumentsResponse:
-        message = self._request(search_pb2.DeleteDocumentsRequest, request, fields)
-        return self._call(self._search.DeleteDocuments, message, timeout, metadata)
+        return self._invoke("DeleteDocuments", request, fields, timeout, metadata)  # type: ignore[no-any-return]
 
     def get(self, request: search_pb2.GetDocumentRequest | str | None = None, /, *, timeout: float | None = None,
             metadata: Metadata = (), **fields: Any) -> search_pb2.GetDocumentResponse:
         """`get("doc-id")`, `get(id="doc-id")` or `get(GetDocumentRequest(...))`."""
         if isinstance(request, str):
             request, fields = None, {"id": request, **fields}
-        message = self._request(search_pb2.GetDocumentRequest, request, fields)
-        return self._call(self._search.GetDocument, message, timeout, metadata)
+        return self._invoke("GetDocument", request, fields, timeout, metadata)  # type: ignore[no-any-return]
+
+    def embed(self, request: search_pb2.EmbedRequest | None = None, /, *, timeout: float | None = None,
+              metadata: Metadata = (), **fields: Any) -> search_pb2.EmbedResponse:
+        """The serving model's vectors: `embed(input=[...], input_type="INPUT_TYPE_QUERY")` for queries."""
+        return self._invoke("Embed", request, fields, timeout, metadata)  # type: ignore[no-any-return]
+
+    def rerank(self, request: search_pb2.RerankRequest | None = None, /, *, timeout: float | None = None,
+               metadata: Metadata = (), **fields: Any) -> search_pb2.RerankResponse:
+        return self._invoke("Rerank", request, fields, timeout, metadata)  # type: ignore[no-any-return]
 
     def serving_state(self, *, timeout: float | None = None,
                       metadata: Metadata = ()) -> admin_pb2.GetServingStateResponse:
-        return self._call(self._admin.GetServingState, admin_pb2.GetServingStateRequest(), timeout, metadata)
+        return self._invoke("GetServingState", None, {}, timeout, metadata)  # type: ignore[no-any-return]
 
     def reload_serving_state(self, *, timeout: float | None = None,
                              metadata: Metadata = ()) -> admin_pb2.ReloadServingStateResponse:
-        return self._call(self._admin.ReloadServingState, admin_pb2.ReloadServingStateRequest(), timeout, metadata)
+        return self._invoke("ReloadServingState", None, {}, timeout, metadata)  # type: ignore[no-any-return]
 
 
 class AsyncSearchClient(_ClientBase):
@@ -252,60 +269,45 @@ class AsyncSearchClient(_ClientBase):
     async def close(self) -> None:
         await self.channel.close(None)
 
-    async def _call(self, method: Callable[..., Any], request: Message, timeout: float | None,
-                    metadata: Metadata) -> Any:
-        return await method(request, timeout=self._timeout(timeout), metadata=self._metadata(metadata))
-
     async def search(self, request: search_pb2.SearchDocumentsRequest | None = None, /, *,
                      timeout: float | None = None, metadata: Metadata = (),
                      **fields: Any) -> search_pb2.SearchDocumentsResponse:
-        message = self._request(search_pb2.SearchDocumentsRequest, request, fields)
-        result: search_pb2.SearchDocumentsResponse = await self._call(self._search.SearchDocuments, message,
-                                                                      timeout, metadata)
-        return result
+        return await self._invoke("SearchDocuments", request, fields, timeout, metadata)  # type: ignore[no-any-return]
 
     async def batch_search(self, request: search_pb2.BatchSearchDocumentsRequest | None = None, /, *,
                            timeout: float | None = None, metadata: Metadata = (),
                            **fields: Any) -> search_pb2.BatchSearchDocumentsResponse:
-        message = self._request(search_pb2.BatchSearchDocumentsRequest, request, fields)
-        result: search_pb2.BatchSearchDocumentsResponse = await self._call(
-            self._search.BatchSearchDocuments, message, timeout, metadata)
-        return result
+        return await self._invoke("BatchSearchDocuments", request, fields, timeout, metadata)  # type: ignore[no-any-return]
 
     async def upsert(self, request: search_pb2.UpsertDocumentsRequest | None = None, /, *,
                      timeout: float | None = None, metadata: Metadata = (),
                      **fields: Any) -> search_pb2.UpsertDocumentsResponse:
-        message = self._request(search_pb2.UpsertDocumentsRequest, request, fields)
-        result: search_pb2.UpsertDocumentsResponse = await self._call(self._search.UpsertDocuments, message,
-                                                                      timeout, metadata)
-        return result
+        return await self._invoke("UpsertDocuments", request, fields, timeout, metadata)  # type: ignore[no-any-return]
 
     async def delete(self, request: search_pb2.DeleteDocumentsRequest | None = None, /, *,
                      timeout: float | None = None, metadata: Metadata = (),
                      **fields: Any) -> search_pb2.DeleteDocumentsResponse:
-        message = self._request(search_pb2.DeleteDocumentsRequest, request, fields)
-        result: search_pb2.DeleteDocumentsResponse = await self._call(self._search.DeleteDocuments, message,
-                                                                      timeout, metadata)
-        return result
+        return await self._invoke("DeleteDocuments", request, fields, timeout, metadata)  # type: ignore[no-any-return]
 
     async def get(self, request: search_pb2.GetDocumentRequest | str | None = None, /, *,
                   timeout: float | None = None, metadata: Metadata = (),
                   **fields: Any) -> search_pb2.GetDocumentResponse:
         if isinstance(request, str):
             request, fields = None, {"id": request, **fields}
-        message = self._request(search_pb2.GetDocumentRequest, request, fields)
-        result: search_pb2.GetDocumentResponse = await self._call(self._search.GetDocument, message,
-                                                                  timeout, metadata)
-        return result
+        return await self._invoke("GetDocument", request, fields, timeout, metadata)  # type: ignore[no-any-return]
+
+    async def embed(self, request: search_pb2.EmbedRequest | None = None, /, *, timeout: float | None = None,
+                    metadata: Metadata = (), **fields: Any) -> search_pb2.EmbedResponse:
+        return await self._invoke("Embed", request, fields, timeout, metadata)  # type: ignore[no-any-return]
+
+    async def rerank(self, request: search_pb2.RerankRequest | None = None, /, *, timeout: float | None = None,
+                     metadata: Metadata = (), **fields: Any) -> search_pb2.RerankResponse:
+        return await self._invoke("Rerank", request, fields, timeout, metadata)  # type: ignore[no-any-return]
 
     async def serving_state(self, *, timeout: float | None = None,
                             metadata: Metadata = ()) -> admin_pb2.GetServingStateResponse:
-        result: admin_pb2.GetServingStateResponse = await self._call(
-            self._admin.GetServingState, admin_pb2.GetServingStateRequest(), timeout, metadata)
-        return result
+        return await self._invoke("GetServingState", None, {}, timeout, metadata)  # type: ignore[no-any-return]
 
     async def reload_serving_state(self, *, timeout: float | None = None,
                                    metadata: Metadata = ()) -> admin_pb2.ReloadServingStateResponse:
-        result: admin_pb2.ReloadServingStateResponse = await self._call(
-            self._admin.ReloadServingState, admin_pb2.ReloadServingStateRequest(), timeout, metadata)
-        return result
+        return await self._invoke("ReloadServingState", None, {}, timeout, metadata)  # type: ignore[no-any-return]

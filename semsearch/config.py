@@ -81,9 +81,14 @@ class Settings(BaseSettings):
     lexical_analyzer: Literal["jieba", "jieba_exact", "standard", "none"] = "jieba"
     lexical_user_dict: list[str] = Field(default_factory=list)  # extra words for jieba
     # Retrieval when a request leaves the mode unspecified (dense when the collection has no BM25).
-    # Dense by default: clients written before modes existed keep cosine scores.
-    retrieval_mode: Literal["dense", "lexical", "hybrid"] = "dense"
-    fusion: Literal["rrf", "weighted"] = "rrf"
+    # "auto": the mode `semsearch train tune-fusion` chose for the collection, else hybrid with the
+    # fusion below (dense where the collection has no BM25 field). A request's own mode always wins.
+    retrieval_mode: Literal["auto", "dense", "lexical", "hybrid"] = "auto"
+    # Hybrid's fusion where neither the request nor the collection's tuning names one. The default is
+    # the safest measured without labels for a Chinese-capable model (semsearch/fusion.py SAFE_FUSION,
+    # trainer/RESULTS.md): min-max, equal weights. rrf: weights relative; weighted / minmax / dbsf:
+    # weighted sums of normalised scores.
+    fusion: Literal["rrf", "weighted", "minmax", "dbsf"] = "minmax"
     rrf_k: int = Field(default=60, ge=1, le=10000)
     dense_weight: float = Field(default=0.5, ge=0.0, le=1.0)
     lexical_weight: float = Field(default=0.5, ge=0.0, le=1.0)
@@ -127,10 +132,22 @@ class Settings(BaseSettings):
     # Origins whose browser pages may call the HTTP API (CORS), e.g. ["https://app.example.com"];
     # empty: no CORS headers, so browsers refuse cross-origin calls. "*" allows any origin.
     http_cors_origins: list[str] = Field(default_factory=list)
+    # Hostile or broken HTTP clients: a connection must send a request's head within
+    # http_header_timeout_s (also while idle between keep-alive requests) and its whole body within
+    # http_body_timeout_s (408 and closed otherwise); past http_max_connections open connections, a
+    # new one is answered 503 and closed.
+    http_header_timeout_s: float = Field(default=10.0, gt=0)
+    http_body_timeout_s: float = Field(default=60.0, gt=0)
+    http_max_connections: int = Field(default=1000, ge=1)
+    # The search console (a static page at GET / of the HTTP port, service/console.py); false for
+    # locked-down deployments: then only the API routes answer.
+    http_console: bool = True
     default_top_k: int = 10
     max_top_k: int = 100
     max_query_chars: int = 2048
     max_batch_queries: int = 64
+    # Texts per Embed call (POST /v1/embeddings); more is INVALID_ARGUMENT naming `input`.
+    max_embed_inputs: int = Field(default=256, ge=1)
     max_upsert_documents: int = 1000
     max_document_chars: int = 20000
     max_metadata_bytes: int = 16384

@@ -12,10 +12,11 @@ because it follows the rules of the collection the text goes to.
 
 from __future__ import annotations
 
+import bisect
 import json
 import math
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
@@ -144,13 +145,16 @@ class PlannedDocument:
     metadata: dict[str, Any]
     chunks: list[Chunk]
     content_hash: str
+    chunk_metadata: list[dict[str, Any]] = field(default_factory=list)  # per chunk, over `metadata` (PDF pages)
 
     def rows(self, vectors: np.ndarray) -> list[ChunkRow]:
         """Its rows, one per chunk, given one vector per chunk."""
+        extra = self.chunk_metadata or [{}] * len(self.chunks)
         return [
             ChunkRow(doc_id=self.doc_id, chunk_index=chunk.index, text=chunk.text, vector=vector,
-                     metadata=self.metadata, content_hash=self.content_hash, char_offset=chunk.start)
-            for chunk, vector in zip(self.chunks, vectors, strict=True)
+                     metadata={**self.metadata, **more} if more else self.metadata,
+                     content_hash=self.content_hash, char_offset=chunk.start)
+            for chunk, vector, more in zip(self.chunks, vectors, extra, strict=True)
         ]
 
 
@@ -171,6 +175,14 @@ def rows_of(planned: Sequence[PlannedDocument], vectors: np.ndarray) -> list[lis
     return out
 
 
+def _page_span(chunk: Chunk, page_starts: list[int]) -> dict[str, int]:
+    """The pages (1-based) of a chunk's first and last visible character."""
+    first = chunk.start + len(chunk.text) - len(chunk.text.lstrip())
+    last = chunk.start + len(chunk.text.rstrip()) - 1
+    return {"page": max(1, bisect.bisect_right(page_starts, first)),
+            "page_end": max(1, bisect.bisect_right(page_starts, max(first, last)))}
+
+
 class Planner:
     """Text rules + chunker: turns checked documents into PlannedDocuments."""
 
@@ -181,12 +193,26 @@ class Planner:
     def normalize(self, text: str) -> str:
         return self.rules.normalize(text)
 
-    def plan(self, doc_id: str, text: str, metadata: dict[str, Any]) -> PlannedDocument:
+    def plan(self, doc_id: str, text: str, metadata: dict[str, Any], page_starts: Sequence[int] = (),
+             unhashed: Sequence[str] = ()) -> PlannedDocument:
+        """`page_starts`: where each page starts in the (already normalised) text, for documents with
+        pages (PDF): each chunk's metadata then carries `page` and `page_end` (1-based) for citing.
+        `unhashed`: metadata keys left out of the content hash (a file's modification time: a file
+        touched but unchanged is not rewritten)."""
         text = self.rules.normalize(text)
         if not text.strip():
             raise IngestError("missing_text", "text is empty")
-        return PlannedDocument(doc_id=doc_id, text=text, metadata=metadata, chunks=self.chunker.chunk(text),
-                               content_hash=content_hash(text, metadata))
+        chunks = self.chunker.chunk(text)
+        hashed = {key: value for key, value in metadata.items() if key not in unhashed} if unhashed else metadata
+        if not page_starts:
+            return PlannedDocument(doc_id=doc_id, text=text, metadata=metadata, chunks=chunks,
+                                   content_hash=content_hash(text, hashed))
+        starts = list(page_starts)
+        pages = [_page_span(chunk, starts) for chunk in chunks]
+        # Page breaks are part of the content: moved breaks must rewrite the chunks' pages.
+        return PlannedDocument(doc_id=doc_id, text=text, metadata=metadata, chunks=chunks,
+                               content_hash=content_hash(text, {"metadata": hashed, "page_starts": starts}),
+                               chunk_metadata=pages)
 
     def embed(self, documents: Sequence[tuple[str, str, dict[str, Any]]],
               encode: Callable[[list[str]], np.ndarray]) -> list[ChunkRow]:

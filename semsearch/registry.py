@@ -53,6 +53,10 @@ class PairRecord(BaseModel):
     encoder_url: str | None = None  # remote encoder servers for this model (blue/green), else in-process
     metrics: dict[str, Any] = Field(default_factory=dict)
     since: str = Field(default_factory=now_iso)
+    # The collection's tuned default retrieval (semsearch.tuning.TunedRetrieval as JSON; `semsearch train
+    # tune-fusion`). A promoted pair starts without one (its collection is another): tune it again, or keep
+    # the replaced pair's with `tune-fusion --keep-previous`.
+    retrieval: dict[str, Any] | None = None
 
     @property
     def model_ref(self) -> str:

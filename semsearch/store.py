@@ -65,6 +65,8 @@ SEARCH_CONSISTENCY = "Session"
 ADMIN_TIMEOUT_S = 120.0
 LITE_FLUSH_ROWS = 4096
 RECONNECT_INTERVAL_S = 1.0
+# Reads (and repairs) a write makes to leave its documents whole beside concurrent writers.
+SETTLE_ROUNDS = 4
 MAX_TEXT_CHARS = 65535 // 4  # VARCHAR max_length counts bytes: 4 per character at worst
 RECORD_TAG = "semsearch"
 TEXT_RULES_PROPERTY = f"{RECORD_TAG}.text_rules"
@@ -366,6 +368,7 @@ class MilvusStore:
         self._idle_flusher = (IdleFlusher(self.flush, lite_idle_flush_s)
                               if self.is_lite and lite_idle_flush_s > 0 else None)
         self._tenant_aware: dict[str, bool] = {}
+        self._loading = threading.Lock()  # one load at a time; other callers do not wait for it
 
     def _connect(self, connect_uri: str) -> MilvusClient:
         # Dedicated: pymilvus otherwise shares one handler per URI in the process, and after a
@@ -551,7 +554,8 @@ class MilvusStore:
             self._idle_flusher.wrote(name)
 
     def write_documents(self, name: str, rows: Sequence[ChunkRow]) -> int:
-        """Upsert whole documents (all of each one's chunks), then drop chunks past their new end.
+        """Upsert whole documents (all of each one's chunks), drop chunks past their new end, then
+        repair what a concurrent writer of another process broke (`_repair_versions`).
 
         New rows land before stale ones go, so a document is never absent mid-write. The stale
         tail is deleted by a filter Milvus evaluates at delete time, limited to rows written
@@ -562,6 +566,11 @@ class MilvusStore:
             check_doc_id(row.doc_id)
         written_at = int(time.time() * 1000)
         written = self.upsert(name, rows, written_at=written_at)
+        self._delete_tails(name, rows, written_at)
+        self._repair_versions(name, rows, written_at)
+        return written
+
+    def _delete_tails(self, name: str, rows: Sequence[ChunkRow], written_at: int) -> None:
         chunk_count: dict[tuple[str, str], int] = {}
         for row in rows:
             key = (row.tenant, row.doc_id)
@@ -575,7 +584,43 @@ class MilvusStore:
                  + (f" and {render_filters([TenantFilter(tenant)])})" if tenant_field else ")")
                  for (tenant, count), ids in sorted(by_count.items())]
         self._delete_where(name, f"({' or '.join(tails)}) and updated_at <= {written_at}")
-        return written
+
+    def _repair_versions(self, name: str, rows: Sequence[ChunkRow], written_at: int) -> None:
+        """Read back (Strong) what this write stored; where it is still the newest version of a
+        document (`updated_at`, then `content_hash`) but lost chunks (a concurrent delete's
+        filter caught them, an older write's rows landed over them), write those again and drop
+        older tails again; repeated until whole (at most SETTLE_ROUNDS reads). A write that a newer
+        one superseded deletes nothing: Milvus deletes by filter as "find the rows, delete their
+        ids", and the ids are shared by every version of a document, so a loser's delete could
+        remove the winner's chunks."""
+        tenant_field = self.tenant_aware(name)
+        wanted: dict[tuple[str, str], dict[int, ChunkRow]] = {}
+        for row in rows:
+            wanted.setdefault((row.tenant, row.doc_id), {})[row.chunk_index] = row
+        fields = ["content_hash", "updated_at", *([TENANT_FIELD] if tenant_field else [])]
+        for _ in range(SETTLE_ROUNDS):
+            stored: dict[tuple[str, str], list[dict[str, Any]]] = {}
+            for stored_row in self.document_rows(name, sorted({doc_id for _, doc_id in wanted}), fields, tenant=None):
+                key = (str(stored_row.get(TENANT_FIELD, "")), str(stored_row["doc_id"]))
+                stored.setdefault(key, []).append(stored_row)
+            missing: list[ChunkRow] = []
+            broken: list[ChunkRow] = []  # every chunk of each document to repair: its tail starts after them
+            for key, chunks in wanted.items():
+                mine = (written_at, chunks[0].content_hash if 0 in chunks else "")
+                present = {(int(row["chunk_index"]), (int(row["updated_at"]), str(row["content_hash"])))
+                           for row in stored.get(key, [])}
+                if any(version > mine for _, version in present):
+                    continue  # superseded: the newer write repairs its own version
+                have = {index for index, version in present if version == mine}
+                if len(have) < len(chunks) or any(index >= len(chunks) for index, _ in present):
+                    missing += [row for index, row in chunks.items() if index not in have]
+                    broken += chunks.values()
+            if not broken:
+                return
+            log.info("document_version_repaired", collection=name, chunks=len(missing))
+            self.upsert(name, missing, written_at=written_at)
+            self._delete_tails(name, broken, written_at)
+        log.warning("document_versions_unsettled", collection=name, rounds=SETTLE_ROUNDS)
 
     def delete_documents(self, name: str, doc_ids: Sequence[str], tenant: str = "", *, dry_run: bool = False) -> int:
         """Delete every chunk of these documents of `tenant`; returns how many documents existed
@@ -592,7 +637,16 @@ class MilvusStore:
             collection_name=name, filter=by_id + " and chunk_index == 0", output_fields=["doc_id"],
         )
         if not dry_run:
+            deleted_at = int(time.time() * 1000)
             self._delete_where(name, by_id)
+            # A concurrent upsert's rows still landing escaped the filter: delete them as well, up to
+            # the versions written before this delete (a later upsert settles its own version whole).
+            for _ in range(SETTLE_ROUNDS):
+                left = self._query(collection_name=name, filter=f"{by_id} and updated_at <= {deleted_at}",
+                                   output_fields=["id"], limit=1)
+                if not left:
+                    break
+                self._delete_where(name, f"{by_id} and updated_at <= {deleted_at}")
         return len({str(row["doc_id"]) for row in existing})
 
     def count_documents(self, name: str, conditions: Sequence[Condition]) -> int:
@@ -743,7 +797,7 @@ class MilvusStore:
             return found
 
         if not per_document:
-            return run(data, top_k, False)
+            return self._checked_complete(name, run(data, top_k, False), top_k)
         found: list[list[Hit]] = [[] for _ in data]
         todo = list(range(len(data)))
         wanted = top_k if enough is None else min(enough, top_k)
@@ -762,6 +816,14 @@ class MilvusStore:
                     short.append(i)  # more rows may hold more documents
             todo = short
             limit = min(limit * 4, MAX_SEARCH_LIMIT)
+        return self._checked_complete(name, found, wanted)
+
+    def _checked_complete(self, name: str, found: list[list[Hit]], wanted: int) -> list[list[Hit]]:
+        """`found`, once a short answer (fewer hits than wanted: a filter, a threshold, a small
+        collection, or a collection still loading after a restart) is known to come from a fully
+        loaded collection: an empty OK would tell a RAG application "nothing found"."""
+        if any(len(hits) < wanted for hits in found):
+            self.require_loaded(name)
         return found
 
     # ------------------------------------------------------------------ aliases
@@ -805,7 +867,8 @@ class MilvusStore:
             if not collection or name in ("load_collection", "get_load_state"):
                 raise
             log.info("collection_not_loaded", collection=collection, operation=name)
-            self.load(str(collection))
+            if not self.load_if_released(str(collection)):
+                raise  # Milvus (or another thread) is loading it: UNAVAILABLE now, not a wait past the deadline
         except BackendUnavailableError as exc:
             if not is_connection_failure(exc) or not self.reconnect():
                 raise
@@ -849,6 +912,36 @@ class MilvusStore:
         """Load a collection for queries (a collection reopened by a new Lite process is 'released')."""
         self._call(self.client.load_collection, collection_name=self.resolve(name) or name,
                    timeout=ADMIN_TIMEOUT_S)
+
+    def load_state(self, name: str) -> str:
+        """Milvus' load state of the collection `name` (not an alias): Loaded, Loading, NotLoad or NotExist."""
+        state = self._call(self.client.get_load_state, collection_name=name)
+        return str(state.get("state", ""))  # pymilvus' LoadState prints its bare name
+
+    def load_if_released(self, name: str) -> bool:
+        """Load `name` when it is released (a new Lite process, a release); True when it is loaded.
+
+        False at once when it is still loading (a restarted server reloads what was loaded by
+        itself) or another thread of this process is loading it: callers answer UNAVAILABLE then,
+        rather than hold a request (and a thread) for the whole load."""
+        if not self._loading.acquire(blocking=False):
+            return False
+        try:
+            state = self.load_state(name)
+            if state == "NotLoad":
+                self.load(name)
+                state = self.load_state(name)
+            return state == "Loaded"
+        finally:
+            self._loading.release()
+
+    def require_loaded(self, name: str) -> None:
+        """Raise CollectionNotLoadedError (UNAVAILABLE) unless every row of `name` is searchable: an
+        answer with fewer hits than asked must not come from a collection that is still loading."""
+        state = self.load_state(name)
+        if state != "Loaded":
+            raise CollectionNotLoadedError(f"Milvus unavailable: collection {name!r} is {state or 'not loaded'}, "
+                                           "its answers would be incomplete; retry shortly")
 
     def ensure_loaded(self, name: str) -> None:
         """Load `name` unless it is loaded: whoever opens an existing collection can serve it.

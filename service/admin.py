@@ -31,7 +31,7 @@ class AdminServicer(admin_pb2_grpc.AdminServiceServicer):
         engine = self.state.engine
         return pb.GetServingStateResponse(
             current=_pair_state(engine.pair if engine else None),
-            pending=_pair_state(engine.shadow if engine else None),
+            pending=_pair_state(engine.pending_pair if engine else None),
             registry_generation=self.state.generation, name=self.state.name,
             registry_watch_error=self.state.watch_error, registry_watch_failures=self.state.watch_failures,
             reranker_version=engine.rerank.version if engine is not None and engine.rerank is not None else "",

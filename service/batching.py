@@ -14,7 +14,7 @@ import contextlib
 import functools
 import itertools
 import time
-from collections.abc import Callable, Hashable, Sequence
+from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Any, Generic, TypeVar
@@ -175,31 +175,32 @@ class EncodeBatcher(MicroBatcher[list[str], np.ndarray]):
 
 
 @dataclass(frozen=True)
-class SearchJob:
-    """One caller's queries for one retriever: `vectors` (dense) or `texts` (BM25 over chunk text)."""
+class SearchSpec:
+    """What one Milvus search call is, apart from its queries: queries with equal specs share a call
+    (the engine groups a request's queries by it, the batcher concurrent requests' jobs)."""
 
     collection: str
-    vectors: np.ndarray | None
+    retriever: str  # "dense" (vectors) or "lexical" (BM25 over chunk text)
     top_k: int
     filters: tuple[Condition, ...]
     fields: tuple[str, ...]
-    texts: tuple[str, ...] = ()
     per_document: bool = False
     min_score: float | None = None
-    enough: int | None = None  # per_document: fewer than top_k documents suffice (hybrid candidates)
+    # per_document: fewer than top_k documents suffice (a hybrid pool needs only its own depth).
+    documents_needed: int | None = None
 
-    @property
-    def lexical(self) -> bool:
-        return self.vectors is None
+
+@dataclass(frozen=True)
+class SearchJob:
+    """One caller's queries for one search spec: `vectors` (dense) or `texts` (lexical)."""
+
+    spec: SearchSpec
+    vectors: np.ndarray | None = None
+    texts: tuple[str, ...] = ()
 
     @property
     def size(self) -> int:
         return len(self.texts) if self.vectors is None else len(self.vectors)
-
-    @property
-    def key(self) -> Hashable:
-        return (self.collection, self.top_k, self.filters, self.fields, self.per_document, self.lexical,
-                self.min_score, self.enough)
 
 
 class SearchBatcher(MicroBatcher[SearchJob, list[list[Hit]]]):
@@ -208,22 +209,16 @@ class SearchBatcher(MicroBatcher[SearchJob, list[list[Hit]]]):
     def __init__(self, store: MilvusStore, **options: Any) -> None:
         def process(jobs: list[SearchJob], timeout_s: float | None) -> list[list[list[Hit]]]:
             results: list[list[list[Hit]]] = [[] for _ in jobs]
-            groups: dict[Hashable, list[int]] = {}
+            groups: dict[SearchSpec, list[int]] = {}
             for i, job in enumerate(jobs):
-                groups.setdefault(job.key, []).append(i)
-            for indices in groups.values():
-                first = jobs[indices[0]]
-                if first.lexical:
-                    hits = store.search(first.collection, top_k=first.top_k, filters=first.filters,
-                                        output_fields=first.fields, timeout_s=timeout_s,
-                                        texts=[text for i in indices for text in jobs[i].texts],
-                                        per_document=first.per_document, min_score=first.min_score,
-                                        enough=first.enough)
-                else:
-                    hits = store.search(first.collection, np.concatenate([jobs[i].vectors for i in indices]),
-                                        top_k=first.top_k, filters=first.filters, output_fields=first.fields,
-                                        timeout_s=timeout_s, per_document=first.per_document,
-                                        min_score=first.min_score, enough=first.enough)
+                groups.setdefault(job.spec, []).append(i)
+            for spec, indices in groups.items():
+                lexical = spec.retriever == "lexical"
+                hits = store.search(
+                    spec.collection, None if lexical else np.concatenate([jobs[i].vectors for i in indices]),
+                    texts=[text for i in indices for text in jobs[i].texts] if lexical else None,
+                    top_k=spec.top_k, filters=spec.filters, output_fields=spec.fields, timeout_s=timeout_s,
+                    per_document=spec.per_document, min_score=spec.min_score, enough=spec.documents_needed)
                 offset = 0
                 for i in indices:
                     count = jobs[i].size

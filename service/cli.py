@@ -252,106 +252,107 @@ def describe_rpc_error(exc: grpc.RpcError, target: str, settings: Settings, *, t
     return f"{code.name}: {details}"
 
 
+def serve(
+    config: ConfigOption = None, milvus_uri: MilvusUriOption = None, collection: CollectionOption = None,
+    model: ModelOption = None, encoder_url: EncoderUrlOption = None, device: DeviceOption = None,
+    host: HostOption = None, port: PortOption = None, log_level: LogLevelOption = None,
+    encoder_backend: EncoderBackendOption = None,
+    http_port: Annotated[int | None, typer.Option(
+        "--http-port", help="Also serve the API as HTTP/JSON on this port (same host; 0 disables)"
+        + env_hint("http_port"))] = None,
+    reranker_model: Annotated[str | None, typer.Option(
+        "--reranker-model", help="Cross-encoder for rerank requests (directory or hub id)"
+        + env_hint("reranker_model"))] = None,
+    reranker_url: Annotated[str | None, typer.Option(
+        "--reranker-url", help="Rerank servers (TEI, infinity, vLLM, sglang), comma-separated"
+        + env_hint("reranker_url"))] = None,
+) -> None:
+    """Run the gRPC search service (and HTTP/JSON with --http-port) until SIGTERM (then drain in-flight calls)."""
+    from service.server import serve as run
+
+    settings = settings_from_cli(config, milvus_uri=milvus_uri, collection=collection, model=model,
+                                 encoder_url=encoder_url, device=device, host=host, port=port,
+                                 log_level=log_level, encoder_backend=encoder_backend, http_port=http_port,
+                                 reranker_model=reranker_model, reranker_url=reranker_url)
+    try:
+        asyncio.run(run(settings))
+    except SemsearchError as exc:  # missing model, model/collection mismatch, Milvus down...
+        raise fail(str(exc)) from exc
+    except (OSError, ValueError) as exc:  # port taken, unreadable or inconsistent TLS files
+        raise fail(f"cannot serve on {settings.host}:{settings.port}: {exc}") from exc
+
+def search(
+    query: Annotated[str, typer.Argument(help="The query text (no instruction: the service adds it)")],
+    addr: AddrOption = None,
+    top_k: Annotated[int | None, typer.Option(
+        "--top-k", help="How many hits (default: the service's default_top_k)", show_default=False)] = None,
+    filters: Annotated[list[str] | None, typer.Option("--filter", help="field=value, field>=3 ... (ANDed)")] = None,
+    chunks: Annotated[bool, typer.Option("--chunks", help="Return matching chunks, not documents")] = False,
+    mode: Annotated[str | None, typer.Option(
+        "--mode", help="dense, lexical (BM25) or hybrid (default: the service's retrieval_mode)")] = None,
+    rerank: Annotated[bool, typer.Option("--rerank", help="Re-order the candidates with the service's reranker")]
+    = False,
+    rerank_candidates: Annotated[int, typer.Option(
+        "--rerank-candidates", help="Candidates to rerank (0: the service's rerank_candidates)")] = 0,
+    min_score: Annotated[float | None, typer.Option(
+        "--min-score", help="Leave out hits scoring below this (the final score of the mode)",
+        show_default=False)] = None,
+    tenant: Annotated[str, typer.Option("--tenant", help="The tenant to search (default: the default tenant)")]
+    = "",
+    page_size: Annotated[int, typer.Option(
+        "--page-size", help="Page through the results this many at a time (prints next_page_token)")] = 0,
+    page_token: Annotated[str, typer.Option(
+        "--page-token", help="next_page_token of the previous page (same query and options)")] = "",
+    as_json: Annotated[bool, typer.Option("--json", help="Print one JSON object")] = False,
+    timeout: Annotated[float, typer.Option("--timeout", help="Deadline in seconds")] = 30.0,
+    config: ConfigOption = None, host: ClientHostOption = None, port: ClientPortOption = None,
+    api_key: ApiKeyOption = None, tls_ca_file: TlsCaOption = None,
+    tls_client_cert_file: TlsClientCertOption = None, tls_client_key_file: TlsClientKeyOption = None,
+    tls_server_name: TlsServerNameOption = None,
+) -> None:
+    """Search a running service over gRPC (with an API key and TLS when the service requires them)."""
+    settings = settings_from_cli(
+        config, addr=addr, api_key=api_key, tls_ca_file=tls_ca_file,
+        tls_client_cert_file=tls_client_cert_file, tls_client_key_file=tls_client_key_file,
+        tls_server_name=tls_server_name,
+    )
+    target = client_target(settings, addr, host, port)
+    if mode is not None and mode not in MODE_VALUES:
+        raise fail(f"--mode {mode!r}: expected dense, lexical or hybrid", EXIT_USAGE)
+    # top_k 0 asks for the service's default_top_k.
+    request = pb.SearchDocumentsRequest(
+        query=query, top_k=top_k or 0, filters=[parse_filter(f) for f in filters or []], return_chunks=chunks,
+        mode=MODE_VALUES[mode] if mode else pb.RETRIEVAL_MODE_UNSPECIFIED, rerank=rerank,
+        rerank_candidates=rerank_candidates, tenant=tenant, page_size=page_size, page_token=page_token,
+    )
+    if min_score is not None:
+        request.min_score = min_score
+    try:
+        response = search_reporting_the_answering_address(settings, target, timeout, request)
+    except grpc.RpcError as exc:
+        raise fail(describe_rpc_error(exc, target, settings, timeout=timeout)) from exc
+    if as_json:
+        typer.echo(json.dumps(response_to_json(response), ensure_ascii=False))
+    else:
+        print_hits(query, response)
+
+def demo(
+    config: ConfigOption = None, milvus_uri: MilvusUriOption = None, model: ModelOption = None,
+    encoder_url: EncoderUrlOption = None, device: DeviceOption = None, log_level: LogLevelOption = None,
+    corpus: Annotated[Path | None, typer.Option("--corpus", help="JSONL corpus (default: the shipped FAQ)")] = None,
+    encoder_backend: EncoderBackendOption = None,
+) -> None:
+    """Index the shipped Chinese FAQ, start the service on 127.0.0.1 and run example queries."""
+    from service.demo import run_demo
+
+    settings = settings_from_cli(config, milvus_uri=milvus_uri, model=model, encoder_url=encoder_url,
+                                 device=device, log_level=log_level or "ERROR", encoder_backend=encoder_backend)
+    try:
+        asyncio.run(run_demo(settings, corpus=corpus, milvus_uri_given=milvus_uri is not None))
+    except SemsearchError as exc:
+        raise fail(str(exc)) from exc
+
+
 def register(app: typer.Typer) -> None:
-    @app.command()
-    def serve(
-        config: ConfigOption = None, milvus_uri: MilvusUriOption = None, collection: CollectionOption = None,
-        model: ModelOption = None, encoder_url: EncoderUrlOption = None, device: DeviceOption = None,
-        host: HostOption = None, port: PortOption = None, log_level: LogLevelOption = None,
-        encoder_backend: EncoderBackendOption = None,
-        http_port: Annotated[int | None, typer.Option(
-            "--http-port", help="Also serve the API as HTTP/JSON on this port (same host; 0 disables)"
-            + env_hint("http_port"))] = None,
-        reranker_model: Annotated[str | None, typer.Option(
-            "--reranker-model", help="Cross-encoder for rerank requests (directory or hub id)"
-            + env_hint("reranker_model"))] = None,
-        reranker_url: Annotated[str | None, typer.Option(
-            "--reranker-url", help="Rerank servers (TEI, infinity, vLLM, sglang), comma-separated"
-            + env_hint("reranker_url"))] = None,
-    ) -> None:
-        """Run the gRPC search service (and HTTP/JSON with --http-port) until SIGTERM (then drain in-flight calls)."""
-        from service.server import serve as run
-
-        settings = settings_from_cli(config, milvus_uri=milvus_uri, collection=collection, model=model,
-                                     encoder_url=encoder_url, device=device, host=host, port=port,
-                                     log_level=log_level, encoder_backend=encoder_backend, http_port=http_port,
-                                     reranker_model=reranker_model, reranker_url=reranker_url)
-        try:
-            asyncio.run(run(settings))
-        except SemsearchError as exc:  # missing model, model/collection mismatch, Milvus down...
-            raise fail(str(exc)) from exc
-        except (OSError, ValueError) as exc:  # port taken, unreadable or inconsistent TLS files
-            raise fail(f"cannot serve on {settings.host}:{settings.port}: {exc}") from exc
-
-    @app.command()
-    def search(
-        query: Annotated[str, typer.Argument(help="The query text (no instruction: the service adds it)")],
-        addr: AddrOption = None,
-        top_k: Annotated[int | None, typer.Option(
-            "--top-k", help="How many hits (default: the service's default_top_k)", show_default=False)] = None,
-        filters: Annotated[list[str] | None, typer.Option("--filter", help="field=value, field>=3 ... (ANDed)")] = None,
-        chunks: Annotated[bool, typer.Option("--chunks", help="Return matching chunks, not documents")] = False,
-        mode: Annotated[str | None, typer.Option(
-            "--mode", help="dense, lexical (BM25) or hybrid (default: the service's retrieval_mode)")] = None,
-        rerank: Annotated[bool, typer.Option("--rerank", help="Re-order the candidates with the service's reranker")]
-        = False,
-        rerank_candidates: Annotated[int, typer.Option(
-            "--rerank-candidates", help="Candidates to rerank (0: the service's rerank_candidates)")] = 0,
-        min_score: Annotated[float | None, typer.Option(
-            "--min-score", help="Leave out hits scoring below this (the final score of the mode)",
-            show_default=False)] = None,
-        tenant: Annotated[str, typer.Option("--tenant", help="The tenant to search (default: the default tenant)")]
-        = "",
-        page_size: Annotated[int, typer.Option(
-            "--page-size", help="Page through the results this many at a time (prints next_page_token)")] = 0,
-        page_token: Annotated[str, typer.Option(
-            "--page-token", help="next_page_token of the previous page (same query and options)")] = "",
-        as_json: Annotated[bool, typer.Option("--json", help="Print one JSON object")] = False,
-        timeout: Annotated[float, typer.Option("--timeout", help="Deadline in seconds")] = 30.0,
-        config: ConfigOption = None, host: ClientHostOption = None, port: ClientPortOption = None,
-        api_key: ApiKeyOption = None, tls_ca_file: TlsCaOption = None,
-        tls_client_cert_file: TlsClientCertOption = None, tls_client_key_file: TlsClientKeyOption = None,
-        tls_server_name: TlsServerNameOption = None,
-    ) -> None:
-        """Search a running service over gRPC (with an API key and TLS when the service requires them)."""
-        settings = settings_from_cli(
-            config, addr=addr, api_key=api_key, tls_ca_file=tls_ca_file,
-            tls_client_cert_file=tls_client_cert_file, tls_client_key_file=tls_client_key_file,
-            tls_server_name=tls_server_name,
-        )
-        target = client_target(settings, addr, host, port)
-        if mode is not None and mode not in MODE_VALUES:
-            raise fail(f"--mode {mode!r}: expected dense, lexical or hybrid", EXIT_USAGE)
-        # top_k 0 asks for the service's default_top_k.
-        request = pb.SearchDocumentsRequest(
-            query=query, top_k=top_k or 0, filters=[parse_filter(f) for f in filters or []], return_chunks=chunks,
-            mode=MODE_VALUES[mode] if mode else pb.RETRIEVAL_MODE_UNSPECIFIED, rerank=rerank,
-            rerank_candidates=rerank_candidates, tenant=tenant, page_size=page_size, page_token=page_token,
-        )
-        if min_score is not None:
-            request.min_score = min_score
-        try:
-            response = search_reporting_the_answering_address(settings, target, timeout, request)
-        except grpc.RpcError as exc:
-            raise fail(describe_rpc_error(exc, target, settings, timeout=timeout)) from exc
-        if as_json:
-            typer.echo(json.dumps(response_to_json(response), ensure_ascii=False))
-        else:
-            print_hits(query, response)
-
-    @app.command()
-    def demo(
-        config: ConfigOption = None, milvus_uri: MilvusUriOption = None, model: ModelOption = None,
-        encoder_url: EncoderUrlOption = None, device: DeviceOption = None, log_level: LogLevelOption = None,
-        corpus: Annotated[Path | None, typer.Option("--corpus", help="JSONL corpus (default: the shipped FAQ)")] = None,
-        encoder_backend: EncoderBackendOption = None,
-    ) -> None:
-        """Index the shipped Chinese FAQ, start the service on 127.0.0.1 and run example queries."""
-        from service.demo import run_demo
-
-        settings = settings_from_cli(config, milvus_uri=milvus_uri, model=model, encoder_url=encoder_url,
-                                     device=device, log_level=log_level or "ERROR", encoder_backend=encoder_backend)
-        try:
-            asyncio.run(run_demo(settings, corpus=corpus, milvus_uri_given=milvus_uri is not None))
-        except SemsearchError as exc:
-            raise fail(str(exc)) from exc
+    for command in (serve, search, demo):
+        app.command()(command)

@@ -37,7 +37,8 @@ from semsearch.store import (
     no_tenants_reason,
 )
 from semsearch.tracing import span
-from service.batching import EncodeBatcher, RerankBatcher, SearchBatcher, SearchJob
+from semsearch.tuning import TunedRetrieval, tuned_retrieval
+from service.batching import EncodeBatcher, RerankBatcher, SearchBatcher, SearchJob, SearchSpec
 from service.ordering import DocumentLocks
 
 log = structlog.get_logger(__name__)
@@ -64,6 +65,9 @@ class SearchQuery:
     offset: int = 0  # paging: hits of earlier pages, in the stable order (score desc, id, chunk)
     pinned: tuple[str, str] | None = None  # paging: the (model version, collection) of the first page
     paged: bool = False  # paging: find out whether hits beyond this page exist
+    # Paging, hybrid: the depth the candidate pool is sized for, fixed by the first page (0: the
+    # `max_page_depth` setting), so every page fuses the same pool and pages never repeat or skip.
+    pool_depth: int = 0
     rerank: bool = False
     rerank_candidates: int = 0  # candidates retrieved for the reranker (validated: >= top_k)
 
@@ -87,6 +91,9 @@ class SearchResult:
     total_ms: float
     mode: str = "dense"
     more: bool = False  # hits beyond these exist (paging)
+    fusion: Fusion | None = None  # the fusion that ranked the hits (hybrid)
+    retrieval_source: str = "default"  # where mode and fusion came from: request, tuned or default
+    pool_depth: int = 0  # paging, hybrid: the depth the candidate pool was sized for
     rerank_ms: float = 0.0
     reranker_version: str = ""  # set when the hits were reranked
     reranked: list[Reranked] | None = None  # parallel to hits when reranked
@@ -117,6 +124,7 @@ class ServingPair:
     collection: CollectionInfo
     planner: Planner  # the collection's text rules and the encoder's chunking
     in_flight: int = 0  # requests holding this pair; it is retired only at zero
+    retrieval: TunedRetrieval | None = None  # the collection's tuned default mode and fusion, if tuned
 
     @property
     def model_version(self) -> str:
@@ -170,10 +178,28 @@ def build_pair(settings: Settings, encoder: Encoder, store: MilvusStore, collect
         max_wait_s=settings.microbatch_max_wait_ms / 1000.0, queue_size=settings.microbatch_queue_size,
     )
     planner = Planner(rules_of(info), encoder.count_tokens, encoder.manifest.max_tokens)
-    pair = ServingPair(encoder=encoder, batcher=batcher, collection=info, planner=planner)
+    pair = ServingPair(encoder=encoder, batcher=batcher, collection=info, planner=planner,
+                       retrieval=collection_retrieval(store, info.name))
     if collection != info.name:
         log.info("collection_alias", name=collection, collection=info.name)
+    if pair.retrieval is not None:
+        log.info("tuned_retrieval", collection=info.name, retrieval=pair.retrieval.describe(),
+                 tuned_at=pair.retrieval.tuned_at)
     return pair
+
+
+# How often a running service re-reads its collection's tuned retrieval (a re-tune applies without a restart).
+TUNING_POLL_S = 30.0
+
+
+def collection_retrieval(store: MilvusStore, collection: str) -> TunedRetrieval | None:
+    """The collection's tuned retrieval (`semsearch train tune-fusion`); a malformed record is logged and
+    ignored (the server's defaults serve), never fatal."""
+    try:
+        return tuned_retrieval(store.collection_properties(collection))
+    except (ValueError, TypeError, KeyError) as exc:
+        log.warning("tuned_retrieval_ignored", collection=collection, reason=str(exc))
+        return None
 
 
 class SearchEngine:
@@ -186,13 +212,14 @@ class SearchEngine:
         # The reranker (None: rerank requests get FAILED_PRECONDITION); swapped on its own.
         self.rerank = rerank
         # A promotion in progress: writes go to this pair too, so nothing is lost at the swap.
-        self.shadow: ServingPair | None = None
+        self.pending_pair: ServingPair | None = None
         self.search_batcher = SearchBatcher(
             store, max_batch=settings.microbatch_max_size * 4, max_wait_s=0.0,
             queue_size=settings.microbatch_queue_size,
         )
         # Writes of one document id run one at a time (upsert vs delete must not interleave).
         self.document_locks = DocumentLocks()
+        self._tuning_follower: asyncio.Task[None] | None = None
         # BM25 searches on their own worker: a hybrid query's lexical half overlaps its encoding.
         self.lexical_batcher = SearchBatcher(
             store, max_batch=settings.microbatch_max_size * 4, max_wait_s=0.0,
@@ -205,13 +232,30 @@ class SearchEngine:
             self.rerank.batcher.start()
         self.search_batcher.start()
         self.lexical_batcher.start()
+        self._tuning_follower = asyncio.create_task(self._follow_tuning(), name="tuning-follower")
+
+    async def _follow_tuning(self) -> None:
+        """Re-read the serving collection's tuned retrieval now and then: `tune-fusion` writes it while
+        services run. A failed read keeps what the pair has."""
+        while True:
+            await asyncio.sleep(TUNING_POLL_S)
+            pair = self.pair
+            try:
+                tuned = await asyncio.to_thread(collection_retrieval, self.store, pair.collection.name)
+            except SemsearchError as exc:
+                log.warning("tuned_retrieval_unread", collection=pair.collection.name, reason=str(exc))
+                continue
+            if tuned != pair.retrieval:
+                log.info("tuned_retrieval", collection=pair.collection.name,
+                         retrieval=tuned.describe() if tuned is not None else "untuned")
+                pair.retrieval = tuned
 
     def swap(self, new: ServingPair) -> ServingPair:
         """Make `new` the serving pair in one reference change; returns the old one to retire."""
         new.batcher.start()
         old, self.pair = self.pair, new
-        if self.shadow is new:
-            self.shadow = None
+        if self.pending_pair is new:
+            self.pending_pair = None
         return old
 
     async def retire(self, old: ServingPair, timeout_s: float = 120.0) -> None:
@@ -220,7 +264,8 @@ class SearchEngine:
         while old.in_flight and time.monotonic() < deadline:
             await asyncio.sleep(0.05)
         await old.batcher.close()
-        if old.encoder is not self.pair.encoder and (self.shadow is None or old.encoder is not self.shadow.encoder):
+        pending = self.pending_pair
+        if old.encoder is not self.pair.encoder and (pending is None or old.encoder is not pending.encoder):
             old.encoder.close()
 
     def swap_reranker(self, new: RerankStage | None) -> RerankStage | None:
@@ -248,8 +293,12 @@ class SearchEngine:
     def resolve_mode(self, pair: ServingPair, mode: str) -> str:
         """The mode a query runs in; FAILED_PRECONDITION when it needs a BM25 field that is absent."""
         if not mode:
-            # The default follows the collection: one without a BM25 field keeps serving dense.
-            mode = self.settings.retrieval_mode if pair.collection.lexical else "dense"
+            # The default follows the collection: its tuned mode, else hybrid ("auto"); one without a
+            # BM25 field keeps serving dense.
+            mode = self.settings.retrieval_mode
+            if mode == "auto":
+                mode = pair.retrieval.mode if pair.retrieval is not None else "hybrid"
+            mode = mode if pair.collection.lexical else "dense"
         if mode not in MODES:
             raise InvalidInputError(f"mode {mode!r}: expected one of {', '.join(MODES)}")
         if mode != "dense" and not pair.collection.lexical:
@@ -324,54 +373,36 @@ class SearchEngine:
         modes = [self.resolve_mode(pair, query.mode) for query in queries]
         dense = [i for i, mode in enumerate(modes) if mode != "lexical"]
         vectors: dict[int, np.ndarray] = {}
-        # One retriever's queries with the same filters and limits share one Milvus call.
-        groups: dict[tuple[Any, ...], list[int]] = {}
-        for i, (query, mode) in enumerate(zip(queries, modes, strict=True)):
-            depth = self.depth(query)
-            limit = depth if mode != "hybrid" else hybrid_candidates(depth)
-            # Hybrid fuses up to `limit` documents per retriever; `depth` of them suffice.
-            enough = depth if mode == "hybrid" else None
-            # A threshold on a fused score cannot be pushed down to one retriever.
-            cut = query.min_score if mode != "hybrid" else None
-            for retriever in (("dense", "lexical") if mode == "hybrid" else (mode,)):
-                key = (retriever, query.filters, limit, query.return_chunks, query.with_text, query.with_metadata,
-                       cut, enough)
-                groups.setdefault(key, []).append(i)
+        groups = self._search_groups(pair, queries, modes)
         rankings: list[dict[str, list[Hit]]] = [{} for _ in queries]
         store_ms: list[float] = [0.0] * len(queries)
 
-        async def run_group(key: tuple[Any, ...], indices: list[int]) -> None:
-            retriever, filters, limit, return_chunks, with_text, with_metadata, min_score, enough = key
-            fields = [name for name, wanted in (("text", with_text), ("metadata", with_metadata)) if wanted]
+        async def run_group(spec: SearchSpec, indices: list[int]) -> None:
             group_started = time.perf_counter()
             remaining = None if timeout_s is None else max(0.05, timeout_s - (time.perf_counter() - started))
-            job = SearchJob(
-                collection=pair.collection.name, top_k=limit, filters=filters, fields=tuple(fields),
-                per_document=not return_chunks,
-                vectors=np.asarray([vectors[i] for i in indices]) if retriever == "dense" else None,
-                texts=tuple(queries[i].text for i in indices) if retriever == "lexical" else (),
-                min_score=min_score, enough=enough,
-            )
-            batcher = self.lexical_batcher if retriever == "lexical" else self.search_batcher
-            with span("semsearch.search", collection=pair.collection.name, queries=len(indices), top_k=limit,
-                      retriever=retriever):
+            lexical = spec.retriever == "lexical"
+            job = SearchJob(spec, vectors=None if lexical else np.asarray([vectors[i] for i in indices]),
+                            texts=tuple(queries[i].text for i in indices) if lexical else ())
+            batcher = self.lexical_batcher if lexical else self.search_batcher
+            with span("semsearch.search", collection=spec.collection, queries=len(indices), top_k=spec.top_k,
+                      retriever=spec.retriever):
                 results = await batcher.submit(job, remaining)
             elapsed = (time.perf_counter() - group_started) * 1e3
             for i, hits in zip(indices, results, strict=True):
-                rankings[i][retriever] = hits
+                rankings[i][spec.retriever] = hits
                 store_ms[i] = max(store_ms[i], elapsed)
 
         # Lexical searches need no vector: they run while the encoder works (their own worker).
-        lexical = [asyncio.ensure_future(run_group(key, indices)) for key, indices in groups.items()
-                   if key[0] == "lexical"]
+        lexical = [asyncio.ensure_future(run_group(spec, indices)) for spec, indices in groups.items()
+                   if spec.retriever == "lexical"]
         try:
             if dense:  # lexical-only requests never wait for the encoder
                 with span("semsearch.encode", queries=len(dense), model_version=pair.model_version):
                     encoded = await pair.batcher.encode([queries[i].text for i in dense], timeout_s)
                 vectors = {i: encoded[row] for row, i in enumerate(dense)}
             encode_ms = (time.perf_counter() - started) * 1e3
-            await asyncio.gather(*lexical, *(run_group(key, indices) for key, indices in groups.items()
-                                             if key[0] == "dense"))
+            await asyncio.gather(*lexical, *(run_group(spec, indices) for spec, indices in groups.items()
+                                             if spec.retriever == "dense"))
         finally:
             for task in lexical:  # an encoder failure must not leave searches behind
                 task.cancel()
@@ -379,9 +410,9 @@ class SearchEngine:
         results = []
         for i, (query, mode) in enumerate(zip(queries, modes, strict=True)):
             depth = self.depth(query)
-            if mode == "hybrid":
-                hits = fuse(rankings[i], query.fusion or Fusion.from_settings(self.settings), depth,
-                            per_document=not query.return_chunks)
+            fusion = self.fusion_for(pair, query) if mode == "hybrid" else None
+            if fusion is not None:
+                hits = fuse(rankings[i], fusion, depth, per_document=not query.return_chunks)
                 if query.min_score is not None:
                     hits = [hit for hit in hits if hit.score >= query.min_score]
             else:
@@ -391,9 +422,66 @@ class SearchEngine:
             results.append(SearchResult(
                 hits=hits[query.offset : query.offset + query.top_k], model_version=pair.model_version,
                 collection=pair.collection.name, encode_ms=encode_ms, store_ms=store_ms[i], total_ms=total_ms,
-                mode=mode, more=len(hits) > query.offset + query.top_k,
+                mode=mode, more=len(hits) > query.offset + query.top_k, fusion=fusion,
+                retrieval_source=self.retrieval_source(pair, query, mode),
+                pool_depth=self.pool_depth(query) if query.paged and fusion is not None else 0,
             ))
+        await asyncio.gather(*(self._fill_page_fields(pair, query, result)
+                               for query, result in zip(queries, results, strict=True)
+                               if query.paged and result.mode == "hybrid"))
         return results
+
+    def _search_groups(self, pair: ServingPair, queries: Sequence[SearchQuery],
+                       modes: Sequence[str]) -> dict[SearchSpec, list[int]]:
+        """Query indices by Milvus call: one retriever's queries with the same spec share one."""
+        groups: dict[SearchSpec, list[int]] = {}
+        for i, (query, mode) in enumerate(zip(queries, modes, strict=True)):
+            hybrid = mode == "hybrid"
+            # Hybrid fuses up to `limit` documents per retriever; `pool_depth` of them suffice.
+            limit = hybrid_candidates(self.pool_depth(query)) if hybrid else self.depth(query)
+            # A paged hybrid pool is deep: ids and scores only; the page's text and metadata follow.
+            slim = hybrid and query.paged
+            fields = tuple(name for name, wanted in (("text", query.with_text), ("metadata", query.with_metadata))
+                           if wanted and not slim)
+            for retriever in (("dense", "lexical") if hybrid else (mode,)):
+                spec = SearchSpec(
+                    collection=pair.collection.name, retriever=retriever, top_k=limit, filters=query.filters,
+                    fields=fields, per_document=not query.return_chunks,
+                    # A threshold on a fused score cannot be pushed down to one retriever.
+                    min_score=None if hybrid else query.min_score,
+                    documents_needed=self.pool_depth(query) if hybrid else None)
+                groups.setdefault(spec, []).append(i)
+        return groups
+
+    async def _fill_page_fields(self, pair: ServingPair, query: SearchQuery, result: SearchResult) -> None:
+        """The text and metadata of a page whose candidates were fetched without them (in place)."""
+        fields = [name for name, wanted in (("text", query.with_text), ("metadata", query.with_metadata)) if wanted]
+        if not result.hits or not fields:
+            return
+        rows = await asyncio.to_thread(self.store.document_rows, pair.collection.name,
+                                       sorted({hit.doc_id for hit in result.hits}), fields, tenant=query.tenant)
+        stored = {(str(row["doc_id"]), int(row["chunk_index"])): row for row in rows}
+        result.hits = [dataclasses.replace(hit, text=str(row.get("text", "")), metadata=dict(row.get("metadata") or {}))
+                       if (row := stored.get((hit.doc_id, hit.chunk_index))) is not None else hit
+                       for hit in result.hits]
+
+    def fusion_for(self, pair: ServingPair, query: SearchQuery) -> Fusion:
+        """A hybrid query's fusion: the request's, else the collection's tuned one, else the fusion
+        settings (by default the safest measured one, SAFE_FUSION)."""
+        if query.fusion is not None:
+            return query.fusion
+        if pair.retrieval is not None and pair.retrieval.mode == "hybrid":
+            return pair.retrieval.fusion
+        return Fusion.from_settings(self.settings)
+
+    def retrieval_source(self, pair: ServingPair, query: SearchQuery, mode: str) -> str:
+        """Where the mode and fusion that served `query` came from: request, tuned or default."""
+        tuned = pair.retrieval
+        if not query.mode and tuned is not None and self.settings.retrieval_mode == "auto":
+            return "tuned" if mode == tuned.mode else "default"
+        if mode == "hybrid" and query.fusion is None:
+            return "tuned" if tuned is not None and tuned.mode == "hybrid" else "default"
+        return "request" if query.mode else "default"
 
     @staticmethod
     def depth(query: SearchQuery) -> int:
@@ -401,6 +489,15 @@ class SearchEngine:
         if not query.paged:
             return query.top_k
         return min(query.offset + query.top_k + 1, MAX_SEARCH_LIMIT)
+
+    def pool_depth(self, query: SearchQuery) -> int:
+        """The depth a hybrid query's candidate pool is sized for. Pages fuse one pool, sized for the
+        deepest page (`max_page_depth`, or what their first page's token says): a pool growing with
+        the page would change the fused scores between pages (hits repeated, others skipped). So the
+        pages equal one request of `top_k` = that depth."""
+        if not query.paged:
+            return query.top_k
+        return query.pool_depth or self.settings.max_page_depth
 
     def tenant_filter(self, pair: ServingPair, tenant: str) -> tuple[Condition, ...]:
         """The condition that keeps a request inside its tenant; FAILED_PRECONDITION for a tenant
@@ -423,8 +520,8 @@ class SearchEngine:
         with self.pair.held() as pair:
             for tenant in {d.tenant for d in documents}:  # refused before any encoding
                 self.tenant_filter(pair, tenant)
-            shadow = self.shadow
-            for target in (pair, shadow):
+            pending = self.pending_pair
+            for target in (pair, pending):
                 if target is None:
                     continue
                 rows = await asyncio.to_thread(self._embed_documents, target, documents, timeout_s)
@@ -445,11 +542,11 @@ class SearchEngine:
         async with self.document_locks.hold(doc_ids):
             with self.pair.held() as pair:
                 self.tenant_filter(pair, tenant)
-                shadow = self.shadow
+                pending = self.pending_pair
                 deleted = await asyncio.to_thread(self.store.delete_documents, pair.collection.name, doc_ids, tenant,
                                                   dry_run=dry_run)
-                if shadow is not None and not dry_run:
-                    await asyncio.to_thread(self.store.delete_documents, shadow.collection.name, doc_ids, tenant)
+                if pending is not None and not dry_run:
+                    await asyncio.to_thread(self.store.delete_documents, pending.collection.name, doc_ids, tenant)
                 return deleted
 
     async def delete_matching(self, conditions: Sequence[Condition], tenant: str, *, dry_run: bool) -> int:
@@ -457,11 +554,11 @@ class SearchEngine:
         serving collection and, during a promotion, its candidate too; returns the serving count."""
         with self.pair.held() as pair:
             where = (*conditions, *self.tenant_filter(pair, tenant))
-            shadow = self.shadow
+            pending = self.pending_pair
             matched = await asyncio.to_thread(self.store.delete_matching, pair.collection.name, where, dry_run=dry_run)
-            if shadow is not None and not dry_run:
-                shadow_where = (*conditions, *self.tenant_filter(shadow, tenant))
-                await asyncio.to_thread(self.store.delete_matching, shadow.collection.name, shadow_where)
+            if pending is not None and not dry_run:
+                pending_where = (*conditions, *self.tenant_filter(pending, tenant))
+                await asyncio.to_thread(self.store.delete_matching, pending.collection.name, pending_where)
             return matched
 
     async def get(self, doc_id: str, tenant: str = "") -> tuple[StoredDocument, str]:
@@ -476,15 +573,17 @@ class SearchEngine:
                               tenant=tenant), collection
 
     async def close(self) -> None:
+        if self._tuning_follower is not None:
+            self._tuning_follower.cancel()
         if self.rerank is not None:
             await self.rerank.batcher.close()
             self.rerank.reranker.close()
         await self.search_batcher.close()
         await self.lexical_batcher.close()
         await self.pair.batcher.close()
-        if self.shadow is not None:
-            await self.shadow.batcher.close()
-            self.shadow.encoder.close()
+        if self.pending_pair is not None:
+            await self.pending_pair.batcher.close()
+            self.pending_pair.encoder.close()
 
 
 def whole_version(rows: Sequence[dict[str, Any]]) -> list[dict[str, Any]]:

@@ -36,8 +36,11 @@ from starlette.middleware.cors import CORSMiddleware
 from starlette.requests import Request
 from starlette.responses import Response
 from starlette.routing import Route
+from uvicorn.protocols.http.h11_impl import H11Protocol
 
 from semsearch.config import Settings
+from service import openai_api
+from service.console import console_routes
 from service.http_api import ROUTES, HttpRoute, error_body, http_status
 from service.openapi import packaged_document
 
@@ -45,8 +48,14 @@ log = structlog.get_logger(__name__)
 
 # Headers passed on as gRPC metadata: the credentials and the request id the logs carry.
 FORWARDED_HEADERS = ("authorization", "x-api-key", "x-request-id")
-GRPC_TIMEOUT = re.compile(r"^(\d{1,8})([HMSmun])$")
+GRPC_TIMEOUT = re.compile(r"^(\d{1,8})([HMSmun])$")  # the gRPC spec: at most 8 digits
 TIMEOUT_UNITS = {"H": 3600.0, "M": 60.0, "S": 1.0, "m": 1e-3, "u": 1e-6, "n": 1e-9}
+# Longer timeouts are clamped to this (~3.2 years), as grpc-go clamps: gRPC Python's deadline
+# (nanoseconds since the epoch) overflows past ~7e9 s and fails the call at once.
+MAX_TIMEOUT_S = 99_999_999.0
+# JSON nested deeper than this is refused (400) before protobuf sees it: json.loads recurses and
+# dies with RecursionError near 1,000 levels; no request message needs more than a few levels.
+MAX_JSON_DEPTH = 64
 
 
 class BadRequest(Exception):
@@ -76,7 +85,37 @@ def parse_timeout(value: str | None) -> float | None:
     match = GRPC_TIMEOUT.match(value.strip())
     if match is None:
         raise BadRequest(f"grpc-timeout {value!r}: expected digits and a unit (H, M, S, m, u, n), e.g. 5S or 200m")
-    return int(match.group(1)) * TIMEOUT_UNITS[match.group(2)]
+    return min(int(match.group(1)) * TIMEOUT_UNITS[match.group(2)], MAX_TIMEOUT_S)
+
+
+def json_depth(value: Any) -> int:
+    """How deeply arrays and objects nest in parsed JSON (a scalar is 0), without recursion."""
+    deepest, stack = 0, [(value, 1)]
+    while stack:
+        node, depth = stack.pop()
+        children = node.values() if isinstance(node, dict) else node if isinstance(node, list) else None
+        if children is None:
+            continue
+        deepest = max(deepest, depth)
+        if depth > MAX_JSON_DEPTH:
+            break
+        stack.extend((child, depth + 1) for child in children)
+    return deepest
+
+
+def parse_json_body(body: bytes) -> Any:
+    too_deep = BadRequest(f"the body nests arrays/objects deeper than {MAX_JSON_DEPTH} levels (the gateway's limit)")
+    try:
+        data = json.loads(body.decode("utf-8"))
+    except UnicodeDecodeError as exc:
+        raise BadRequest(f"the body is not UTF-8: {exc.reason} at byte {exc.start}") from exc
+    except json.JSONDecodeError as exc:
+        raise BadRequest(f"the body is not valid JSON: {exc.msg} at line {exc.lineno} column {exc.colno}") from exc
+    except RecursionError:
+        raise too_deep from None
+    if json_depth(data) > MAX_JSON_DEPTH:
+        raise too_deep
+    return data
 
 
 def _field(message: Message, name: str) -> FieldDescriptor | None:
@@ -98,12 +137,7 @@ def build_request(route: HttpRoute, body: bytes, path_params: dict[str, str],
     request = route.request_class()()
     data: dict[str, Any] = {}
     if route.has_body and body.strip():
-        try:
-            data = json.loads(body.decode("utf-8"))
-        except UnicodeDecodeError as exc:
-            raise BadRequest(f"the body is not UTF-8: {exc.reason} at byte {exc.start}") from exc
-        except json.JSONDecodeError as exc:
-            raise BadRequest(f"the body is not valid JSON: {exc.msg} at line {exc.lineno} column {exc.colno}") from exc
+        data = parse_json_body(body)
         if not isinstance(data, dict):
             raise BadRequest(f"the body must be a JSON object (a {request.DESCRIPTOR.name} in the proto3 JSON "
                              f"mapping), not a {type(data).__name__}")
@@ -168,15 +202,19 @@ def cors_middleware(origins: Sequence[str]) -> list[Middleware]:
 class Gateway:
     """The ASGI app: routes → RPCs over `channel` (the in-process hop to the gRPC server)."""
 
-    def __init__(self, channel: grpc.aio.Channel, *, max_body_bytes: int, cors_origins: Sequence[str] = ()) -> None:
+    def __init__(self, channel: grpc.aio.Channel, *, max_body_bytes: int, cors_origins: Sequence[str] = (),
+                 console: bool = True, body_timeout_s: float = 60.0) -> None:
         self.channel = channel
         self.max_body_bytes = max_body_bytes
+        self.body_timeout_s = body_timeout_s
         self.openapi = packaged_document()
         self.health = health_pb2_grpc.HealthStub(channel)
         routes = [Route(route.path, self._endpoint(route), methods=[route.http_method],
                         name=route.operation_id) for route in ROUTES]
         routes += [Route("/healthz", self.healthz, methods=["GET"]),
                    Route("/openapi.json", self.openapi_json, methods=["GET"])]
+        routes += openai_api.routes(self)  # POST /v1/embeddings (OpenAI shape), POST /v1/rerank (TEI/Cohere)
+        routes += console_routes() if console else []  # last: API routes match first
         self.app = Starlette(routes=routes, exception_handlers={HTTPException: self.http_error},
                              middleware=cors_middleware(cors_origins))
 
@@ -186,12 +224,17 @@ class Gateway:
             raise BadRequest(f"the body is {declared} bytes, over max_message_bytes ({self.max_body_bytes})",
                              grpc.StatusCode.RESOURCE_EXHAUSTED, http=413)
         chunks, size = [], 0
-        async for chunk in request.stream():
-            size += len(chunk)
-            if size > self.max_body_bytes:
-                raise BadRequest(f"the body is over max_message_bytes ({self.max_body_bytes})",
-                                 grpc.StatusCode.RESOURCE_EXHAUSTED, http=413)
-            chunks.append(chunk)
+        try:
+            async with asyncio.timeout(self.body_timeout_s):  # a trickling client holds a connection
+                async for chunk in request.stream():
+                    size += len(chunk)
+                    if size > self.max_body_bytes:
+                        raise BadRequest(f"the body is over max_message_bytes ({self.max_body_bytes})",
+                                         grpc.StatusCode.RESOURCE_EXHAUSTED, http=413)
+                    chunks.append(chunk)
+        except TimeoutError:
+            raise BadRequest(f"the body did not arrive within http_body_timeout_s ({self.body_timeout_s:g} s)",
+                             grpc.StatusCode.DEADLINE_EXCEEDED, http=408) from None
         return b"".join(chunks)
 
     def _endpoint(self, route: HttpRoute) -> Any:
@@ -207,7 +250,9 @@ class Gateway:
                                         list(request.query_params.multi_items()))
                 timeout = parse_timeout(request.headers.get("grpc-timeout"))
             except BadRequest as exc:
-                return error_response(exc.code, str(exc), http=exc.http)
+                # A body left unread (too big, too slow) ends the connection: it cannot carry another request.
+                close = {"connection": "close"} if exc.http in (408, 413) else None
+                return error_response(exc.code, str(exc), http=exc.http, headers=close)
             metadata = grpc.aio.Metadata(*((name, request.headers[name]) for name in FORWARDED_HEADERS
                                            if name in request.headers))
             try:
@@ -250,6 +295,65 @@ class _EmbeddedServer(uvicorn.Server):
         yield
 
 
+def raw_error(status: int, code: grpc.StatusCode, message: str) -> bytes:
+    """A whole HTTP/1.1 error response that closes the connection, for the protocol layer (no ASGI app)."""
+    body = json.dumps(error_body(code, message, http=status), ensure_ascii=False).encode()
+    reason = {408: "Request Timeout", 503: "Service Unavailable"}[status]
+    return (f"HTTP/1.1 {status} {reason}\r\ncontent-type: application/json\r\ncontent-length: {len(body)}\r\n"
+            f"connection: close\r\n\r\n").encode() + body
+
+
+async def _too_many_connections(scope: Any, receive: Any, send: Any) -> None:
+    response = error_response(grpc.StatusCode.UNAVAILABLE, "too many open HTTP connections "
+                              "(http_max_connections); retry later",
+                              headers={"connection": "close", "retry-after": "1"})
+    await response(scope, receive, send)
+
+
+def guarded_protocol(header_timeout_s: float, max_connections: int) -> type[H11Protocol]:
+    """uvicorn's h11 protocol with what it lacks against hostile clients: a deadline for each
+    request's head (uvicorn waits forever for the first one, and any byte restarts its keep-alive
+    wait), and a cap on open connections (uvicorn's limit_concurrency answers in plain text)."""
+
+    class GuardedH11Protocol(H11Protocol):
+        _head_timer: asyncio.TimerHandle | None = None
+
+        def connection_made(self, transport: asyncio.BaseTransport) -> None:  # type: ignore[override]
+            super().connection_made(transport)  # type: ignore[arg-type]
+            if len(self.connections) > max_connections:
+                self.app = _too_many_connections  # read the request's head, answer 503, close
+            self._arm_head_timer()
+
+        def connection_lost(self, exc: Exception | None) -> None:
+            self._disarm_head_timer()
+            super().connection_lost(exc)
+
+        def on_response_complete(self) -> None:
+            super().on_response_complete()
+            if not self.transport.is_closing():
+                self._arm_head_timer()  # the next request's head, on a kept-alive connection
+
+        def _arm_head_timer(self) -> None:
+            self._disarm_head_timer()
+            self._head_timer = self.loop.call_later(header_timeout_s, self._head_timed_out)
+
+        def _disarm_head_timer(self) -> None:
+            if self._head_timer is not None:
+                self._head_timer.cancel()
+                self._head_timer = None
+
+        def _head_timed_out(self) -> None:
+            self._head_timer = None
+            if self.cycle is not None and not self.cycle.response_complete:
+                return  # a request is being served: its body has http_body_timeout_s, the RPC its deadline
+            if not self.transport.is_closing():
+                self.transport.write(raw_error(408, grpc.StatusCode.DEADLINE_EXCEEDED, "no request head within "
+                                               f"http_header_timeout_s ({header_timeout_s:g} s)"))
+                self.transport.close()
+
+    return GuardedH11Protocol
+
+
 def bind(host: str, port: int) -> socket.socket:
     family, kind, proto, _, address = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM,
                                                          flags=socket.AI_PASSIVE)[0]
@@ -272,7 +376,8 @@ class HttpServer:
                    ("grpc.max_send_message_length", settings.max_message_bytes)]
         self.channel = grpc.aio.insecure_channel(grpc_target, options=options)
         self.gateway = Gateway(self.channel, max_body_bytes=settings.max_message_bytes,
-                               cors_origins=settings.http_cors_origins)
+                               cors_origins=settings.http_cors_origins, console=settings.http_console,
+                               body_timeout_s=settings.http_body_timeout_s)
         self.port = 0
         self._server: _EmbeddedServer | None = None
         self._task: asyncio.Task[None] | None = None
@@ -286,7 +391,8 @@ class HttpServer:
             raise OSError(f"HTTP port {settings.http_port}: {exc.strerror or exc}") from exc
         self.port = int(sock.getsockname()[1])
         config = uvicorn.Config(
-            self.gateway.app, lifespan="off", log_config=None, access_log=False, ws="none", http="h11",
+            self.gateway.app, lifespan="off", log_config=None, access_log=False, ws="none",
+            http=guarded_protocol(settings.http_header_timeout_s, settings.http_max_connections),
             timeout_graceful_shutdown=max(1, math.ceil(settings.shutdown_grace_s)),
             ssl_certfile=settings.tls_cert_file, ssl_keyfile=settings.tls_key_file,
             ssl_ca_certs=settings.tls_client_ca_file,

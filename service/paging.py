@@ -1,8 +1,10 @@
 """Page tokens (AIP-158): opaque, HMAC-signed, bound to one query and one serving (model, collection) pair.
 
 A token carries the offset of the next page in the stable order (score desc, id, chunk), the pair
-that served the first page, an expiry, and a digest of the request without its paging fields (with
-the tenant the call resolved to). It is signed, not encrypted: it reveals nothing the response did
+that served the first page, what fixed the first page's ranking (the mode it ran in, the fusion and
+the depth its hybrid candidate pool was sized for: every page fuses the same pool, so pages neither
+repeat nor skip a hit), an expiry, and a digest of the request without its paging fields (with the
+tenant the call resolved to). It is signed, not encrypted: it reveals nothing the response did
 not (model version and collection are in every response).
 """
 
@@ -10,6 +12,7 @@ from __future__ import annotations
 
 import base64
 import binascii
+import dataclasses
 import hashlib
 import hmac
 import json
@@ -22,6 +25,7 @@ import structlog
 
 from semsearch.config import Settings
 from semsearch.errors import InvalidInputError
+from semsearch.fusion import Fusion
 from semsearch.v1 import search_pb2 as pb
 
 log = structlog.get_logger(__name__)
@@ -35,6 +39,9 @@ class Cursor:
     offset: int
     model_version: str
     collection: str
+    mode: str = ""  # the mode the first page ran in ("" = tokens of older releases: the request's)
+    fusion: Fusion | None = None  # the fusion of the first page (hybrid)
+    pool_depth: int = 0  # the depth the hybrid candidate pool was sized for (0: by each page's depth)
 
 
 def binding(request: pb.SearchDocumentsRequest, tenant: str) -> str:
@@ -86,8 +93,15 @@ class PageTokens:
         return hmac.new(secret, payload, hashlib.sha256).digest()[:_MAC_BYTES]
 
     def issue(self, bound_to: str, cursor: Cursor) -> str:
-        payload = json.dumps({"o": cursor.offset, "m": cursor.model_version, "c": cursor.collection,
-                              "b": bound_to, "e": int(time.time() + self.ttl_s)}, separators=(",", ":")).encode()
+        fields: dict[str, object] = {"o": cursor.offset, "m": cursor.model_version, "c": cursor.collection,
+                                     "b": bound_to, "e": int(time.time() + self.ttl_s)}
+        if cursor.mode:
+            fields["md"] = cursor.mode
+        if cursor.pool_depth:
+            fields["p"] = cursor.pool_depth
+        if cursor.fusion is not None:
+            fields["f"] = dataclasses.asdict(cursor.fusion)
+        payload = json.dumps(fields, separators=(",", ":")).encode()
         return f"{_b64(payload)}.{_b64(self._mac(self._secrets[0], payload))}"
 
     def open(self, token: str, bound_to: str, where: str = "page_token") -> Cursor:
@@ -110,4 +124,6 @@ class PageTokens:
                                     "page_token must equal the first page's request")
         if fields["e"] < time.time():
             raise InvalidInputError(f"{where} has expired: search again from the first page")
-        return Cursor(offset=int(fields["o"]), model_version=str(fields["m"]), collection=str(fields["c"]))
+        return Cursor(offset=int(fields["o"]), model_version=str(fields["m"]), collection=str(fields["c"]),
+                      mode=str(fields.get("md", "")), pool_depth=int(fields.get("p", 0)),
+                      fusion=Fusion(**fields["f"]) if "f" in fields else None)

@@ -23,6 +23,8 @@ REQUIRED_SCOPE: dict[str, str] = {
     "/semsearch.v1.SearchService/SearchDocuments": "search",
     "/semsearch.v1.SearchService/BatchSearchDocuments": "search",
     "/semsearch.v1.SearchService/GetDocument": "search",
+    "/semsearch.v1.SearchService/Embed": "search",
+    "/semsearch.v1.SearchService/Rerank": "search",
     "/semsearch.v1.SearchService/UpsertDocuments": "write",
     "/semsearch.v1.SearchService/DeleteDocuments": "write",
 }

@@ -65,16 +65,21 @@ class RunningServer:
         SERVING.set(1 if serving else 0)
 
     async def probe_backends(self) -> bool:
-        """Is the serving collection reachable? (and, for remote encoders, is one server up)"""
+        """Would a search succeed now: is the serving collection reachable and loaded (a released one
+        is loaded here: a restarted Lite process reopens collections released)? And, for remote
+        encoders, is one server up? A restarted Milvus server answers long before it has reloaded
+        the collection, and searches meanwhile fail or come back incomplete."""
         engine = self.servicer.engine
         if engine is None:
             return False
         try:
-            await asyncio.wait_for(
-                asyncio.to_thread(self.store.has_collection, engine.pair.collection.name),
+            loaded = await asyncio.wait_for(
+                asyncio.to_thread(self.store.load_if_released, engine.pair.collection.name),
                 timeout=max(1.0, self.settings.health_probe_interval_s),
             )
         except (TimeoutError, SemsearchError):
+            return False
+        if not loaded:
             return False
         try:  # a remote encoder may probe its servers: off the event loop, bounded
             return await asyncio.wait_for(asyncio.to_thread(engine.pair.encoder.healthy),

@@ -5,7 +5,6 @@ from __future__ import annotations
 import asyncio
 import dataclasses
 import functools
-import math
 import time
 import uuid
 from collections.abc import Awaitable, Callable
@@ -23,7 +22,8 @@ from semsearch.metrics import RPC_IN_FLIGHT, RPC_LATENCY, RPC_REQUESTS
 from semsearch.store import Hit, RetrieverScore
 from semsearch.v1 import search_pb2 as pb
 from semsearch.v1 import search_pb2_grpc
-from service import validation
+from service import highlight, validation
+from service.embed import EmbedService, embed_response
 from service.engine import Reranked, SearchEngine, SearchQuery, SearchResult
 from service.paging import Cursor, PageTokens, binding, page_secrets
 from service.security import caller, tenant_for
@@ -116,44 +116,8 @@ def _struct(value: dict[str, Any]) -> struct_pb2.Struct:
     return message
 
 
-_MODES = {pb.RETRIEVAL_MODE_UNSPECIFIED: "", pb.RETRIEVAL_MODE_DENSE: "dense",
-          pb.RETRIEVAL_MODE_LEXICAL: "lexical", pb.RETRIEVAL_MODE_HYBRID: "hybrid"}
-_MODE_ENUMS = {name: value for value, name in _MODES.items() if name}
-_FUSIONS = {pb.FUSION_METHOD_RRF: "rrf", pb.FUSION_METHOD_WEIGHTED: "weighted"}
-MAX_RRF_K = 10000
-
-
-def _retrieval(request: pb.SearchDocumentsRequest, settings: Settings, where: str = "") -> tuple[str, Fusion | None]:
-    """The request's retrieval mode ("" = server default) and fusion (None = server settings)."""
-    prefix = f"{where}." if where else ""
-    if request.mode not in _MODES:
-        raise InvalidInputError(f"{prefix}mode: unknown retrieval mode {request.mode}")
-    if not request.HasField("fusion"):
-        return _MODES[request.mode], None
-    options = request.fusion
-    if options.method != pb.FUSION_METHOD_UNSPECIFIED and options.method not in _FUSIONS:
-        raise InvalidInputError(f"{prefix}fusion.method: unknown fusion method {options.method}")
-    if not 0 <= options.rrf_k <= MAX_RRF_K:
-        raise InvalidInputError(f"{prefix}fusion.rrf_k must be 1 to {MAX_RRF_K} (0 = default), got {options.rrf_k}")
-    for name in ("dense_weight", "lexical_weight"):
-        weight = getattr(options, name)
-        if not (math.isfinite(weight) and 0.0 <= weight <= 1.0):
-            raise InvalidInputError(f"{prefix}fusion.{name} must be in [0, 1], got {weight}")
-    default = Fusion.from_settings(settings)
-    weights_given = options.dense_weight > 0 or options.lexical_weight > 0
-    fusion = Fusion(
-        method=_FUSIONS.get(options.method, default.method),
-        rrf_k=options.rrf_k or default.rrf_k,
-        dense_weight=options.dense_weight if weights_given else default.dense_weight,
-        lexical_weight=options.lexical_weight if weights_given else default.lexical_weight,
-    )
-    return _MODES[request.mode], fusion
-
-
-def _with_retrieval(query: SearchQuery, request: pb.SearchDocumentsRequest, settings: Settings,
-                    where: str = "") -> SearchQuery:
-    mode, fusion = _retrieval(request, settings, where)
-    return dataclasses.replace(query, mode=mode, fusion=fusion)
+_MODE_ENUMS = {name: value for value, name in validation.MODES.items() if name}
+_FUSION_ENUMS = {name: value for value, name in validation.FUSIONS.items()}
 
 
 def _retriever(score: RetrieverScore) -> pb.RetrieverScore:
@@ -181,7 +145,16 @@ def _response(result: SearchResult, next_page_token: str = "") -> pb.SearchDocum
         timing=pb.SearchTiming(total_ms=result.total_ms, encode_ms=result.encode_ms, store_ms=result.store_ms,
                                rerank_ms=result.rerank_ms),
         mode=_MODE_ENUMS[result.mode], reranker_version=result.reranker_version, next_page_token=next_page_token,
+        fusion=_fusion_options(result.fusion), retrieval_source=result.retrieval_source,
     )
+
+
+def _fusion_options(fusion: Fusion | None) -> pb.FusionOptions | None:
+    """The fusion that served a hybrid request, every field filled in (None in other modes)."""
+    if fusion is None:
+        return None
+    return pb.FusionOptions(method=_FUSION_ENUMS[fusion.method], rrf_k=fusion.rrf_k,
+                            dense_weight=fusion.dense_weight, lexical_weight=fusion.lexical_weight)
 
 
 class SearchServicer(search_pb2_grpc.SearchServiceServicer):
@@ -189,6 +162,7 @@ class SearchServicer(search_pb2_grpc.SearchServiceServicer):
         self.settings = settings
         self.engine = engine
         self.page_tokens = PageTokens(page_secrets(settings), settings.page_token_ttl_s)
+        self.embedding = EmbedService(settings)  # Embed / Rerank (/v1/embeddings, /v1/rerank)
 
     def _tenant(self, context: grpc.aio.ServicerContext, requested: str, where: str = "tenant") -> str:
         """The tenant this call acts on: the request's, within what the caller's key is bound to."""
@@ -199,25 +173,18 @@ class SearchServicer(search_pb2_grpc.SearchServiceServicer):
                where: str = "") -> tuple[SearchQuery, str]:
         """The typed query (tenant resolved, page token opened) and what its page tokens are bound to."""
         prefix = f"{where}." if where else ""
-        query = validation.search_query(request, self.settings, where)
-        query = _with_retrieval(query, request, self.settings, where)
         tenant = self._tenant(context, request.tenant, f"{prefix}tenant")
         bound_to = binding(request, tenant)
-        query = dataclasses.replace(query, tenant=tenant)
-        if request.page_token:
-            cursor = self.page_tokens.open(request.page_token, bound_to, f"{prefix}page_token")
-            query = dataclasses.replace(query, offset=cursor.offset,
-                                        pinned=(cursor.model_version, cursor.collection))
-        if query.paged and query.offset + query.top_k > self.settings.max_page_depth:
-            raise InvalidInputError(f"{prefix}page_size: paging goes at most {self.settings.max_page_depth} hits "
-                                    "deep (max_page_depth); narrow the query with filters or min_score")
-        return query, bound_to
+        cursor = (self.page_tokens.open(request.page_token, bound_to, f"{prefix}page_token")
+                  if request.page_token else None)
+        return validation.search_query(request, self.settings, where, tenant=tenant, cursor=cursor), bound_to
 
     def _paged_response(self, query: SearchQuery, bound_to: str, result: SearchResult) -> pb.SearchDocumentsResponse:
         token = ""
         if query.paged and result.more:
             token = self.page_tokens.issue(bound_to, Cursor(query.offset + len(result.hits), result.model_version,
-                                                            result.collection))
+                                                            result.collection, mode=result.mode,
+                                                            fusion=result.fusion, pool_depth=result.pool_depth))
         return _response(result, token)
 
     @rpc
@@ -227,7 +194,7 @@ class SearchServicer(search_pb2_grpc.SearchServiceServicer):
         assert self.engine is not None
         query, bound_to = self._query(request, context)
         (result,) = await self.engine.search([query], context.time_remaining())
-        return self._paged_response(query, bound_to, result)
+        return await self._highlighted(request, self._paged_response(query, bound_to, result))
 
     @rpc
     async def BatchSearchDocuments(
@@ -238,9 +205,16 @@ class SearchServicer(search_pb2_grpc.SearchServiceServicer):
         typed = [self._query(item, context, f"requests[{i}]") for i, item in enumerate(request.requests)]
         results = await self.engine.search([query for query, _ in typed], context.time_remaining())
         return pb.BatchSearchDocumentsResponse(responses=[
-            self._paged_response(query, bound_to, result)
-            for (query, bound_to), result in zip(typed, results, strict=True)
+            await self._highlighted(item, self._paged_response(query, bound_to, result))
+            for item, (query, bound_to), result in zip(request.requests, typed, results, strict=True)
         ])
+
+    async def _highlighted(self, request: pb.SearchDocumentsRequest,
+                           response: pb.SearchDocumentsResponse) -> pb.SearchDocumentsResponse:
+        """`highlight`: the query's terms marked in each hit (service/highlight.py); jieba runs off the loop."""
+        if request.highlight:
+            await asyncio.to_thread(highlight.annotate, response.hits, request.query, self.settings.lexical_analyzer)
+        return response
 
     @rpc
     async def UpsertDocuments(
@@ -281,3 +255,13 @@ class SearchServicer(search_pb2_grpc.SearchServiceServicer):
                                  tenant=document.tenant),
             collection=collection,
         )
+
+    @rpc
+    async def Embed(self, request: pb.EmbedRequest, context: grpc.aio.ServicerContext) -> pb.EmbedResponse:
+        assert self.engine is not None
+        return embed_response(await self.embedding.embed(self.engine, request, context.time_remaining()))
+
+    @rpc
+    async def Rerank(self, request: pb.RerankRequest, context: grpc.aio.ServicerContext) -> pb.RerankResponse:
+        assert self.engine is not None
+        return await self.embedding.rerank(self.engine, request, context.time_remaining())

@@ -103,32 +103,32 @@ class ServingState:
 
     async def _apply(self, engine: SearchEngine, record: RegistryRecord) -> bool:
         """Swap to the record's current pair, then dual-write to its pending one (a rollback's
-        pending pair is the one being replaced: it becomes the shadow instead of closing)."""
+        pending pair is the one being replaced: it becomes the pending pair instead of closing)."""
         changed = await self._apply_reranker(engine, record)
         pending, current = record.pending, record.current
         if current is not None and not _holds(engine.pair, current):
-            shadow = engine.shadow
-            new = shadow if shadow is not None and _holds(shadow, current) else await self._load(current)
+            ready = engine.pending_pair  # a promotion's pair, already loaded for its dual writes
+            new = ready if ready is not None and _holds(ready, current) else await self._load(current)
             old = engine.swap(new)
             set_model_info(new.model_version, new.collection.name)
             log.info("pair_swapped", model_version=new.model_version, collection=new.collection.name,
                      previous_model_version=old.model_version, previous_collection=old.collection.name)
-            if pending is not None and engine.shadow is None and _holds(old, pending):
-                engine.shadow = old
+            if pending is not None and engine.pending_pair is None and _holds(old, pending):
+                engine.pending_pair = old
                 log.info("dual_write_started", model_version=old.model_version, collection=old.collection.name)
             else:
                 asyncio.get_running_loop().create_task(engine.retire(old))
             changed = True
-        if pending is not None and not _holds(engine.shadow, pending) and not _holds(engine.pair, pending):
-            previous_shadow, engine.shadow = engine.shadow, await self._load(pending)
+        if pending is not None and not _holds(engine.pending_pair, pending) and not _holds(engine.pair, pending):
+            previous_pending_pair, engine.pending_pair = engine.pending_pair, await self._load(pending)
             log.info("dual_write_started", model_version=pending.model_version, collection=pending.collection)
-            if previous_shadow is not None:
-                asyncio.get_running_loop().create_task(engine.retire(previous_shadow))
+            if previous_pending_pair is not None:
+                asyncio.get_running_loop().create_task(engine.retire(previous_pending_pair))
             changed = True
-        if pending is None and engine.shadow is not None:
-            shadow, engine.shadow = engine.shadow, None
-            log.info("dual_write_stopped", model_version=shadow.model_version, collection=shadow.collection.name)
-            asyncio.get_running_loop().create_task(engine.retire(shadow))
+        if pending is None and engine.pending_pair is not None:
+            stopped, engine.pending_pair = engine.pending_pair, None
+            log.info("dual_write_stopped", model_version=stopped.model_version, collection=stopped.collection.name)
+            asyncio.get_running_loop().create_task(engine.retire(stopped))
             changed = True
         return changed
 
@@ -163,9 +163,9 @@ class ServingState:
         engine = self.engine
         if engine is None or not self.settings.use_registry:
             return
-        shadow = engine.shadow
+        pending_pair = engine.pending_pair
         await asyncio.to_thread(self.registry.report_instance, self.name, self.instance_id, self.generation,
-                                shadow.collection.name if shadow is not None else "")
+                                pending_pair.collection.name if pending_pair is not None else "")
 
     async def forget(self) -> None:
         """Leave the instance reports (a clean shutdown: promotions stop waiting for this one)."""

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -22,9 +23,11 @@ from semsearch.filters import (
     Scalar,
     check_group_limits,
 )
+from semsearch.fusion import Fusion
 from semsearch.ingest import MAX_METADATA_DEPTH, check_id, check_metadata, check_query, check_text
 from semsearch.v1 import search_pb2 as pb
 from service.engine import DocumentInput, SearchQuery, check_unique_ids
+from service.paging import Cursor
 
 _OPERATORS = {
     pb.FILTER_OPERATOR_EQ: Operator.EQ, pb.FILTER_OPERATOR_NE: Operator.NE,
@@ -122,7 +125,43 @@ def min_score(request: pb.SearchDocumentsRequest, where: str = "min_score") -> f
     return float(request.min_score)
 
 
-def search_query(request: pb.SearchDocumentsRequest, settings: Settings, where: str = "") -> SearchQuery:
+MODES = {pb.RETRIEVAL_MODE_UNSPECIFIED: "", pb.RETRIEVAL_MODE_DENSE: "dense",
+          pb.RETRIEVAL_MODE_LEXICAL: "lexical", pb.RETRIEVAL_MODE_HYBRID: "hybrid"}
+FUSIONS = {pb.FUSION_METHOD_RRF: "rrf", pb.FUSION_METHOD_WEIGHTED: "weighted", pb.FUSION_METHOD_MINMAX: "minmax",
+            pb.FUSION_METHOD_DBSF: "dbsf"}
+MAX_RRF_K = 10000
+
+
+def retrieval(request: pb.SearchDocumentsRequest, settings: Settings, prefix: str = "") -> tuple[str, Fusion | None]:
+    """The request's retrieval mode ("" = server default) and fusion (None = the collection's or settings')."""
+    if request.mode not in MODES:
+        raise InvalidInputError(f"{prefix}mode: unknown retrieval mode {request.mode}")
+    if not request.HasField("fusion"):
+        return MODES[request.mode], None
+    options = request.fusion
+    if options.method != pb.FUSION_METHOD_UNSPECIFIED and options.method not in FUSIONS:
+        raise InvalidInputError(f"{prefix}fusion.method: unknown fusion method {options.method}")
+    if not 0 <= options.rrf_k <= MAX_RRF_K:
+        raise InvalidInputError(f"{prefix}fusion.rrf_k must be 1 to {MAX_RRF_K} (0 = default), got {options.rrf_k}")
+    for name in ("dense_weight", "lexical_weight"):
+        weight = getattr(options, name)
+        if not (math.isfinite(weight) and 0.0 <= weight <= 1.0):
+            raise InvalidInputError(f"{prefix}fusion.{name} must be in [0, 1], got {weight}")
+    default = Fusion.from_settings(settings)
+    weights_given = options.dense_weight > 0 or options.lexical_weight > 0
+    fusion = Fusion(
+        method=FUSIONS.get(options.method, default.method),
+        rrf_k=options.rrf_k or default.rrf_k,
+        dense_weight=options.dense_weight if weights_given else default.dense_weight,
+        lexical_weight=options.lexical_weight if weights_given else default.lexical_weight,
+    )
+    return MODES[request.mode], fusion
+
+
+def search_query(request: pb.SearchDocumentsRequest, settings: Settings, where: str = "", *, tenant: str = "",
+                 cursor: Cursor | None = None) -> SearchQuery:
+    """The complete query of a request: validated fields, retrieval mode and fusion, the tenant the call
+    resolved to, and with a page token's `cursor` the ranking its first page fixed."""
     prefix = f"{where}." if where else ""
     filters = conditions(request.filters, request.filter if request.HasField("filter") else None, settings, prefix)
     fields = set(request.return_fields)
@@ -138,9 +177,10 @@ def search_query(request: pb.SearchDocumentsRequest, settings: Settings, where: 
                                 "at most rerank_candidates hits; ask for them with top_k")
     # Paging: page_size replaces top_k (capped at the same maximum; AIP-158).
     k = min(request.page_size, settings.max_top_k) if paged else top_k(request.top_k, settings, f"{prefix}top_k")
-    return SearchQuery(
+    mode, fusion = retrieval(request, settings, prefix)
+    query = SearchQuery(
         text=query_text(request.query, settings, f"{prefix}query"),
-        top_k=k,
+        top_k=k, mode=mode, fusion=fusion, tenant=tenant,
         rerank=request.rerank,
         rerank_candidates=rerank_candidates(request, k, settings, prefix) if request.rerank else 0,
         filters=filters,
@@ -150,6 +190,15 @@ def search_query(request: pb.SearchDocumentsRequest, settings: Settings, where: 
         min_score=min_score(request, f"{prefix}min_score"),
         paged=paged,
     )
+    if cursor is not None:
+        # Later pages rank as the first did: its mode, fusion and hybrid candidate pool.
+        query = dataclasses.replace(query, offset=cursor.offset, pinned=(cursor.model_version, cursor.collection),
+                                    mode=cursor.mode or query.mode, fusion=cursor.fusion or query.fusion,
+                                    pool_depth=cursor.pool_depth)
+    if paged and query.offset + query.top_k > settings.max_page_depth:
+        raise InvalidInputError(f"{prefix}page_size: paging goes at most {settings.max_page_depth} hits "
+                                "deep (max_page_depth); narrow the query with filters or min_score")
+    return query
 
 
 def rerank_candidates(request: pb.SearchDocumentsRequest, k: int, settings: Settings, prefix: str = "") -> int:

@@ -3,6 +3,7 @@ collections made before tenants."""
 
 from __future__ import annotations
 
+import itertools
 import os
 import subprocess
 import sys
@@ -79,6 +80,11 @@ def test_min_score_keeps_exactly_the_hits_at_or_above_it(service: LiveService, m
     scores = [hit.score for hit in everything.hits]
     assert len(scores) >= 3
     threshold = scores[len(scores) // 2]  # a real score: hits equal to it are kept
+    if mode == pb.RETRIEVAL_MODE_HYBRID:
+        # A fused score moves (~1e-3) with its candidates' distribution between calls (near-ties of the
+        # random model): a threshold between two clearly separated scores.
+        gaps = [(high - low, (high + low) / 2) for high, low in itertools.pairwise(scores)]
+        threshold = max(gaps)[1]
     cut = search(service, top_k=len(DOCS), mode=mode, min_score=threshold)
     assert ids(cut) == [hit.id for hit in everything.hits if hit.score >= threshold]
     assert 0 < len(cut.hits) < len(everything.hits)

@@ -107,7 +107,10 @@ def test_search_command_prints_the_documented_json(serve_process: tuple[str, sub
     assert set(payload) == {"hits", "mode", "model_version", "collection", "took_ms"}
     assert {h["id"] for h in payload["hits"]} == {"refund", "invoice"}
     assert all(set(h) == {"id", "text", "score", "metadata", "retrievers"} for h in payload["hits"])
-    assert payload["mode"] == "dense" and set(payload["hits"][0]["retrievers"]) == {"dense"}
+    # No --mode: the service's default (retrieval_mode auto: hybrid on an untuned collection with BM25).
+    assert payload["mode"] == "hybrid" and set(payload["hits"][0]["retrievers"]) <= {"dense", "lexical"}
+    dense = json.loads(run_cli("search", "退钱怎么操作？", "--addr", address, "--mode", "dense", "--json").stdout)
+    assert dense["mode"] == "dense" and set(dense["hits"][0]["retrievers"]) == {"dense"}
     lexical = run_cli("search", "发票抬头", "--addr", address, "--mode", "lexical", "--json")
     assert lexical.returncode == 0, lexical.stderr
     found = json.loads(lexical.stdout)

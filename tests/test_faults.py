@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import subprocess
+import sys
 import threading
 import time
 from collections.abc import Callable, Iterator
@@ -141,3 +143,61 @@ def test_deadline_exceeded_work_is_abandoned(make_service: Callable[..., LiveSer
     assert slow.batch_sizes == [1]  # the blocker only: the cancelled call cost no forward pass
     ok = service.stub.SearchDocuments(pb.SearchDocumentsRequest(query="退款"), timeout=30)
     assert ok.model_version == tiny_encoder.manifest.version
+
+
+LITE_OWNER = """
+import sys, time
+from semsearch.store import MilvusStore
+store = MilvusStore(sys.argv[1])  # the first to open the directory: it serves it (endpoint file)
+print("owner", flush=True)
+time.sleep(3600)
+"""
+
+
+def start_lite_owner(uri: str) -> subprocess.Popen[str]:
+    owner = subprocess.Popen([sys.executable, "-c", LITE_OWNER, uri], stdout=subprocess.PIPE, text=True)
+    assert owner.stdout is not None and owner.stdout.readline().strip() == "owner"
+    return owner
+
+
+def test_lite_owner_restart_under_queries(tmp_path: Path, tiny_encoder: TorchEncoder) -> None:
+    """The process that serves a Lite directory (the endpoint file) is killed and another takes over
+    while a service attached to it answers queries: no OK answer misses a document, searches succeed
+    again within 10 s, and health comes back to SERVING with every document found."""
+    from semsearch.config import Settings
+    from tests.test_resilience import QueryLoop
+
+    uri = str(tmp_path / "milvus.db")
+    owner = start_lite_owner(uri)
+    service: LiveService | None = None
+    loop: QueryLoop | None = None
+    try:
+        service = LiveService(Settings(milvus_uri=uri, port=0, metrics_port=0, collection="docs",
+                                       health_probe_interval_s=0.5, milvus_timeout_s=5), tiny_encoder)
+        assert not service.running.store._lite.owner  # type: ignore[union-attr]  # a client of the owner
+        documents = [pb.Document(id=f"lite-{n}", text=f"第{n}个问题：如何申请退款？") for n in range(10)]
+        service.stub.UpsertDocuments(pb.UpsertDocumentsRequest(documents=documents), timeout=60)
+        collection = service.running.servicer.engine.pair.collection.name  # type: ignore[union-attr]
+        service.running.store.flush(collection)  # acknowledged and on disk before the kill
+        loop = QueryLoop(service, {document.id for document in documents})
+        wait_for(lambda: bool(loop and loop.answers), 30, "the first answer")
+        owner.kill()
+        owner.wait(30)
+        killed = time.monotonic()
+        owner = start_lite_owner(uri)  # a new owner (unless the service re-attached first and owns it now)
+        wait_for(lambda: loop is not None and loop.first_ok_after(killed + 0.1) is not None, 60, "an OK answer")
+        back = loop.first_ok_after(killed + 0.1)
+        assert back is not None and back - killed <= 10, (back, killed)
+        wait_for(lambda: health_status(service) == health_pb2.HealthCheckResponse.SERVING, 30, "SERVING")
+        answer = service.stub.SearchDocuments(pb.SearchDocumentsRequest(query="退款", top_k=20), timeout=5)
+        assert {hit.id for hit in answer.hits} == loop.expected
+        time.sleep(1)
+        loop.stop()
+        assert loop.incomplete_oks() == [], "OK answers with documents missing"
+    finally:
+        if loop is not None:
+            loop.stop()
+        if service is not None:
+            service.stop()
+        owner.kill()
+        owner.wait(30)

@@ -151,3 +151,110 @@ def test_malformed_bytes_are_invalid_argument(hostile_service: LiveService, payl
     assert "malformed request" in (info.value.details() or "")
     assert stored_ids(hostile_service) == {"keep-1", "keep-2"}
     assert hostile_service.stub.SearchDocuments(pb.SearchDocumentsRequest(query="退款"), timeout=30).hits
+
+
+# --- Hostile HTTP: the gateway's limits, on a service whose limits are short enough to hit quickly.
+
+def _nested(depth: int, leaf: str = "1", array: bool = True) -> bytes:
+    return (("[" * depth + leaf + "]" * depth) if array else ('{"n":' * depth + leaf + "}" * depth)).encode()
+
+
+@pytest.fixture(scope="module")
+def guarded_http(tmp_path_factory: pytest.TempPathFactory, tiny_encoder: TorchEncoder) -> Iterator[LiveService]:
+    from semsearch.config import Settings
+    from tests.conftest import free_port
+
+    service = LiveService(Settings(milvus_uri=str(tmp_path_factory.mktemp("guarded") / "m.db"), port=0,
+                                   collection="docs", metrics_port=0, http_port=free_port(), http_console=False,
+                                   http_header_timeout_s=1.0, http_body_timeout_s=1.0, http_max_connections=4),
+                          tiny_encoder)
+    service.stub.UpsertDocuments(pb.UpsertDocumentsRequest(documents=[pb.Document(id="keep-1", text="如何申请退款？")]),
+                                 timeout=60)
+    yield service
+    service.stop()
+
+
+def _still_serves(service: LiveService) -> None:
+    import httpx
+
+    answer = httpx.post(f"http://127.0.0.1:{service.running.http_port}/v1/search", json={"query": "退款"}, timeout=30)
+    assert answer.status_code == 200 and answer.json()["hits"][0]["id"] == "keep-1", answer.text
+
+
+def _raw(service: LiveService, request: bytes = b"", *, wait_before_read: float = 0.0) -> tuple[int, bytes]:
+    """Sends `request` on a fresh connection and reads until the server closes it: (status, body)."""
+    import socket
+    import time
+
+    with socket.create_connection(("127.0.0.1", service.running.http_port), timeout=30) as sock:
+        sock.sendall(request)
+        time.sleep(wait_before_read)
+        received = b""
+        while chunk := sock.recv(65536):  # the server closes the connection: recv returns b""
+            received += chunk
+    head, _, body = received.partition(b"\r\n\r\n")
+    return int(head.split(b" ", 2)[1]), body
+
+
+@pytest.mark.parametrize("body", [
+    b'{"query": "q", "fusion": ' + _nested(1000) + b"}",  # arrays where FusionOptions goes
+    b'{"query": "q", "filter": ' + _nested(1000, '{"operator": 1}', array=False) + b"}",
+    b'{"query": "q", "filter": ' + _nested(65, "{}", array=False) + b"}",  # just past the limit
+    _nested(100_000),
+])
+def test_deep_json_is_400_naming_the_limit(guarded_http: LiveService, body: bytes) -> None:
+    import httpx
+
+    url = f"http://127.0.0.1:{guarded_http.running.http_port}"
+    for path in ("/v1/search", "/v1/documents:upsert"):
+        answer = httpx.post(url + path, content=body, timeout=30)
+        assert answer.status_code == 400, answer.text
+        assert "deeper than 64 levels" in answer.json()["error"]["message"]
+    deep_metadata = b'{"documents": [{"id": "deep", "text": "t", "metadata": ' + _nested(999, "{}", False) + b"}]}"
+    assert httpx.post(url + "/v1/documents:upsert", content=deep_metadata, timeout=30).status_code == 400
+    assert stored_ids(guarded_http) == {"keep-1"}
+    _still_serves(guarded_http)
+
+
+def test_grpc_timeout_is_clamped_not_overflowed(guarded_http: LiveService) -> None:
+    import httpx
+
+    url = f"http://127.0.0.1:{guarded_http.running.http_port}/v1/search"
+    for longest in ("999999H", "9999999H", "99999999H", "99999999S"):  # all 8 digits or fewer: valid
+        answer = httpx.post(url, json={"query": "退款"}, headers={"grpc-timeout": longest}, timeout=30)
+        assert answer.status_code == 200, (longest, answer.text)
+    too_long = httpx.post(url, json={"query": "退款"}, headers={"grpc-timeout": "123456789S"}, timeout=30)
+    assert too_long.status_code == 400 and "grpc-timeout" in too_long.json()["error"]["message"]
+
+
+def test_idle_and_slow_clients_are_cut_off(guarded_http: LiveService) -> None:
+    import json
+
+    status, body = _raw(guarded_http)  # connects and says nothing
+    assert status == 408 and "http_header_timeout_s" in json.loads(body)["error"]["message"]
+    status, _ = _raw(guarded_http, b"POST /v1/search HTTP/1.1\r\nhost: x\r\n")  # a head that never ends
+    assert status == 408
+    # A body that stops arriving: the head is complete, the 20 promised bytes are not.
+    status, body = _raw(guarded_http, b"POST /v1/search HTTP/1.1\r\nhost: x\r\ncontent-type: application/json\r\n"
+                                      b"content-length: 20\r\n\r\n{\"query\"")
+    assert status == 408 and "http_body_timeout_s" in json.loads(body)["error"]["message"]
+    # A kept-alive connection that goes idle after its first answer is closed as well.
+    search = '{"query": "退款"}'.encode()
+    status, body = _raw(guarded_http, b"POST /v1/search HTTP/1.1\r\nhost: x\r\ncontent-length: "
+                        + str(len(search)).encode() + b"\r\n\r\n" + search)
+    assert status == 200 and b"408" in body  # the answer, then the idle connection's 408
+    _still_serves(guarded_http)
+
+
+def test_connections_past_the_cap_get_503_and_the_service_recovers(guarded_http: LiveService) -> None:
+    import json
+    import socket
+
+    idle = [socket.create_connection(("127.0.0.1", guarded_http.running.http_port), timeout=30) for _ in range(4)]
+    try:
+        status, body = _raw(guarded_http, b"GET /healthz HTTP/1.1\r\nhost: x\r\n\r\n")
+        assert status == 503 and "http_max_connections" in json.loads(body)["error"]["message"]
+    finally:
+        for sock in idle:
+            sock.close()
+    _still_serves(guarded_http)

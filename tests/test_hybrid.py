@@ -174,22 +174,26 @@ def test_three_modes_over_grpc(faq_service: LiveService) -> None:
     stub = faq_service.stub
     request = pb.SearchDocumentsRequest(query="XK-2049 路由器", top_k=3)
     default = stub.SearchDocuments(request, timeout=60)
-    assert default.mode == pb.RETRIEVAL_MODE_DENSE  # the default setting: clients keep cosine scores
+    # retrieval_mode auto on an untuned collection with BM25: hybrid with the safe default fusion.
+    assert default.mode == pb.RETRIEVAL_MODE_HYBRID and default.retrieval_source == "default"
+    assert (default.fusion.method, default.fusion.dense_weight) == (pb.FUSION_METHOD_MINMAX, pytest.approx(0.5))
     lexical = stub.SearchDocuments(pb.SearchDocumentsRequest(query="XK-2049 路由器", top_k=3,
                                                              mode=pb.RETRIEVAL_MODE_LEXICAL), timeout=60)
     assert lexical.mode == pb.RETRIEVAL_MODE_LEXICAL
     assert lexical.hits[0].id == "code"  # the exact product code
     assert all(h.retrievers[0].retriever == pb.RETRIEVAL_MODE_LEXICAL for h in lexical.hits)
     assert lexical.hits[0].score == pytest.approx(lexical.hits[0].retrievers[0].score) and lexical.hits[0].score > 0
-    hybrid = stub.SearchDocuments(pb.SearchDocumentsRequest(query="XK-2049 路由器", top_k=6,
-                                                            mode=pb.RETRIEVAL_MODE_HYBRID), timeout=60)
+    hybrid = stub.SearchDocuments(pb.SearchDocumentsRequest(
+        query="XK-2049 路由器", top_k=6, mode=pb.RETRIEVAL_MODE_HYBRID,
+        fusion=pb.FusionOptions(method=pb.FUSION_METHOD_RRF, rrf_k=60, dense_weight=0.5, lexical_weight=0.5)),
+        timeout=60)
     assert hybrid.mode == pb.RETRIEVAL_MODE_HYBRID
     assert hybrid.hits[0].id == "code"
     ids = [h.id for h in hybrid.hits]
     assert len(ids) == len(set(ids)) == 6  # one hit per document, top_k of them
     both = [h for h in hybrid.hits if len(h.retrievers) == 2]
     assert both and {r.retriever for r in both[0].retrievers} == {pb.RETRIEVAL_MODE_DENSE, pb.RETRIEVAL_MODE_LEXICAL}
-    for h in hybrid.hits:  # RRF with the default k
+    for h in hybrid.hits:  # classic RRF, k 60
         assert h.score == pytest.approx(sum(1 / (60 + r.rank) for r in h.retrievers), rel=1e-5)
     weighted = stub.SearchDocuments(pb.SearchDocumentsRequest(
         query="XK-2049 路由器", top_k=3, mode=pb.RETRIEVAL_MODE_HYBRID,
@@ -205,7 +209,7 @@ def test_three_modes_over_grpc(faq_service: LiveService) -> None:
     batch = stub.BatchSearchDocuments(pb.BatchSearchDocumentsRequest(requests=[
         pb.SearchDocumentsRequest(query="忘记密码", top_k=2, mode=pb.RETRIEVAL_MODE_LEXICAL),
         pb.SearchDocumentsRequest(query="发票抬头", top_k=2, mode=pb.RETRIEVAL_MODE_HYBRID),
-        pb.SearchDocumentsRequest(query="包裹", top_k=2),
+        pb.SearchDocumentsRequest(query="包裹", top_k=2, mode=pb.RETRIEVAL_MODE_DENSE),
     ]), timeout=60)
     assert [r.mode for r in batch.responses] == [pb.RETRIEVAL_MODE_LEXICAL, pb.RETRIEVAL_MODE_HYBRID,
                                                  pb.RETRIEVAL_MODE_DENSE]
@@ -333,16 +337,22 @@ def test_train_evaluate_ranks_every_mode_through_milvus(tiny_model_dir: Path, tm
     out = tmp_path / "eval"
     result = subprocess.run(
         [sys.executable, "-m", "semsearch", "train", "evaluate", "--data", str(data), "--model",
-         f"tiny={tiny_model_dir}", "--out-dir", str(out), "--retrieval", "dense,lexical,hybrid"],
+         f"tiny={tiny_model_dir}", "--out-dir", str(out), "--retrieval", "dense,lexical,hybrid",
+         "--fusions", "dbsf:0.1:0.9,minmax:0.5:0.5"],
         capture_output=True, text=True, timeout=600, cwd=REPO,
     )
     assert result.returncode == 0, result.stderr
     report = json.loads((out / "report.json").read_text(encoding="utf-8"))
     retrieval = report["models"][0]["retrieval"]
-    assert set(retrieval) == {"dense", "lexical", "hybrid"} and set(retrieval["lexical"]) == {"test", "global"}
+    assert set(retrieval) == {"dense", "lexical", "hybrid", "hybrid dbsf 0.1/0.9", "hybrid minmax 0.5/0.5"}
+    assert set(retrieval["lexical"]) == {"test", "global"}
     # The random tiny model ranks by chance; BM25 over jieba words finds every paraphrase sharing words.
     assert retrieval["lexical"]["test"]["metrics"]["hit@1"] == 1.0
-    assert "tiny · hybrid (Milvus)" in result.stdout
+    assert "tiny · hybrid (Milvus)" in result.stdout and "tiny · hybrid dbsf 0.1/0.9 (Milvus)" in result.stdout
+    # The best hybrid is named and checked against the better half (lexical here), per pool.
+    tuned = report["models"][0]["tuned"]["test"]
+    assert tuned["best_single"] == "lexical" and tuned["fusion"] in retrieval
+    assert "best hybrid **" in result.stdout
     bad = subprocess.run(
         [sys.executable, "-m", "semsearch", "train", "evaluate", "--data", str(data), "--out-dir", str(out),
          "--retrieval", "dense,bm25"], capture_output=True, text=True, timeout=120, cwd=REPO,

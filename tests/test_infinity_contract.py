@@ -20,6 +20,7 @@ from grpc_health.v1 import health_pb2
 
 from semsearch.encoders import STAND_IN_MODEL, TorchEncoder, stand_in_model_path
 from semsearch.encoders.remote import RemoteEncoder
+from semsearch.encoders.remote.config import with_transport
 from semsearch.v1 import search_pb2 as pb
 from tests.infinity_server import InfinityServer, infinity_executable
 from tests.test_faults import health_status, wait_for
@@ -45,7 +46,7 @@ def remote_minilm() -> Iterator[Callable[..., RemoteEncoder]]:
     made: list[RemoteEncoder] = []
 
     def make(url: str, **kwargs: Any) -> RemoteEncoder:
-        encoder = RemoteEncoder([url], model_ref=STAND_IN_MODEL, **kwargs)
+        encoder = RemoteEncoder([url], model_ref=STAND_IN_MODEL, **with_transport(kwargs))
         made.append(encoder)
         return encoder
 

@@ -256,8 +256,8 @@ def test_service_serves_with_the_onnx_backend_over_grpc(
     docs = [pb.Document(id=f"d{i}", text=text) for i, text in enumerate(TEXTS)]
     assert service.stub.UpsertDocuments(pb.UpsertDocumentsRequest(documents=docs), timeout=60).upserted_count == 7
     for query in QUERIES:
-        response = service.stub.SearchDocuments(pb.SearchDocumentsRequest(query=query, top_k=7,
-                                                                          return_chunks=True), timeout=30)
+        response = service.stub.SearchDocuments(pb.SearchDocumentsRequest(
+            query=query, top_k=7, return_chunks=True, mode=pb.RETRIEVAL_MODE_DENSE), timeout=30)
         assert response.model_version == tiny_encoder.manifest.version
         # The scores are torch's: the same model version, whichever backend served it.
         query_vector = tiny_encoder.encode_queries([query])[0]

@@ -6,6 +6,7 @@ import pytest
 
 from semsearch.config import Settings
 from semsearch.errors import InvalidInputError
+from semsearch.fusion import Fusion
 from semsearch.v1 import search_pb2 as pb
 from service.paging import Cursor, PageTokens, binding, page_secrets
 
@@ -62,3 +63,12 @@ def test_secrets_rotate_without_breaking_tokens_in_flight() -> None:
 def test_page_token_secrets_from_the_environment(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv("SEMSEARCH_PAGE_TOKEN_SECRETS", '["new-secret", "old-secret"]')
     assert page_secrets(Settings()) == [b"new-secret", b"old-secret"]
+
+
+def test_a_token_carries_what_ranked_the_first_page() -> None:
+    """Later pages rank as the first did: its mode, fusion and hybrid candidate pool travel in the token."""
+    bound = binding(pb.SearchDocumentsRequest(query="退款"), "")
+    cursor = Cursor(10, "v1", "c1", mode="hybrid", fusion=Fusion(method="weighted", dense_weight=0.2,
+                                                                  lexical_weight=0.8), pool_depth=1000)
+    tokens = PageTokens(b"secret", 60)
+    assert tokens.open(tokens.issue(bound, cursor), bound) == cursor

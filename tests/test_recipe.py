@@ -5,6 +5,7 @@ from __future__ import annotations
 import importlib.util
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -14,7 +15,9 @@ from pathlib import Path
 import pytest
 
 from tests.tinymodel import build_tiny_bert
+from trainer.evaluate import PASSAGE_COLUMNS, TABLE_COLUMNS
 from trainer.recipe import DONE, RecipeError, load_recipe, run_recipe
+from trainer.report_html import render_html
 
 if importlib.util.find_spec("FlagEmbedding") is None:
     pytest.skip("the trainer extra (FlagEmbedding) is not installed", allow_module_level=True)
@@ -174,10 +177,45 @@ def test_recipe_runs_end_to_end_with_reranker_and_distillation_then_skips_everyt
     assert report["losses"]["finetune-r1"] and (work / "report-tiny" / "losses.png").exists()
     markdown = (work / "report-tiny" / "report.md").read_text(encoding="utf-8")
     assert "| distil |" in markdown and "distilled → reranker (top 5)" in markdown
+    page = (work / "report-tiny" / "report.html").read_text(encoding="utf-8")
+    assert_self_contained_html(page)
+    # A loss panel per training step, the metric charts and tables, the wall-time chart.
+    assert all(f">{step}<" in page for step in ("finetune-r1", "reranker", "distil"))
+    assert "distilled → reranker (top 5)" in page and "test pool" in page and "global pool" in page
+    assert page.count("<svg") == 4 and "Wall time per step" in page
 
     again = run_recipe(load_recipe(path), stream_output=False, echo=lambda _: None)
     assert {s["status"] for s in again["steps"]} == {"skipped"}
     assert again["evaluation"] == report["evaluation"]
+
+
+def assert_self_contained_html(page: str) -> None:
+    """Nothing to fetch: no script, no stylesheet link, no http(s) resource (SVG namespaces are names)."""
+    assert page.startswith("<!doctype html>") and "<script" not in page and "<link" not in page
+    assert not re.search(r"""(src|href)\s*=\s*["']?\s*(https?:)?//|url\(\s*["']?\s*(https?:)?//|@import""", page)
+
+
+def test_the_html_report_charts_every_round_mode_and_passage_benchmark_escaped(tmp_path: Path) -> None:
+    metrics = {name: 0.5 for name in TABLE_COLUMNS}
+    pools = {pool: {"candidates": 6, "queries": 3, "metrics": metrics} for pool in ("test", "global")}
+    retrieval = {mode: pools for mode in ("dense", "lexical", "hybrid")}
+    passages = {"passages": 4, "questions": 3, "models": [
+        {"label": label, "retrieval": {mode: {"metrics": {c: 0.25 for c in PASSAGE_COLUMNS}}
+                                       for mode in ("dense", "hybrid")}} for label in ("base", "round 1")]}
+    report = {"name": "<b>tiny</b>", "finished_at": "now", "work_dir": "runs/tiny", "wall_s_this_run": 3,
+              "steps": [{"step": "finetune-r1", "status": "ran", "wall_s": 2.0},
+                        {"step": "evaluate", "status": "skipped", "wall_s": 1.0}],
+              "losses": {"finetune-r1": [[1, 2.0], [2, 1.5]], "finetune-r2": [[1, 1.4], [2, 1.2]]},
+              "evaluation": {"models": [{"label": label, "pools": pools, "retrieval": retrieval}
+                                        for label in ("base", "<img src=x onerror=alert(1)>")],
+                             "passages": passages}}
+    page = render_html(report)
+    assert_self_contained_html(page)
+    assert "<b>tiny" not in page and "&lt;b&gt;tiny&lt;/b&gt;" in page and "<img" not in page
+    assert page.count("<svg") == 5  # losses, two pools, passages, wall time
+    for panel in ("finetune-r1", "finetune-r2", "model alone (in memory)", "dense", "lexical", "hybrid"):
+        assert f">{panel}<" in page, panel  # SVG text, one panel each
+    assert "base · hybrid" in page and "round 1 · dense" in page and "0.500" in page and "0.250" in page
 
 
 def test_a_run_killed_mid_finetune_resumes_from_its_checkpoint(tmp_path: Path) -> None:

@@ -24,6 +24,7 @@ from semsearch.config import Settings
 from semsearch.encoders import TorchEncoder, create_encoder
 from semsearch.encoders.base import Encoder
 from semsearch.encoders.remote import RemoteEncoder, approximate_token_count, parse_encoder_urls
+from semsearch.encoders.remote.config import with_transport
 from semsearch.errors import BackendUnavailableError, InvalidInputError, ModelMismatchError
 from semsearch.manifest import BGE_ZH_INSTRUCTION
 from semsearch.v1 import search_pb2 as pb
@@ -79,7 +80,7 @@ def remote(tiny_model_dir: Path) -> Iterator[Callable[..., RemoteEncoder]]:
         kwargs.setdefault("model_ref", str(tiny_model_dir))
         kwargs.setdefault("backoff_base_s", 0.005)
         kwargs.setdefault("backoff_max_s", 0.02)
-        encoder = RemoteEncoder(list(urls), **kwargs)
+        encoder = RemoteEncoder(list(urls), **with_transport(kwargs))
         made.append(encoder)
         return encoder
 

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import pytest
 
+from semsearch.encoders.remote.config import Transport
 from semsearch.errors import BackendUnavailableError, ModelMismatchError
 from semsearch.rerankers.local import TorchReranker
 from semsearch.rerankers.remote import RemoteReranker, parse_scores
@@ -46,7 +47,8 @@ def test_each_api_shape_gives_the_in_process_scores(flavor: str, local: TorchRer
 
 def test_a_wrong_number_of_scores_is_refused(local: TorchReranker) -> None:
     with RerankServer("vllm", "tiny-ce", _logits(local)) as server:
-        remote = RemoteReranker([server.url], model_ref=local.manifest.model_path, retries=1, backoff_base_s=0.01)
+        remote = RemoteReranker([server.url], model_ref=local.manifest.model_path,
+                                transport=Transport(retries=1, backoff_base_s=0.01))
         try:
             server.drop_one = True
             with pytest.raises(BackendUnavailableError, match="answered 4 scores for 5 passages"):

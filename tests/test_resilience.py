@@ -160,21 +160,80 @@ def test_a_new_process_serves_a_lite_collection_another_one_wrote(tmp_path: Path
     assert result.stdout.split() == ["d", "1"]
 
 
+class QueryLoop:
+    """Searches for every document, over and over, recording (time, code, ids found) until stopped."""
+
+    def __init__(self, service: LiveService, expected: set[str]) -> None:
+        import threading
+
+        self.service, self.expected = service, expected
+        self.answers: list[tuple[float, grpc.StatusCode, set[str]]] = []
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, daemon=True)
+        self._thread.start()
+
+    def _run(self) -> None:
+        request = pb.SearchDocumentsRequest(query="退款", top_k=len(self.expected) + 5)
+        while not self._stop.is_set():
+            try:
+                found = {hit.id for hit in self.service.stub.SearchDocuments(request, timeout=5).hits}
+                self.answers.append((time.monotonic(), grpc.StatusCode.OK, found))
+            except grpc.RpcError as exc:
+                self.answers.append((time.monotonic(), exc.code(), set()))
+            time.sleep(0.1)
+
+    def stop(self) -> None:
+        self._stop.set()
+        self._thread.join(30)
+
+    def incomplete_oks(self) -> list[tuple[float, set[str]]]:
+        return [(at, found) for at, code, found in self.answers
+                if code == grpc.StatusCode.OK and found != self.expected]
+
+    def first_ok_after(self, moment: float) -> float | None:
+        return next((at for at, code, _ in self.answers if at > moment and code == grpc.StatusCode.OK), None)
+
+
+def first_direct_search(uri: str, collection: str, vector: list[float], since: float) -> float:
+    """When Milvus itself first answers a search of the collection (a client of our own, polling)."""
+    from pymilvus import MilvusClient
+
+    while time.monotonic() - since < 180:
+        try:
+            client = MilvusClient(uri=uri, timeout=2)
+            try:
+                client.search(collection, data=[vector], limit=1, timeout=2)
+                return time.monotonic()
+            finally:
+                client.close()
+        except Exception:
+            time.sleep(0.2)
+    raise AssertionError("the restarted Milvus server never answered a search")
+
+
 @pytest.mark.milvus_server
 def test_the_service_reconnects_after_the_milvus_server_is_killed_and_restarted(
     make_service: Callable[..., LiveService], tiny_encoder: TorchEncoder, tmp_path: Path,
 ) -> None:
+    """Killed and restarted under a query loop: no OK answer misses a document (the restarted
+    server reloads the collection for a while), health says SERVING only once a search succeeds,
+    and the service answers again within 10 s of Milvus answering a search."""
     server = MilvusTestServer(tmp_path / "milvus-restart")
     server.start()
+    loop: QueryLoop | None = None
     try:
         service = make_service(tiny_encoder, milvus_uri=server.uri, health_probe_interval_s=0.5,
                                milvus_timeout_s=5)
-        service.stub.UpsertDocuments(pb.UpsertDocumentsRequest(documents=[pb.Document(id="kept", text=SENTENCE)]))
+        documents = [pb.Document(id=f"kept-{n}", text=f"{SENTENCE}第{n}条") for n in range(12)]
+        service.stub.UpsertDocuments(pb.UpsertDocumentsRequest(documents=documents))
+        collection = service.running.servicer.engine.pair.collection.name  # type: ignore[union-attr]
+        vector = tiny_encoder.encode_queries(["退款"])[0].tolist()
         health = health_pb2_grpc.HealthStub(service.channel)
 
         def status() -> int:
             return int(health.Check(health_pb2.HealthCheckRequest(), timeout=5).status)
 
+        loop = QueryLoop(service, {document.id for document in documents})
         server.kill()  # kill -9: no goodbye to clients
         deadline = time.monotonic() + 30
         while status() == health_pb2.HealthCheckResponse.SERVING and time.monotonic() < deadline:
@@ -186,22 +245,28 @@ def test_the_service_reconnects_after_the_milvus_server_is_killed_and_restarted(
 
         server.start()  # the same port and data
         restarted = time.monotonic()
-        recovered = None
-        while time.monotonic() - restarted < 120:
-            try:
-                found = service.stub.GetDocument(pb.GetDocumentRequest(id="kept"), timeout=10)
-                recovered = time.monotonic() - restarted
-                break
-            except grpc.RpcError:
-                time.sleep(0.5)
-        assert recovered is not None, "the service never reconnected to the restarted server"
-        assert found.document.text == SENTENCE
-        assert service.stub.SearchDocuments(pb.SearchDocumentsRequest(query="退款", top_k=1), timeout=30).hits
-        deadline = time.monotonic() + 30
-        while status() != health_pb2.HealthCheckResponse.SERVING and time.monotonic() < deadline:
+        prober = ThreadPoolExecutor(max_workers=1)
+        direct = prober.submit(first_direct_search, server.uri, collection, vector, restarted)
+        while status() != health_pb2.HealthCheckResponse.SERVING and time.monotonic() - restarted < 120:
             time.sleep(0.2)
-        assert status() == health_pb2.HealthCheckResponse.SERVING
+        assert status() == health_pb2.HealthCheckResponse.SERVING, "never SERVING again"
+        # SERVING means a search succeeds now, with every document.
+        answer = service.stub.SearchDocuments(pb.SearchDocumentsRequest(query="退款", top_k=20), timeout=5)
+        assert {hit.id for hit in answer.hits} == loop.expected
+        milvus_back = direct.result(180)
+        prober.shutdown()
+        service_back = loop.first_ok_after(milvus_back - 0.5)
+        while service_back is None and time.monotonic() - milvus_back < 30:
+            time.sleep(0.2)
+            service_back = loop.first_ok_after(milvus_back - 0.5)
+        assert service_back is not None and service_back - milvus_back <= 10, (service_back, milvus_back)
+        loop.stop()
+        assert loop.incomplete_oks() == [], "OK answers with documents missing"
+        assert service.stub.GetDocument(pb.GetDocumentRequest(id="kept-3"), timeout=10).document.text \
+            == documents[3].text
     finally:
+        if loop is not None:
+            loop.stop()
         server.stop()
 
 
@@ -213,3 +278,28 @@ def test_reconnect_is_rate_limited(tmp_path: Path) -> None:
         assert store.ping()
     finally:
         store.close()
+
+
+def test_two_replicas_racing_on_one_id_leave_it_whole_or_absent(
+    milvus_uri: str, tmp_path: Path, tiny_encoder: TorchEncoder,
+) -> None:
+    """Two replicas on one Milvus (Lite: through its endpoint; the server), upsert vs delete and
+    upsert vs upsert of one id at once: afterwards the document is absent from get, count and
+    search in every mode, or one whole version (bench/bench_replicas.py runs 40 rounds)."""
+    from semsearch.config import Settings
+    from tests.replica_race import chunk_counts, race
+
+    collection = f"replicas_{int(time.time() * 1000) % 10**9}"
+    settings = Settings(milvus_uri=milvus_uri, port=0, metrics_port=0, collection=collection,
+                        max_document_chars=200_000, use_registry=False)
+    replicas = (LiveService(settings, tiny_encoder), LiveService(settings, tiny_encoder))
+    try:
+        counts = chunk_counts(replicas[0])
+        assert sorted(counts.values()) == sorted(set(counts.values())) and min(counts.values()) >= 2, counts
+        lexical = replicas[0].running.servicer.engine.pair.collection.lexical  # type: ignore[union-attr]
+        modes = [pb.RETRIEVAL_MODE_DENSE] + ([pb.RETRIEVAL_MODE_LEXICAL, pb.RETRIEVAL_MODE_HYBRID] if lexical else [])
+        report = race(replicas, rounds=6, counts=counts, modes=modes)
+        assert report.clean, (report.fragments, report.ghosts)
+    finally:
+        for replica in replicas:
+            replica.stop()

@@ -63,7 +63,13 @@ def test_round_trip_on_lite_and_on_the_milvus_server(
 ) -> None:
     service = make_service(tiny_encoder, milvus_uri=milvus_uri, collection=collection_name)
     seed(service)
-    response = service.stub.SearchDocuments(pb.SearchDocumentsRequest(query="如何申请退款？", top_k=3), timeout=30)
+    # Without a mode the service picks (retrieval_mode auto): hybrid where the collection has BM25
+    # (Milvus Lite), dense on a server without it (2.3.5).
+    default = service.stub.SearchDocuments(pb.SearchDocumentsRequest(query="如何申请退款？", top_k=3), timeout=30)
+    lexical = not milvus_uri.startswith("http")  # Lite has BM25; the 2.3.5 server has none
+    assert default.mode == (pb.RETRIEVAL_MODE_HYBRID if lexical else pb.RETRIEVAL_MODE_DENSE), default.mode
+    response = service.stub.SearchDocuments(pb.SearchDocumentsRequest(
+        query="如何申请退款？", top_k=3, mode=pb.RETRIEVAL_MODE_DENSE), timeout=30)
     assert len(response.hits) == 3
     assert [h.score for h in response.hits] == sorted((h.score for h in response.hits), reverse=True)
     assert response.model_version == tiny_encoder.manifest.version
@@ -110,10 +116,14 @@ def test_batch_search_equals_single_searches(make_service: Callable[..., LiveSer
     seed(service)
     queries = ["退款", "快递没动静", "开不了机", "忘记密码"]
     batch = service.stub.BatchSearchDocuments(pb.BatchSearchDocumentsRequest(
-        requests=[pb.SearchDocumentsRequest(query=q, top_k=5) for q in queries]), timeout=30)
+        requests=[pb.SearchDocumentsRequest(query=q, top_k=5, mode=pb.RETRIEVAL_MODE_DENSE) for q in queries]),
+        timeout=30)
     assert len(batch.responses) == len(queries)
     for query, response in zip(queries, batch.responses, strict=True):
-        single = service.stub.SearchDocuments(pb.SearchDocumentsRequest(query=query, top_k=5), timeout=30)
+        # Dense: its scores are cosines, comparable to 1e-5 (a fused score also moves with the
+        # candidates' distribution, which near-ties of the random model shift).
+        single = service.stub.SearchDocuments(pb.SearchDocumentsRequest(
+            query=query, top_k=5, mode=pb.RETRIEVAL_MODE_DENSE), timeout=30)
         # Same documents and scores; near-ties of the random model may swap places.
         assert {h.id: h.score for h in response.hits} == pytest.approx({h.id: h.score for h in single.hits},
                                                                          abs=1e-5)

@@ -272,6 +272,9 @@ def test_mining_never_returns_a_positive_and_respects_range_and_seed(tiny: Torch
     assert [r.neg for r in again] == [r.neg for r in mined]
     other, _ = mine_hard_negatives(rows, tiny, MineConfig(2, 12, 4, None, seed=4), corpus=corpus, show_progress=False)
     assert [r.neg for r in other] != [r.neg for r in mined]
+    # A row's negatives depend on the row and the pool, not on where the row sits in the file.
+    reordered, _ = mine_hard_negatives(rows[::-1], tiny, config, corpus=corpus, show_progress=False)
+    assert [r.neg for r in reordered[::-1]] == [r.neg for r in mined]
 
 
 def test_mining_drops_positives_by_id_and_by_normalized_text(tiny: TorchEncoder) -> None:

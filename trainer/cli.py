@@ -16,10 +16,13 @@ from typing import Annotated, Any
 import typer
 
 from semsearch.cli import (
+    EXIT_REFUSED,
+    CollectionOption,
     ConfigOption,
     DeviceOption,
     EncoderBackendOption,
     EncoderUrlOption,
+    MilvusUriOption,
     ModelOption,
     fail,
     settings_from_cli,
@@ -400,7 +403,8 @@ def evaluate_cmd(
                                  "model's max_tokens (to measure chunk sizes; the model still sees whole chunks)")
     ] = None,
     fusion: Annotated[
-        str | None, typer.Option("--fusion", help="Hybrid fusion: rrf or weighted [default: the `fusion` setting]")
+        str | None, typer.Option("--fusion", help="Hybrid fusion: rrf, weighted, minmax or dbsf "
+                                 "[default: the `fusion` setting]")
     ] = None,
     rrf_k: Annotated[int | None, typer.Option("--rrf-k", help="RRF constant [default: the `rrf_k` setting]")] = None,
     dense_weight: Annotated[float | None, typer.Option("--dense-weight", help="Weighted fusion: dense weight")] = None,
@@ -408,8 +412,9 @@ def evaluate_cmd(
         float | None, typer.Option("--lexical-weight", help="Weighted fusion: lexical weight")
     ] = None,
     fusions: Annotated[
-        str, typer.Option("--fusions", help="--passages: more hybrids from the same searches, "
-                          "e.g. rrf:20,weighted:0.3:0.7"),
+        str, typer.Option("--fusions", help="More hybrids from the same searches (and the best one chosen), "
+                          "e.g. rrf:20,rrf:10:0.2:0.8,weighted:0.3:0.7,minmax:0.2:0.8,dbsf:0.2:0.8; "
+                          "grid = every fusion tuning measures"),
     ] = "",
     models: Annotated[
         list[str] | None,
@@ -492,6 +497,7 @@ def evaluate_cmd(
                 rerank_label=parse_model_spec(rerank)[0] if rerank else "rerank",
                 rerank_top=rerank_top,
                 misses=misses,
+                more_fusions=more_fusions,
             )
         if passage_set is not None:
             report["passages"] = evaluate_passages(passage_set, specs, settings, retrieval=modes,
@@ -504,6 +510,46 @@ def evaluate_cmd(
                     record_metrics(Path(entry["model"]), entry)
     typer.echo((out_dir / "report.md").read_text(encoding="utf-8"))
     typer.echo(" ".join(f"{kind}={path}" for kind, path in paths.items()))
+
+
+@train_app.command("tune-fusion")
+def tune_fusion_cmd(
+    pairs: Annotated[Path | None, typer.Option("--pairs", help="Labelled queries: JSONL {query, ids} (or "
+                                               "{query, id}), or SQuAD JSON whose paragraphs were indexed under "
+                                               "their id")] = None,
+    keep: Annotated[bool, typer.Option(
+        "--keep-previous", help="After a promotion: keep the tuning of the pair it replaced (no measuring)",
+    )] = False,
+    collection: CollectionOption = None,
+    milvus_uri: MilvusUriOption = None,
+    model: ModelOption = None,
+    encoder_url: EncoderUrlOption = None,
+    device: DeviceOption = None,
+    dry_run: Annotated[bool, typer.Option("--dry-run", help="Measure and report; record nothing")] = False,
+    config: ConfigOption = None,
+) -> None:
+    """Choose the collection's default retrieval (mode, fusion) on your labelled queries, searched in the live
+    collection like the service searches; recorded on the collection and with its registry pair."""
+    from semsearch.store import MilvusStore
+    from trainer.tune import TuningRefusedError, keep_previous, tune
+
+    if (pairs is None) == keep:
+        raise fail("give --pairs (labelled queries to tune on) or --keep-previous, one of the two", code=2)
+    settings = settings_from_cli(config, collection=collection, milvus_uri=milvus_uri, model=model,
+                                 encoder_url=encoder_url, device=device)
+    try:
+        with _cli_errors():
+            store = MilvusStore.from_settings(settings, min_timeout_s=60.0)
+            try:
+                if pairs is None:
+                    report = keep_previous(store, settings.collection)
+                else:
+                    report = tune(settings, store, settings.collection, pairs, model=model, dry_run=dry_run)
+            finally:
+                store.close()
+    except TuningRefusedError as exc:  # a refusal: nothing written (exit 3)
+        raise fail(str(exc), code=EXIT_REFUSED) from exc
+    _echo_json(report)
 
 
 @train_app.command("run")

@@ -25,7 +25,7 @@ import json
 import math
 import tempfile
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -34,9 +34,10 @@ import numpy as np
 import structlog
 
 from semsearch.config import Settings
-from semsearch.fusion import MODES, Fusion, fuse, hybrid_candidates
+from semsearch.fusion import METHODS, MODES, Fusion, fuse, hybrid_candidates, tuning_candidates
 from semsearch.manifest import MANIFEST_FILENAME, ModelManifest
 from semsearch.store import ChunkRow, Hit, MilvusStore
+from semsearch.tuning import choose
 from trainer.encoding import ExactIndex, encode_texts, open_encoder
 from trainer.metrics import mean_metrics, query_metrics, similarity_gap
 from trainer.rows import TrainRow, candidate_texts, distinct_texts, normalize_text
@@ -182,8 +183,9 @@ def rank_in_milvus(
     batch: int = 64,
     dense_cache: dict[int, list[Any]] | None = None,
     more_fusions: dict[str, Fusion] | None = None,
+    doc_index: Callable[[str], int] = int,
 ) -> dict[str, dict[str, Any]]:
-    """Metrics of an indexed collection (integer document ids) searched through `MilvusStore.search`
+    """Metrics of an indexed collection (document ids -> integers by `doc_index`) searched through `MilvusStore.search`
     and `semsearch.fusion.fuse` as the service searches it: one hit per document (its best chunk).
 
     Each query's own candidate (`exclude`) is dropped from its ranking; queries without relevant
@@ -223,7 +225,7 @@ def rank_in_milvus(
                                 more_fusions.get(mode, fusion), fetch)
                 else:
                     hits = found[mode][row][:fetch]
-                ids = [int(hit.doc_id) for hit in service_order(hits) if int(hit.doc_id) != exclude[i]]
+                ids = [doc_index(hit.doc_id) for hit in service_order(hits) if doc_index(hit.doc_id) != exclude[i]]
                 ranked[mode].append(ids[:k])
     return {
         mode: {
@@ -248,9 +250,11 @@ def _retrieval_metrics(
     relevant_keys: Sequence[set[str]],
     keys: Sequence[str],
     modes: Sequence[str],
+    more_fusions: dict[str, Fusion] | None = None,
 ) -> dict[str, dict[str, Any]]:
-    """{mode: {pool: metrics}} through a temporary Milvus Lite store built like serving's."""
-    out: dict[str, dict[str, Any]] = {mode: {} for mode in modes}
+    """{mode: {pool: metrics}} through a temporary Milvus Lite store built like serving's (with
+    `more_fusions`, one more "mode" per extra hybrid)."""
+    out: dict[str, dict[str, Any]] = {}
     with tempfile.TemporaryDirectory(prefix="semsearch-eval-") as tmp:
         store = MilvusStore(str(Path(tmp) / "eval.db"), timeout_s=600.0,
                             lexical_analyzer=settings.lexical_analyzer, lexical_user_dict=settings.lexical_user_dict)
@@ -264,13 +268,45 @@ def _retrieval_metrics(
                     exclude=[local.get(q) for q in query_keys],
                     relevant=[{local[k] for k in rel if k in local and k != q}
                               for rel, q in zip(relevant_keys, query_keys, strict=True)],
-                    modes=modes, fusion=Fusion.from_settings(settings),
+                    modes=modes, fusion=Fusion.from_settings(settings), more_fusions=more_fusions,
                 )
                 for mode, result in results.items():
-                    out[mode][pool_name] = result
+                    out.setdefault(mode, {})[pool_name] = result
         finally:
             store.close()
     return out
+
+
+def _encode_model(settings: Settings, label: str, ref: str, texts: Sequence[str], rows: Sequence[TrainRow],
+                  show_progress: bool) -> tuple[Any, np.ndarray, np.ndarray]:
+    """The model's manifest, the candidates' vectors and the queries' vectors."""
+    encoder = open_encoder(settings, ref)
+    try:
+        doc_vectors = encode_texts(encoder.encode_documents, texts, desc=f"{label}: candidates", show=show_progress)
+        query_vectors = encode_texts(encoder.encode_queries, [r.query for r in rows], desc=f"{label}: queries",
+                                     show=show_progress)
+        return encoder.manifest, doc_vectors, query_vectors
+    finally:
+        encoder.close()
+
+
+def _miss(miss: dict[str, Any], rows: Sequence[TrainRow], texts: Sequence[str],
+          in_test_pool: set[int]) -> dict[str, Any]:
+    """A global-pool top 1 that is no labelled positive, by its texts."""
+    first = miss["first_relevant"]
+    return {
+        "query": rows[miss["query"]].query,
+        "top1": texts[miss["top1"]],
+        "top1_pool": "test" if miss["top1"] in in_test_pool else "other",
+        "first_relevant": texts[first] if first is not None else None,
+        "first_relevant_rank": miss["first_relevant_rank"],
+    }
+
+
+def _tuned_per_pool(retrieval: dict[str, Any]) -> dict[str, Any]:
+    """Per pool, the fusion tuning would choose from these modes' metrics (pools without a choice left out)."""
+    return {pool: choice.as_dict() for pool in ("test", "global")
+            if (choice := choose({mode: pools[pool]["metrics"] for mode, pools in retrieval.items()})) is not None}
 
 
 def evaluate_models(
@@ -287,11 +323,14 @@ def evaluate_models(
     rerank_top: int = 50,
     rerank_models: Sequence[str] | None = None,
     misses: bool = False,
+    more_fusions: dict[str, Fusion] | None = None,
 ) -> tuple[dict[str, Any], list[ModelScores]]:
-    """`rerank`: a cross-encoder scorer; each model in `rerank_models` (labels; None = all) gets a
-    second set of pool metrics: its dense top `rerank_top` reordered by the scorer. `misses`: each
-    ModelScores also lists the test queries whose global-pool top 1 is not a labelled positive (for a
-    label audit: with intent labels from linked pairs, many such top-1s are unlinked paraphrases)."""
+    """`more_fusions`: extra hybrids ranked from the same searches as `hybrid` (and the best one chosen,
+    `tuned`, as fusion tuning would). `rerank`: a cross-encoder scorer; each model in `rerank_models`
+    (labels; None = all) gets a second set of pool metrics: its dense top `rerank_top` reordered by the
+    scorer. `misses`: each ModelScores also lists the test queries whose global-pool top 1 is not a
+    labelled positive (for a label audit: with intent labels from linked pairs, many such top-1s are
+    unlinked paraphrases)."""
     test_texts = candidate_texts(test_rows)
     all_texts = distinct_texts([*test_texts, *candidate_texts(pool_rows), *corpus])
     keys = [normalize_text(t) for t in all_texts]
@@ -301,29 +340,13 @@ def evaluate_models(
     query_keys = [normalize_text(r.query) for r in test_rows]
     relevant_keys = [{normalize_text(p) for p in r.pos} for r in test_rows]
 
-    report: dict[str, Any] = {
-        "created_at": dt.datetime.now(dt.UTC).isoformat(timespec="seconds"),
-        "queries": len(test_rows),
-        "pools": {"test": len(test_pool), "global": len(all_texts)},
-        "models": [],
-    }
+    report: dict[str, Any] = {"created_at": dt.datetime.now(dt.UTC).isoformat(timespec="seconds"),
+                              "queries": len(test_rows), "pools": {"test": len(test_pool), "global": len(all_texts)},
+                              "models": []}
     distributions: list[ModelScores] = []
     for label, ref in models:
         started = time.perf_counter()
-        encoder = open_encoder(settings, ref)
-        try:
-            manifest = encoder.manifest
-            doc_vectors = encode_texts(
-                encoder.encode_documents, all_texts, desc=f"{label}: candidates", show=show_progress
-            )
-            query_vectors = encode_texts(
-                encoder.encode_queries,
-                [r.query for r in test_rows],
-                desc=f"{label}: queries",
-                show=show_progress,
-            )
-        finally:
-            encoder.close()
+        manifest, doc_vectors, query_vectors = _encode_model(settings, label, ref, all_texts, test_rows, show_progress)
         encode_s = time.perf_counter() - started
         global_misses: list[dict[str, Any]] | None = [] if misses else None
         pools = {
@@ -334,43 +357,25 @@ def evaluate_models(
         rerank_pools: dict[str, Any] = {}
         if rerank is not None and (rerank_models is None or label in rerank_models):
             phase = time.perf_counter()
-            query_texts = [r.query for r in test_rows]
             for pool_name, pool in (("test", test_pool), ("global", range(len(all_texts)))):
                 rerank_pools[pool_name] = _pool_metrics(
-                    query_vectors, doc_vectors, pool, query_keys, relevant_keys, keys,
-                    rerank=rerank, rerank_top=rerank_top, query_texts=query_texts, texts=all_texts,
-                )
+                    query_vectors, doc_vectors, pool, query_keys, relevant_keys, keys, rerank=rerank,
+                    rerank_top=rerank_top, query_texts=[r.query for r in test_rows], texts=all_texts)
             rerank_pools["seconds"] = round(time.perf_counter() - phase, 1)
         scores = ModelScores(label)
-        for miss in global_misses or []:
-            first = miss["first_relevant"]
-            scores.misses.append({
-                "query": test_rows[miss["query"]].query,
-                "top1": all_texts[miss["top1"]],
-                "top1_pool": "test" if miss["top1"] in in_test_pool else "other",
-                "first_relevant": all_texts[first] if first is not None else None,
-                "first_relevant_rank": miss["first_relevant_rank"],
-            })
-        pos_lists, neg_lists = [], []
-        for i, row in enumerate(test_rows):
-            pos = [float(query_vectors[i] @ doc_vectors[position[normalize_text(t)]]) for t in row.pos]
-            neg = [float(query_vectors[i] @ doc_vectors[position[normalize_text(t)]]) for t in row.neg]
-            pos_lists.append(pos)
-            neg_lists.append(neg)
-            scores.positives += pos
-            scores.negatives += neg
+        scores.misses = [_miss(miss, test_rows, all_texts, in_test_pool) for miss in global_misses or []]
+        pos_lists = [[float(query_vectors[i] @ doc_vectors[position[normalize_text(t)]]) for t in row.pos]
+                     for i, row in enumerate(test_rows)]
+        neg_lists = [[float(query_vectors[i] @ doc_vectors[position[normalize_text(t)]]) for t in row.neg]
+                     for i, row in enumerate(test_rows)]
+        scores.positives = [s for pos in pos_lists for s in pos]
+        scores.negatives = [s for neg in neg_lists for s in neg]
         distributions.append(scores)
         entry: dict[str, Any] = {
-            "label": label,
-            "model": ref,
-            "version": manifest.version,
-            "pooling": manifest.pooling,
-            "query_instruction": manifest.query_instruction,
-            "parent_model": manifest.parent_model,
-            "pools": pools,
-            "similarity": similarity_gap(pos_lists, neg_lists),
-            "seconds": round(time.perf_counter() - started, 1),
-            "encode_seconds": round(encode_s, 1),
+            "label": label, "model": ref, "version": manifest.version, "pooling": manifest.pooling,
+            "query_instruction": manifest.query_instruction, "parent_model": manifest.parent_model,
+            "pools": pools, "similarity": similarity_gap(pos_lists, neg_lists),
+            "seconds": round(time.perf_counter() - started, 1), "encode_seconds": round(encode_s, 1),
         }
         if rerank_pools:
             entry["rerank"] = {"reranker": rerank_label, "top": rerank_top, "pools": rerank_pools}
@@ -379,16 +384,13 @@ def evaluate_models(
             entry["retrieval"] = _retrieval_metrics(
                 settings, manifest, all_texts, doc_vectors, test_rows, query_vectors,
                 {"test": test_pool, "global": range(len(all_texts))}, query_keys, relevant_keys, keys, retrieval,
+                more_fusions,
             )
-            entry["retrieval_seconds"] = round(time.perf_counter() - phase, 1)
-            entry["lexical_analyzer"] = settings.lexical_analyzer
+            entry.update(tuned=_tuned_per_pool(entry["retrieval"]), lexical_analyzer=settings.lexical_analyzer,
+                         retrieval_seconds=round(time.perf_counter() - phase, 1))
         report["models"].append(entry)
-        log.info(
-            "evaluated",
-            model=label,
-            version=manifest.version,
-            **{f"{p}_{m}": round(v["metrics"][m], 4) for p, v in pools.items() for m in ("hit@1", "ndcg@10")},
-        )
+        log.info("evaluated", model=label, version=manifest.version,
+                 **{f"{p}_{m}": round(v["metrics"][m], 4) for p, v in pools.items() for m in ("hit@1", "ndcg@10")})
     return report, distributions
 
 
@@ -422,6 +424,9 @@ def markdown_table(report: dict[str, Any]) -> str:
                 rr = entry["rerank"]
                 cells = [_fmt(rr["pools"][pool]["metrics"][c]) for c in TABLE_COLUMNS] + [""]
                 lines.append(f"| {entry['label']} → {rr['reranker']} (top {rr['top']}) | " + " | ".join(cells) + " |")
+        for entry in report["models"]:
+            if pool in entry.get("tuned", {}):
+                lines.append("\n" + tuned_line(entry["label"], entry["tuned"][pool]))
         if pool == "global":
             lines.append(f"\n{GLOBAL_POOL_NOTE}")
         lines.append("")
@@ -447,30 +452,50 @@ def passages_table(section: dict[str, Any]) -> str:
         for mode, result in entry["retrieval"].items():
             cells = [_fmt(result["metrics"][c]) for c in PASSAGE_COLUMNS]
             lines.append(f"| {entry['label']} · {mode} | {chunks} | " + " | ".join(cells) + " |")
+    for entry in section["models"]:
+        if entry.get("tuned"):
+            lines.append("\n" + tuned_line(entry["label"], entry["tuned"]))
     lines.append("\nA passage is found at the rank of its best chunk; every question has its own passage "
                  "(no label gaps): hit@10 = recall@10.\n")
     return "\n".join(lines)
 
 
+def tuned_line(label: str, tuned: dict[str, Any]) -> str:
+    """What fusion tuning would choose from these rows (semsearch/tuning.py), and the target check."""
+    verdict = "meets" if tuned["meets_target"] else "misses"
+    return (f"{label}: best hybrid **{tuned['fusion']}**, against the better single retriever "
+            f"({tuned['best_single']}): MRR@10 {tuned['mrr@10_margin']:+.4f}, hit@1 {tuned['hit@1_margin']:+.4f} "
+            f"({verdict} hybrid >= max(dense, lexical) - {tuned['tolerance']}; chosen on these same questions).")
+
+
 def parse_fusions(spec: str) -> dict[str, Fusion]:
-    """'rrf:20,weighted:0.3:0.7' -> extra hybrids named 'hybrid rrf k=20', 'hybrid weighted 0.3/0.7';
-    a bad item is an error naming it. (semsearch.fusion's RRF has no weights: ranks only.)"""
-    return dict(_fusion_item(item) for item in filter(None, (part.strip() for part in spec.split(","))))
+    """'rrf:20,rrf:10:0.2:0.8,minmax:0.3:0.7' -> extra hybrids named 'hybrid rrf k=20', 'hybrid rrf k=10
+    0.2/0.8', 'hybrid minmax 0.3/0.7'; 'grid' adds every fusion tuning measures
+    (`semsearch.fusion.tuning_candidates`). A bad item is an error naming it."""
+    fusions: dict[str, Fusion] = {}
+    for item in filter(None, (part.strip() for part in spec.split(","))):
+        fusions.update(tuning_candidates() if item == "grid" else dict([_fusion_item(item)]))
+    return fusions
 
 
 def _fusion_item(item: str) -> tuple[str, Fusion]:
     method, *values = item.split(":")
-    if method == "rrf" and len(values) == 1 and values[0].isdigit() and int(values[0]) >= 1:
-        return f"hybrid rrf k={int(values[0])}", Fusion(rrf_k=int(values[0]))
-    if method == "weighted" and len(values) == 2:
-        try:
-            dense, lexical = float(values[0]), float(values[1])
-        except ValueError:
-            dense = lexical = -1.0
-        if 0 <= dense <= 1 and 0 <= lexical <= 1:
-            return (f"hybrid weighted {dense}/{lexical}",
-                    Fusion(method="weighted", dense_weight=dense, lexical_weight=lexical))
-    raise ValueError(f"--fusions: {item!r}: expected rrf:K (K >= 1) or weighted:DENSE:LEXICAL (weights in [0, 1])")
+    try:
+        numbers = [float(v) for v in values]
+    except ValueError:
+        numbers = []
+    weights = numbers[-2:] if len(numbers) >= 2 else []
+    if any(not (0 <= w <= 1) for w in weights):
+        numbers = []
+    if method == "rrf" and len(numbers) in (1, 3) and values[0].isdigit() and int(values[0]) >= 1:
+        k = int(values[0])
+        if len(numbers) == 1:
+            return f"hybrid rrf k={k}", Fusion(rrf_k=k)
+        return f"hybrid rrf k={k} {weights[0]}/{weights[1]}", Fusion("rrf", k, weights[0], weights[1])
+    if method in METHODS and method != "rrf" and len(numbers) == 2:
+        return f"hybrid {method} {weights[0]}/{weights[1]}", Fusion(method, 60, weights[0], weights[1])
+    raise ValueError(f"--fusions: {item!r}: expected rrf:K or rrf:K:DENSE:LEXICAL (K >= 1), weighted:DENSE:LEXICAL, "
+                     "minmax:DENSE:LEXICAL, dbsf:DENSE:LEXICAL (weights in [0, 1]) or grid")
 
 
 def plot_distributions(distributions: Sequence[ModelScores], path: Path) -> None:

@@ -345,6 +345,20 @@ def run_flag_process(
         raise RuntimeError(f"FlagEmbedding fine-tune failed (exit {result.returncode}){': ' + tail if tail else ''}")
 
 
+def _checkpoint_or_overwritable(config: FinetuneConfig, *, resume: bool, overwrite: bool) -> Path | None:
+    """The checkpoint to resume from (with `resume`), else None once the output directory is known to
+    be empty or an earlier fine-tune's output that may be replaced."""
+    out = config.output_dir
+    checkpoint = _resumable(config, out) if resume else None
+    if checkpoint is None and out.exists() and any(out.iterdir()):
+        if not (overwrite or resume):
+            raise InvalidInputError(f"output directory {out} is not empty (use --overwrite)")
+        if not (out / WORK_SUBDIR / "finetune_config.json").exists():
+            # --overwrite deletes only an earlier fine-tune's output, never an arbitrary directory.
+            raise InvalidInputError(f"{out} is not the output of an earlier fine-tune: not overwriting it")
+    return checkpoint
+
+
 def run_finetune(
     config: FinetuneConfig, *, overwrite: bool = False, stream_output: bool = True, resume: bool = False
 ) -> ModelManifest:
@@ -357,15 +371,7 @@ def run_finetune(
     parent = resolve_manifest(model_dir, config.model)
     pooling = config.pooling or parent.pooling
     out = config.output_dir
-    checkpoint = _resumable(config, out) if resume else None
-    if resume:
-        overwrite = True
-    if checkpoint is None and out.exists() and any(out.iterdir()):
-        if not overwrite:
-            raise InvalidInputError(f"output directory {out} is not empty (use --overwrite)")
-        if not (out / WORK_SUBDIR / "finetune_config.json").exists():
-            # --overwrite deletes only an earlier fine-tune's output, never an arbitrary directory.
-            raise InvalidInputError(f"{out} is not the output of an earlier fine-tune: not overwriting it")
+    checkpoint = _checkpoint_or_overwritable(config, resume=resume, overwrite=overwrite)
     # Validate every row first: a bad line 90,000 should fail now, by line, not mid-training.
     rows = [
         row

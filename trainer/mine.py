@@ -95,6 +95,112 @@ def _dedupe(candidates: Sequence[Candidate]) -> list[Candidate]:
     return out
 
 
+@dataclass
+class _EncodedPool:
+    """The candidate pool, encoded once, with the lookups every row's exclusions need."""
+
+    candidates: list[Candidate]
+    keys: list[str]
+    key_index: dict[str, int]
+    id_index: dict[str, int]
+    vectors: np.ndarray
+    outside_vectors: dict[str, np.ndarray]  # positives that are not in the pool, for the margin test
+    index: ExactIndex
+
+    def excluded(self, row: TrainRow) -> tuple[set[str], set[int]]:
+        """The row's own texts (query and positives) as keys, and their pool positions."""
+        keys = {normalize_text(row.query), *(normalize_text(p) for p in row.pos)}
+        ids = {x for x in (row.query_id, *(row.pos_ids or [])) if x is not None}
+        positions = {self.key_index[k] for k in keys if k in self.key_index}
+        return keys, positions | {self.id_index[x] for x in ids if x in self.id_index}
+
+    def positive_vector(self, text: str) -> np.ndarray:
+        key = normalize_text(text)
+        return self.vectors[self.key_index[key]] if key in self.key_index else self.outside_vectors[text]
+
+
+def _encode_pool(
+    rows: Sequence[TrainRow], encoder: Encoder, candidates: list[Candidate], show_progress: bool
+) -> _EncodedPool:
+    keys = [normalize_text(c.text) for c in candidates]
+    key_index = {key: i for i, key in enumerate(keys)}
+    vectors = encode_texts(
+        encoder.encode_documents, [c.text for c in candidates], desc="encode pool", show=show_progress
+    )
+    # Positives outside the pool (a corpus without them) still need a score for the margin test.
+    outside = sorted({p for r in rows for p in r.pos if normalize_text(p) not in key_index})
+    outside_vectors = (
+        dict(zip(outside, encode_texts(encoder.encode_documents, outside, desc="encode positives",
+                                       show=show_progress), strict=True))
+        if outside
+        else {}
+    )
+    return _EncodedPool(
+        candidates=candidates,
+        keys=keys,
+        key_index=key_index,
+        id_index={c.id: i for i, c in enumerate(candidates) if c.id is not None},
+        vectors=vectors,
+        outside_vectors=outside_vectors,
+        index=ExactIndex(vectors),
+    )
+
+
+def _sample_row(
+    row: TrainRow,
+    query_vector: np.ndarray,
+    ranked: tuple[np.ndarray, np.ndarray],
+    pool: _EncodedPool,
+    config: MineConfig,
+    stats: dict[str, Any],
+) -> TrainRow:
+    """One row with its mined negatives: ranks [lo, hi) minus positives and likely false negatives."""
+    ids, scores = ranked
+    excluded_keys, excluded = pool.excluded(row)
+    threshold = np.inf
+    if config.fn_margin is not None:
+        threshold = max(float(query_vector @ pool.positive_vector(p)) for p in row.pos) - config.fn_margin
+    kept: list[tuple[str, str | None]] = []
+    if config.keep_existing:
+        kept = [
+            (t, None if row.neg_ids is None else row.neg_ids[j])
+            for j, t in enumerate(row.neg)
+            if normalize_text(t) not in excluded_keys
+        ]
+    kept_keys = {normalize_text(t) for t, _ in kept}
+    eligible: list[int] = []
+    for rank in range(config.range_lo, len(ids)):
+        candidate = int(ids[rank])
+        if candidate in excluded:
+            stats["dropped_positive"] += 1
+        elif scores[rank] > threshold:
+            stats["dropped_false_negative"] += 1
+        elif pool.keys[candidate] not in kept_keys:
+            eligible.append(candidate)
+    # Seeded by the row's own content, not its position: the same row gets the same negatives
+    # wherever it sits in the file (given the same pool).
+    rng = random.Random(f"{config.seed}:{row.query}:{row.pos[0]}")
+    chosen = set(rng.sample(range(len(eligible)), min(config.negative_number, len(eligible))))
+    picked = [c for j, c in enumerate(eligible) if j in chosen]  # in rank order
+    if not kept and not picked and len(pool.index) > len(ids):
+        # Nothing left in the range (all positives or likely false negatives): a row without
+        # negatives cannot train, so fall back to easy negatives from below the range.
+        row_scores = pool.index.scores(query_vector[None, :])[0]
+        below = [int(c) for c in np.argsort(-row_scores, kind="stable")[len(ids) :]]
+        below = [c for c in below if c not in excluded and row_scores[c] <= threshold]
+        picked = sorted(rng.sample(below, min(config.negative_number, len(below))))
+        stats["rows_fallback_below_range"] += bool(picked)
+    negatives = [t for t, _ in kept] + [pool.candidates[c].text for c in picked]
+    neg_ids = [x for _, x in kept] + [pool.candidates[c].id for c in picked]
+    stats["mined"] += len(picked)
+    stats["rows_short"] += len(picked) < config.negative_number
+    stats["rows_without_neg"] += not negatives
+    has_ids = bool(neg_ids) and all(x is not None for x in neg_ids)
+    return row.without_scores().model_copy(
+        update={"neg": negatives, "neg_ids": list(map(str, neg_ids)) if has_ids else None}
+    )
+
+
 def mine_hard_negatives(
     rows: Sequence[TrainRow],
     encoder: Encoder,
@@ -106,43 +212,21 @@ def mine_hard_negatives(
     """Rows with `neg` replaced by mined negatives (stale teacher scores dropped), and statistics."""
     if config.negative_number < 1:
         raise InvalidInputError("negative_number must be at least 1")
-    pool = _dedupe(corpus if corpus is not None else [Candidate(t) for t in candidate_texts(rows)])
-    if not pool:
+    candidates = _dedupe(corpus if corpus is not None else [Candidate(t) for t in candidate_texts(rows)])
+    if not candidates:
         raise InvalidInputError("empty candidate pool")
     started = time.perf_counter()
-    pool_keys = [normalize_text(c.text) for c in pool]
-    key_index = {key: i for i, key in enumerate(pool_keys)}
-    id_index = {c.id: i for i, c in enumerate(pool) if c.id is not None}
-    pool_vectors = encode_texts(
-        encoder.encode_documents, [c.text for c in pool], desc="encode pool", show=show_progress
-    )
+    pool = _encode_pool(rows, encoder, candidates, show_progress)
     query_vectors = encode_texts(
         encoder.encode_queries, [r.query for r in rows], desc="encode queries", show=show_progress
     )
-    # Positives outside the pool (a corpus without them) still need a score for the margin test.
-    outside = sorted({p for r in rows for p in r.pos if normalize_text(p) not in key_index})
-    outside_vectors = (
-        dict(
-            zip(
-                outside,
-                encode_texts(encoder.encode_documents, outside, desc="encode positives", show=show_progress),
-                strict=True,
-            )
-        )
-        if outside
-        else {}
-    )
     encoded = time.perf_counter()
-
-    index = ExactIndex(pool_vectors)
-    hi = min(config.range_hi, len(index))
-    ids, scores = index.search(query_vectors, hi)
+    ids, scores = pool.index.search(query_vectors, min(config.range_hi, len(pool.index)))
     searched = time.perf_counter()
 
-    out: list[TrainRow] = []
     stats: dict[str, Any] = {
         "rows": len(rows),
-        "pool": len(pool),
+        "pool": len(candidates),
         "mined": 0,
         "dropped_positive": 0,
         "dropped_false_negative": 0,
@@ -150,62 +234,10 @@ def mine_hard_negatives(
         "rows_fallback_below_range": 0,
         "rows_without_neg": 0,
     }
-    for i, row in enumerate(tqdm(rows, desc="sample negatives", unit="row", disable=not show_progress)):
-        excluded_keys = {normalize_text(row.query), *(normalize_text(p) for p in row.pos)}
-        excluded_ids = {i_ for i_ in (row.query_id, *(row.pos_ids or [])) if i_ is not None}
-        excluded = {key_index[k] for k in excluded_keys if k in key_index}
-        excluded |= {id_index[x] for x in excluded_ids if x in id_index}
-        threshold = np.inf
-        if config.fn_margin is not None:
-            positive_scores = [
-                float(query_vectors[i] @ (pool_vectors[key_index[k]] if k in key_index else outside_vectors[p]))
-                for p in row.pos
-                for k in [normalize_text(p)]
-            ]
-            threshold = max(positive_scores) - config.fn_margin
-        kept: list[tuple[str, str | None]] = []
-        if config.keep_existing:
-            kept = [
-                (t, None if row.neg_ids is None else row.neg_ids[j])
-                for j, t in enumerate(row.neg)
-                if normalize_text(t) not in excluded_keys
-            ]
-        kept_keys = {normalize_text(t) for t, _ in kept}
-        eligible: list[int] = []
-        for rank in range(config.range_lo, ids.shape[1]):
-            candidate = int(ids[i, rank])
-            if candidate in excluded:
-                stats["dropped_positive"] += 1
-            elif scores[i, rank] > threshold:
-                stats["dropped_false_negative"] += 1
-            elif pool_keys[candidate] not in kept_keys:
-                eligible.append(candidate)
-        # Seeded per row: the same row gets the same negatives whatever else is in the file.
-        rng = random.Random(f"{config.seed}:{i}:{row.query}")
-        chosen = set(rng.sample(range(len(eligible)), min(config.negative_number, len(eligible))))
-        picked = [c for j, c in enumerate(eligible) if j in chosen]  # in rank order
-        if not kept and not picked and len(index) > ids.shape[1]:
-            # Nothing left in the range (all positives or likely false negatives): a row without
-            # negatives cannot train, so fall back to easy negatives from below the range.
-            row_scores = index.scores(query_vectors[i : i + 1])[0]
-            below = [int(c) for c in np.argsort(-row_scores, kind="stable")[ids.shape[1] :]]
-            below = [c for c in below if c not in excluded and row_scores[c] <= threshold]
-            picked = sorted(rng.sample(below, min(config.negative_number, len(below))))
-            stats["rows_fallback_below_range"] += bool(picked)
-        negatives = [t for t, _ in kept] + [pool[c].text for c in picked]
-        neg_ids = [x for _, x in kept] + [pool[c].id for c in picked]
-        stats["mined"] += len(picked)
-        stats["rows_short"] += len(picked) < config.negative_number
-        stats["rows_without_neg"] += not negatives
-        has_ids = bool(neg_ids) and all(x is not None for x in neg_ids)
-        out.append(
-            row.without_scores().model_copy(
-                update={
-                    "neg": negatives,
-                    "neg_ids": list(map(str, neg_ids)) if has_ids else None,
-                }
-            )
-        )
+    out = [
+        _sample_row(row, query_vectors[i], (ids[i], scores[i]), pool, config, stats)
+        for i, row in enumerate(tqdm(rows, desc="sample negatives", unit="row", disable=not show_progress))
+    ]
     stats.update(
         encode_s=round(encoded - started, 2),
         search_s=round(searched - encoded, 3),

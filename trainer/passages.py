@@ -29,6 +29,7 @@ from semsearch.errors import InvalidInputError
 from semsearch.fusion import Fusion
 from semsearch.ingest import Planner, chunk_texts, rows_of, rules_of
 from semsearch.store import MilvusStore
+from semsearch.tuning import choose
 from trainer.encoding import encode_texts, open_encoder
 from trainer.evaluate import rank_in_milvus
 from trainer.prepare import read_squad
@@ -166,5 +167,7 @@ def _evaluate_model(store: MilvusStore, collection: str, passage_set: PassageSet
                              relevant=passage_set.relevant, modes=retrieval, fusion=fusion, more_fusions=more_fusions)
     log.info("evaluated_passages", model=label, version=version,
              **{f"{mode}_mrr10": round(value["metrics"]["mrr@10"], 4) for mode, value in results.items()})
+    choice = choose({mode: value["metrics"] for mode, value in results.items()})
     return {"label": label, "model": ref, "version": version, **chunking, "retrieval": results,
+            "tuned": choice.as_dict() if choice is not None else None,
             "encode_seconds": round(encode_s, 1), "seconds": round(time.perf_counter() - started, 1)}

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Annotated, Any
 
@@ -64,144 +65,159 @@ def _progress(phase: str, stats: object) -> None:
     )
 
 
-def register(app: typer.Typer) -> None:
-    @app.command()
-    def promote(
-        candidate: Annotated[
-            str | None, typer.Argument(help="Candidate model: local directory (with its manifest) or hub id")
-        ] = None,
-        collection: CollectionOption = None,
-        milvus_uri: MilvusUriOption = None,
-        config: ConfigOption = None,
-        device: DeviceOption = None,
-        encoder_url: EncoderUrlOption = None,
-        eval_data: Annotated[
-            Path | None, typer.Option("--eval-data", help="Held-out JSONL rows {query, pos, neg} for the gate")
-        ] = None,
-        metric: Annotated[str, typer.Option("--metric", help="Gate metric (global pool)")] = "recall@1",
-        min_improvement: Annotated[float, typer.Option("--min-improvement", help="Required gain in the metric")] = 0.01,
-        guards: Annotated[
-            list[str] | None,
-            typer.Option("--guard", help="METRIC=TOLERANCE that must not regress more than TOLERANCE (repeatable)"),
-        ] = None,
-        force: Annotated[bool, typer.Option("--force", help="Skip the gate (logged in the registry)")] = False,
-        abort: Annotated[bool, typer.Option("--abort", help="Forget a pending promotion and stop")] = False,
-        candidate_encoder_url: Annotated[
-            str | None,
-            typer.Option("--candidate-encoder-url", help="Servers that serve the candidate (blue/green sglang)"),
-        ] = None,
-        reranker: Annotated[
-            str | None,
-            typer.Option("--reranker", help="Promote this cross-encoder (directory or hub id) instead of a model: "
-                                            "gated on retrieval then rerank, swapped without re-embedding"),
-        ] = None,
-        reranker_url: Annotated[
-            str | None, typer.Option("--reranker-url", help="Rerank servers that serve the candidate reranker"),
-        ] = None,
-        rerank_candidates: Annotated[
-            int | None, typer.Option("--rerank-candidates", help="Candidates each reranker re-orders in the gate"),
-        ] = None,
-    ) -> None:
-        """Gate, re-embed, validate and swap a candidate model in, without a failed query; or, with
-        --reranker, gate and swap a reranker."""
-        settings = settings_from_cli(
-            config, collection=collection, milvus_uri=milvus_uri, device=device, encoder_url=encoder_url
-        )
-        name = settings.collection
-        if (candidate is None) == (reranker is None) and not abort:
-            raise fail("give a candidate model, or --reranker DIR (not both)", 2)
-        store = _store(settings)
-        promoter = Promoter(settings, store, progress=_progress)
-        try:
-            if abort:
-                record = promoter.abort(name)
-                console.print(
-                    f"{name}: no pending promotion; serving {record.current.model_version if record.current else '-'}"
-                )
-                return
-            guard_map = dict(_parse_guard(g) for g in guards or ["mrr@10=0.02"])
-            if reranker is not None:
-                if not force and eval_data is None:
-                    raise fail("the gate needs --eval-data (held-out rows), or --force to skip it", 2)
-                _promote_reranker(settings, promoter, reranker, reranker_url, eval_data, force=force, metric=metric,
-                                  min_improvement=min_improvement, guards=guard_map,
-                                  candidates=rerank_candidates or settings.rerank_candidates)
-                return
-            assert candidate is not None
-            if not force and eval_data is None and not _resuming(promoter, name):
-                raise fail("the gate needs --eval-data (held-out rows), or --force to skip it", 2)
-
-            def run_gate(current: PairRecord) -> dict[str, Any]:
-                if force:
-                    console.print("[yellow]gate skipped (--force); recorded in the registry[/yellow]")
-                    return GateResult(passed=True, metric=metric, current={}, candidate={}, forced=True).metrics()
-                assert eval_data is not None
-                result = gate(current, candidate, eval_data, settings, metric=metric,
-                              min_improvement=min_improvement, guards=guard_map)
-                console.print(result.table())
-                if not result.passed:
-                    for reason in result.reasons:
-                        console.print(f"[red]gate failed:[/red] {reason}")
-                    raise typer.Exit(EXIT_REFUSED)  # the gate refused: nothing changed
-                return result.metrics()
-
-            encoder = create_encoder(
-                settings.model_copy(update={"model": candidate, "encoder_url": candidate_encoder_url})
+def promote(
+    candidate: Annotated[
+        str | None, typer.Argument(help="Candidate model: local directory (with its manifest) or hub id")
+    ] = None,
+    collection: CollectionOption = None,
+    milvus_uri: MilvusUriOption = None,
+    config: ConfigOption = None,
+    device: DeviceOption = None,
+    encoder_url: EncoderUrlOption = None,
+    eval_data: Annotated[
+        Path | None, typer.Option("--eval-data", help="Held-out JSONL rows {query, pos, neg} for the gate")
+    ] = None,
+    metric: Annotated[str, typer.Option("--metric", help="Gate metric (global pool)")] = "recall@1",
+    min_improvement: Annotated[float, typer.Option("--min-improvement", help="Required gain in the metric")] = 0.01,
+    guards: Annotated[
+        list[str] | None,
+        typer.Option("--guard", help="METRIC=TOLERANCE that must not regress more than TOLERANCE (repeatable)"),
+    ] = None,
+    force: Annotated[bool, typer.Option("--force", help="Skip the gate (logged in the registry)")] = False,
+    abort: Annotated[bool, typer.Option("--abort", help="Forget a pending promotion and stop")] = False,
+    candidate_encoder_url: Annotated[
+        str | None,
+        typer.Option("--candidate-encoder-url", help="Servers that serve the candidate (blue/green sglang)"),
+    ] = None,
+    reranker: Annotated[
+        str | None,
+        typer.Option("--reranker", help="Promote this cross-encoder (directory or hub id) instead of a model: "
+                                        "gated on retrieval then rerank, swapped without re-embedding"),
+    ] = None,
+    reranker_url: Annotated[
+        str | None, typer.Option("--reranker-url", help="Rerank servers that serve the candidate reranker"),
+    ] = None,
+    rerank_candidates: Annotated[
+        int | None, typer.Option("--rerank-candidates", help="Candidates each reranker re-orders in the gate"),
+    ] = None,
+) -> None:
+    """Gate, re-embed, validate and swap a candidate model in, without a failed query; or, with
+    --reranker, gate and swap a reranker."""
+    settings = settings_from_cli(
+        config, collection=collection, milvus_uri=milvus_uri, device=device, encoder_url=encoder_url
+    )
+    name = settings.collection
+    if (candidate is None) == (reranker is None) and not abort:
+        raise fail("give a candidate model, or --reranker DIR (not both)", 2)
+    store = _store(settings)
+    promoter = Promoter(settings, store, progress=_progress)
+    try:
+        if abort:
+            record = promoter.abort(name)
+            console.print(
+                f"{name}: no pending promotion; serving {record.current.model_version if record.current else '-'}"
             )
-            try:
-                report = promoter.promote(name, encoder, run_gate, encoder_url=candidate_encoder_url)
-            finally:
-                encoder.close()
-            _print_report(report)
-        except SemsearchError as exc:
-            raise fail(str(exc), exit_code(exc)) from exc
-        finally:
-            store.close()
+            return
+        guard_map = dict(_parse_guard(g) for g in guards or ["mrr@10=0.02"])
+        if reranker is not None:
+            if not force and eval_data is None:
+                raise fail("the gate needs --eval-data (held-out rows), or --force to skip it", 2)
+            _promote_reranker(settings, promoter, reranker, reranker_url, eval_data, force=force, metric=metric,
+                              min_improvement=min_improvement, guards=guard_map,
+                              candidates=rerank_candidates or settings.rerank_candidates)
+            return
+        assert candidate is not None
+        if not force and eval_data is None and not _resuming(promoter, name):
+            raise fail("the gate needs --eval-data (held-out rows), or --force to skip it", 2)
+        gate_spec = _GateSpec(eval_data, force=force, metric=metric, min_improvement=min_improvement,
+                              guards=guard_map)
+        _print_report(_promote_model(settings, promoter, candidate, candidate_encoder_url, gate_spec))
+    except SemsearchError as exc:
+        raise fail(str(exc), exit_code(exc)) from exc
+    finally:
+        store.close()
 
-    @app.command()
-    def rollback(
-        collection: CollectionOption = None,
-        milvus_uri: MilvusUriOption = None,
-        config: ConfigOption = None,
-        device: DeviceOption = None,
-        encoder_url: EncoderUrlOption = None,
-        reranker: Annotated[
-            bool, typer.Option("--reranker", help="Return to the previous reranker (the pair stays)")
-        ] = False,
-    ) -> None:
-        """Return to the previous (model, collection) pair the same way a promotion goes forward."""
-        settings = settings_from_cli(
-            config, collection=collection, milvus_uri=milvus_uri, device=device, encoder_url=encoder_url
-        )
-        store = _store(settings)
-        try:
-            if reranker:
-                record = Promoter(settings, store).registry.rollback_reranker(settings.collection)
-                assert record.reranker is not None
-                console.print(f"{settings.collection}: reranker {record.reranker.version or 'none'} "
-                              f"(generation {record.generation}); instances follow at their next poll")
-                return
-            _print_report(Promoter(settings, store, progress=_progress).rollback(settings.collection))
-        except SemsearchError as exc:
-            raise fail(str(exc), exit_code(exc)) from exc
-        finally:
-            store.close()
+def rollback(
+    collection: CollectionOption = None,
+    milvus_uri: MilvusUriOption = None,
+    config: ConfigOption = None,
+    device: DeviceOption = None,
+    encoder_url: EncoderUrlOption = None,
+    reranker: Annotated[
+        bool, typer.Option("--reranker", help="Return to the previous reranker (the pair stays)")
+    ] = False,
+) -> None:
+    """Return to the previous (model, collection) pair the same way a promotion goes forward."""
+    settings = settings_from_cli(
+        config, collection=collection, milvus_uri=milvus_uri, device=device, encoder_url=encoder_url
+    )
+    store = _store(settings)
+    try:
+        if reranker:
+            record = Promoter(settings, store).registry.rollback_reranker(settings.collection)
+            assert record.reranker is not None
+            console.print(f"{settings.collection}: reranker {record.reranker.version or 'none'} "
+                          f"(generation {record.generation}); instances follow at their next poll")
+            return
+        _print_report(Promoter(settings, store, progress=_progress).rollback(settings.collection))
+    except SemsearchError as exc:
+        raise fail(str(exc), exit_code(exc)) from exc
+    finally:
+        store.close()
 
-    @app.command()
-    def gc(
-        milvus_uri: MilvusUriOption = None,
-        config: ConfigOption = None,
-        yes: Annotated[bool, typer.Option("--yes", help="Drop them (default: only list)")] = False,
-    ) -> None:
-        """List (or drop, with --yes) collections no registry pointer or alias references."""
-        settings = settings_from_cli(config, milvus_uri=milvus_uri)
-        store = _store(settings)
-        try:
-            garbage = Promoter(settings, store).gc(dry_run=not yes)
-        finally:
-            store.close()
-        verb = "dropped" if yes else "unreferenced (drop with --yes)"
-        typer.echo(f"{len(garbage)} collections {verb}" + "".join(f"\n  {name}" for name in garbage))
+def gc(
+    milvus_uri: MilvusUriOption = None,
+    config: ConfigOption = None,
+    yes: Annotated[bool, typer.Option("--yes", help="Drop them (default: only list)")] = False,
+) -> None:
+    """List (or drop, with --yes) collections no registry pointer or alias references."""
+    settings = settings_from_cli(config, milvus_uri=milvus_uri)
+    store = _store(settings)
+    try:
+        garbage = Promoter(settings, store).gc(dry_run=not yes)
+    finally:
+        store.close()
+    verb = "dropped" if yes else "unreferenced (drop with --yes)"
+    typer.echo(f"{len(garbage)} collections {verb}" + "".join(f"\n  {name}" for name in garbage))
+
+
+@dataclass(frozen=True)
+class _GateSpec:
+    """What `promote` gates a candidate model on (or that it skips the gate)."""
+
+    eval_data: Path | None
+    force: bool
+    metric: str
+    min_improvement: float
+    guards: dict[str, float]
+
+
+def _promote_model(settings: Settings, promoter: Promoter, candidate: str, encoder_url: str | None,
+                   spec: _GateSpec) -> PromotionReport:
+    def run_gate(current: PairRecord) -> dict[str, Any]:
+        if spec.force:
+            console.print("[yellow]gate skipped (--force); recorded in the registry[/yellow]")
+            return GateResult(passed=True, metric=spec.metric, current={}, candidate={}, forced=True).metrics()
+        assert spec.eval_data is not None
+        result = gate(current, candidate, spec.eval_data, settings, metric=spec.metric,
+                      min_improvement=spec.min_improvement, guards=spec.guards)
+        console.print(result.table())
+        if not result.passed:
+            for reason in result.reasons:
+                console.print(f"[red]gate failed:[/red] {reason}")
+            raise typer.Exit(EXIT_REFUSED)  # the gate refused: nothing changed
+        return result.metrics()
+
+    encoder = create_encoder(settings.model_copy(update={"model": candidate, "encoder_url": encoder_url}))
+    try:
+        return promoter.promote(settings.collection, encoder, run_gate, encoder_url=encoder_url)
+    finally:
+        encoder.close()
+
+
+def register(app: typer.Typer) -> None:
+    for command in (promote, rollback, gc):
+        app.command()(command)
 
 
 def _promote_reranker(settings: Settings, promoter: Promoter, candidate_ref: str, url: str | None,

@@ -24,7 +24,7 @@ from transformers import AutoModel, AutoTokenizer, PreTrainedTokenizerBase
 
 from semsearch.encoders.local import locate_model
 from semsearch.errors import InvalidInputError
-from semsearch.manifest import ModelManifest, resolve_manifest, weights_hash
+from semsearch.manifest import resolve_manifest, weights_hash
 
 log = structlog.get_logger(__name__)
 
@@ -89,6 +89,43 @@ def unknown_characters(
     return Counter({ch: n for ch, n in counts.items() if n >= min_count and tokenizer.tokenize(ch) == [unk]})
 
 
+def _wordpiece_tokenizer(model_dir: Path, model_ref: str) -> Any:
+    tokenizer = AutoTokenizer.from_pretrained(str(model_dir))
+    if (
+        not (model_dir / "vocab.txt").exists()
+        or not getattr(tokenizer, "is_fast", False)
+        or "WordPiece" not in str(type(tokenizer.backend_tokenizer.model))
+    ):
+        raise InvalidInputError(f"{model_ref}: only WordPiece (BERT-style) tokenizers with vocab.txt can be extended")
+    return tokenizer
+
+
+def _new_tokens(tokenizer: Any, chars: list[str], existing: set[str]) -> list[str]:
+    """The vocabulary entries `chars` need, in order, skipping those already there."""
+    new_tokens: list[str] = []
+    for ch in chars:
+        # A character that is not split off as its own word also needs a continuation piece.
+        for token in (ch,) if _is_isolated(tokenizer, ch) else (ch, "##" + ch):
+            if token not in existing:
+                new_tokens.append(token)
+                existing.add(token)
+    return new_tokens
+
+
+def _init_new_rows(model: Any, tokenizer: Any, old_size: int, *, init: str, seed: int) -> None:
+    """New embedding rows drawn around the mean/spread of the reference rows (see `init`)."""
+    with torch.no_grad():
+        weight = model.get_input_embeddings().weight
+        reference = weight[:old_size]
+        if init == "cjk":
+            cjk_rows = [i for token, i in tokenizer.get_vocab().items() if len(token) == 1 and _is_cjk(token)]
+            if len(cjk_rows) >= 16:
+                reference = weight[sorted(cjk_rows)]
+        generator = torch.Generator().manual_seed(seed)
+        fresh = torch.randn((weight.shape[0] - old_size, weight.shape[1]), generator=generator)
+        weight[old_size:] = reference.mean(dim=0) + fresh * reference.std(dim=0)
+
+
 def extend_vocabulary(
     model_ref: str,
     texts: Iterable[str],
@@ -113,14 +150,7 @@ def extend_vocabulary(
     texts = list(texts)
     model_dir = locate_model(model_ref)
     parent = resolve_manifest(model_dir, model_ref)
-    tokenizer = AutoTokenizer.from_pretrained(str(model_dir))
-    vocab_file = model_dir / "vocab.txt"
-    if (
-        not vocab_file.exists()
-        or not getattr(tokenizer, "is_fast", False)
-        or "WordPiece" not in str(type(tokenizer.backend_tokenizer.model))
-    ):
-        raise InvalidInputError(f"{model_ref}: only WordPiece (BERT-style) tokenizers with vocab.txt can be extended")
+    tokenizer = _wordpiece_tokenizer(model_dir, model_ref)
     if out_dir.exists() and any(out_dir.iterdir()):
         raise InvalidInputError(f"output directory {out_dir} is not empty")
 
@@ -131,14 +161,7 @@ def extend_vocabulary(
         ranked = ranked[:max_new]
     chars = list(dict.fromkeys([*forced, *ranked]))
     old_vocab = [token for token, _ in sorted(tokenizer.get_vocab().items(), key=lambda item: item[1])]
-    existing = set(old_vocab)
-    new_tokens: list[str] = []
-    for ch in chars:
-        # A character that is not split off as its own word also needs a continuation piece.
-        for token in (ch,) if _is_isolated(tokenizer, ch) else (ch, "##" + ch):
-            if token not in existing:
-                new_tokens.append(token)
-                existing.add(token)
+    new_tokens = _new_tokens(tokenizer, chars, set(old_vocab))
 
     out_dir.mkdir(parents=True, exist_ok=True)
     tokenizer.save_pretrained(str(out_dir))
@@ -154,16 +177,7 @@ def extend_vocabulary(
     model = AutoModel.from_pretrained(str(model_dir))
     old_size = model.get_input_embeddings().weight.shape[0]
     model.resize_token_embeddings(len(new_tokenizer))
-    with torch.no_grad():
-        weight = model.get_input_embeddings().weight
-        reference = weight[:old_size]
-        if init == "cjk":
-            cjk_rows = [i for token, i in tokenizer.get_vocab().items() if len(token) == 1 and _is_cjk(token)]
-            if len(cjk_rows) >= 16:
-                reference = weight[sorted(cjk_rows)]
-        generator = torch.Generator().manual_seed(seed)
-        fresh = torch.randn((weight.shape[0] - old_size, weight.shape[1]), generator=generator)
-        weight[old_size:] = reference.mean(dim=0) + fresh * reference.std(dim=0)
+    _init_new_rows(model, tokenizer, old_size, init=init, seed=seed)
     model.save_pretrained(str(out_dir))
 
     added_hash = hashlib.sha256("".join(new_tokens).encode("utf-8")).hexdigest()[:16]
@@ -177,21 +191,17 @@ def extend_vocabulary(
         "unk_rate_before": round(unk_rate(tokenizer, texts), 4),
         "unk_rate_after": round(unk_rate(new_tokenizer, texts), 4),
     }
-    weights = weights_hash(out_dir)
     manifest_name = name or f"{parent.name}-vocab{len(chars)}"
-    ModelManifest(
-        name=manifest_name,
-        version=f"{manifest_name}-{weights}",
-        pooling=parent.pooling,
-        normalize=parent.normalize,
-        query_instruction=parent.query_instruction if query_instruction is None else query_instruction,
-        dimension=parent.dimension,
-        max_tokens=parent.max_tokens,
-        parent_model=parent.version,
-        data_hash=added_hash,
-        metrics={"vocab": stats},
-        created_at=dt.datetime.now(dt.UTC).isoformat(timespec="seconds"),
-    ).save(out_dir)
+    parent.model_copy(update={
+        "name": manifest_name,
+        "version": f"{manifest_name}-{weights_hash(out_dir)}",
+        "model_path": "",
+        "query_instruction": parent.query_instruction if query_instruction is None else query_instruction,
+        "parent_model": parent.version,
+        "data_hash": added_hash,
+        "metrics": {"vocab": stats},
+        "created_at": dt.datetime.now(dt.UTC).isoformat(timespec="seconds"),
+    }).save(out_dir)
     log.info("vocabulary_extended", out=str(out_dir), **stats)
     return VocabResult(out_dir, new_tokens, stats)
 

@@ -6,7 +6,7 @@ torch and transformers load on first use, as for the encoders.
 from __future__ import annotations
 
 from semsearch.config import Settings
-from semsearch.encoders.remote.config import parse_encoder_urls
+from semsearch.encoders.remote.config import Transport, parse_encoder_urls
 from semsearch.rerankers.base import Pair, Reranker, activate, convert
 from semsearch.rerankers.manifest import (
     KNOWN_RERANKER_PROFILES,
@@ -30,10 +30,12 @@ def create_reranker(settings: Settings, model_ref: str | None = None, url: str |
         from semsearch.rerankers.remote import RemoteReranker
 
         api_key = settings.reranker_api_key.get_secret_value() if settings.reranker_api_key else None
-        return RemoteReranker(parse_encoder_urls(url), model_ref=model_ref, api_key=api_key,
-                              timeout_s=settings.encoder_timeout_s, max_batch=settings.reranker_batch_size,
+        transport = Transport(api_key=api_key, timeout_s=settings.encoder_timeout_s,
                               concurrency=settings.encoder_concurrency, retries=settings.encoder_retries,
-                              ca_file=settings.encoder_ca_file, server_activation=settings.reranker_server_activation)
+                              ca_file=settings.encoder_ca_file)
+        return RemoteReranker(parse_encoder_urls(url), model_ref=model_ref, transport=transport,
+                              max_batch=settings.reranker_batch_size,
+                              server_activation=settings.reranker_server_activation)
     if settings.torch_threads:
         import torch
 

@@ -10,12 +10,12 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, ClassVar, Literal
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import Field
 
 from semsearch.errors import ModelNotFoundError
-from semsearch.manifest import profile_name_for, slug, weights_hash
+from semsearch.manifest import WeightsManifest, profile_name_for, slug, weights_hash
 
 RERANKER_MANIFEST_FILENAME = "semsearch_reranker.json"
 # Pairs longer than this are truncated unless a manifest says otherwise (FlagEmbedding's default).
@@ -24,24 +24,13 @@ DEFAULT_MAX_LENGTH = 512
 Activation = Literal["none", "sigmoid"]
 
 
-class RerankerManifest(BaseModel):
+class RerankerManifest(WeightsManifest):
     """How to score (query, passage) pairs with a cross-encoder."""
 
-    model_config = ConfigDict(extra="forbid", protected_namespaces=())
+    FILENAME: ClassVar[str] = RERANKER_MANIFEST_FILENAME
 
-    name: str = Field(description="Human name, e.g. bge-reranker-v2-m3")
-    version: str = Field(description="Identity of the weights; responses and the registry report it")
-    model_path: str = Field(default="", description="Local directory or hub id of the weights")
     max_length: int = Field(gt=0, description="Tokens of query + passage + special tokens; longer pairs are truncated")
     activation: Activation = Field(description="none: the raw logit; sigmoid: a probability in (0, 1)")
-    parent_model: str | None = None
-    metrics: dict[str, Any] = Field(default_factory=dict)
-    created_at: str | None = None
-
-    def save(self, model_dir: str | Path) -> Path:
-        path = Path(model_dir) / RERANKER_MANIFEST_FILENAME
-        path.write_text(self.model_dump_json(indent=2), encoding="utf-8")
-        return path
 
 
 # Known public cross-encoders: every field but the version (from the weights actually loaded).
@@ -71,12 +60,9 @@ def resolve_reranker_manifest(model_dir: Path, model_ref: str,
             f"{model_ref!r} has {labels} output labels; a reranker has one (a relevance logit): "
             "save it with num_labels=1"
         )
-    manifest_file = model_dir / RERANKER_MANIFEST_FILENAME
-    if manifest_file.exists():
-        stored = json.loads(manifest_file.read_text(encoding="utf-8"))
-        stored.update(overrides)
-        stored["model_path"] = str(model_dir)
-        return RerankerManifest.model_validate(stored)
+    stored = RerankerManifest.stored_beside(model_dir, overrides)
+    if stored is not None:
+        return stored
     profile = reranker_profile_for(model_ref) or reranker_profile_for(str(model_dir))
     data: dict[str, Any] = {}
     if profile is not None:

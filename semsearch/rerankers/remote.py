@@ -28,16 +28,15 @@ from __future__ import annotations
 
 import hashlib
 import math
-import time
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from concurrent.futures import Future
 from typing import Any, Literal
 
 import httpx
 import structlog
 
-from semsearch.encoders.remote.client import HEALTH_FRESH_S, RemoteServerClient
-from semsearch.encoders.remote.config import DEFAULT_CONCURRENCY, DEFAULT_RETRIES, DEFAULT_TIMEOUT_S
+from semsearch.encoders.remote.client import RemoteServerClient
+from semsearch.encoders.remote.config import Transport
 from semsearch.encoders.remote.identity import ServerIdentity
 from semsearch.encoders.remote.retry import Quarantined, Transient
 from semsearch.encoders.remote.servers import Server
@@ -128,35 +127,21 @@ class RemoteReranker(RemoteServerClient):
         urls: Sequence[str],
         *,
         model_ref: str,
-        api_key: str | None = None,
-        timeout_s: float = DEFAULT_TIMEOUT_S,
+        transport: Transport = Transport(),
         max_batch: int = DEFAULT_RERANK_MAX_BATCH,
-        concurrency: int = DEFAULT_CONCURRENCY,
-        retries: int = DEFAULT_RETRIES,
-        ca_file: str | None = None,
         server_activation: ServerActivation = "auto",
-        failure_threshold: int = 3,
-        reset_s: float = 5.0,
-        backoff_base_s: float = 0.05,
-        backoff_max_s: float = 2.0,
-        identity_recheck_s: float = 30.0,
-        health_fresh_s: float = HEALTH_FRESH_S,
-        clock: Callable[[], float] = time.monotonic,
     ) -> None:
         if max_batch < 1:
             raise ValueError("max_batch must be >= 1")
         self.max_batch = max_batch
         self.server_activation: ServerActivation = server_activation
         self._raw: dict[str, bool] = {}  # per server: does it take `raw_scores`
-        super().__init__(urls, model_ref=model_ref, api_key=api_key, timeout_s=timeout_s, concurrency=concurrency,
-                         retries=retries, ca_file=ca_file, failure_threshold=failure_threshold, reset_s=reset_s,
-                         backoff_base_s=backoff_base_s, backoff_max_s=backoff_max_s,
-                         identity_recheck_s=identity_recheck_s, health_fresh_s=health_fresh_s, clock=clock)
+        super().__init__(urls, model_ref=model_ref, transport=transport)
         try:
             self._pinned_identity = self._connect(self._version_for)
             for server in self._servers:
                 if server.pinned is not None:
-                    self._raw[server.url] = takes_raw_scores(server.pinned, server.client, timeout_s)
+                    self._raw[server.url] = takes_raw_scores(server.pinned, server.client, transport.timeout_s)
         except BaseException:
             self.close()
             raise

@@ -49,6 +49,14 @@ class FusionMethod(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
     FUSION_METHOD_UNSPECIFIED: _ClassVar[FusionMethod]
     FUSION_METHOD_RRF: _ClassVar[FusionMethod]
     FUSION_METHOD_WEIGHTED: _ClassVar[FusionMethod]
+    FUSION_METHOD_MINMAX: _ClassVar[FusionMethod]
+    FUSION_METHOD_DBSF: _ClassVar[FusionMethod]
+
+class InputType(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
+    __slots__ = ()
+    INPUT_TYPE_UNSPECIFIED: _ClassVar[InputType]
+    INPUT_TYPE_DOCUMENT: _ClassVar[InputType]
+    INPUT_TYPE_QUERY: _ClassVar[InputType]
 FILTER_OPERATOR_UNSPECIFIED: FilterOperator
 FILTER_OPERATOR_EQ: FilterOperator
 FILTER_OPERATOR_NE: FilterOperator
@@ -76,6 +84,11 @@ RETRIEVAL_MODE_HYBRID: RetrievalMode
 FUSION_METHOD_UNSPECIFIED: FusionMethod
 FUSION_METHOD_RRF: FusionMethod
 FUSION_METHOD_WEIGHTED: FusionMethod
+FUSION_METHOD_MINMAX: FusionMethod
+FUSION_METHOD_DBSF: FusionMethod
+INPUT_TYPE_UNSPECIFIED: InputType
+INPUT_TYPE_DOCUMENT: InputType
+INPUT_TYPE_QUERY: InputType
 
 class Document(_message.Message):
     __slots__ = ("id", "text", "metadata", "tenant")
@@ -124,7 +137,7 @@ class MetadataFilter(_message.Message):
     def __init__(self, field: _Optional[str] = ..., operator: _Optional[_Union[FilterOperator, str]] = ..., value: _Optional[_Union[FilterValue, _Mapping]] = ..., values: _Optional[_Iterable[_Union[FilterValue, _Mapping]]] = ...) -> None: ...
 
 class SearchDocumentsRequest(_message.Message):
-    __slots__ = ("query", "top_k", "filters", "return_fields", "return_chunks", "mode", "fusion", "min_score", "page_size", "page_token", "filter", "tenant", "rerank", "rerank_candidates")
+    __slots__ = ("query", "top_k", "filters", "return_fields", "return_chunks", "mode", "fusion", "min_score", "page_size", "page_token", "filter", "tenant", "rerank", "rerank_candidates", "highlight")
     QUERY_FIELD_NUMBER: _ClassVar[int]
     TOP_K_FIELD_NUMBER: _ClassVar[int]
     FILTERS_FIELD_NUMBER: _ClassVar[int]
@@ -139,6 +152,7 @@ class SearchDocumentsRequest(_message.Message):
     TENANT_FIELD_NUMBER: _ClassVar[int]
     RERANK_FIELD_NUMBER: _ClassVar[int]
     RERANK_CANDIDATES_FIELD_NUMBER: _ClassVar[int]
+    HIGHLIGHT_FIELD_NUMBER: _ClassVar[int]
     query: str
     top_k: int
     filters: _containers.RepeatedCompositeFieldContainer[MetadataFilter]
@@ -153,7 +167,8 @@ class SearchDocumentsRequest(_message.Message):
     tenant: str
     rerank: bool
     rerank_candidates: int
-    def __init__(self, query: _Optional[str] = ..., top_k: _Optional[int] = ..., filters: _Optional[_Iterable[_Union[MetadataFilter, _Mapping]]] = ..., return_fields: _Optional[_Iterable[_Union[ReturnField, str]]] = ..., return_chunks: _Optional[bool] = ..., mode: _Optional[_Union[RetrievalMode, str]] = ..., fusion: _Optional[_Union[FusionOptions, _Mapping]] = ..., min_score: _Optional[float] = ..., page_size: _Optional[int] = ..., page_token: _Optional[str] = ..., filter: _Optional[_Union[FilterGroup, _Mapping]] = ..., tenant: _Optional[str] = ..., rerank: _Optional[bool] = ..., rerank_candidates: _Optional[int] = ...) -> None: ...
+    highlight: bool
+    def __init__(self, query: _Optional[str] = ..., top_k: _Optional[int] = ..., filters: _Optional[_Iterable[_Union[MetadataFilter, _Mapping]]] = ..., return_fields: _Optional[_Iterable[_Union[ReturnField, str]]] = ..., return_chunks: _Optional[bool] = ..., mode: _Optional[_Union[RetrievalMode, str]] = ..., fusion: _Optional[_Union[FusionOptions, _Mapping]] = ..., min_score: _Optional[float] = ..., page_size: _Optional[int] = ..., page_token: _Optional[str] = ..., filter: _Optional[_Union[FilterGroup, _Mapping]] = ..., tenant: _Optional[str] = ..., rerank: _Optional[bool] = ..., rerank_candidates: _Optional[int] = ..., highlight: _Optional[bool] = ...) -> None: ...
 
 class FusionOptions(_message.Message):
     __slots__ = ("method", "rrf_k", "dense_weight", "lexical_weight")
@@ -178,7 +193,7 @@ class RetrieverScore(_message.Message):
     def __init__(self, retriever: _Optional[_Union[RetrievalMode, str]] = ..., score: _Optional[float] = ..., rank: _Optional[int] = ...) -> None: ...
 
 class SearchHit(_message.Message):
-    __slots__ = ("id", "score", "text", "metadata", "chunk_index", "retrievers", "retrieval_score", "rerank_score", "retrieval_rank")
+    __slots__ = ("id", "score", "text", "metadata", "chunk_index", "retrievers", "retrieval_score", "rerank_score", "retrieval_rank", "highlights", "snippet")
     ID_FIELD_NUMBER: _ClassVar[int]
     SCORE_FIELD_NUMBER: _ClassVar[int]
     TEXT_FIELD_NUMBER: _ClassVar[int]
@@ -188,6 +203,8 @@ class SearchHit(_message.Message):
     RETRIEVAL_SCORE_FIELD_NUMBER: _ClassVar[int]
     RERANK_SCORE_FIELD_NUMBER: _ClassVar[int]
     RETRIEVAL_RANK_FIELD_NUMBER: _ClassVar[int]
+    HIGHLIGHTS_FIELD_NUMBER: _ClassVar[int]
+    SNIPPET_FIELD_NUMBER: _ClassVar[int]
     id: str
     score: float
     text: str
@@ -197,7 +214,19 @@ class SearchHit(_message.Message):
     retrieval_score: float
     rerank_score: float
     retrieval_rank: int
-    def __init__(self, id: _Optional[str] = ..., score: _Optional[float] = ..., text: _Optional[str] = ..., metadata: _Optional[_Union[_struct_pb2.Struct, _Mapping]] = ..., chunk_index: _Optional[int] = ..., retrievers: _Optional[_Iterable[_Union[RetrieverScore, _Mapping]]] = ..., retrieval_score: _Optional[float] = ..., rerank_score: _Optional[float] = ..., retrieval_rank: _Optional[int] = ...) -> None: ...
+    highlights: _containers.RepeatedCompositeFieldContainer[TextSpan]
+    snippet: str
+    def __init__(self, id: _Optional[str] = ..., score: _Optional[float] = ..., text: _Optional[str] = ..., metadata: _Optional[_Union[_struct_pb2.Struct, _Mapping]] = ..., chunk_index: _Optional[int] = ..., retrievers: _Optional[_Iterable[_Union[RetrieverScore, _Mapping]]] = ..., retrieval_score: _Optional[float] = ..., rerank_score: _Optional[float] = ..., retrieval_rank: _Optional[int] = ..., highlights: _Optional[_Iterable[_Union[TextSpan, _Mapping]]] = ..., snippet: _Optional[str] = ...) -> None: ...
+
+class TextSpan(_message.Message):
+    __slots__ = ("start", "end", "text")
+    START_FIELD_NUMBER: _ClassVar[int]
+    END_FIELD_NUMBER: _ClassVar[int]
+    TEXT_FIELD_NUMBER: _ClassVar[int]
+    start: int
+    end: int
+    text: str
+    def __init__(self, start: _Optional[int] = ..., end: _Optional[int] = ..., text: _Optional[str] = ...) -> None: ...
 
 class SearchTiming(_message.Message):
     __slots__ = ("total_ms", "encode_ms", "store_ms", "rerank_ms")
@@ -212,7 +241,7 @@ class SearchTiming(_message.Message):
     def __init__(self, total_ms: _Optional[float] = ..., encode_ms: _Optional[float] = ..., store_ms: _Optional[float] = ..., rerank_ms: _Optional[float] = ...) -> None: ...
 
 class SearchDocumentsResponse(_message.Message):
-    __slots__ = ("hits", "model_version", "collection", "timing", "mode", "next_page_token", "reranker_version")
+    __slots__ = ("hits", "model_version", "collection", "timing", "mode", "next_page_token", "reranker_version", "fusion", "retrieval_source")
     HITS_FIELD_NUMBER: _ClassVar[int]
     MODEL_VERSION_FIELD_NUMBER: _ClassVar[int]
     COLLECTION_FIELD_NUMBER: _ClassVar[int]
@@ -220,6 +249,8 @@ class SearchDocumentsResponse(_message.Message):
     MODE_FIELD_NUMBER: _ClassVar[int]
     NEXT_PAGE_TOKEN_FIELD_NUMBER: _ClassVar[int]
     RERANKER_VERSION_FIELD_NUMBER: _ClassVar[int]
+    FUSION_FIELD_NUMBER: _ClassVar[int]
+    RETRIEVAL_SOURCE_FIELD_NUMBER: _ClassVar[int]
     hits: _containers.RepeatedCompositeFieldContainer[SearchHit]
     model_version: str
     collection: str
@@ -227,7 +258,9 @@ class SearchDocumentsResponse(_message.Message):
     mode: RetrievalMode
     next_page_token: str
     reranker_version: str
-    def __init__(self, hits: _Optional[_Iterable[_Union[SearchHit, _Mapping]]] = ..., model_version: _Optional[str] = ..., collection: _Optional[str] = ..., timing: _Optional[_Union[SearchTiming, _Mapping]] = ..., mode: _Optional[_Union[RetrievalMode, str]] = ..., next_page_token: _Optional[str] = ..., reranker_version: _Optional[str] = ...) -> None: ...
+    fusion: FusionOptions
+    retrieval_source: str
+    def __init__(self, hits: _Optional[_Iterable[_Union[SearchHit, _Mapping]]] = ..., model_version: _Optional[str] = ..., collection: _Optional[str] = ..., timing: _Optional[_Union[SearchTiming, _Mapping]] = ..., mode: _Optional[_Union[RetrievalMode, str]] = ..., next_page_token: _Optional[str] = ..., reranker_version: _Optional[str] = ..., fusion: _Optional[_Union[FusionOptions, _Mapping]] = ..., retrieval_source: _Optional[str] = ...) -> None: ...
 
 class BatchSearchDocumentsRequest(_message.Message):
     __slots__ = ("requests",)
@@ -294,3 +327,49 @@ class GetDocumentResponse(_message.Message):
     document: Document
     collection: str
     def __init__(self, document: _Optional[_Union[Document, _Mapping]] = ..., collection: _Optional[str] = ...) -> None: ...
+
+class EmbedRequest(_message.Message):
+    __slots__ = ("input", "input_type", "dimensions")
+    INPUT_FIELD_NUMBER: _ClassVar[int]
+    INPUT_TYPE_FIELD_NUMBER: _ClassVar[int]
+    DIMENSIONS_FIELD_NUMBER: _ClassVar[int]
+    input: _containers.RepeatedScalarFieldContainer[str]
+    input_type: InputType
+    dimensions: int
+    def __init__(self, input: _Optional[_Iterable[str]] = ..., input_type: _Optional[_Union[InputType, str]] = ..., dimensions: _Optional[int] = ...) -> None: ...
+
+class Embedding(_message.Message):
+    __slots__ = ("values",)
+    VALUES_FIELD_NUMBER: _ClassVar[int]
+    values: _containers.RepeatedScalarFieldContainer[float]
+    def __init__(self, values: _Optional[_Iterable[float]] = ...) -> None: ...
+
+class EmbedResponse(_message.Message):
+    __slots__ = ("embeddings", "model_version", "model", "token_count")
+    EMBEDDINGS_FIELD_NUMBER: _ClassVar[int]
+    MODEL_VERSION_FIELD_NUMBER: _ClassVar[int]
+    MODEL_FIELD_NUMBER: _ClassVar[int]
+    TOKEN_COUNT_FIELD_NUMBER: _ClassVar[int]
+    embeddings: _containers.RepeatedCompositeFieldContainer[Embedding]
+    model_version: str
+    model: str
+    token_count: int
+    def __init__(self, embeddings: _Optional[_Iterable[_Union[Embedding, _Mapping]]] = ..., model_version: _Optional[str] = ..., model: _Optional[str] = ..., token_count: _Optional[int] = ...) -> None: ...
+
+class RerankRequest(_message.Message):
+    __slots__ = ("query", "texts")
+    QUERY_FIELD_NUMBER: _ClassVar[int]
+    TEXTS_FIELD_NUMBER: _ClassVar[int]
+    query: str
+    texts: _containers.RepeatedScalarFieldContainer[str]
+    def __init__(self, query: _Optional[str] = ..., texts: _Optional[_Iterable[str]] = ...) -> None: ...
+
+class RerankResponse(_message.Message):
+    __slots__ = ("scores", "reranker_version", "activation")
+    SCORES_FIELD_NUMBER: _ClassVar[int]
+    RERANKER_VERSION_FIELD_NUMBER: _ClassVar[int]
+    ACTIVATION_FIELD_NUMBER: _ClassVar[int]
+    scores: _containers.RepeatedScalarFieldContainer[float]
+    reranker_version: str
+    activation: str
+    def __init__(self, scores: _Optional[_Iterable[float]] = ..., reranker_version: _Optional[str] = ..., activation: _Optional[str] = ...) -> None: ...

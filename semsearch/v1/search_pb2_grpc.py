@@ -62,6 +62,16 @@ class SearchServiceStub:
                 request_serializer=semsearch_dot_v1_dot_search__pb2.GetDocumentRequest.SerializeToString,
                 response_deserializer=semsearch_dot_v1_dot_search__pb2.GetDocumentResponse.FromString,
                 _registered_method=True)
+        self.Embed = channel.unary_unary(
+                '/semsearch.v1.SearchService/Embed',
+                request_serializer=semsearch_dot_v1_dot_search__pb2.EmbedRequest.SerializeToString,
+                response_deserializer=semsearch_dot_v1_dot_search__pb2.EmbedResponse.FromString,
+                _registered_method=True)
+        self.Rerank = channel.unary_unary(
+                '/semsearch.v1.SearchService/Rerank',
+                request_serializer=semsearch_dot_v1_dot_search__pb2.RerankRequest.SerializeToString,
+                response_deserializer=semsearch_dot_v1_dot_search__pb2.RerankResponse.FromString,
+                _registered_method=True)
 
 
 class SearchServiceServicer:
@@ -106,6 +116,23 @@ class SearchServiceServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def Embed(self, request, context):
+        """Embed encodes texts with the serving model (micro-batched with other calls), as documents or,
+        with INPUT_TYPE_QUERY, as queries (with the model's query instruction). HTTP: the
+        OpenAI-compatible POST /v1/embeddings. Needs the search scope.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def Rerank(self, request, context):
+        """Rerank scores passages against one query with the service's cross-encoder. HTTP: the
+        TEI/infinity/Cohere-compatible POST /v1/rerank. FAILED_PRECONDITION without a reranker.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_SearchServiceServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -133,6 +160,16 @@ def add_SearchServiceServicer_to_server(servicer, server):
                     servicer.GetDocument,
                     request_deserializer=semsearch_dot_v1_dot_search__pb2.GetDocumentRequest.FromString,
                     response_serializer=semsearch_dot_v1_dot_search__pb2.GetDocumentResponse.SerializeToString,
+            ),
+            'Embed': grpc.unary_unary_rpc_method_handler(
+                    servicer.Embed,
+                    request_deserializer=semsearch_dot_v1_dot_search__pb2.EmbedRequest.FromString,
+                    response_serializer=semsearch_dot_v1_dot_search__pb2.EmbedResponse.SerializeToString,
+            ),
+            'Rerank': grpc.unary_unary_rpc_method_handler(
+                    servicer.Rerank,
+                    request_deserializer=semsearch_dot_v1_dot_search__pb2.RerankRequest.FromString,
+                    response_serializer=semsearch_dot_v1_dot_search__pb2.RerankResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -273,6 +310,60 @@ class SearchService:
             '/semsearch.v1.SearchService/GetDocument',
             semsearch_dot_v1_dot_search__pb2.GetDocumentRequest.SerializeToString,
             semsearch_dot_v1_dot_search__pb2.GetDocumentResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def Embed(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/semsearch.v1.SearchService/Embed',
+            semsearch_dot_v1_dot_search__pb2.EmbedRequest.SerializeToString,
+            semsearch_dot_v1_dot_search__pb2.EmbedResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def Rerank(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/semsearch.v1.SearchService/Rerank',
+            semsearch_dot_v1_dot_search__pb2.RerankRequest.SerializeToString,
+            semsearch_dot_v1_dot_search__pb2.RerankResponse.FromString,
             options,
             channel_credentials,
             insecure,

@@ -20,7 +20,6 @@ import dataclasses
 import functools
 import ssl
 import threading
-import time
 from collections.abc import Callable, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
@@ -33,12 +32,10 @@ import structlog
 
 from semsearch.encoders.remote.breaker import CircuitBreaker
 from semsearch.encoders.remote.config import (
-    DEFAULT_CONCURRENCY,
     DEFAULT_ENCODING_FORMAT,
     DEFAULT_MAX_BATCH,
-    DEFAULT_RETRIES,
-    DEFAULT_TIMEOUT_S,
     EncodingFormat,
+    Transport,
     check_limits,
     normalize_base_url,
     options_from_settings,
@@ -75,9 +72,6 @@ if TYPE_CHECKING:
 log = structlog.get_logger(__name__)
 T = TypeVar("T")
 
-# health(): without an answer this recent, a server is probed (its identity endpoint) before
-# the encoder says it is healthy; under traffic, requests are the evidence and nothing is sent.
-HEALTH_FRESH_S = 2.0
 HEALTH_PROBE_TIMEOUT_S = 2.0
 
 
@@ -116,32 +110,23 @@ class RemoteServerClient:
         urls: Sequence[str],
         *,
         model_ref: str,
-        api_key: str | None,
-        timeout_s: float,
-        concurrency: int,
-        retries: int,
-        ca_file: str | None,
-        failure_threshold: int,
-        reset_s: float,
-        backoff_base_s: float,
-        backoff_max_s: float,
-        identity_recheck_s: float,
-        health_fresh_s: float,
-        clock: Callable[[], float],
+        transport: Transport,
     ) -> None:
         self.urls = [normalize_base_url(url) for url in urls]
         if not self.urls:
             raise ValueError(f"a remote {self.kind} needs at least one server URL")
         self.model_ref = model_ref
-        self.timeout_s = timeout_s
-        self.concurrency = concurrency
-        self.retries = retries
-        self.backoff_base_s = backoff_base_s
-        self.backoff_max_s = backoff_max_s
-        self.identity_recheck_s = identity_recheck_s
-        self.health_fresh_s = health_fresh_s
+        self.transport = transport
+        self.timeout_s = timeout_s = transport.timeout_s
+        self.concurrency = concurrency = transport.concurrency
+        self.retries = transport.retries
+        self.backoff_base_s = transport.backoff_base_s
+        self.backoff_max_s = transport.backoff_max_s
+        self.identity_recheck_s = transport.identity_recheck_s
+        self.health_fresh_s = transport.health_fresh_s
         self.stats = RemoteStats()
-        self._clock = clock
+        self._clock = clock = transport.clock
+        ca_file, api_key = transport.ca_file, transport.api_key
         self._lock = threading.Lock()
         self._closed = False
         self._version = ""  # the model version every server must serve (set at start-up)
@@ -161,7 +146,7 @@ class RemoteServerClient:
                     limits=httpx.Limits(max_connections=concurrency + 1,
                                         max_keepalive_connections=concurrency + 1),
                 ),
-                breaker=CircuitBreaker(failure_threshold, reset_s, clock),
+                breaker=CircuitBreaker(transport.failure_threshold, transport.reset_s, clock),
                 slots=threading.BoundedSemaphore(concurrency),
             )
             for url in self.urls
@@ -422,32 +407,17 @@ class RemoteEncoder(RemoteServerClient):
         urls: Sequence[str],
         *,
         model_ref: str,
-        api_key: str | None = None,
-        timeout_s: float = DEFAULT_TIMEOUT_S,
+        transport: Transport = Transport(),
         max_batch: int = DEFAULT_MAX_BATCH,
-        concurrency: int = DEFAULT_CONCURRENCY,
         encoding_format: EncodingFormat = DEFAULT_ENCODING_FORMAT,
-        retries: int = DEFAULT_RETRIES,
-        ca_file: str | None = None,
-        failure_threshold: int = 3,
-        reset_s: float = 5.0,
-        backoff_base_s: float = 0.05,
-        backoff_max_s: float = 2.0,
-        identity_recheck_s: float = 30.0,
         norm_tolerance: float = NORM_TOLERANCE,
-        health_fresh_s: float = HEALTH_FRESH_S,
-        clock: Callable[[], float] = time.monotonic,
     ) -> None:
-        check_limits(encoding_format=encoding_format, max_batch=max_batch, concurrency=concurrency,
-                     retries=retries, timeout_s=timeout_s)
+        check_limits(encoding_format=encoding_format, max_batch=max_batch)
         self.max_batch = max_batch
         self.encoding_format: EncodingFormat = encoding_format
         self.norm_tolerance = norm_tolerance
         self._tokenizer_lock = threading.Lock()
-        super().__init__(urls, model_ref=model_ref, api_key=api_key, timeout_s=timeout_s, concurrency=concurrency,
-                         retries=retries, ca_file=ca_file, failure_threshold=failure_threshold, reset_s=reset_s,
-                         backoff_base_s=backoff_base_s, backoff_max_s=backoff_max_s,
-                         identity_recheck_s=identity_recheck_s, health_fresh_s=health_fresh_s, clock=clock)
+        super().__init__(urls, model_ref=model_ref, transport=transport)
         try:
             self._manifest, self._tokenizer, self._pinned_identity = self._start()
         except BaseException:
@@ -457,11 +427,8 @@ class RemoteEncoder(RemoteServerClient):
     @classmethod
     def from_settings(cls, settings: Settings) -> RemoteEncoder:
         options = options_from_settings(settings)
-        return cls(
-            options.urls, model_ref=options.model_ref, api_key=options.api_key, timeout_s=options.timeout_s,
-            max_batch=options.max_batch, concurrency=options.concurrency,
-            encoding_format=options.encoding_format, retries=options.retries, ca_file=options.ca_file,
-        )
+        return cls(options.urls, model_ref=options.model_ref, transport=options.transport,
+                   max_batch=options.max_batch, encoding_format=options.encoding_format)
 
     # ----- the Encoder protocol -----
 

@@ -27,6 +27,7 @@ from semsearch.store import MilvusStore
 from semsearch.tuning import MIN_TUNING_QUERIES, RETRIEVAL_PROPERTY, TunedRetrieval, choose, quality
 from trainer.encoding import encode_texts, open_encoder
 from trainer.evaluate import rank_in_milvus
+from trainer.rows import iter_jsonl
 
 log = structlog.get_logger(__name__)
 
@@ -52,13 +53,10 @@ def read_labelled(path: Path) -> list[Labelled]:
     is an error naming it."""
     if not path.exists():
         raise InvalidInputError(f"input not found: {path}")
-    text = path.read_text(encoding="utf-8")
     if path.suffix == ".json":
-        return _read_squad_ids(path, text)
+        return _read_squad_ids(path, path.read_text(encoding="utf-8"))
     labelled = []
-    for number, line in enumerate(text.splitlines(), start=1):
-        if not line.strip():
-            continue
+    for number, line in iter_jsonl(path):
         try:
             row = json.loads(line)
         except json.JSONDecodeError as exc:

@@ -6,6 +6,7 @@ Rows are chunks of documents. A document of one chunk has one row; the row id is
 
 from __future__ import annotations
 
+import fcntl
 import hashlib
 import json
 import re
@@ -13,6 +14,7 @@ import threading
 import time
 import uuid
 from collections.abc import Callable, Iterable, Iterator, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass, field, replace
 from typing import Any, NamedTuple
 
@@ -564,11 +566,29 @@ class MilvusStore:
         """
         for row in rows:  # all checks before any write: a rejected call changes nothing
             check_doc_id(row.doc_id)
-        written_at = int(time.time() * 1000)
-        written = self.upsert(name, rows, written_at=written_at)
-        self._delete_tails(name, rows, written_at)
-        self._repair_versions(name, rows, written_at)
+        with self._document_writes():
+            written_at = int(time.time() * 1000)
+            written = self.upsert(name, rows, written_at=written_at)
+            self._delete_tails(name, rows, written_at)
+            self._repair_versions(name, rows, written_at)
         return written
+
+    @contextmanager
+    def _document_writes(self) -> Iterator[None]:
+        """On Milvus Lite, document writes of every process on the directory one at a time (a file
+        lock beside it), each stamped inside the lock: an older write can no longer land over a newer
+        one after that one has settled (shared chunk ids leave such a mix unrepairable). A server has
+        no shared directory: there, writes settle by `_repair_versions` alone."""
+        if self._lite is None:
+            yield
+            return
+        lock_path = self._lite.data_dir.parent / f".{self._lite.data_dir.name}.writes.lock"
+        with lock_path.open("a") as handle:
+            fcntl.flock(handle, fcntl.LOCK_EX)
+            try:
+                yield
+            finally:
+                fcntl.flock(handle, fcntl.LOCK_UN)
 
     def _delete_tails(self, name: str, rows: Sequence[ChunkRow], written_at: int) -> None:
         chunk_count: dict[tuple[str, str], int] = {}
@@ -637,16 +657,17 @@ class MilvusStore:
             collection_name=name, filter=by_id + " and chunk_index == 0", output_fields=["doc_id"],
         )
         if not dry_run:
-            deleted_at = int(time.time() * 1000)
-            self._delete_where(name, by_id)
-            # A concurrent upsert's rows still landing escaped the filter: delete them as well, up to
-            # the versions written before this delete (a later upsert settles its own version whole).
-            for _ in range(SETTLE_ROUNDS):
-                left = self._query(collection_name=name, filter=f"{by_id} and updated_at <= {deleted_at}",
-                                   output_fields=["id"], limit=1)
-                if not left:
-                    break
-                self._delete_where(name, f"{by_id} and updated_at <= {deleted_at}")
+            with self._document_writes():
+                deleted_at = int(time.time() * 1000)
+                self._delete_where(name, by_id)
+                # A concurrent upsert's rows still landing escaped the filter: delete them as well, up to
+                # the versions written before this delete (a later upsert settles its own version whole).
+                for _ in range(SETTLE_ROUNDS):
+                    left = self._query(collection_name=name, filter=f"{by_id} and updated_at <= {deleted_at}",
+                                       output_fields=["id"], limit=1)
+                    if not left:
+                        break
+                    self._delete_where(name, f"{by_id} and updated_at <= {deleted_at}")
         return len({str(row["doc_id"]) for row in existing})
 
     def count_documents(self, name: str, conditions: Sequence[Condition]) -> int:

@@ -23,6 +23,7 @@ from semsearch.metrics import SERVING, set_model_info, set_reranker_info
 from semsearch.store import MilvusStore
 from semsearch.v1 import admin_pb2, admin_pb2_grpc, search_pb2
 from service.admin import AdminServicer
+from service.drain import DrainInterceptor
 from service.engine import SearchEngine
 from service.http_gateway import HttpServer
 from service.security import ApiKeyInterceptor, server_credentials
@@ -45,6 +46,7 @@ class RunningServer:
     settings: Settings
     state: ServingState
     stopping: bool = False
+    drain: DrainInterceptor | None = None
     http: HttpServer | None = None  # the HTTP/JSON gateway, when http_port is set
     _loopback_dir: str | None = None
     _watcher: asyncio.Task[None] | None = None
@@ -130,7 +132,11 @@ class RunningServer:
             await self.state.forget()
         if self.http is not None:  # first: the HTTP requests it drains still reach the gRPC server
             await self.http.stop()
-        await self.server.stop(self.settings.shutdown_grace_s if grace_s is None else grace_s)
+        grace_s = self.settings.shutdown_grace_s if grace_s is None else grace_s
+        started = asyncio.get_running_loop().time()
+        if self.drain is not None and not await self.drain.drain(grace_s):
+            log.warning("drain_timeout", grace_s=grace_s, in_flight=self.drain.in_flight)
+        await self.server.stop(max(0.0, grace_s - (asyncio.get_running_loop().time() - started)))
         if self.servicer.engine is not None:
             await self.servicer.engine.close()
             self.servicer.engine.pair.encoder.close()
@@ -145,7 +151,10 @@ async def start_server(settings: Settings, store: MilvusStore | None = None) -> 
     own_store = store is None
     if store is None:
         store = await asyncio.to_thread(MilvusStore.from_settings, settings)
-    interceptors = [ApiKeyInterceptor(settings.api_keys)] if settings.api_keys else []
+    drain = DrainInterceptor()
+    interceptors: list[grpc.aio.ServerInterceptor] = [drain]
+    if settings.api_keys:
+        interceptors.append(ApiKeyInterceptor(settings.api_keys))
     if not settings.api_keys and settings.host not in ("127.0.0.1", "localhost", "::1"):
         log.warning("no_authentication", host=settings.host,
                     note="no api_keys configured: anyone who reaches this port can read and write")
@@ -181,7 +190,7 @@ async def start_server(settings: Settings, store: MilvusStore | None = None) -> 
         start_http_server(settings.metrics_port, addr=settings.host)
         log.info("metrics", address=f"http://{settings.host}:{settings.metrics_port}/metrics")
     running = RunningServer(server=server, port=port, servicer=servicer, health=health_servicer, store=store,
-                            settings=settings, state=state, _loopback_dir=loopback_dir)
+                            settings=settings, state=state, drain=drain, _loopback_dir=loopback_dir)
     await running.set_serving(False)
     if loopback_dir is not None:
         running.http = HttpServer(settings, f"unix:{loopback_dir}/grpc.sock")

@@ -190,7 +190,10 @@ def test_sigterm_drains_in_flight_calls(serve_process: tuple[str, subprocess.Pop
     # Drained: calls in flight when the signal came finished OK after it (not just calls before it).
     drained = [o for o in outcomes if o[0] == "ok" and o[1] < signalled < o[2]]
     assert drained, outcomes
-    assert not [o for o in outcomes if o[0].startswith("failed")], outcomes
+    # Every call sent before the signal was answered or refused as retriable, never cancelled. A call sent
+    # after it may still meet the transport's own shutdown (CANCELLED, never handed to the application).
+    assert not [o for o in outcomes if o[0].startswith("failed") and o[1] < signalled], outcomes
+    assert not [o for o in outcomes if o[0].startswith("failed") and o[0] != "failed StatusCode.CANCELLED"], outcomes
 
 
 def test_demo_runs_end_to_end_through_grpc(tiny_model_dir: Path, tmp_path: Path) -> None:

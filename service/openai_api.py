@@ -36,6 +36,67 @@ ERROR_TYPES = {400: "invalid_request_error", 401: "authentication_error", 403: "
 FIELD_PREFIX = re.compile(r"^([a-z_]+)(?:\[\d+\])?[ :.]")
 
 
+_STRINGS = {"oneOf": [{"type": "string"}, {"type": "array", "minItems": 1, "items": {"type": "string"}}]}
+_OPENAI_ERROR = {"description": "OpenAI's error shape; the HTTP status follows the gRPC code", "content": {
+    "application/json": {"schema": {"type": "object", "required": ["error"], "properties": {"error": {
+        "type": "object", "required": ["message", "type"], "properties": {
+            "message": {"type": "string"}, "type": {"type": "string"},
+            "param": {"type": "string", "nullable": True}, "code": {"type": "string", "nullable": True}}}}}}}}
+EMBEDDINGS_OPERATION: dict[str, Any] = {
+    "operationId": "OpenAIEmbeddings", "tags": ["OpenAI-compatible"],
+    "summary": "OpenAI's embeddings request and answer (gRPC `semsearch.v1.SearchService.Embed`)",
+    "description": "Vectors of the serving model. `input_type` `query` adds the model's query instruction, "
+                   "as SearchDocuments does; `document` (default) does not. `dimensions` is refused unless "
+                   "it equals the model's.",
+    "requestBody": {"required": True, "content": {"application/json": {"schema": {
+        "type": "object", "required": ["input"], "additionalProperties": False, "properties": {
+            "input": _STRINGS, "model": {"type": "string", "description": "ignored: the serving model answers"},
+            "encoding_format": {"type": "string", "enum": ["float", "base64"], "default": "float"},
+            "dimensions": {"type": "integer", "minimum": 1}, "user": {"type": "string"},
+            "input_type": {"type": "string", "enum": ["document", "query"], "default": "document"}}}}}},
+    "responses": {"200": {"description": "OK", "content": {"application/json": {"schema": {
+        "type": "object", "required": ["object", "data", "model", "usage"], "properties": {
+            "object": {"type": "string", "enum": ["list"]}, "model": {"type": "string"},
+            "data": {"type": "array", "items": {"type": "object", "required": ["object", "index", "embedding"],
+                                                "properties": {
+                "object": {"type": "string", "enum": ["embedding"]}, "index": {"type": "integer"},
+                "embedding": {"oneOf": [{"type": "array", "items": {"type": "number"}},
+                                        {"type": "string", "description": "base64 of little-endian float32"}]}}}},
+            "usage": {"type": "object", "required": ["prompt_tokens", "total_tokens"], "properties": {
+                "prompt_tokens": {"type": "integer"}, "total_tokens": {"type": "integer"}}}}}}}},
+        "default": _OPENAI_ERROR},
+}
+_RERANK_RESULT = {"type": "object", "required": ["index", "relevance_score"], "properties": {
+    "index": {"type": "integer"}, "relevance_score": {"type": "number"},
+    "document": {"type": "object", "properties": {"text": {"type": "string"}}}}}
+_TEI_RESULT = {"type": "object", "required": ["index", "score"], "properties": {
+    "index": {"type": "integer"}, "score": {"type": "number"}, "text": {"type": "string"}}}
+RERANK_OPERATION: dict[str, Any] = {
+    "operationId": "Rerank", "tags": ["OpenAI-compatible"],
+    "summary": "Cross-encoder scores in TEI's shape (`texts`) or Cohere/infinity's (`documents`) "
+               "(gRPC `semsearch.v1.SearchService.Rerank`)",
+    "requestBody": {"required": True, "content": {"application/json": {"schema": {
+        "type": "object", "required": ["query"], "additionalProperties": False, "properties": {
+            "query": {"type": "string"}, "texts": {"type": "array", "items": {"type": "string"}},
+            "documents": {"type": "array", "items": {"oneOf": [
+                {"type": "string"}, {"type": "object", "required": ["text"],
+                                     "properties": {"text": {"type": "string"}}}]}},
+            "model": {"type": "string"}, "top_n": {"type": "integer", "minimum": 1},
+            "return_documents": {"type": "boolean"}, "return_text": {"type": "boolean"},
+            "raw_scores": {"type": "boolean", "description": "logits instead of sigmoid probabilities"},
+            "truncate": {"type": "boolean"}, "truncation_direction": {"type": "string"}}}}}},
+    "responses": {"200": {"description": "TEI: a list; Cohere/infinity: {results, model}", "content": {
+        "application/json": {"schema": {"oneOf": [
+            {"type": "array", "items": _TEI_RESULT},
+            {"type": "object", "required": ["object", "results", "model"], "properties": {
+                "object": {"type": "string", "enum": ["rerank"]}, "model": {"type": "string"},
+                "results": {"type": "array", "items": _RERANK_RESULT}}}]}}}},
+        "default": _OPENAI_ERROR},
+}
+# What GET /openapi.json says of these routes (they are not proto-mapped, so written by hand).
+OPENAPI_PATHS = {"/v1/embeddings": {"post": EMBEDDINGS_OPERATION}, "/v1/rerank": {"post": RERANK_OPERATION}}
+
+
 class OpenAIError(Exception):
     def __init__(self, message: str, param: str | None = None, status: int = 400) -> None:
         super().__init__(message)

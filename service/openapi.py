@@ -21,6 +21,7 @@ from google.protobuf import descriptor_pb2
 from google.protobuf.descriptor import Descriptor, EnumDescriptor, FieldDescriptor
 
 from service.http_api import ROUTES, HttpRoute
+from service.openai_api import OPENAPI_PATHS
 
 PROTO_ROOT = Path(__file__).resolve().parent.parent / "proto"
 
@@ -260,6 +261,7 @@ def openapi_document(comments: Mapping[str, str] | None = None) -> dict[str, Any
     paths: dict[str, dict[str, Any]] = {}
     for route in ROUTES:
         paths.setdefault(_openapi_path(route.path), {})[route.http_method.lower()] = _operation(route, builder)
+    paths.update(OPENAPI_PATHS)
     paths["/healthz"] = {"get": {"operationId": "Healthz", "summary": "SERVING (200) or NOT_SERVING (503)",
                                  "security": [], "responses": {
                                      "200": {"description": "serving"}, "503": {"description": "not serving"}}}}

@@ -11,6 +11,7 @@ from pathlib import Path
 from typing import Any
 
 import httpx
+import jsonschema
 import numpy as np
 import openai
 import pytest
@@ -162,3 +163,45 @@ def test_concurrent_requests_share_forward_passes_and_are_counted(
     no_reranker = httpx.post(f"{base_url(service)}/rerank", json={"query": "q", "texts": ["a"]})
     assert_openai_error(no_reranker, 400, None, "no reranker")
     assert_openai_error(httpx.post(url, content=b"{not json"), 400, None, "not valid UTF-8 JSON")
+
+
+def json_schema(node: Any) -> Any:
+    """OpenAPI 3.0's `nullable: true` as JSON Schema's `type: [T, "null"]` (the one difference used here)."""
+    if isinstance(node, list):
+        return [json_schema(item) for item in node]
+    if not isinstance(node, dict):
+        return node
+    converted = {key: json_schema(value) for key, value in node.items() if key != "nullable"}
+    if node.get("nullable") and "type" in node:
+        converted["type"] = [node["type"], "null"]
+    return converted
+
+
+def test_openapi_json_describes_what_the_routes_accept_and_answer(service: LiveService) -> None:
+    """GET /openapi.json documents both routes; real requests and answers (both encodings, both rerank
+    shapes, an error) validate against what it says, and a body it forbids is one the route refuses."""
+    root = base_url(service)[:-3]
+    headers = {"authorization": f"Bearer {READ_KEY}"}
+    paths = httpx.get(f"{root}/openapi.json").json()["paths"]
+
+    def check(path: str, body: dict[str, Any]) -> httpx.Response:
+        operation = paths[path]["post"]
+        jsonschema.validate(body, json_schema(operation["requestBody"]["content"]["application/json"]["schema"]))
+        answer = httpx.post(f"{root}{path}", headers=headers, json=body)
+        documented = operation["responses"]["200" if answer.status_code == 200 else "default"]
+        jsonschema.validate(answer.json(), json_schema(documented["content"]["application/json"]["schema"]))
+        return answer
+
+    assert check("/v1/embeddings", {"input": TEXTS, "encoding_format": "float"}).status_code == 200
+    assert check("/v1/embeddings", {"input": "退钱", "encoding_format": "base64", "input_type": "query"}
+                 ).status_code == 200
+    assert check("/v1/rerank", {"query": "退钱", "texts": TEXTS, "return_text": True}).status_code == 200
+    assert check("/v1/rerank", {"query": "退钱", "documents": [{"text": t} for t in TEXTS], "top_n": 1}
+                 ).status_code == 200
+    assert check("/v1/embeddings", {"input": ["a", " "]}).status_code == 400  # the error shape is documented too
+    forbidden = {"input": "x", "encoding": "float"}
+    with pytest.raises(jsonschema.ValidationError):
+        jsonschema.validate(forbidden, paths["/v1/embeddings"]["post"]["requestBody"]["content"][
+            "application/json"]["schema"])
+    assert_openai_error(httpx.post(f"{root}/v1/embeddings", headers=headers, json=forbidden), 400, "encoding",
+                        "unknown field")

@@ -73,7 +73,10 @@ def response_to_json(response: pb.SearchDocumentsResponse) -> dict[str, Any]:
             {"id": h.id, "text": h.text, "score": round(h.score, 6),
              "metadata": json_format.MessageToDict(h.metadata),
              "retrievers": {MODE_NAMES.get(r.retriever, str(r.retriever)): {"score": round(r.score, 6), "rank": r.rank}
-                            for r in h.retrievers}}
+                            for r in h.retrievers},
+             # [start, end) in code points, as the API's TextSpan; only when --highlight asked.
+             **({"highlights": [[s.start, s.end] for s in h.highlights], "snippet": h.snippet}
+                if h.snippet or h.highlights else {})}
             for h in response.hits
         ],
         "mode": MODE_NAMES.get(response.mode, "dense"),
@@ -303,6 +306,8 @@ def search(
         "--page-size", help="Page through the results this many at a time (prints next_page_token)")] = 0,
     page_token: Annotated[str, typer.Option(
         "--page-token", help="next_page_token of the previous page (same query and options)")] = "",
+    highlight: Annotated[bool, typer.Option(
+        "--highlight", help="Mark the query's words in each hit (--json: highlights and snippet)")] = False,
     as_json: Annotated[bool, typer.Option("--json", help="Print one JSON object")] = False,
     timeout: Annotated[float, typer.Option("--timeout", help="Deadline in seconds")] = 30.0,
     config: ConfigOption = None, host: ClientHostOption = None, port: ClientPortOption = None,
@@ -324,6 +329,7 @@ def search(
         query=query, top_k=top_k or 0, filters=[parse_filter(f) for f in filters or []], return_chunks=chunks,
         mode=MODE_VALUES[mode] if mode else pb.RETRIEVAL_MODE_UNSPECIFIED, rerank=rerank,
         rerank_candidates=rerank_candidates, tenant=tenant, page_size=page_size, page_token=page_token,
+        highlight=highlight,
     )
     if min_score is not None:
         request.min_score = min_score

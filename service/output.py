@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from rich.console import Console
 from rich.table import Table
+from rich.text import Text
 
 from semsearch.v1 import search_pb2 as pb
 
@@ -25,7 +26,18 @@ def print_hits(query: str, response: pb.SearchDocumentsResponse) -> None:
     table.add_column("text", overflow="ellipsis", no_wrap=True, max_width=48)
     for rank, hit in enumerate(response.hits, 1):
         found = [" ".join(f"{MODE_NAMES.get(r.retriever, '?')}#{r.rank}" for r in hit.retrievers)] if hybrid else []
-        table.add_row(str(rank), f"{hit.score:.4f}", hit.id, *found, hit.text.replace("\n", " "))
+        table.add_row(str(rank), f"{hit.score:.4f}", hit.id, *found, _shown_text(hit))
     console.print(table)
     console.print(f"[dim]{MODE_NAMES.get(response.mode, 'dense')} · model {response.model_version} · "
                   f"collection {response.collection} · {response.timing.total_ms:.1f} ms[/dim]")
+
+
+def _shown_text(hit: pb.SearchHit, width: int = 48) -> Text:
+    """The hit's text on one line; with highlights, a window from just before the first one, spans in bold."""
+    text = Text(hit.text.replace("\n", " "))
+    for span in hit.highlights:
+        text.stylize("bold reverse", span.start, span.end)
+    if hit.highlights and hit.highlights[0].start > width // 6:  # Chinese is two cells wide: ~24 characters show
+        text = Text("…") + text[hit.highlights[0].start - width // 12:]
+    return text
+

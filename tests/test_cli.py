@@ -117,6 +117,11 @@ def test_search_command_prints_the_documented_json(serve_process: tuple[str, sub
     assert found["mode"] == "lexical" and [h["id"] for h in found["hits"]] == ["invoice"]
     hybrid = run_cli("search", "发票抬头", "--addr", address, "--mode", "hybrid")
     assert hybrid.returncode == 0 and "lexical#1" in hybrid.stdout
+    marked = json.loads(run_cli("search", "发票抬头", "--addr", address, "--mode", "lexical", "--highlight",
+                                "--json").stdout)["hits"][0]
+    assert marked["highlights"] and all(marked["text"][a:b] in "发票抬头" for a, b in marked["highlights"])
+    assert "<em>" in marked["snippet"] and "highlights" not in found["hits"][0]  # only when asked
+    assert "发票" in run_cli("search", "发票抬头", "--addr", address, "--mode", "lexical", "--highlight").stdout
     wrong = run_cli("search", "x", "--addr", address, "--mode", "bm25")
     assert wrong.returncode == 2 and "--mode" in wrong.stderr
     assert payload["collection"].startswith("docs__") and payload["model_version"].startswith("tiny-zh-bert")

@@ -113,6 +113,7 @@ RPCS: dict[str, tuple[str, type[Message]]] = {
     "Rerank": ("_search", search_pb2.RerankRequest),
     "GetServingState": ("_admin", admin_pb2.GetServingStateRequest),
     "ReloadServingState": ("_admin", admin_pb2.ReloadServingStateRequest),
+    "DescribeCollection": ("_admin", admin_pb2.DescribeCollectionRequest),
 }
 
 
@@ -248,6 +249,10 @@ class SearchClient(_ClientBase):
                              metadata: Metadata = ()) -> admin_pb2.ReloadServingStateResponse:
         return self._invoke("ReloadServingState", None, {}, timeout, metadata)  # type: ignore[no-any-return]
 
+    def describe_collection(self, *, timeout: float | None = None,
+                            metadata: Metadata = ()) -> admin_pb2.DescribeCollectionResponse:
+        return self._invoke("DescribeCollection", None, {}, timeout, metadata)  # type: ignore[no-any-return]
+
 
 class AsyncSearchClient(_ClientBase):
     """asyncio client (grpc.aio). Create it inside the event loop that uses it; `async with` or `await close()`."""
@@ -311,3 +316,7 @@ class AsyncSearchClient(_ClientBase):
     async def reload_serving_state(self, *, timeout: float | None = None,
                                    metadata: Metadata = ()) -> admin_pb2.ReloadServingStateResponse:
         return await self._invoke("ReloadServingState", None, {}, timeout, metadata)  # type: ignore[no-any-return]
+
+    async def describe_collection(self, *, timeout: float | None = None,
+                                  metadata: Metadata = ()) -> admin_pb2.DescribeCollectionResponse:
+        return await self._invoke("DescribeCollection", None, {}, timeout, metadata)  # type: ignore[no-any-return]

@@ -2,13 +2,20 @@
 
 from __future__ import annotations
 
+import asyncio
+import json
+from itertools import islice
+
 import grpc
+from google.protobuf import json_format, struct_pb2
 
 from semsearch.v1 import admin_pb2 as pb
 from semsearch.v1 import admin_pb2_grpc
 from service.engine import SearchEngine, ServingPair
 from service.servicer import rpc
 from service.serving_state import ServingState
+
+METADATA_SAMPLE_ROWS = 1000  # metadata field names are read from this many chunks, not all
 
 
 def _pair_state(pair: ServingPair | None) -> pb.ServingPairState | None:
@@ -50,3 +57,31 @@ class AdminServicer(admin_pb2_grpc.AdminServiceServicer):
     ) -> pb.ReloadServingStateResponse:
         changed = await self.state.reconcile()
         return pb.ReloadServingStateResponse(state=self._state(), changed=changed)
+
+    @rpc
+    async def DescribeCollection(
+        self, request: pb.DescribeCollectionRequest, context: grpc.aio.ServicerContext
+    ) -> pb.DescribeCollectionResponse:
+        assert self.state.engine is not None  # `rpc` answers UNAVAILABLE while loading
+        return await asyncio.to_thread(self._describe, self.state.engine.pair)
+
+    def _describe(self, pair: ServingPair) -> pb.DescribeCollectionResponse:
+        store, collection = self.state.store, pair.collection.name
+        fields: set[str] = set()
+        for row in islice(store.iter_rows(collection, ["metadata"], batch_size=METADATA_SAMPLE_ROWS),
+                          METADATA_SAMPLE_ROWS):
+            fields.update(row.get("metadata") or {})
+        record = self.state.registry.get(self.state.name) if self.state.settings.use_registry else None
+        history = [pb.HistoryEvent(at=str(event.get("at", "")), event=str(event.get("event", "")),
+                                   details=_struct({k: v for k, v in event.items() if k not in ("at", "event")}))
+                   for event in (record.history if record is not None else [])]
+        return pb.DescribeCollectionResponse(
+            name=self.state.name, collection=collection, model_version=pair.model_version,
+            documents=store.count(collection, "chunk_index == 0"), chunks=store.count(collection),
+            lexical=pair.collection.lexical, tenants=pair.collection.tenants, metadata_fields=sorted(fields),
+            tuned_retrieval=pair.retrieval.describe() if pair.retrieval is not None else "", history=history)
+
+
+def _struct(values: dict[str, object]) -> struct_pb2.Struct:
+    # Round-trip through JSON: whatever the record holds (dates, numbers) becomes a JSON value.
+    return json_format.ParseDict(json.loads(json.dumps(values, default=str)), struct_pb2.Struct())

@@ -74,6 +74,8 @@ REST_ROUTES: tuple[HttpRoute, ...] = (
               "The serving (model, collection) pair and the registry's state (admin scope)"),
     HttpRoute("POST", "/v1/admin/serving-state:reload", _method(ADMIN_SERVICE, "ReloadServingState"),
               "Re-read the registry now (admin scope)"),
+    HttpRoute("GET", "/v1/admin/collection", _method(ADMIN_SERVICE, "DescribeCollection"),
+              "Counts, metadata fields, set-up and registry history of the serving collection (admin scope)"),
 )
 
 

@@ -132,7 +132,12 @@ def test_console_searches_compares_and_shows_errors(console_service: LiveService
     page.fill("#api-key", ADMIN_KEY)
     page.click("#refresh-collection")
     expect(page.locator("#collection-facts")).to_contain_text("current.modelVersion")
-    expect(page.locator("#collection-note")).to_contain_text("does not report")
+    facts = page.locator("#collection-facts")
+    expect(facts.locator("dt:text-is('documents') + dd")).to_have_text(str(len(DOCS)))
+    expect(facts.locator("dt:text-is('metadata fields') + dd")).to_have_text("category")
+    expect(page.locator("#collection-history li").first).to_contain_text("bootstrap")  # the registry's history
+    expect(page.locator("#collection-note")).to_have_text("")
+    assert page.locator("#metadata-fields option[value=category]").count() == 1  # offered in the filter editor
     shot(page, "collection")
     assert log.errors == [] and log.dialogs == []
 

@@ -157,6 +157,13 @@ def test_promote_and_rollback_under_load_lose_nothing(
         assert record is not None and record.current is not None and record.previous is not None
         assert (record.current.collection, record.previous.collection, record.pending) == (c1, c2, None)
         assert store.resolve(name) == c1
+        # What an operator reads back (DescribeCollection, the console's collection panel): the history.
+        described = admin_pb2_grpc.AdminServiceStub(service.channel).DescribeCollection(
+            admin_pb2.DescribeCollectionRequest(), timeout=30)
+        events = [event.event for event in described.history]
+        assert events[-4:] == ["promote_started", "promote_swapped", "rollback_started", "rollback_swapped"], events
+        assert described.history[-1].details["collection"] == c1 == described.collection
+        assert described.documents == store.count(c1)
         # Both collections stay until gc; gc keeps what the registry references.
         assert promoter.gc(dry_run=True) == []
     finally:

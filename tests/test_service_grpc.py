@@ -10,9 +10,11 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import grpc
+import httpx
 import numpy as np
 import pytest
 from google.protobuf import json_format
+from google.protobuf.struct_pb2 import Struct
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
 
@@ -22,7 +24,7 @@ from semsearch.errors import ModelMismatchError
 from semsearch.store import MilvusStore, versioned_name
 from semsearch.v1 import search_pb2 as pb
 from service.server import start_server
-from tests.conftest import LiveService
+from tests.conftest import LiveService, free_port
 
 FAQ = [
     ("refund", "如何申请退款？请在订单页面点击申请退款", {"category": "refund", "priority": 1}),
@@ -356,3 +358,35 @@ def test_admin_service_goes_through_the_rpc_wrapper(make_service: Callable[..., 
     assert counted._value.get() == before + 1  # metrics per method and status, like SearchService
     reloaded = admin.ReloadServingState(admin_pb2.ReloadServingStateRequest(), timeout=10)
     assert reloaded.state.name == state.name
+
+
+def test_describe_collection_counts_documents_chunks_and_metadata_fields(
+        make_service: Callable[..., LiveService], tiny_encoder: TorchEncoder) -> None:
+    from semsearch.config import ApiKey
+    from semsearch.v1 import admin_pb2, admin_pb2_grpc
+
+    keys = [ApiKey(name="admin", key="admin-key-0123456789", scope="admin"),  # type: ignore[arg-type]
+            ApiKey(name="reader", key="read-key-0123456789a", scope="search")]  # type: ignore[arg-type]
+    service = make_service(tiny_encoder, http_port=free_port(), api_keys=keys)
+    admin_key = [("authorization", "Bearer admin-key-0123456789")]
+    long_text = "。".join(f"第{i}条关于退款和发票的说明文字" for i in range(60))  # several chunks
+    service.stub.UpsertDocuments(pb.UpsertDocumentsRequest(documents=[
+        pb.Document(id="a", text="如何申请退款？", metadata=json_format.ParseDict({"category": "refund"}, Struct())),
+        pb.Document(id="b", text=long_text, metadata=json_format.ParseDict({"lang": "zh", "page": 3}, Struct())),
+        pb.Document(id="c", text="发票抬头写错能改吗")]), timeout=30, metadata=admin_key)
+    admin = admin_pb2_grpc.AdminServiceStub(service.channel)
+    described = admin.DescribeCollection(admin_pb2.DescribeCollectionRequest(), timeout=30, metadata=admin_key)
+    store, collection = service.running.store, described.collection
+    rows = list(store.iter_rows(collection, ["doc_id", "chunk_index"]))
+    assert described.documents == 3 and described.chunks == len(rows) > 3
+    assert list(described.metadata_fields) == ["category", "lang", "page"]
+    assert described.model_version == tiny_encoder.manifest.version and described.name == service.settings.collection
+    assert described.lexical and not described.tuned_retrieval
+    url = f"http://127.0.0.1:{service.running.http_port}/v1/admin/collection"
+    over_http = httpx.get(url, headers={"authorization": "Bearer admin-key-0123456789"}).json()
+    assert (over_http["documents"], over_http["chunks"]) == (str(3), str(len(rows)))  # int64: JSON strings
+    assert httpx.get(url, headers={"authorization": "Bearer read-key-0123456789a"}).status_code == 403
+    with pytest.raises(grpc.RpcError) as denied:
+        admin.DescribeCollection(admin_pb2.DescribeCollectionRequest(), timeout=30,
+                                 metadata=[("authorization", "Bearer read-key-0123456789a")])
+    assert denied.value.code() == grpc.StatusCode.PERMISSION_DENIED

@@ -22,25 +22,32 @@ _runtime_version.ValidateProtobufRuntimeVersion(
 _sym_db = _symbol_database.Default()
 
 
+from google.protobuf import struct_pb2 as google_dot_protobuf_dot_struct__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x18semsearch/v1/admin.proto\x12\x0csemsearch.v1\"P\n\x10ServingPairState\x12\x15\n\rmodel_version\x18\x01 \x01(\t\x12\x12\n\ncollection\x18\x02 \x01(\t\x12\x11\n\tin_flight\x18\x03 \x01(\x05\"\x18\n\x16GetServingStateRequest\"\xff\x01\n\x17GetServingStateResponse\x12/\n\x07\x63urrent\x18\x01 \x01(\x0b\x32\x1e.semsearch.v1.ServingPairState\x12/\n\x07pending\x18\x02 \x01(\x0b\x32\x1e.semsearch.v1.ServingPairState\x12\x1b\n\x13registry_generation\x18\x03 \x01(\x03\x12\x0c\n\x04name\x18\x04 \x01(\t\x12\x1c\n\x14registry_watch_error\x18\x05 \x01(\t\x12\x1f\n\x17registry_watch_failures\x18\x06 \x01(\x03\x12\x18\n\x10reranker_version\x18\x1e \x01(\t\"\x1b\n\x19ReloadServingStateRequest\"c\n\x1aReloadServingStateResponse\x12\x34\n\x05state\x18\x01 \x01(\x0b\x32%.semsearch.v1.GetServingStateResponse\x12\x0f\n\x07\x63hanged\x18\x02 \x01(\x08\x32\xd7\x01\n\x0c\x41\x64minService\x12^\n\x0fGetServingState\x12$.semsearch.v1.GetServingStateRequest\x1a%.semsearch.v1.GetServingStateResponse\x12g\n\x12ReloadServingState\x12\'.semsearch.v1.ReloadServingStateRequest\x1a(.semsearch.v1.ReloadServingStateResponseb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x18semsearch/v1/admin.proto\x12\x0csemsearch.v1\x1a\x1cgoogle/protobuf/struct.proto\"P\n\x10ServingPairState\x12\x15\n\rmodel_version\x18\x01 \x01(\t\x12\x12\n\ncollection\x18\x02 \x01(\t\x12\x11\n\tin_flight\x18\x03 \x01(\x05\"\x18\n\x16GetServingStateRequest\"\xff\x01\n\x17GetServingStateResponse\x12/\n\x07\x63urrent\x18\x01 \x01(\x0b\x32\x1e.semsearch.v1.ServingPairState\x12/\n\x07pending\x18\x02 \x01(\x0b\x32\x1e.semsearch.v1.ServingPairState\x12\x1b\n\x13registry_generation\x18\x03 \x01(\x03\x12\x0c\n\x04name\x18\x04 \x01(\t\x12\x1c\n\x14registry_watch_error\x18\x05 \x01(\t\x12\x1f\n\x17registry_watch_failures\x18\x06 \x01(\x03\x12\x18\n\x10reranker_version\x18\x1e \x01(\t\"\x1b\n\x19ReloadServingStateRequest\"\x1b\n\x19\x44\x65scribeCollectionRequest\"S\n\x0cHistoryEvent\x12\n\n\x02\x61t\x18\x01 \x01(\t\x12\r\n\x05\x65vent\x18\x02 \x01(\t\x12(\n\x07\x64\x65tails\x18\x03 \x01(\x0b\x32\x17.google.protobuf.Struct\"\xf9\x01\n\x1a\x44\x65scribeCollectionResponse\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x12\n\ncollection\x18\x02 \x01(\t\x12\x15\n\rmodel_version\x18\x03 \x01(\t\x12\x11\n\tdocuments\x18\x04 \x01(\x03\x12\x0e\n\x06\x63hunks\x18\x05 \x01(\x03\x12\x0f\n\x07lexical\x18\x06 \x01(\x08\x12\x0f\n\x07tenants\x18\x07 \x01(\x08\x12\x17\n\x0fmetadata_fields\x18\x08 \x03(\t\x12\x17\n\x0ftuned_retrieval\x18\t \x01(\t\x12+\n\x07history\x18\n \x03(\x0b\x32\x1a.semsearch.v1.HistoryEvent\"c\n\x1aReloadServingStateResponse\x12\x34\n\x05state\x18\x01 \x01(\x0b\x32%.semsearch.v1.GetServingStateResponse\x12\x0f\n\x07\x63hanged\x18\x02 \x01(\x08\x32\xc0\x02\n\x0c\x41\x64minService\x12^\n\x0fGetServingState\x12$.semsearch.v1.GetServingStateRequest\x1a%.semsearch.v1.GetServingStateResponse\x12g\n\x12ReloadServingState\x12\'.semsearch.v1.ReloadServingStateRequest\x1a(.semsearch.v1.ReloadServingStateResponse\x12g\n\x12\x44\x65scribeCollection\x12\'.semsearch.v1.DescribeCollectionRequest\x1a(.semsearch.v1.DescribeCollectionResponseb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
 _builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, 'semsearch.v1.admin_pb2', _globals)
 if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
-  _globals['_SERVINGPAIRSTATE']._serialized_start=42
-  _globals['_SERVINGPAIRSTATE']._serialized_end=122
-  _globals['_GETSERVINGSTATEREQUEST']._serialized_start=124
-  _globals['_GETSERVINGSTATEREQUEST']._serialized_end=148
-  _globals['_GETSERVINGSTATERESPONSE']._serialized_start=151
-  _globals['_GETSERVINGSTATERESPONSE']._serialized_end=406
-  _globals['_RELOADSERVINGSTATEREQUEST']._serialized_start=408
-  _globals['_RELOADSERVINGSTATEREQUEST']._serialized_end=435
-  _globals['_RELOADSERVINGSTATERESPONSE']._serialized_start=437
-  _globals['_RELOADSERVINGSTATERESPONSE']._serialized_end=536
-  _globals['_ADMINSERVICE']._serialized_start=539
-  _globals['_ADMINSERVICE']._serialized_end=754
+  _globals['_SERVINGPAIRSTATE']._serialized_start=72
+  _globals['_SERVINGPAIRSTATE']._serialized_end=152
+  _globals['_GETSERVINGSTATEREQUEST']._serialized_start=154
+  _globals['_GETSERVINGSTATEREQUEST']._serialized_end=178
+  _globals['_GETSERVINGSTATERESPONSE']._serialized_start=181
+  _globals['_GETSERVINGSTATERESPONSE']._serialized_end=436
+  _globals['_RELOADSERVINGSTATEREQUEST']._serialized_start=438
+  _globals['_RELOADSERVINGSTATEREQUEST']._serialized_end=465
+  _globals['_DESCRIBECOLLECTIONREQUEST']._serialized_start=467
+  _globals['_DESCRIBECOLLECTIONREQUEST']._serialized_end=494
+  _globals['_HISTORYEVENT']._serialized_start=496
+  _globals['_HISTORYEVENT']._serialized_end=579
+  _globals['_DESCRIBECOLLECTIONRESPONSE']._serialized_start=582
+  _globals['_DESCRIBECOLLECTIONRESPONSE']._serialized_end=831
+  _globals['_RELOADSERVINGSTATERESPONSE']._serialized_start=833
+  _globals['_RELOADSERVINGSTATERESPONSE']._serialized_end=932
+  _globals['_ADMINSERVICE']._serialized_start=935
+  _globals['_ADMINSERVICE']._serialized_end=1255
 # @@protoc_insertion_point(module_scope)

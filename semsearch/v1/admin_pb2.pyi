@@ -1,6 +1,8 @@
+from google.protobuf import struct_pb2 as _struct_pb2
+from google.protobuf.internal import containers as _containers
 from google.protobuf import descriptor as _descriptor
 from google.protobuf import message as _message
-from collections.abc import Mapping as _Mapping
+from collections.abc import Iterable as _Iterable, Mapping as _Mapping
 from typing import ClassVar as _ClassVar, Optional as _Optional, Union as _Union
 
 DESCRIPTOR: _descriptor.FileDescriptor
@@ -40,6 +42,44 @@ class GetServingStateResponse(_message.Message):
 class ReloadServingStateRequest(_message.Message):
     __slots__ = ()
     def __init__(self) -> None: ...
+
+class DescribeCollectionRequest(_message.Message):
+    __slots__ = ()
+    def __init__(self) -> None: ...
+
+class HistoryEvent(_message.Message):
+    __slots__ = ("at", "event", "details")
+    AT_FIELD_NUMBER: _ClassVar[int]
+    EVENT_FIELD_NUMBER: _ClassVar[int]
+    DETAILS_FIELD_NUMBER: _ClassVar[int]
+    at: str
+    event: str
+    details: _struct_pb2.Struct
+    def __init__(self, at: _Optional[str] = ..., event: _Optional[str] = ..., details: _Optional[_Union[_struct_pb2.Struct, _Mapping]] = ...) -> None: ...
+
+class DescribeCollectionResponse(_message.Message):
+    __slots__ = ("name", "collection", "model_version", "documents", "chunks", "lexical", "tenants", "metadata_fields", "tuned_retrieval", "history")
+    NAME_FIELD_NUMBER: _ClassVar[int]
+    COLLECTION_FIELD_NUMBER: _ClassVar[int]
+    MODEL_VERSION_FIELD_NUMBER: _ClassVar[int]
+    DOCUMENTS_FIELD_NUMBER: _ClassVar[int]
+    CHUNKS_FIELD_NUMBER: _ClassVar[int]
+    LEXICAL_FIELD_NUMBER: _ClassVar[int]
+    TENANTS_FIELD_NUMBER: _ClassVar[int]
+    METADATA_FIELDS_FIELD_NUMBER: _ClassVar[int]
+    TUNED_RETRIEVAL_FIELD_NUMBER: _ClassVar[int]
+    HISTORY_FIELD_NUMBER: _ClassVar[int]
+    name: str
+    collection: str
+    model_version: str
+    documents: int
+    chunks: int
+    lexical: bool
+    tenants: bool
+    metadata_fields: _containers.RepeatedScalarFieldContainer[str]
+    tuned_retrieval: str
+    history: _containers.RepeatedCompositeFieldContainer[HistoryEvent]
+    def __init__(self, name: _Optional[str] = ..., collection: _Optional[str] = ..., model_version: _Optional[str] = ..., documents: _Optional[int] = ..., chunks: _Optional[int] = ..., lexical: _Optional[bool] = ..., tenants: _Optional[bool] = ..., metadata_fields: _Optional[_Iterable[str]] = ..., tuned_retrieval: _Optional[str] = ..., history: _Optional[_Iterable[_Union[HistoryEvent, _Mapping]]] = ...) -> None: ...
 
 class ReloadServingStateResponse(_message.Message):
     __slots__ = ("state", "changed")

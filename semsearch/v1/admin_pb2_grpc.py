@@ -46,6 +46,11 @@ class AdminServiceStub:
                 request_serializer=semsearch_dot_v1_dot_admin__pb2.ReloadServingStateRequest.SerializeToString,
                 response_deserializer=semsearch_dot_v1_dot_admin__pb2.ReloadServingStateResponse.FromString,
                 _registered_method=True)
+        self.DescribeCollection = channel.unary_unary(
+                '/semsearch.v1.AdminService/DescribeCollection',
+                request_serializer=semsearch_dot_v1_dot_admin__pb2.DescribeCollectionRequest.SerializeToString,
+                response_deserializer=semsearch_dot_v1_dot_admin__pb2.DescribeCollectionResponse.FromString,
+                _registered_method=True)
 
 
 class AdminServiceServicer:
@@ -68,6 +73,14 @@ class AdminServiceServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def DescribeCollection(self, request, context):
+        """DescribeCollection counts what the serving collection holds (every tenant) and says how it is set
+        up, with the registry's recent history (promotions, rollbacks, tunings).
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_AdminServiceServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -80,6 +93,11 @@ def add_AdminServiceServicer_to_server(servicer, server):
                     servicer.ReloadServingState,
                     request_deserializer=semsearch_dot_v1_dot_admin__pb2.ReloadServingStateRequest.FromString,
                     response_serializer=semsearch_dot_v1_dot_admin__pb2.ReloadServingStateResponse.SerializeToString,
+            ),
+            'DescribeCollection': grpc.unary_unary_rpc_method_handler(
+                    servicer.DescribeCollection,
+                    request_deserializer=semsearch_dot_v1_dot_admin__pb2.DescribeCollectionRequest.FromString,
+                    response_serializer=semsearch_dot_v1_dot_admin__pb2.DescribeCollectionResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -138,6 +156,33 @@ class AdminService:
             '/semsearch.v1.AdminService/ReloadServingState',
             semsearch_dot_v1_dot_admin__pb2.ReloadServingStateRequest.SerializeToString,
             semsearch_dot_v1_dot_admin__pb2.ReloadServingStateResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def DescribeCollection(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/semsearch.v1.AdminService/DescribeCollection',
+            semsearch_dot_v1_dot_admin__pb2.DescribeCollectionRequest.SerializeToString,
+            semsearch_dot_v1_dot_admin__pb2.DescribeCollectionResponse.FromString,
             options,
             channel_credentials,
             insecure,

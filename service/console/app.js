@@ -431,19 +431,29 @@ async function refreshCollection() {
     const rows = [];
     flatten("", servingState, rows);
     for (const [name, value] of rows) fact(name, value);
-    note.textContent = missingFactsNote(servingState);
+    note.textContent = "";
+    showCollection(await callApi("GET", "v1/admin/collection"));
   } catch (error) {
     note.textContent = `${error.title}: ${error.message}`;
   }
 }
 
-// What the API does not (yet) say, so the panel never silently leaves it out.
-function missingFactsNote(servingState) {
-  const names = Object.keys(servingState).join(" ").toLowerCase();
-  const missing = [];
-  if (!names.includes("count")) missing.push("document and chunk counts");
-  if (!/promotion|history/.test(names)) missing.push("promotion history");
-  return missing.length ? `This service's API does not report ${missing.join(" or ")}.` : "";
+// DescribeCollection: counts, set-up and the registry's history (services without it: the note says so).
+function showCollection(described) {
+  fact("documents", described.documents);
+  fact("chunks", described.chunks);
+  fact("lexical (BM25)", described.lexical ? "yes" : "no");
+  fact("tenants", described.tenants ? "yes" : "no");
+  fact("tuned retrieval", described.tunedRetrieval || "not tuned");
+  fact("metadata fields", (described.metadataFields || []).join(", "));
+  for (const name of described.metadataFields || []) state.metadataFields.add(name);
+  refreshFieldSuggestions();
+  const history = $("collection-history");
+  history.replaceChildren(...(described.history || []).slice().reverse().map((event) => {
+    const details = Object.entries(event.details || {}).filter(([, value]) => value !== null)
+      .map(([key, value]) => `${key}=${typeof value === "object" ? JSON.stringify(value) : value}`).join(" ");
+    return el("li", "", `${event.at} ${event.event} ${details}`);
+  }));
 }
 
 async function checkHealth() {

@@ -84,6 +84,48 @@ MaxMetadataOption = Annotated[int | None, typer.Option(
     "--max-metadata-bytes", help="Reject rows whose metadata JSON is larger [default: settings max_metadata_bytes]")]
 JsonOption = Annotated[bool, typer.Option("--json", help="Print the summary as one JSON object")]
 
+# `index` (run) only
+OverlapOption = Annotated[int, typer.Option(
+    "--overlap", help="Tokens of the previous chunk repeated at the start of the next")]
+MaxTokensOption = Annotated[int | None, typer.Option(
+    "--max-tokens", help="Chunk size in tokens (at most the model's limit) [default: the model's limit]",
+)]
+ShardOption = Annotated[str | None, typer.Option(
+    "--shard", help="i/N: index only the documents whose id hashes to shard i of N (N workers in parallel)",
+)]
+ResumeOption = Annotated[bool, typer.Option(
+    "--resume", help="Continue this job from its checkpoint (without INPUT: the interrupted job); "
+                     "starts it if there is none")]
+RestartOption = Annotated[bool, typer.Option("--restart", help="Discard an interrupted job's checkpoint")]
+PruneOption = Annotated[bool, typer.Option(
+    "--prune", help="After indexing, delete stored documents that are no longer in the source")]
+PruneMaxRejectOption = Annotated[float, typer.Option(
+    "--prune-max-reject-ratio", help="Skip --prune when more rows than this were rejected")]
+ForceOption = Annotated[bool, typer.Option(
+    "--force", help="Re-encode and rewrite unchanged documents too (e.g. after changing chunking)")]
+StrictOption = Annotated[bool, typer.Option("--strict", help="Stop at the first bad row (exit 3)")]
+RejectFileOption = Annotated[Path | None, typer.Option(
+    "--reject-file", help="JSONL of rejected rows [default: beside the checkpoint]")]
+JobIdOption = Annotated[str | None, typer.Option(
+    "--job-id", help="Name of the job's checkpoint [default: derived from collection, inputs and options]",
+)]
+NoAliasOption = Annotated[bool, typer.Option(
+    "--no-alias", help="Build the versioned collection but leave the --collection alias alone")]
+MoveAliasOption = Annotated[bool, typer.Option(
+    "--move-alias", help="Move the alias to the new collection even if it points at another model's")]
+BatchChunksOption = Annotated[int, typer.Option(
+    "--batch-chunks", help="Chunks per encode batch (length-sorted inside)")]
+CheckpointIntervalOption = Annotated[float, typer.Option(
+    "--checkpoint-interval", help="Seconds between flush+checkpoint")]
+MaxRateOption = Annotated[float, typer.Option(
+    "--max-rate", help="Throttle to this many documents/s (0: no limit), to spare a shared Milvus")]
+RetryTimeoutOption = Annotated[float, typer.Option(
+    "--retry-timeout", help="Seconds to keep retrying while Milvus is unavailable")]
+ProgressOption = Annotated[str, typer.Option(
+    "--progress", help="auto (a bar on a terminal, log lines otherwise), bar, log or off")]
+ProgressEveryOption = Annotated[float, typer.Option(
+    "--progress-every", help="Seconds between progress log lines")]
+
 
 def _fields(id_field: str, text_field: str, title_field: str, metadata_fields: list[str] | None,
             metadata_object: str) -> Any:
@@ -144,48 +186,16 @@ def run(
     fmt: FormatOption = "auto", include: IncludeOption = None, exclude: ExcludeOption = None,
     id_field: IdFieldOption = "id", text_field: TextFieldOption = "text", title_field: TitleFieldOption = "title",
     metadata_field: MetadataFieldOption = None, metadata_object_field: MetadataObjectOption = "metadata",
-    overlap: Annotated[int, typer.Option(
-        "--overlap", help="Tokens of the previous chunk repeated at the start of the next")] = 0,
-    max_tokens: Annotated[int | None, typer.Option(
-        "--max-tokens", help="Chunk size in tokens (at most the model's limit) [default: the model's limit]",
-    )] = None,
-    shard: Annotated[str | None, typer.Option(
-        "--shard", help="i/N: index only the documents whose id hashes to shard i of N (N workers in parallel)",
-    )] = None,
-    resume: Annotated[bool, typer.Option(
-        "--resume", help="Continue this job from its checkpoint (without INPUT: the interrupted job); "
-                         "starts it if there is none")] = False,
-    restart: Annotated[bool, typer.Option("--restart", help="Discard an interrupted job's checkpoint")] = False,
-    prune: Annotated[bool, typer.Option(
-        "--prune", help="After indexing, delete stored documents that are no longer in the source")] = False,
-    prune_max_reject_ratio: Annotated[float, typer.Option(
-        "--prune-max-reject-ratio", help="Skip --prune when more rows than this were rejected")] = 0.05,
-    force: Annotated[bool, typer.Option(
-        "--force", help="Re-encode and rewrite unchanged documents too (e.g. after changing chunking)")] = False,
-    strict: Annotated[bool, typer.Option("--strict", help="Stop at the first bad row (exit 3)")] = False,
-    reject_file: Annotated[Path | None, typer.Option(
-        "--reject-file", help="JSONL of rejected rows [default: beside the checkpoint]")] = None,
-    state_dir: StateDirOption = None,
-    job_id: Annotated[str | None, typer.Option(
-        "--job-id", help="Name of the job's checkpoint [default: derived from collection, inputs and options]",
-    )] = None,
-    no_alias: Annotated[bool, typer.Option(
-        "--no-alias", help="Build the versioned collection but leave the --collection alias alone")] = False,
-    move_alias: Annotated[bool, typer.Option(
-        "--move-alias", help="Move the alias to the new collection even if it points at another model's")] = False,
-    batch_chunks: Annotated[int, typer.Option(
-        "--batch-chunks", help="Chunks per encode batch (length-sorted inside)")] = 512,
-    checkpoint_interval: Annotated[float, typer.Option(
-        "--checkpoint-interval", help="Seconds between flush+checkpoint")] = 30.0,
-    max_rate: Annotated[float, typer.Option(
-        "--max-rate", help="Throttle to this many documents/s (0: no limit), to spare a shared Milvus")] = 0.0,
-    retry_timeout: Annotated[float, typer.Option(
-        "--retry-timeout", help="Seconds to keep retrying while Milvus is unavailable")] = 600.0,
+    overlap: OverlapOption = 0, max_tokens: MaxTokensOption = None, shard: ShardOption = None,
+    resume: ResumeOption = False, restart: RestartOption = False,
+    prune: PruneOption = False, prune_max_reject_ratio: PruneMaxRejectOption = 0.05,
+    force: ForceOption = False, strict: StrictOption = False, reject_file: RejectFileOption = None,
+    state_dir: StateDirOption = None, job_id: JobIdOption = None,
+    no_alias: NoAliasOption = False, move_alias: MoveAliasOption = False,
+    batch_chunks: BatchChunksOption = 512, checkpoint_interval: CheckpointIntervalOption = 30.0,
+    max_rate: MaxRateOption = 0.0, retry_timeout: RetryTimeoutOption = 600.0,
     max_doc_chars: MaxDocCharsOption = 1_000_000, max_metadata_bytes: MaxMetadataOption = None,
-    progress: Annotated[str, typer.Option(
-        "--progress", help="auto (a bar on a terminal, log lines otherwise), bar, log or off")] = "auto",
-    progress_every: Annotated[float, typer.Option(
-        "--progress-every", help="Seconds between progress log lines")] = 10.0,
+    progress: ProgressOption = "auto", progress_every: ProgressEveryOption = 10.0,
     as_json: JsonOption = False,
 ) -> None:
     """Index documents into the versioned collection behind --collection: chunked, encoded, exactly once.
@@ -194,16 +204,9 @@ def run(
     """  # noqa: E501
     from indexer.job import IndexOptions
     from indexer.pipeline import PipelineConfig
-    from indexer.progress import print_summary
     from indexer.sources import Limits
 
-    if not inputs and not resume:
-        typer.echo(ctx.get_help())
-        raise typer.Exit(EXIT_USAGE)
-    if no_alias and move_alias:
-        raise fail("--no-alias and --move-alias contradict each other", EXIT_USAGE)
-    if resume and restart:
-        raise fail("--resume and --restart contradict each other", EXIT_USAGE)
+    _refuse_contradictions(ctx, inputs, resume=resume, restart=restart, no_alias=no_alias, move_alias=move_alias)
     settings = settings_from_cli(config, milvus_uri=milvus_uri, collection=collection, model=model,
                                  encoder_url=encoder_url, device=device, log_level=log_level,
                                  encoder_backend=encoder_backend)
@@ -225,6 +228,25 @@ def run(
     if state_dir is not None:
         options.state_dir = state_dir
     summary = _run_job(options, settings, collection_given=collection is not None)
+    _report_summary(summary, as_json=as_json)
+
+
+def _refuse_contradictions(ctx: typer.Context, inputs: list[str] | None, *, resume: bool, restart: bool,
+                           no_alias: bool, move_alias: bool) -> None:
+    """Nothing to index prints the help; flags that contradict each other are a usage error (exit 2)."""
+    if not inputs and not resume:
+        typer.echo(ctx.get_help())
+        raise typer.Exit(EXIT_USAGE)
+    if no_alias and move_alias:
+        raise fail("--no-alias and --move-alias contradict each other", EXIT_USAGE)
+    if resume and restart:
+        raise fail("--resume and --restart contradict each other", EXIT_USAGE)
+
+
+def _report_summary(summary: dict[str, Any], *, as_json: bool) -> None:
+    """The job's summary as one JSON object or a table; a job that did not complete exits 1."""
+    from indexer.progress import print_summary
+
     if as_json:
         typer.echo(json.dumps(summary, ensure_ascii=False))
     else:

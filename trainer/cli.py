@@ -11,7 +11,7 @@ import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Annotated, Any
+from typing import TYPE_CHECKING, Annotated, Any
 
 import typer
 
@@ -27,7 +27,11 @@ from semsearch.cli import (
     fail,
     settings_from_cli,
 )
+from semsearch.config import Settings
 from semsearch.errors import SemsearchError
+
+if TYPE_CHECKING:
+    from semsearch.fusion import Fusion
 
 train_app = typer.Typer(
     name="train",
@@ -334,48 +338,20 @@ def finetune_cmd(
     config: ConfigOption = None,
 ) -> None:
     """Fine-tune with FlagEmbedding (encoder_only.base) and write the model with its manifest."""
-    from trainer.evaluate import evaluate_models, record_metrics
-    from trainer.finetune import FinetuneConfig, run_finetune
-    from trainer.rows import read_rows
+    from trainer.finetune import run_finetune
 
     settings = settings_from_cli(config, model=model, device=device)
+    flags = {"model": model or (None if train_config else settings.model), "train_data": data, "output_dir": out,
+             "name": name, "query_instruction": instruction, "pooling": pooling, "temperature": temperature,
+             "train_group_size": group_size, "query_max_len": query_max_len, "passage_max_len": passage_max_len,
+             "epochs": epochs, "max_steps": max_steps, "learning_rate": learning_rate,
+             "embedding_learning_rate": embedding_lr, "batch_size": batch_size, "knowledge_distillation": kd,
+             "nproc_per_node": nproc, "launcher": launcher, "device": device, "seed": seed, "torch_threads": threads}
     with _cli_errors():
-        try:
-            ft_config = FinetuneConfig.load(
-                train_config,
-                model=model or (None if train_config else settings.model),
-                train_data=data,
-                output_dir=out,
-                name=name,
-                query_instruction=instruction,
-                pooling=pooling,
-                temperature=temperature,
-                train_group_size=group_size,
-                query_max_len=query_max_len,
-                passage_max_len=passage_max_len,
-                epochs=epochs,
-                max_steps=max_steps,
-                learning_rate=learning_rate,
-                embedding_learning_rate=embedding_lr,
-                batch_size=batch_size,
-                knowledge_distillation=kd,
-                nproc_per_node=nproc,
-                launcher=launcher,
-                device=device,
-                seed=seed,
-                torch_threads=threads,
-            )
-        except ValueError as exc:
-            raise fail(f"finetune config: {exc}", code=2) from exc
+        ft_config = _finetune_config(train_config, flags)
         manifest = run_finetune(ft_config, overwrite=overwrite)
         if eval_data is not None:
-            report, _ = evaluate_models(
-                read_rows(eval_data),
-                [("finetuned", str(ft_config.output_dir))],
-                settings.model_copy(update={"encoder_url": None}),
-                pool_rows=[r for p in eval_pool or [] for r in read_rows(p)],
-            )
-            record_metrics(ft_config.output_dir, report["models"][0])
+            _evaluate_finetuned(ft_config.output_dir, settings, eval_data, eval_pool)
     _echo_json(
         {
             "out": str(ft_config.output_dir),
@@ -385,99 +361,122 @@ def finetune_cmd(
     )
 
 
+def _finetune_config(train_config: Path | None, flags: dict[str, Any]) -> Any:
+    """The YAML settings with the flags given on top; an invalid combination is a usage error (exit 2)."""
+    from trainer.finetune import FinetuneConfig
+
+    try:
+        return FinetuneConfig.load(train_config, **flags)
+    except ValueError as exc:
+        raise fail(f"finetune config: {exc}", code=2) from exc
+
+
+def _evaluate_finetuned(model_dir: Path, settings: Settings, eval_data: Path, eval_pool: list[Path] | None) -> None:
+    """Evaluate the new model locally (never through an encoder server) and record it in its manifest."""
+    from trainer.evaluate import evaluate_models, record_metrics
+    from trainer.rows import read_rows
+
+    report, _ = evaluate_models(
+        read_rows(eval_data),
+        [("finetuned", str(model_dir))],
+        settings.model_copy(update={"encoder_url": None}),
+        pool_rows=[r for p in eval_pool or [] for r in read_rows(p)],
+    )
+    record_metrics(model_dir, report["models"][0])
+
+
+# `train evaluate`'s longer options, named here so that its signature reads one option a line.
+EvalPassagesOption = Annotated[
+    list[Path] | None,
+    typer.Option("--passages", help="SQuAD-format JSON (CMRC2018), repeatable: question -> passage retrieval, "
+                 "passages chunked and ranked through Milvus like the service"),
+]
+EvalMaxQuestionsOption = Annotated[
+    int | None, typer.Option("--max-questions", help="--passages: a seeded sample of N questions (all passages)")
+]
+EvalChunkTokensOption = Annotated[
+    int | None, typer.Option("--chunk-tokens", min=16, help="--passages: chunk to N tokens instead of each "
+                             "model's max_tokens (to measure chunk sizes; the model still sees whole chunks)")
+]
+EvalFusionOption = Annotated[
+    str | None, typer.Option("--fusion", help="Hybrid fusion: rrf, weighted, minmax or dbsf "
+                             "[default: the `fusion` setting]")
+]
+EvalLexicalWeightOption = Annotated[
+    float | None, typer.Option("--lexical-weight", help="Weighted fusion: lexical weight")
+]
+EvalFusionsOption = Annotated[
+    str, typer.Option("--fusions", help="More hybrids from the same searches (and the best one chosen), "
+                      "e.g. rrf:20,rrf:10:0.2:0.8,weighted:0.3:0.7,minmax:0.2:0.8,dbsf:0.2:0.8; "
+                      "grid = every fusion tuning measures"),
+]
+EvalModelsOption = Annotated[
+    list[str] | None,
+    typer.Option("--model", help="LABEL=REF or REF, repeatable: models side by side [default: SEMSEARCH_MODEL]"),
+]
+EvalPoolOption = Annotated[
+    list[Path] | None, typer.Option("--pool", help="More rows whose candidates join the global pool")
+]
+EvalCorpusOption = Annotated[
+    Path | None,
+    typer.Option("--corpus", help="More candidates for the global pool (JSONL {text} or lines)"),
+]
+EvalRetrievalOption = Annotated[
+    str,
+    typer.Option("--retrieval", help="Comma-separated modes: dense, lexical, hybrid (not dense alone: "
+                 "ranked through Milvus Lite like the service)"),
+]
+EvalRerankOption = Annotated[
+    str | None,
+    typer.Option("--rerank", help="Cross-encoder (directory or hub id): also rerank each model's dense top N"),
+]
+EvalMissesOption = Annotated[
+    bool,
+    typer.Option("--misses", help="Also write misses-N.jsonl: each test query whose global-pool top 1 is "
+                 "not a labelled positive, with that top 1 and the first positive in its top 10 (a label audit)"),
+]
+
+
 @train_app.command("evaluate")
 def evaluate_cmd(
     out_dir: Annotated[Path, typer.Option("--out-dir", help="Writes report.json, report.md, scores.png")],
     data: Annotated[Path | None, typer.Option("--data", help="Test rows (held-out intents)")] = None,
-    passages: Annotated[
-        list[Path] | None,
-        typer.Option("--passages", help="SQuAD-format JSON (CMRC2018), repeatable: question -> passage retrieval, "
-                     "passages chunked and ranked through Milvus like the service"),
-    ] = None,
-    max_questions: Annotated[
-        int | None, typer.Option("--max-questions", help="--passages: a seeded sample of N questions (all passages)")
-    ] = None,
+    passages: EvalPassagesOption = None,
+    max_questions: EvalMaxQuestionsOption = None,
     seed: Annotated[int, typer.Option("--seed", help="Seed of the --max-questions sample")] = 42,
-    chunk_tokens: Annotated[
-        int | None, typer.Option("--chunk-tokens", min=16, help="--passages: chunk to N tokens instead of each "
-                                 "model's max_tokens (to measure chunk sizes; the model still sees whole chunks)")
-    ] = None,
-    fusion: Annotated[
-        str | None, typer.Option("--fusion", help="Hybrid fusion: rrf, weighted, minmax or dbsf "
-                                 "[default: the `fusion` setting]")
-    ] = None,
+    chunk_tokens: EvalChunkTokensOption = None,
+    fusion: EvalFusionOption = None,
     rrf_k: Annotated[int | None, typer.Option("--rrf-k", help="RRF constant [default: the `rrf_k` setting]")] = None,
     dense_weight: Annotated[float | None, typer.Option("--dense-weight", help="Weighted fusion: dense weight")] = None,
-    lexical_weight: Annotated[
-        float | None, typer.Option("--lexical-weight", help="Weighted fusion: lexical weight")
-    ] = None,
-    fusions: Annotated[
-        str, typer.Option("--fusions", help="More hybrids from the same searches (and the best one chosen), "
-                          "e.g. rrf:20,rrf:10:0.2:0.8,weighted:0.3:0.7,minmax:0.2:0.8,dbsf:0.2:0.8; "
-                          "grid = every fusion tuning measures"),
-    ] = "",
-    models: Annotated[
-        list[str] | None,
-        typer.Option("--model", help="LABEL=REF or REF, repeatable: models side by side [default: SEMSEARCH_MODEL]"),
-    ] = None,
-    pool: Annotated[
-        list[Path] | None, typer.Option("--pool", help="More rows whose candidates join the global pool")
-    ] = None,
-    corpus: Annotated[
-        Path | None,
-        typer.Option("--corpus", help="More candidates for the global pool (JSONL {text} or lines)"),
-    ] = None,
+    lexical_weight: EvalLexicalWeightOption = None,
+    fusions: EvalFusionsOption = "",
+    models: EvalModelsOption = None,
+    pool: EvalPoolOption = None,
+    corpus: EvalCorpusOption = None,
     encoder_url: EncoderUrlOption = None,
     device: DeviceOption = None,
     encoder_backend: EncoderBackendOption = None,
     batch_size: Annotated[int | None, typer.Option("--batch-size", help="Encoder batch size")] = None,
     record: Annotated[bool, typer.Option("--record", help="Store the metrics in each local model's manifest")] = False,
-    retrieval: Annotated[
-        str,
-        typer.Option("--retrieval", help="Comma-separated modes: dense, lexical, hybrid (not dense alone: "
-                     "ranked through Milvus Lite like the service)"),
-    ] = "dense",
-    rerank: Annotated[
-        str | None,
-        typer.Option("--rerank", help="Cross-encoder (directory or hub id): also rerank each model's dense top N"),
-    ] = None,
+    retrieval: EvalRetrievalOption = "dense",
+    rerank: EvalRerankOption = None,
     rerank_top: Annotated[int, typer.Option("--rerank-top", help="Candidates the reranker reorders")] = 50,
     rerank_max_length: Annotated[int, typer.Option("--rerank-max-length", help="Tokens per pair")] = 256,
-    misses: Annotated[
-        bool,
-        typer.Option("--misses", help="Also write misses-N.jsonl: each test query whose global-pool top 1 is "
-                     "not a labelled positive, with that top 1 and the first positive in its top 10 (a label audit)"),
-    ] = False,
+    misses: EvalMissesOption = False,
     config: ConfigOption = None,
 ) -> None:
     """recall@1/5/10, MRR@10, nDCG@10 on the test and global pools (--data) and question -> passage retrieval
     (--passages), models side by side; JSON, Markdown, PNG."""
-    from trainer.evaluate import (
-        evaluate_models,
-        parse_fusions,
-        parse_model_spec,
-        parse_retrieval,
-        record_metrics,
-        write_report,
-    )
-    from trainer.mine import read_corpus
+    from trainer.evaluate import write_report
     from trainer.passages import evaluate_passages, load_passages
-    from trainer.rows import read_rows
-    from trainer.score import ScoreConfig, flag_reranker_scorer
 
     if data is None and not passages:
         raise fail("give --data (test rows) or --passages (SQuAD JSON), or both", code=2)
     settings = settings_from_cli(config, encoder_url=encoder_url, device=device, encode_batch_size=batch_size,
                                  encoder_backend=encoder_backend, fusion=fusion, rrf_k=rrf_k,
                                  dense_weight=dense_weight, lexical_weight=lexical_weight)
-    specs = [parse_model_spec(m) for m in models] if models else [parse_model_spec(settings.model)]
-    if settings.encoder_url and len(specs) > 1:
-        raise fail("--encoder-url evaluates the one served model: give at most one --model", code=2)
-    try:
-        modes = parse_retrieval(retrieval)
-        more_fusions = parse_fusions(fusions)
-    except ValueError as exc:
-        raise fail(str(exc), code=2) from exc
+    specs = _evaluated_models(models, settings)
+    modes, more_fusions = _retrieval_choice(retrieval, fusions)
     with _cli_errors():
         started = time.perf_counter()
         # Passage files are read (and refused) before any model is loaded.
@@ -485,19 +484,9 @@ def evaluate_cmd(
         report: dict[str, Any] = {"models": []}
         distributions: list[Any] = []
         if data is not None:
-            report, distributions = evaluate_models(
-                read_rows(data),
-                specs,
-                settings,
-                pool_rows=[r for p in pool or [] for r in read_rows(p)],
-                corpus=[c.text for c in read_corpus(corpus)] if corpus else (),
-                retrieval=modes,
-                rerank=flag_reranker_scorer(rerank, device=settings.device,
-                                            config=ScoreConfig(max_length=rerank_max_length)) if rerank else None,
-                rerank_label=parse_model_spec(rerank)[0] if rerank else "rerank",
-                rerank_top=rerank_top,
-                misses=misses,
-                more_fusions=more_fusions,
+            report, distributions = _evaluate_rows(
+                data, specs, settings, pool=pool, corpus=corpus, modes=modes, more_fusions=more_fusions,
+                rerank=rerank, rerank_top=rerank_top, rerank_max_length=rerank_max_length, misses=misses,
             )
         if passage_set is not None:
             report["passages"] = evaluate_passages(passage_set, specs, settings, retrieval=modes,
@@ -505,11 +494,75 @@ def evaluate_cmd(
         report["wall_s"] = round(time.perf_counter() - started, 1)
         paths = write_report(report, distributions, out_dir)
         if record:
-            for entry in report["models"]:
-                if Path(entry["model"]).is_dir():
-                    record_metrics(Path(entry["model"]), entry)
+            _record_local_models(report)
     typer.echo((out_dir / "report.md").read_text(encoding="utf-8"))
     typer.echo(" ".join(f"{kind}={path}" for kind, path in paths.items()))
+
+
+def _evaluated_models(models: list[str] | None, settings: Settings) -> list[tuple[str, str]]:
+    """(label, ref) of each --model, or of the configured model; an encoder server serves only one."""
+    from trainer.evaluate import parse_model_spec
+
+    specs = [parse_model_spec(m) for m in models] if models else [parse_model_spec(settings.model)]
+    if settings.encoder_url and len(specs) > 1:
+        raise fail("--encoder-url evaluates the one served model: give at most one --model", code=2)
+    return specs
+
+
+def _retrieval_choice(retrieval: str, fusions: str) -> tuple[tuple[str, ...], dict[str, Fusion]]:
+    """--retrieval's modes and --fusions' extra hybrids; a malformed one is a usage error (exit 2)."""
+    from trainer.evaluate import parse_fusions, parse_retrieval
+
+    try:
+        return parse_retrieval(retrieval), parse_fusions(fusions)
+    except ValueError as exc:
+        raise fail(str(exc), code=2) from exc
+
+
+def _evaluate_rows(
+    data: Path,
+    specs: list[tuple[str, str]],
+    settings: Settings,
+    *,
+    pool: list[Path] | None,
+    corpus: Path | None,
+    modes: tuple[str, ...],
+    more_fusions: dict[str, Fusion],
+    rerank: str | None,
+    rerank_top: int,
+    rerank_max_length: int,
+    misses: bool,
+) -> tuple[dict[str, Any], list[Any]]:
+    """The report and score distributions of the test rows (--data) in the test and global pools."""
+    from trainer.evaluate import evaluate_models, parse_model_spec
+    from trainer.mine import read_corpus
+    from trainer.rows import read_rows
+    from trainer.score import ScoreConfig, flag_reranker_scorer
+
+    # Arguments in this order: input files are read (and refused) before the reranker is loaded.
+    return evaluate_models(
+        read_rows(data),
+        specs,
+        settings,
+        pool_rows=[r for p in pool or [] for r in read_rows(p)],
+        corpus=[c.text for c in read_corpus(corpus)] if corpus else (),
+        retrieval=modes,
+        rerank=flag_reranker_scorer(rerank, device=settings.device,
+                                    config=ScoreConfig(max_length=rerank_max_length)) if rerank else None,
+        rerank_label=parse_model_spec(rerank)[0] if rerank else "rerank",
+        rerank_top=rerank_top,
+        misses=misses,
+        more_fusions=more_fusions,
+    )
+
+
+def _record_local_models(report: dict[str, Any]) -> None:
+    """--record: the metrics go into the manifest of each evaluated model that is a local directory."""
+    from trainer.evaluate import record_metrics
+
+    for entry in report["models"]:
+        if Path(entry["model"]).is_dir():
+            record_metrics(Path(entry["model"]), entry)
 
 
 @train_app.command("tune-fusion")

@@ -309,6 +309,40 @@ def _tuned_per_pool(retrieval: dict[str, Any]) -> dict[str, Any]:
             if (choice := choose({mode: pools[pool]["metrics"] for mode, pools in retrieval.items()})) is not None}
 
 
+def _rerank_pools(
+    query_vectors: np.ndarray,
+    doc_vectors: np.ndarray,
+    pools: dict[str, Sequence[int]],
+    query_keys: Sequence[str],
+    relevant_keys: Sequence[set[str]],
+    keys: Sequence[str],
+    *,
+    rerank: Scorer,
+    rerank_top: int,
+    query_texts: Sequence[str],
+    texts: Sequence[str],
+) -> dict[str, Any]:
+    """Each pool's metrics of the dense top `rerank_top` reordered by the cross-encoder, and the seconds taken."""
+    started = time.perf_counter()
+    out: dict[str, Any] = {
+        name: _pool_metrics(query_vectors, doc_vectors, pool, query_keys, relevant_keys, keys, rerank=rerank,
+                            rerank_top=rerank_top, query_texts=query_texts, texts=texts)
+        for name, pool in pools.items()
+    }
+    out["seconds"] = round(time.perf_counter() - started, 1)
+    return out
+
+
+def _pair_similarities(query_vectors: np.ndarray, doc_vectors: np.ndarray, rows: Sequence[TrainRow],
+                       position: dict[str, int]) -> tuple[list[list[float]], list[list[float]]]:
+    """Per row, its query's similarity to each of its positives, and to each of its negatives."""
+    def similarities(i: int, texts: Sequence[str]) -> list[float]:
+        return [float(query_vectors[i] @ doc_vectors[position[normalize_text(t)]]) for t in texts]
+
+    return ([similarities(i, row.pos) for i, row in enumerate(rows)],
+            [similarities(i, row.neg) for i, row in enumerate(rows)])
+
+
 def evaluate_models(
     test_rows: Sequence[TrainRow],
     models: Sequence[tuple[str, str]],
@@ -337,6 +371,7 @@ def evaluate_models(
     position = {k: i for i, k in enumerate(keys)}
     test_pool = [position[normalize_text(t)] for t in test_texts]
     in_test_pool = set(test_pool)
+    pool_ids: dict[str, Sequence[int]] = {"test": test_pool, "global": range(len(all_texts))}
     query_keys = [normalize_text(r.query) for r in test_rows]
     relevant_keys = [{normalize_text(p) for p in r.pos} for r in test_rows]
 
@@ -356,21 +391,13 @@ def evaluate_models(
         }
         rerank_pools: dict[str, Any] = {}
         if rerank is not None and (rerank_models is None or label in rerank_models):
-            phase = time.perf_counter()
-            for pool_name, pool in (("test", test_pool), ("global", range(len(all_texts)))):
-                rerank_pools[pool_name] = _pool_metrics(
-                    query_vectors, doc_vectors, pool, query_keys, relevant_keys, keys, rerank=rerank,
-                    rerank_top=rerank_top, query_texts=[r.query for r in test_rows], texts=all_texts)
-            rerank_pools["seconds"] = round(time.perf_counter() - phase, 1)
-        scores = ModelScores(label)
-        scores.misses = [_miss(miss, test_rows, all_texts, in_test_pool) for miss in global_misses or []]
-        pos_lists = [[float(query_vectors[i] @ doc_vectors[position[normalize_text(t)]]) for t in row.pos]
-                     for i, row in enumerate(test_rows)]
-        neg_lists = [[float(query_vectors[i] @ doc_vectors[position[normalize_text(t)]]) for t in row.neg]
-                     for i, row in enumerate(test_rows)]
-        scores.positives = [s for pos in pos_lists for s in pos]
-        scores.negatives = [s for neg in neg_lists for s in neg]
-        distributions.append(scores)
+            rerank_pools = _rerank_pools(query_vectors, doc_vectors, pool_ids, query_keys, relevant_keys, keys,
+                                         rerank=rerank, rerank_top=rerank_top,
+                                         query_texts=[r.query for r in test_rows], texts=all_texts)
+        pos_lists, neg_lists = _pair_similarities(query_vectors, doc_vectors, test_rows, position)
+        distributions.append(ModelScores(
+            label, positives=[s for pos in pos_lists for s in pos], negatives=[s for neg in neg_lists for s in neg],
+            misses=[_miss(miss, test_rows, all_texts, in_test_pool) for miss in global_misses or []]))
         entry: dict[str, Any] = {
             "label": label, "model": ref, "version": manifest.version, "pooling": manifest.pooling,
             "query_instruction": manifest.query_instruction, "parent_model": manifest.parent_model,
@@ -383,8 +410,7 @@ def evaluate_models(
             phase = time.perf_counter()
             entry["retrieval"] = _retrieval_metrics(
                 settings, manifest, all_texts, doc_vectors, test_rows, query_vectors,
-                {"test": test_pool, "global": range(len(all_texts))}, query_keys, relevant_keys, keys, retrieval,
-                more_fusions,
+                pool_ids, query_keys, relevant_keys, keys, retrieval, more_fusions,
             )
             entry.update(tuned=_tuned_per_pool(entry["retrieval"]), lexical_analyzer=settings.lexical_analyzer,
                          retrieval_seconds=round(time.perf_counter() - phase, 1))

@@ -21,7 +21,7 @@ MAX_STRING_VALUE_CHARS = 1024
 # Boolean groups: how deep they nest and how many filters they hold in all (a request's whole tree).
 MAX_GROUP_DEPTH = 5
 MAX_GROUP_FILTERS = 64
-# The scalar field every tenant-aware collection has (a Milvus partition key); see semsearch/store.py.
+# The scalar field every tenant-aware collection has (a Milvus partition key); see semsearch/store/schema.py.
 TENANT_FIELD = "tenant"
 TENANT_PATTERN = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_-]{0,62}$")
 

@@ -23,7 +23,7 @@ from semsearch.encoders import Encoder, create_encoder
 from semsearch.errors import ConflictError, ModelMismatchError, SemsearchError
 from semsearch.manifest import ModelManifest
 from semsearch.rerankers import Reranker
-from semsearch.store import MilvusStore
+from semsearch.store import MilvusStore, RecordTable
 
 log = structlog.get_logger(__name__)
 
@@ -125,12 +125,13 @@ class ModelRegistry:
 
     def __init__(self, store: MilvusStore) -> None:
         self.store = store
+        self.records = RecordTable(store, REGISTRY_COLLECTION)
         self._ready = False
         self._lock = threading.Lock()  # threads sharing this registry queue instead of failing each other
 
     def _ensure(self) -> None:
         if not self._ready:
-            self.store.ensure_record_table(REGISTRY_COLLECTION)
+            self.records.ensure()
             self._ready = True
 
     def _exists(self) -> bool:
@@ -145,8 +146,8 @@ class ModelRegistry:
         # Each generation is written under its own key and the highest one wins: a key overwritten
         # in place (upsert) has been read back at an older version on Milvus 2.3, which would move
         # services backwards. The plain `name` row (a copy, and what older releases wrote) counts too.
-        payloads = list(self.store.scan_records(REGISTRY_COLLECTION, f"{name}{VERSION_SEPARATOR}").values())
-        payloads += self.store.read_records(REGISTRY_COLLECTION, [name]).values()
+        payloads = list(self.records.scan(f"{name}{VERSION_SEPARATOR}").values())
+        payloads += self.records.read([name]).values()
         if not payloads:
             return None
         return max((RegistryRecord.model_validate_json(payload) for payload in payloads),
@@ -166,9 +167,9 @@ class ModelRegistry:
         claim = prefix + uuid.uuid4().hex
         with self._lock:
             started = time.monotonic()
-            self.store.write_record(REGISTRY_COLLECTION, claim, json.dumps({"at_ms": _now_ms()}))
+            self.records.write(claim, json.dumps({"at_ms": _now_ms()}))
             try:
-                rivals = [key for key, value in self.store.scan_records(REGISTRY_COLLECTION, prefix).items()
+                rivals = [key for key, value in self.records.scan(prefix).items()
                           if key != claim and _live_claim(value)]
                 if rivals:
                     raise ConflictError(
@@ -185,22 +186,22 @@ class ModelRegistry:
                     )
                 if time.monotonic() - started > CLAIM_TTL_S / 2:
                     raise ConflictError(f"registry record {record.name!r}: the write claim took too long; retry")
-                self.store.write_record(REGISTRY_COLLECTION, _version_key(record.name, written.generation), payload)
-                self.store.write_record(REGISTRY_COLLECTION, record.name, payload)  # names() lists these
+                self.records.write(_version_key(record.name, written.generation), payload)
+                self.records.write(record.name, payload)  # names() lists these
                 self._drop_old_versions(record.name, written.generation)
             finally:
                 try:
-                    self.store.delete_records(REGISTRY_COLLECTION, [claim])
+                    self.records.delete([claim])
                 except SemsearchError as exc:  # it expires by itself
                     log.warning("registry_claim_not_dropped", claim=claim, reason=str(exc))
         record.generation, record.history = written.generation, written.history
         return record
 
     def _drop_old_versions(self, name: str, generation: int) -> None:
-        old = [key for key in self.store.scan_records(REGISTRY_COLLECTION, f"{name}{VERSION_SEPARATOR}")
+        old = [key for key in self.records.scan(f"{name}{VERSION_SEPARATOR}")
                if int(key.rsplit("/", 1)[1]) <= generation - VERSIONS_KEPT]
         try:
-            self.store.delete_records(REGISTRY_COLLECTION, old)
+            self.records.delete(old)
         except SemsearchError as exc:  # harmless: reads take the highest generation
             log.warning("registry_versions_not_dropped", name=name, reason=str(exc))
 
@@ -208,19 +209,19 @@ class ModelRegistry:
         if not self._exists():
             return []
         # Claims and instance reports hold a "/", which no collection name (hence no name) can.
-        return sorted(key for key in self.store.scan_records(REGISTRY_COLLECTION) if "/" not in key)
+        return sorted(key for key in self.records.scan() if "/" not in key)
 
     # ------------------------------------------------------------------ instances following a name
     def report_instance(self, name: str, instance_id: str, generation: int, dual_writing: str) -> None:
         """What one service instance has applied: the record generation, and the collection it
         dual-writes to ('' when none). The promoter waits for these before it copies."""
         self._ensure()
-        self.store.write_record(REGISTRY_COLLECTION, f"{name}{INSTANCE_SEPARATOR}{instance_id}", json.dumps(
+        self.records.write(f"{name}{INSTANCE_SEPARATOR}{instance_id}", json.dumps(
             {"generation": generation, "dual_writing": dual_writing, "at_ms": _now_ms()}))
 
     def forget_instance(self, name: str, instance_id: str) -> None:
         if self._exists():
-            self.store.delete_records(REGISTRY_COLLECTION, [f"{name}{INSTANCE_SEPARATOR}{instance_id}"])
+            self.records.delete([f"{name}{INSTANCE_SEPARATOR}{instance_id}"])
 
     def live_instances(self, name: str, fresh_within_s: float) -> dict[str, dict[str, Any]]:
         """Instances of `name` that reported within `fresh_within_s` (older ones are gone or stuck)."""
@@ -228,7 +229,7 @@ class ModelRegistry:
             return {}
         prefix = f"{name}{INSTANCE_SEPARATOR}"
         live: dict[str, dict[str, Any]] = {}
-        for key, value in self.store.scan_records(REGISTRY_COLLECTION, prefix).items():
+        for key, value in self.records.scan(prefix).items():
             try:
                 report = dict(json.loads(value))
                 age_ms = _now_ms() - int(report["at_ms"])

@@ -4,7 +4,7 @@ An upsert and a delete of the same document id must not interleave (a delete lis
 chunks while an upsert writes new ones left fragments). Each write call holds the locks of all its
 document ids, taken in sorted order so two calls never wait on each other in a cycle. Across
 processes the store's delete-by-filter and `updated_at`-bounded tail deletes keep a document whole
-(semsearch/store.py `write_documents`).
+(semsearch/store/writes.py `write_documents`).
 """
 
 from __future__ import annotations

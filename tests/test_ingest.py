@@ -18,7 +18,6 @@ from typer.testing import CliRunner
 from indexer.cli import register
 from indexer.job import IndexOptions, run_index
 from indexer.pipeline import PipelineConfig
-from semsearch import store as store_module
 from semsearch.encoders import TorchEncoder
 from semsearch.errors import InvalidInputError, ModelMismatchError
 from semsearch.ingest import (
@@ -32,6 +31,7 @@ from semsearch.ingest import (
     rules_of,
 )
 from semsearch.store import MAX_ID_BYTES, TEXT_RULES_PROPERTY, CollectionInfo, MilvusStore, versioned_name
+from semsearch.store import schema as store_module
 from semsearch.text import INVISIBLE_RANGES, LEGACY_TEXT_RULES, TEXT_RULES, normalize
 from semsearch.v1 import search_pb2 as pb
 from tests.conftest import LiveService

@@ -1,0 +1,262 @@
+"""Writes: whole documents that settle beside concurrent writers, deletes, and Lite's flushing.
+
+`StoreWrites.write_documents` upserts every chunk of each document, drops the chunks past its new
+end and repairs what a concurrent writer broke (`_repair_versions`); on Milvus Lite, writes of every
+process on a directory take turns under a file lock beside it (`_document_writes`). Deletes go by
+document, by typed conditions or by primary key. Milvus Lite indexes only flushed rows, so writes
+flush every LITE_FLUSH_ROWS rows and, in a service, once they pause (`IdleFlusher`).
+"""
+
+from __future__ import annotations
+
+import fcntl
+import threading
+import time
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager
+from typing import Any
+
+import structlog
+
+from semsearch.filters import TENANT_FIELD, Condition, TenantFilter, render_filters, render_string_in
+from semsearch.store.errors import TenantsUnavailableError, no_tenants_reason
+from semsearch.store.reads import StoreReads
+from semsearch.store.rows import ChunkRow, check_doc_id
+
+log = structlog.get_logger(__name__)
+
+LITE_FLUSH_ROWS = 4096
+# Reads (and repairs) a write makes to leave its documents whole beside concurrent writers.
+SETTLE_ROUNDS = 4
+
+
+class IdleFlusher:
+    """Flushes a Milvus Lite collection once writes to it pause for `idle_s` seconds.
+
+    Lite indexes only flushed segments and converts every unflushed row on every search (a
+    service that took 100 upserts searches 3-5x slower until a flush); its background compaction
+    merges the small segments this makes.
+    """
+
+    def __init__(self, flush: Callable[[str], None], idle_s: float) -> None:
+        self._flush = flush
+        self.idle_s = idle_s
+        self._due: dict[str, float] = {}
+        self._wake = threading.Condition()
+        self._closed = False
+        self._thread: threading.Thread | None = None
+
+    def wrote(self, name: str) -> None:
+        with self._wake:
+            if self._closed:
+                return
+            self._due[name] = time.monotonic() + self.idle_s
+            if self._thread is None:
+                self._thread = threading.Thread(target=self._run, name="lite-idle-flush", daemon=True)
+                self._thread.start()
+            self._wake.notify()
+
+    def flushed(self, name: str) -> None:
+        with self._wake:
+            self._due.pop(name, None)
+
+    def _run(self) -> None:
+        while True:
+            with self._wake:
+                if self._closed:
+                    return
+                if not self._due:
+                    self._wake.wait()
+                    continue
+                name, due = min(self._due.items(), key=lambda item: item[1])
+                if due > time.monotonic():
+                    self._wake.wait(due - time.monotonic())
+                    continue
+                del self._due[name]
+            try:
+                self._flush(name)
+                log.debug("lite_idle_flush", collection=name)
+            except Exception as exc:  # a dropped collection, a closing store: the next write re-arms it
+                log.debug("lite_idle_flush_skipped", collection=name, reason=str(exc))
+
+    def close(self) -> None:
+        with self._wake:
+            self._closed = True
+            self._wake.notify()
+        if self._thread is not None:
+            self._thread.join(timeout=30)
+
+
+class StoreWrites(StoreReads):
+    """The write layer of MilvusStore (semsearch/store/milvus.py sets its state)."""
+
+    _unflushed: dict[str, int]  # rows written to each Lite collection since its last flush
+    _idle_flusher: IdleFlusher | None
+
+    def upsert(self, name: str, rows: Sequence[ChunkRow], *, written_at: int | None = None) -> int:
+        if not rows:
+            return 0
+        tenant_field = self.tenant_aware(name)
+        if not tenant_field and any(row.tenant for row in rows):
+            raise TenantsUnavailableError(no_tenants_reason(name))
+        entities = [row.to_entity(written_at, tenant_field=tenant_field) for row in rows]
+        with self._write_lock:
+            result = self._call(self.client.upsert, collection_name=name, data=entities)
+            if self.is_lite:
+                self._unflushed[name] = self._unflushed.get(name, 0) + len(entities)
+        if self.is_lite:
+            self._flush_lite_when_due(name)
+        return int(result.get("upsert_count", len(entities)))
+
+    def _flush_lite_when_due(self, name: str) -> None:
+        # Milvus Lite indexes only flushed segments and converts unflushed rows one by one on every
+        # search (bench/STORE_NOTES.md): flush every few thousand rows instead of at 128 MiB, and
+        # (a service) once writes pause.
+        if self._unflushed.get(name, 0) >= LITE_FLUSH_ROWS:
+            self.flush(name)
+        elif self._idle_flusher is not None:
+            self._idle_flusher.wrote(name)
+
+    def write_documents(self, name: str, rows: Sequence[ChunkRow]) -> int:
+        """Upsert whole documents (all of each one's chunks), drop chunks past their new end, then
+        repair what a concurrent writer of another process broke (`_repair_versions`).
+
+        New rows land before stale ones go, so a document is never absent mid-write. The stale
+        tail is deleted by a filter Milvus evaluates at delete time, limited to rows written
+        before this write (`updated_at`): a newer, longer version written meanwhile by another
+        process keeps all its chunks (no list-then-delete window).
+        """
+        for row in rows:  # all checks before any write: a rejected call changes nothing
+            check_doc_id(row.doc_id)
+        with self._document_writes():
+            written_at = int(time.time() * 1000)
+            written = self.upsert(name, rows, written_at=written_at)
+            self._delete_tails(name, rows, written_at)
+            self._repair_versions(name, rows, written_at)
+        return written
+
+    @contextmanager
+    def _document_writes(self) -> Iterator[None]:
+        """On Milvus Lite, document writes of every process on the directory one at a time (a file
+        lock beside it), each stamped inside the lock: an older write can no longer land over a newer
+        one after that one has settled (shared chunk ids leave such a mix unrepairable). A server has
+        no shared directory: there, writes settle by `_repair_versions` alone."""
+        if self._lite is None:
+            yield
+            return
+        lock_path = self._lite.data_dir.parent / f".{self._lite.data_dir.name}.writes.lock"
+        with lock_path.open("a") as handle:
+            fcntl.flock(handle, fcntl.LOCK_EX)
+            try:
+                yield
+            finally:
+                fcntl.flock(handle, fcntl.LOCK_UN)
+
+    def _delete_tails(self, name: str, rows: Sequence[ChunkRow], written_at: int) -> None:
+        chunk_count: dict[tuple[str, str], int] = {}
+        for row in rows:
+            key = (row.tenant, row.doc_id)
+            chunk_count[key] = max(chunk_count.get(key, 0), row.chunk_index + 1)
+        by_count: dict[tuple[str, int], list[str]] = {}
+        for (tenant, doc_id), count in chunk_count.items():
+            by_count.setdefault((tenant, count), []).append(doc_id)
+        tenant_field = self.tenant_aware(name)
+        # Ids are unique per tenant: another tenant's document of the same id is not this one's tail.
+        tails = [f"({render_string_in('doc_id', ids)} and chunk_index >= {int(count)}"
+                 + (f" and {render_filters([TenantFilter(tenant)])})" if tenant_field else ")")
+                 for (tenant, count), ids in sorted(by_count.items())]
+        self._delete_where(name, f"({' or '.join(tails)}) and updated_at <= {written_at}")
+
+    def _repair_versions(self, name: str, rows: Sequence[ChunkRow], written_at: int) -> None:
+        """Read back (Strong) what this write stored; where it is still the newest version of a
+        document (`updated_at`, then `content_hash`) but lost chunks (a concurrent delete's
+        filter caught them, an older write's rows landed over them), write those again and drop
+        older tails again; repeated until whole (at most SETTLE_ROUNDS reads). A write that a newer
+        one superseded deletes nothing: Milvus deletes by filter as "find the rows, delete their
+        ids", and the ids are shared by every version of a document, so a loser's delete could
+        remove the winner's chunks."""
+        tenant_field = self.tenant_aware(name)
+        wanted: dict[tuple[str, str], dict[int, ChunkRow]] = {}
+        for row in rows:
+            wanted.setdefault((row.tenant, row.doc_id), {})[row.chunk_index] = row
+        fields = ["content_hash", "updated_at", *([TENANT_FIELD] if tenant_field else [])]
+        for _ in range(SETTLE_ROUNDS):
+            stored: dict[tuple[str, str], list[dict[str, Any]]] = {}
+            for stored_row in self.document_rows(name, sorted({doc_id for _, doc_id in wanted}), fields, tenant=None):
+                key = (str(stored_row.get(TENANT_FIELD, "")), str(stored_row["doc_id"]))
+                stored.setdefault(key, []).append(stored_row)
+            missing: list[ChunkRow] = []
+            broken: list[ChunkRow] = []  # every chunk of each document to repair: its tail starts after them
+            for key, chunks in wanted.items():
+                mine = (written_at, chunks[0].content_hash if 0 in chunks else "")
+                present = {(int(row["chunk_index"]), (int(row["updated_at"]), str(row["content_hash"])))
+                           for row in stored.get(key, [])}
+                if any(version > mine for _, version in present):
+                    continue  # superseded: the newer write repairs its own version
+                have = {index for index, version in present if version == mine}
+                if len(have) < len(chunks) or any(index >= len(chunks) for index, _ in present):
+                    missing += [row for index, row in chunks.items() if index not in have]
+                    broken += chunks.values()
+            if not broken:
+                return
+            log.info("document_version_repaired", collection=name, chunks=len(missing))
+            self.upsert(name, missing, written_at=written_at)
+            self._delete_tails(name, broken, written_at)
+        log.warning("document_versions_unsettled", collection=name, rounds=SETTLE_ROUNDS)
+
+    def delete_documents(self, name: str, doc_ids: Sequence[str], tenant: str = "", *, dry_run: bool = False) -> int:
+        """Delete every chunk of these documents of `tenant`; returns how many documents existed
+        (dry_run: only count them).
+
+        One delete by filter (evaluated by Milvus at delete time) rather than listing chunk ids
+        first: a version written between a listing and the delete would lose some chunks only.
+        """
+        if not doc_ids:
+            return 0
+        where = render_filters(self.tenant_condition(name, tenant))
+        by_id = render_string_in("doc_id", list(doc_ids)) + (f" and {where}" if where else "")
+        existing = self._query(  # a stored document always has its chunk 0
+            collection_name=name, filter=by_id + " and chunk_index == 0", output_fields=["doc_id"],
+        )
+        if not dry_run:
+            with self._document_writes():
+                deleted_at = int(time.time() * 1000)
+                self._delete_where(name, by_id)
+                # A concurrent upsert's rows still landing escaped the filter: delete them as well, up to
+                # the versions written before this delete (a later upsert settles its own version whole).
+                for _ in range(SETTLE_ROUNDS):
+                    left = self._query(collection_name=name, filter=f"{by_id} and updated_at <= {deleted_at}",
+                                       output_fields=["id"], limit=1)
+                    if not left:
+                        break
+                    self._delete_where(name, f"{by_id} and updated_at <= {deleted_at}")
+        return len({str(row["doc_id"]) for row in existing})
+
+    def delete_matching(self, name: str, conditions: Sequence[Condition], *, dry_run: bool = False) -> int:
+        """Delete every document matching typed conditions (filters.py renders them); returns how many
+        documents matched. Metadata is the same on every chunk of a document, so whole documents go."""
+        matched = self.count_documents(name, conditions)
+        if not dry_run and matched:
+            self._delete_where(name, render_filters(conditions) or "chunk_index >= 0")
+        return matched
+
+    def _delete_where(self, name: str, expression: str) -> None:
+        """Delete by an expression built only from typed values by this module (never user text)."""
+        with self._write_lock:
+            self._call(self.client.delete, collection_name=name, filter=expression)
+
+    def flush(self, name: str) -> None:
+        with self._write_lock:
+            self._call(self.client.flush, collection_name=name)
+            self._unflushed[name] = 0
+        if self._idle_flusher is not None:
+            self._idle_flusher.flushed(name)
+
+    def delete_rows(self, name: str, row_ids: Sequence[str]) -> None:
+        """Delete rows by primary key (`chunk_row_id`: `{doc_id}#{chunk_index}`, with `@{tenant}` after it
+        for a tenant other than the default one)."""
+        if not row_ids:
+            return
+        with self._write_lock:
+            # Not `delete(ids=...)`: pymilvus quotes those without escaping backslashes.
+            self._call(self.client.delete, collection_name=name, filter=render_string_in("id", list(row_ids)))

@@ -12,7 +12,7 @@ from __future__ import annotations
 import fcntl
 import threading
 import time
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from typing import Any
 
@@ -28,6 +28,9 @@ log = structlog.get_logger(__name__)
 LITE_FLUSH_ROWS = 4096
 # Reads (and repairs) a write makes to leave its documents whole beside concurrent writers.
 SETTLE_ROUNDS = 4
+# How long a write whose rows stand among a newer version's waits for that write to repair over them
+# before it takes the document over (a write settling runs one Strong read, an upsert and a delete).
+STRANDED_PATIENCE_S = 1.0
 
 
 class IdleFlusher:
@@ -168,41 +171,65 @@ class StoreWrites(StoreReads):
         self._delete_where(name, f"({' or '.join(tails)}) and updated_at <= {written_at}")
 
     def _repair_versions(self, name: str, rows: Sequence[ChunkRow], written_at: int) -> None:
-        """Read back (Strong) what this write stored; where it is still the newest version of a
-        document (`updated_at`, then `content_hash`) but lost chunks (a concurrent delete's
-        filter caught them, an older write's rows landed over them), write those again and drop
-        older tails again; repeated until whole (at most SETTLE_ROUNDS reads). A write that a newer
-        one superseded deletes nothing: Milvus deletes by filter as "find the rows, delete their
-        ids", and the ids are shared by every version of a document, so a loser's delete could
-        remove the winner's chunks."""
-        tenant_field = self.tenant_aware(name)
+        """Read back (Strong) what this write stored and settle each document to one whole version:
+        - still the newest version (`updated_at`, then `content_hash`) but chunks lost (a concurrent
+          delete's filter caught them, an older write's rows landed over them): write those again and
+          drop older tails again;
+        - superseded, none of its rows left: nothing to do, the newer write owns the document;
+        - superseded, yet its rows still stand among the newer version's after STRANDED_PATIENCE_S
+          (they landed after that write had settled and returned, over its first chunks: the ids are
+          shared by every version): take the document over, i.e. write all its chunks again stamped
+          later than any version seen and drop every other tail, so it ends whole as this version.
+        At most SETTLE_ROUNDS reads. A superseded write deletes nothing otherwise: Milvus deletes by
+        filter as "find the rows, delete their ids", so a loser's delete could remove the winner's chunks."""
         wanted: dict[tuple[str, str], dict[int, ChunkRow]] = {}
         for row in rows:
             wanted.setdefault((row.tenant, row.doc_id), {})[row.chunk_index] = row
-        fields = ["content_hash", "updated_at", *([TENANT_FIELD] if tenant_field else [])]
+        stamps = dict.fromkeys(wanted, written_at)
+        waited: set[tuple[str, str]] = set()  # stranded at the last read: taken over if still so now
         for _ in range(SETTLE_ROUNDS):
-            stored: dict[tuple[str, str], list[dict[str, Any]]] = {}
-            for stored_row in self.document_rows(name, sorted({doc_id for _, doc_id in wanted}), fields, tenant=None):
-                key = (str(stored_row.get(TENANT_FIELD, "")), str(stored_row["doc_id"]))
-                stored.setdefault(key, []).append(stored_row)
-            missing: list[ChunkRow] = []
-            broken: list[ChunkRow] = []  # every chunk of each document to repair: its tail starts after them
+            stored = self._stored_versions(name, wanted)
+            rewrite: dict[int, list[ChunkRow]] = {}  # stamp -> rows to write again
+            whole: dict[int, list[ChunkRow]] = {}  # stamp -> every chunk of a repaired document (its tails go)
+            stranded: set[tuple[str, str]] = set()
             for key, chunks in wanted.items():
-                mine = (written_at, chunks[0].content_hash if 0 in chunks else "")
-                present = {(int(row["chunk_index"]), (int(row["updated_at"]), str(row["content_hash"])))
-                           for row in stored.get(key, [])}
-                if any(version > mine for _, version in present):
-                    continue  # superseded: the newer write repairs its own version
+                mine = (stamps[key], chunks[0].content_hash if 0 in chunks else "")
+                present = stored.get(key, set())
+                newest = max((version for _, version in present), default=mine)
+                if newest > mine and any(version == mine for _, version in present):
+                    if key not in waited:
+                        stranded.add(key)
+                        continue
+                    stamps[key] = max(int(time.time() * 1000), newest[0] + 1)  # take the document over
+                    rewrite.setdefault(stamps[key], []).extend(chunks.values())
+                    whole.setdefault(stamps[key], []).extend(chunks.values())
+                    continue
+                if newest > mine:
+                    continue  # superseded cleanly: the newer write repairs its own version
                 have = {index for index, version in present if version == mine}
                 if len(have) < len(chunks) or any(index >= len(chunks) for index, _ in present):
-                    missing += [row for index, row in chunks.items() if index not in have]
-                    broken += chunks.values()
-            if not broken:
+                    rewrite.setdefault(stamps[key], []).extend(row for i, row in chunks.items() if i not in have)
+                    whole.setdefault(stamps[key], []).extend(chunks.values())
+            if not whole and not stranded:
                 return
-            log.info("document_version_repaired", collection=name, chunks=len(missing))
-            self.upsert(name, missing, written_at=written_at)
-            self._delete_tails(name, broken, written_at)
+            for stamp, again in rewrite.items():
+                log.info("document_version_repaired", collection=name, chunks=len(again))
+                self.upsert(name, again, written_at=stamp)
+                self._delete_tails(name, whole[stamp], stamp)
+            waited = stranded
+            if stranded:
+                time.sleep(STRANDED_PATIENCE_S)  # a newer write still settling repairs over these rows
         log.warning("document_versions_unsettled", collection=name, rounds=SETTLE_ROUNDS)
+
+    def _stored_versions(self, name: str, wanted: Mapping[tuple[str, str], Any]
+                         ) -> dict[tuple[str, str], set[tuple[int, tuple[int, str]]]]:
+        """(tenant, doc id) -> {(chunk index, (updated_at, content_hash))} of the stored rows (Strong)."""
+        fields = ["content_hash", "updated_at", *([TENANT_FIELD] if self.tenant_aware(name) else [])]
+        stored: dict[tuple[str, str], set[tuple[int, tuple[int, str]]]] = {}
+        for row in self.document_rows(name, sorted({doc_id for _, doc_id in wanted}), fields, tenant=None):
+            stored.setdefault((str(row.get(TENANT_FIELD, "")), str(row["doc_id"])), set()).add(
+                (int(row["chunk_index"]), (int(row["updated_at"]), str(row["content_hash"]))))
+        return stored
 
     def delete_documents(self, name: str, doc_ids: Sequence[str], tenant: str = "", *, dry_run: bool = False) -> int:
         """Delete every chunk of these documents of `tenant`; returns how many documents existed

@@ -113,6 +113,9 @@ def fuse(rankings: dict[str, list[Hit]], fusion: Fusion, top_k: int, *, per_docu
                 best_rank, best_hit = rank, hit
             found = [*found, RetrieverScore(retriever, hit.score, rank)]
             fused[key] = (score + contribution, best_rank, best_hit, found)
+    # Ties (min-max gives each retriever's best 1 and its worst 0): the better best rank first, then, the
+    # sort being stable, the order hits were met in: dense ranking first (a paraphrase's answer often
+    # shares no word with the question, so the lexical half cannot vouch for it).
     ordered = sorted(fused.values(), key=lambda entry: (-entry[0], entry[1]))[:top_k]
     return [
         Hit(doc_id=hit.doc_id, chunk_index=hit.chunk_index, score=score, text=hit.text, metadata=hit.metadata,

@@ -20,6 +20,23 @@ pip_install() {
   rm -f "$log"
 }
 
+# infinity-emb in its own virtualenv (.venv-infinity/): a real third-party OpenAI-compatible server
+# (/embeddings, /rerank) for the contract tests, whose pins must not move .venv/'s. CPU torch first
+# and named again with infinity, so that nothing pulls CUDA wheels. Skipped when already installed.
+# It installs in the background, beside .venv/ (two independent virtualenvs: about a minute saved).
+INFINITY_VERSION=0.0.78
+install_infinity() {
+  if ! .venv-infinity/bin/python -c "import importlib.metadata as m, sys; \
+      sys.exit(m.version('infinity-emb') != '$INFINITY_VERSION')" 2>/dev/null; then
+    [ -x .venv-infinity/bin/python ] || "$PYTHON" -m venv .venv-infinity
+    VENV=.venv-infinity pip_install "torch==2.13.0"
+    VENV=.venv-infinity pip_install "torch==2.13.0" "infinity-emb[server,torch]==$INFINITY_VERSION"
+  fi
+}
+install_infinity &
+INFINITY_PID=$!
+trap 'kill "$INFINITY_PID" 2>/dev/null || true' EXIT  # a failed main install stops it too
+
 [ -x .venv/bin/python ] || "$PYTHON" -m venv .venv
 pip_install --upgrade pip
 pip_install "torch==2.13.0"
@@ -40,15 +57,7 @@ if [ ! -x /usr/bin/chromium ]; then
     || { echo "setup failed: apt-get install chromium (needed by tests/test_console.py)" >&2; exit 1; }
 fi
 
-# infinity-emb in its own virtualenv (.venv-infinity/): a real third-party OpenAI-compatible server
-# (/embeddings, /rerank) for the contract tests, whose pins must not move .venv/'s. CPU torch first
-# and named again with infinity, so that nothing pulls CUDA wheels. Skipped when already installed.
-INFINITY_VERSION=0.0.78
-if ! .venv-infinity/bin/python -c "import importlib.metadata as m, sys; \
-    sys.exit(m.version('infinity-emb') != '$INFINITY_VERSION')" 2>/dev/null; then
-  [ -x .venv-infinity/bin/python ] || "$PYTHON" -m venv .venv-infinity
-  VENV=.venv-infinity pip_install "torch==2.13.0"
-  VENV=.venv-infinity pip_install "torch==2.13.0" "infinity-emb[server,torch]==$INFINITY_VERSION"
-fi
+wait "$INFINITY_PID" || { echo "setup failed: infinity-emb in .venv-infinity/" >&2; exit 1; }
+trap - EXIT
 echo "infinity-emb $INFINITY_VERSION: .venv-infinity/bin/infinity_emb"
 echo "semsearch is set up: .venv/bin/semsearch --help"

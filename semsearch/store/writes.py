@@ -28,9 +28,11 @@ log = structlog.get_logger(__name__)
 LITE_FLUSH_ROWS = 4096
 # Reads (and repairs) a write makes to leave its documents whole beside concurrent writers.
 SETTLE_ROUNDS = 4
-# How long a write whose rows stand among a newer version's waits for that write to repair over them
-# before it takes the document over (a write settling runs one Strong read, an upsert and a delete).
-STRANDED_PATIENCE_S = 1.0
+# How long a write whose rows stand among a newer version's waits (re-reading every STRANDED_POLL_S)
+# for that write to repair over them before it takes the document over: a write settles in a few
+# Strong reads, upserts and deletes, which a busy machine can stretch past a second.
+STRANDED_PATIENCE_S = 5.0
+STRANDED_POLL_S = 0.5
 
 
 class IdleFlusher:
@@ -176,50 +178,46 @@ class StoreWrites(StoreReads):
           delete's filter caught them, an older write's rows landed over them): write those again and
           drop older tails again;
         - superseded, none of its rows left: nothing to do, the newer write owns the document;
-        - superseded, yet its rows still stand among the newer version's after STRANDED_PATIENCE_S
-          (they landed after that write had settled and returned, over its first chunks: the ids are
-          shared by every version): take the document over, i.e. write all its chunks again stamped
-          later than any version seen and drop every other tail, so it ends whole as this version.
-        At most SETTLE_ROUNDS reads. A superseded write deletes nothing otherwise: Milvus deletes by
-        filter as "find the rows, delete their ids", so a loser's delete could remove the winner's chunks."""
+        - superseded, yet its rows stand among the newer version's: wait (re-reading) up to
+          STRANDED_PATIENCE_S for the newer write to repair over them, as it does while it settles; if
+          they still stand, they landed after that write had returned (over its first chunks: the ids are
+          shared by every version), so take the document over: write all its chunks again stamped later
+          than any version seen and drop every other tail, so it ends whole as this version.
+        At most SETTLE_ROUNDS writes. A superseded write deletes nothing otherwise: Milvus deletes by
+        filter as "find the rows, delete their ids", so a loser's delete could remove the winner's chunks;
+        the patience keeps the take-over for a newer write that is gone (a slow one still settling would
+        otherwise trade take-overs with it, and their tail deletes would cut each other's chunks)."""
         wanted: dict[tuple[str, str], dict[int, ChunkRow]] = {}
         for row in rows:
             wanted.setdefault((row.tenant, row.doc_id), {})[row.chunk_index] = row
         stamps = dict.fromkeys(wanted, written_at)
-        waited: set[tuple[str, str]] = set()  # stranded at the last read: taken over if still so now
-        for _ in range(SETTLE_ROUNDS):
+        stranded_since: dict[tuple[str, str], float] = {}
+        rounds = 0
+        while True:
             stored = self._stored_versions(name, wanted)
             rewrite: dict[int, list[ChunkRow]] = {}  # stamp -> rows to write again
             whole: dict[int, list[ChunkRow]] = {}  # stamp -> every chunk of a repaired document (its tails go)
-            stranded: set[tuple[str, str]] = set()
+            waiting = False
             for key, chunks in wanted.items():
-                mine = (stamps[key], chunks[0].content_hash if 0 in chunks else "")
-                present = stored.get(key, set())
-                newest = max((version for _, version in present), default=mine)
-                if newest > mine and any(version == mine for _, version in present):
-                    if key not in waited:
-                        stranded.add(key)
-                        continue
-                    stamps[key] = max(int(time.time() * 1000), newest[0] + 1)  # take the document over
-                    rewrite.setdefault(stamps[key], []).extend(chunks.values())
+                step = _settle_step(chunks, stored.get(key, set()), stamps, key, stranded_since)
+                if step is WAIT:
+                    waiting = True
+                elif step is not None:
+                    rewrite.setdefault(stamps[key], []).extend(step)
                     whole.setdefault(stamps[key], []).extend(chunks.values())
-                    continue
-                if newest > mine:
-                    continue  # superseded cleanly: the newer write repairs its own version
-                have = {index for index, version in present if version == mine}
-                if len(have) < len(chunks) or any(index >= len(chunks) for index, _ in present):
-                    rewrite.setdefault(stamps[key], []).extend(row for i, row in chunks.items() if i not in have)
-                    whole.setdefault(stamps[key], []).extend(chunks.values())
-            if not whole and not stranded:
+            if not whole:
+                if not waiting:
+                    return
+                time.sleep(STRANDED_POLL_S)
+                continue
+            rounds += 1
+            if rounds > SETTLE_ROUNDS:
+                log.warning("document_versions_unsettled", collection=name, rounds=SETTLE_ROUNDS)
                 return
             for stamp, again in rewrite.items():
                 log.info("document_version_repaired", collection=name, chunks=len(again))
                 self.upsert(name, again, written_at=stamp)
                 self._delete_tails(name, whole[stamp], stamp)
-            waited = stranded
-            if stranded:
-                time.sleep(STRANDED_PATIENCE_S)  # a newer write still settling repairs over these rows
-        log.warning("document_versions_unsettled", collection=name, rounds=SETTLE_ROUNDS)
 
     def _stored_versions(self, name: str, wanted: Mapping[tuple[str, str], Any]
                          ) -> dict[tuple[str, str], set[tuple[int, tuple[int, str]]]]:
@@ -287,3 +285,29 @@ class StoreWrites(StoreReads):
         with self._write_lock:
             # Not `delete(ids=...)`: pymilvus quotes those without escaping backslashes.
             self._call(self.client.delete, collection_name=name, filter=render_string_in("id", list(row_ids)))
+
+
+WAIT: list[ChunkRow] = []  # `_settle_step`: stranded, still within its patience
+
+
+def _settle_step(chunks: dict[int, ChunkRow], present: set[tuple[int, tuple[int, str]]],
+                 stamps: dict[tuple[str, str], int], key: tuple[str, str],
+                 stranded_since: dict[tuple[str, str], float]) -> list[ChunkRow] | None:
+    """What one document of a write needs now: the rows to write again (its stamp in `stamps`, moved
+    on for a take-over), WAIT, or None (whole, or cleanly superseded)."""
+    mine = (stamps[key], chunks[0].content_hash if 0 in chunks else "")
+    newest = max((version for _, version in present), default=mine)
+    if newest > mine and any(version == mine for _, version in present):
+        since = stranded_since.setdefault(key, time.monotonic())
+        if time.monotonic() - since < STRANDED_PATIENCE_S:
+            return WAIT
+        del stranded_since[key]
+        stamps[key] = max(int(time.time() * 1000), newest[0] + 1)  # take the document over
+        return list(chunks.values())
+    stranded_since.pop(key, None)
+    if newest > mine:
+        return None  # superseded cleanly: the newer write repairs its own version
+    have = {index for index, version in present if version == mine}
+    if len(have) == len(chunks) and all(index < len(chunks) for index, _ in present):
+        return None
+    return [row for index, row in chunks.items() if index not in have]

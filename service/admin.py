@@ -77,7 +77,7 @@ class AdminServicer(admin_pb2_grpc.AdminServiceServicer):
                    for event in (record.history if record is not None else [])]
         return pb.DescribeCollectionResponse(
             name=self.state.name, collection=collection, model_version=pair.model_version,
-            documents=store.count(collection, "chunk_index == 0"), chunks=store.count(collection),
+            documents=store.count_documents(collection, []), chunks=store.count(collection),
             lexical=pair.collection.lexical, tenants=pair.collection.tenants, metadata_fields=sorted(fields),
             tuned_retrieval=pair.retrieval.describe() if pair.retrieval is not None else "", history=history)
 

@@ -26,7 +26,7 @@ from semsearch.store.rows import ChunkRow, check_doc_id
 log = structlog.get_logger(__name__)
 
 LITE_FLUSH_ROWS = 4096
-# Reads (and repairs) a write makes to leave its documents whole beside concurrent writers.
+# Repair writes (rewritten chunks, or a take-over) a write may make to leave its documents whole.
 SETTLE_ROUNDS = 4
 # How long a write whose rows stand among a newer version's waits (re-reading every STRANDED_POLL_S)
 # for that write to repair over them before it takes the document over: a write settles in a few

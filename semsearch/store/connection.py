@@ -16,13 +16,14 @@ import uuid
 from dataclasses import dataclass
 from typing import Any
 
+import grpc
 import structlog
 from pymilvus import MilvusClient, MilvusException
 
 from semsearch.errors import BackendUnavailableError, CollectionNotLoadedError
 from semsearch.lite import LiteEndpoint
 from semsearch.metrics import STORE_LATENCY
-from semsearch.store.errors import is_connection_failure, translate_milvus_error
+from semsearch.store.errors import MilvusTimeoutError, is_connection_failure, translate_milvus_error
 
 log = structlog.get_logger(__name__)
 
@@ -54,6 +55,11 @@ def capabilities_of(server_version: str) -> Capabilities:
     version = (int(match.group(1)), int(match.group(2)))
     return Capabilities(server_version, bm25=version >= (2, 5), grouping=version >= (2, 4),
                         partition_key=version >= (2, 4))
+
+
+def _rpc_details(exc: grpc.RpcError) -> str:
+    details = exc.details() if callable(getattr(exc, "details", None)) else ""
+    return str(details or "")[:300]
 
 
 class StoreConnection:
@@ -120,7 +126,9 @@ class StoreConnection:
         """Call a MilvusClient method, translating errors; heal the two states a restart leaves.
 
         A collection found not loaded (a new Lite process, a restarted server) is loaded and the
-        call repeated once; a dead connection is replaced and the call repeated once.
+        call repeated once; a dead connection is replaced and the call repeated once (on the client
+        another thread put in place meanwhile, if one did: closing the old one failed this call).
+        A timeout is a slow server, not a dead connection: it is not retried.
         """
         kwargs.setdefault("timeout", self.timeout_s)
         name = method.__name__
@@ -134,7 +142,8 @@ class StoreConnection:
             if not self.load_if_released(str(collection)):
                 raise  # Milvus (or another thread) is loading it: UNAVAILABLE now, not a wait past the deadline
         except BackendUnavailableError as exc:
-            if not is_connection_failure(exc) or not self.reconnect():
+            replaced = getattr(method, "__self__", self.client) is not self.client
+            if not is_connection_failure(exc) or not (replaced or self.reconnect()):
                 raise
         return self._call_once(getattr(self.client, name), kwargs)
 
@@ -147,6 +156,13 @@ class StoreConnection:
             return result
         except MilvusException as exc:
             raise translate_milvus_error(exc) from exc
+        except grpc.RpcError as exc:  # pymilvus passes a deadline (and other final codes) through raw
+            code = exc.code() if callable(getattr(exc, "code", None)) else None
+            if code == grpc.StatusCode.DEADLINE_EXCEEDED:
+                raise MilvusTimeoutError(f"Milvus did not answer {method.__name__} within "
+                                         f"{kwargs.get('timeout')} s") from exc
+            raise BackendUnavailableError(f"Milvus unavailable: {getattr(code, 'name', type(exc).__name__)}: "
+                                          f"{_rpc_details(exc)}") from exc
         except Exception as exc:  # grpc connection errors surface as many types in pymilvus
             if "grpc" in type(exc).__module__ or isinstance(exc, ConnectionError | TimeoutError):
                 raise BackendUnavailableError(f"Milvus unavailable: {type(exc).__name__}") from exc

@@ -1,5 +1,5 @@
 """How Milvus failures reach semsearch: `translate_milvus_error` types them (transient, refused,
-unknown), `is_connection_failure` tells a dead connection from a refused request, and the two
+unknown), `is_connection_failure` tells a dead connection from a refused request or a slow server, and the two
 refusals of the store's own (no tenant field, no BM25 field)."""
 
 from __future__ import annotations
@@ -47,8 +47,15 @@ class LexicalUnavailableError(SemsearchError):
     status_code = grpc.StatusCode.FAILED_PRECONDITION
 
 
+class MilvusTimeoutError(BackendUnavailableError):
+    """Milvus took longer than the call's deadline: a slow server (a restarted one warming up, a busy
+    one), not a broken connection. UNAVAILABLE like any outage, but no reason to reconnect."""
+
+
 def is_connection_failure(exc: BaseException) -> bool:
     """The connection itself failed (server gone, restarted, channel broken), not the request."""
+    if isinstance(exc, MilvusTimeoutError):
+        return False
     text = str(exc).lower()
     return any(marker in text for marker in ("fail connecting", "connect", "no channel", "rpcerror", "unavailable:"))
 

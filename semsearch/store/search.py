@@ -101,6 +101,14 @@ class StoreSearch(StoreConnection):
             limit = min(limit * 4, MAX_SEARCH_LIMIT)
         return self._checked_complete(name, found, wanted)
 
+    def probe_search(self, name: str, dimension: int, timeout_s: float) -> None:
+        """One dense search of `name` (one hit, no fields): raises as a search would. Health's proof that
+        searches answer now: a restarted Milvus server reports a collection loaded before its searches
+        do (they time out for a while), and a load state does not exercise the query path."""
+        probe = np.zeros((1, dimension), dtype=np.float32)
+        probe[0, 0] = 1.0
+        self.search(name, probe, top_k=1, output_fields=(), timeout_s=timeout_s)
+
     def _checked_complete(self, name: str, found: list[list[Hit]], wanted: int) -> list[list[Hit]]:
         """`found`, once a short answer (fewer hits than wanted: a filter, a threshold, a small
         collection, or a collection still loading after a restart) is known to come from a fully

@@ -34,6 +34,10 @@ log = structlog.get_logger(__name__)
 
 SERVICE_NAME = search_pb2.DESCRIPTOR.services_by_name["SearchService"].full_name
 ADMIN_SERVICE_NAME = admin_pb2.DESCRIPTOR.services_by_name["AdminService"].full_name
+# The health name for liveness: SERVING whenever the process answers, whatever its backends do. "" and
+# SERVICE_NAME follow Milvus and the encoder (readiness); a liveness probe on them would restart every
+# replica during a Milvus outage and make each reload its model once Milvus is back.
+LIVENESS_NAME = "semsearch.v1.Liveness"
 
 
 @dataclass
@@ -194,6 +198,7 @@ async def start_server(settings: Settings, store: MilvusStore | None = None) -> 
     running = RunningServer(server=server, port=port, servicer=servicer, health=health_servicer, store=store,
                             settings=settings, state=state, drain=drain, _loopback_dir=loopback_dir)
     await running.set_serving(False)
+    await health_servicer.set(LIVENESS_NAME, health_pb2.HealthCheckResponse.SERVING)
     if loopback_dir is not None:
         running.http = HttpServer(settings, f"unix:{loopback_dir}/grpc.sock")
         try:

@@ -15,6 +15,7 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from semsearch.encoders import TorchEncoder
 from semsearch.v1 import search_pb2 as pb
+from service.server import LIVENESS_NAME
 from tests.conftest import LiveService
 from tests.test_service_grpc import SlowEncoder
 
@@ -30,8 +31,9 @@ def own_milvus_server(tmp_path: Path) -> Iterator[object]:
         yield server
 
 
-def health_status(service: LiveService) -> int:
-    return health_pb2_grpc.HealthStub(service.channel).Check(health_pb2.HealthCheckRequest(), timeout=5).status
+def health_status(service: LiveService, name: str = "") -> int:
+    request = health_pb2.HealthCheckRequest(service=name)
+    return health_pb2_grpc.HealthStub(service.channel).Check(request, timeout=5).status
 
 
 def wait_for(condition: Callable[[], bool], timeout: float, what: str) -> None:
@@ -72,6 +74,8 @@ def test_milvus_restart_under_load(make_service: Callable[..., LiveService], tin
         time.sleep(1)
         server.stop()  # type: ignore[attr-defined]
         wait_for(lambda: health_status(service) == health_pb2.HealthCheckResponse.NOT_SERVING, 30, "NOT_SERVING")
+        # Not ready, yet alive: a liveness probe must not restart a replica for a Milvus outage.
+        assert health_status(service, LIVENESS_NAME) == health_pb2.HealthCheckResponse.SERVING
         down_since = len(outcomes)
         time.sleep(2 * DEADLINE_S)
         during = outcomes[down_since:]

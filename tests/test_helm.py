@@ -37,6 +37,8 @@ from typing import Any
 import pytest
 import yaml
 
+from service.server import LIVENESS_NAME
+
 try:
     import helm_python as helm
 
@@ -375,6 +377,8 @@ def test_service_grpc_probes(name: str) -> None:
         )
         assert spec["grpc"]["port"] == grpc_port
     assert container["readinessProbe"]["grpc"]["service"] == "semsearch.v1.SearchService"
+    # Liveness asks a name that stays SERVING while Milvus is down: an outage must not restart replicas.
+    assert container["livenessProbe"]["grpc"]["service"] == LIVENESS_NAME
     # The startup probe covers model loading; liveness never kills a pod that is still loading.
     startup = container["startupProbe"]
     assert startup["periodSeconds"] * startup["failureThreshold"] >= 300

@@ -23,7 +23,7 @@ from semsearch.encoders import TorchEncoder
 from semsearch.errors import ModelMismatchError
 from semsearch.store import MilvusStore, versioned_name
 from semsearch.v1 import search_pb2 as pb
-from service.server import start_server
+from service.server import LIVENESS_NAME, start_server
 from tests.conftest import LiveService, free_port
 
 FAQ = [
@@ -235,6 +235,9 @@ def test_health_is_not_serving_until_the_model_is_warm_and_reflection_lists_the_
                 name = "semsearch.v1.SearchService"
                 status = await health.Check(health_pb2.HealthCheckRequest(service=name), timeout=10)
                 assert status.status == health_pb2.HealthCheckResponse.NOT_SERVING
+                # Alive while loading (the chart's startup probe, not liveness, waits for the model).
+                alive = await health.Check(health_pb2.HealthCheckRequest(service=LIVENESS_NAME), timeout=10)
+                assert alive.status == health_pb2.HealthCheckResponse.SERVING
                 from semsearch.v1 import search_pb2_grpc
 
                 with pytest.raises(grpc.aio.AioRpcError) as info:

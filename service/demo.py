@@ -92,7 +92,7 @@ async def run_demo(settings: Settings, *, corpus: Path | None = None, milvus_uri
                 runs = await _search_every_mode(stub, list(DEMO_QUERIES))
                 mode = _pick_mode(runs, DEMO_QUERIES if corpus == shipped_corpus() else None)
                 for i, query in enumerate(DEMO_QUERIES):
-                    print_hits(query, runs[mode][i])
+                    print_hits(query, runs[mode][i], batch_size=len(DEMO_QUERIES))
                     found = " · ".join(f"{name}: {', '.join(h.id for h in runs[name][i].hits) or '-'}"
                                        for name in ("dense", "lexical") if name in runs)
                     console.print(f"[dim]{found}[/dim]\n")

@@ -15,7 +15,8 @@ MODE_NAMES = {pb.RETRIEVAL_MODE_DENSE: "dense", pb.RETRIEVAL_MODE_LEXICAL: "lexi
               pb.RETRIEVAL_MODE_HYBRID: "hybrid"}
 
 
-def print_hits(query: str, response: pb.SearchDocumentsResponse) -> None:
+def print_hits(query: str, response: pb.SearchDocumentsResponse, batch_size: int = 1) -> None:
+    """One response as a table; `batch_size`: it came from a batch of that many (the time is the batch's)."""
     table = Table(title=f"「{query}」", title_justify="left", show_lines=False)
     table.add_column("#", justify="right", no_wrap=True, min_width=2)
     table.add_column("score", justify="right", no_wrap=True, min_width=6)
@@ -29,7 +30,8 @@ def print_hits(query: str, response: pb.SearchDocumentsResponse) -> None:
         table.add_row(str(rank), f"{hit.score:.4f}", hit.id, *found, _shown_text(hit))
     console.print(table)
     console.print(f"[dim]{MODE_NAMES.get(response.mode, 'dense')} · model {response.model_version} · "
-                  f"collection {response.collection} · {response.timing.total_ms:.1f} ms[/dim]")
+                  f"collection {response.collection} · {response.timing.total_ms:.1f} ms"
+                  f"{f' for the batch of {batch_size}' if batch_size > 1 else ''}[/dim]")
 
 
 def _shown_text(hit: pb.SearchHit, width: int = 48) -> Text:

@@ -208,6 +208,7 @@ def test_demo_runs_end_to_end_through_grpc(tiny_model_dir: Path, tmp_path: Path)
     assert "退钱怎么操作？" in result.stdout and "faq-" in result.stdout
     assert "MRR@3 on the demo questions: hybrid" in result.stdout and "→ showing" in result.stdout
     assert "dense: faq-" in result.stdout and "lexical: faq-" in result.stdout
+    assert "ms for the batch of 6" in result.stdout  # one batch: its time is not each question's
     assert "WARNING" not in result.stdout
 
 

@@ -88,6 +88,9 @@ class RunningServer:
         except (TimeoutError, SemsearchError) as exc:
             log.debug("health_probe_failed", reason=str(exc)[:300])
             return False
+        except Exception as exc:  # unexpected: NOT_SERVING and said, never a dead health watch
+            log.warning("health_probe_error", error=type(exc).__name__, reason=str(exc)[:300])
+            return False
         if not loaded:
             return False
         try:  # a remote encoder may probe its servers: off the event loop, bounded

@@ -316,6 +316,42 @@ def test_reconnect_is_rate_limited(tmp_path: Path) -> None:
         store.close()
 
 
+def test_health_needs_a_search_that_answers_not_only_a_loaded_collection(
+    make_service: Callable[..., LiveService], tiny_encoder: TorchEncoder,
+) -> None:
+    """A restarted Milvus server reports the collection loaded while its searches still time out: health
+    must say NOT_SERVING then (its probe searches), SERVING once searches answer, and stay alive."""
+    from service.server import LIVENESS_NAME
+
+    service = make_service(tiny_encoder, health_probe_interval_s=0.2)
+    service.stub.UpsertDocuments(pb.UpsertDocumentsRequest(documents=[pb.Document(id="a", text=SENTENCE)]))
+    store = service.running.store
+    health = health_pb2_grpc.HealthStub(service.channel)
+
+    def status(name: str = "") -> int:
+        return int(health.Check(health_pb2.HealthCheckRequest(service=name), timeout=10).status)
+
+    def wait_for(wanted: int) -> None:
+        deadline = time.monotonic() + 30
+        while status() != wanted and time.monotonic() < deadline:
+            time.sleep(0.1)
+        assert status() == wanted
+
+    answering = store.probe_search
+
+    def times_out(name: str, dimension: int, timeout_s: float) -> None:
+        raise MilvusTimeoutError(f"Milvus did not answer search within {timeout_s} s")
+
+    store.probe_search = times_out  # type: ignore[method-assign]
+    try:
+        assert store.load_state(service.running.servicer.engine.pair.collection.name) == "Loaded"  # type: ignore[union-attr]
+        wait_for(health_pb2.HealthCheckResponse.NOT_SERVING)
+        assert status(LIVENESS_NAME) == health_pb2.HealthCheckResponse.SERVING
+    finally:
+        store.probe_search = answering  # type: ignore[method-assign]
+    wait_for(health_pb2.HealthCheckResponse.SERVING)
+
+
 def test_a_slow_milvus_is_a_timeout_and_a_replaced_client_is_retried(tmp_path: Path) -> None:
     """A deadline is a slow server: UNAVAILABLE saying so, with no reconnect (which would close the channel
     under every other call). A call that failed because another thread replaced the client meanwhile is

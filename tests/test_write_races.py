@@ -66,3 +66,35 @@ def test_an_older_write_landing_after_a_newer_one_settled_leaves_one_whole_versi
     finally:
         late.close()
         prompt.close()
+
+
+@pytest.mark.milvus_server
+def test_duplicate_rows_of_one_chunk_id_are_found_and_rewritten(
+        milvus_server_uri: str, collection_name: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Two upserts of one chunk id racing from two clients can both keep their row (both deletes before
+    both inserts): queries then show one, count(*) both, and reads of the document disagree. Here the
+    other client's row lands between this write's upsert and its read-back (as such an insert does):
+    the write finds the extra row by counting and rewrites its version, leaving one row per id."""
+    store = MilvusStore(milvus_server_uri, timeout_s=30)
+    try:
+        store.ensure_collection(collection_name, MANIFEST)
+        real_delete_tails = store._delete_tails
+
+        def delete_tails_then_a_racing_insert(name: str, rows: Any, written_at: int) -> None:
+            real_delete_tails(name, rows, written_at)
+            if not getattr(delete_tails_then_a_racing_insert, "done", False):
+                delete_tails_then_a_racing_insert.done = True  # type: ignore[attr-defined]
+                older = version("d", "older", 3, 10)[1]  # chunk 1 of another client's version
+                entity = older.to_entity(written_at - 5, tenant_field=store.tenant_aware(collection_name))
+                store.client.insert(collection_name, [entity])
+
+        monkeypatch.setattr(store, "_delete_tails", delete_tails_then_a_racing_insert)
+        store.write_documents(collection_name, version("d", "newer", 3, 20))
+        assert store.count(collection_name, 'doc_id == "d"') == 3  # one row per chunk id
+        rows = store.document_rows(collection_name, ["d"], ["chunk_index", "content_hash"], tenant=None)
+        assert [(int(r["chunk_index"]), r["content_hash"]) for r in rows] == [(i, "newer") for i in range(3)]
+        unlimited = store.client.query(collection_name, filter='doc_id == "d"',  # the other query path agrees
+                                       output_fields=["chunk_index", "content_hash"], consistency_level="Strong")
+        assert sorted((int(r["chunk_index"]), r["content_hash"]) for r in unlimited) == [(i, "newer") for i in range(3)]
+    finally:
+        store.close()

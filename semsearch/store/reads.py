@@ -27,9 +27,10 @@ class StoreReads(StoreCollections):
         kwargs.setdefault("consistency_level", BOOKKEEPING_CONSISTENCY)
         return self._call(self.client.query, **kwargs)
 
-    def count(self, name: str, filter: str = "") -> int:
+    def count(self, name: str, filter: str = "", consistency: str = BOOKKEEPING_CONSISTENCY) -> int:
         """Rows matching `filter` (a rendered expression, never a user string; '' = all rows)."""
-        rows = self._query(collection_name=name, filter=filter, output_fields=["count(*)"])
+        rows = self._query(collection_name=name, filter=filter, output_fields=["count(*)"],
+                           consistency_level=consistency)
         return int(rows[0]["count(*)"])
 
     def count_documents(self, name: str, conditions: Sequence[Condition]) -> int:

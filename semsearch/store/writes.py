@@ -183,6 +183,9 @@ class StoreWrites(StoreReads):
           they still stand, they landed after that write had returned (over its first chunks: the ids are
           shared by every version), so take the document over: write all its chunks again stamped later
           than any version seen and drop every other tail, so it ends whole as this version.
+        - Milvus holds duplicate rows of one of its chunk ids (two clients' upserts of the id raced; on a
+          server only, `_duplicated_documents`): write all its chunks again, taking the document over if
+          superseded (an upsert deletes every row of its id).
         At most SETTLE_ROUNDS writes. A superseded write deletes nothing otherwise: Milvus deletes by
         filter as "find the rows, delete their ids", so a loser's delete could remove the winner's chunks;
         the patience keeps the take-over for a newer write that is gone (a slow one still settling would
@@ -198,8 +201,13 @@ class StoreWrites(StoreReads):
             rewrite: dict[int, list[ChunkRow]] = {}  # stamp -> rows to write again
             whole: dict[int, list[ChunkRow]] = {}  # stamp -> every chunk of a repaired document (its tails go)
             waiting = False
+            duplicated = self._duplicated_documents(name, wanted, stored)
             for key, chunks in wanted.items():
-                step = _settle_step(chunks, stored.get(key, set()), stamps, key, stranded_since)
+                step: list[ChunkRow] | None
+                if key in duplicated:  # rewritten whole: an upsert deletes every row of its ids
+                    step = _rewrite_whole(chunks, stored.get(key, set()), stamps, key)
+                else:
+                    step = _settle_step(chunks, stored.get(key, set()), stamps, key, stranded_since)
                 if step is WAIT:
                     waiting = True
                 elif step is not None:
@@ -218,6 +226,34 @@ class StoreWrites(StoreReads):
                 log.info("document_version_repaired", collection=name, chunks=len(again))
                 self.upsert(name, again, written_at=stamp)
                 self._delete_tails(name, whole[stamp], stamp)
+
+    def _duplicated_documents(self, name: str, wanted: Mapping[tuple[str, str], Any],
+                              stored: Mapping[tuple[str, str], set[Any]]) -> set[tuple[str, str]]:
+        """The documents of this write that Milvus holds more rows of than a query shows.
+
+        Two upserts of one chunk id racing from two clients can both keep their row (both deletes ran
+        before both inserts): queries then show one of the two, and which one depends on the query
+        (with or without a limit), while count(*) counts both, so reads of one document disagree. One
+        count for the whole write; one per document only when that count is off. Milvus Lite needs
+        none of this: writes of every process on a directory take turns (`_document_writes`)."""
+        if self._lite is not None:
+            return set()
+        doc_ids = sorted({doc_id for _, doc_id in wanted})
+        # Session, not Strong: it reads at least what the Strong read-back just saw (the server caught up
+        # to that) without waiting for another time tick (~0.2 s on 2.3.5); a row landing since can only
+        # add a rewrite, never hide a duplicate.
+        if self.count(name, render_string_in("doc_id", doc_ids), "Session") <= sum(map(len, stored.values())):
+            return set()
+        tenant_field = self.tenant_aware(name)
+        duplicated = set()
+        for tenant, doc_id in wanted:
+            where = render_string_in("doc_id", [doc_id]) + (
+                f" and {render_filters([TenantFilter(tenant)])}" if tenant_field else "")
+            if self.count(name, where, "Session") > len(stored.get((tenant, doc_id), ())):
+                duplicated.add((tenant, doc_id))
+        if duplicated:
+            log.warning("duplicate_rows_found", collection=name, documents=len(duplicated))
+        return duplicated
 
     def _stored_versions(self, name: str, wanted: Mapping[tuple[str, str], Any]
                          ) -> dict[tuple[str, str], set[tuple[int, tuple[int, str]]]]:
@@ -288,6 +324,18 @@ class StoreWrites(StoreReads):
 
 
 WAIT: list[ChunkRow] = []  # `_settle_step`: stranded, still within its patience
+
+
+def _rewrite_whole(chunks: dict[int, ChunkRow], present: set[tuple[int, tuple[int, str]]],
+                   stamps: dict[tuple[str, str], int], key: tuple[str, str]) -> list[ChunkRow]:
+    """Every chunk of a document Milvus holds duplicate rows of: the newest version rewrites itself; a
+    superseded one takes the document over (its stamp moved past every version seen), since the newer
+    write may have returned before the duplicates formed. Either way one whole version a client sent."""
+    mine = (stamps[key], chunks[0].content_hash if 0 in chunks else "")
+    newest = max((version for _, version in present), default=mine)
+    if newest > mine:
+        stamps[key] = max(int(time.time() * 1000), newest[0] + 1)
+    return list(chunks.values())
 
 
 def _settle_step(chunks: dict[int, ChunkRow], present: set[tuple[int, tuple[int, str]]],

@@ -71,27 +71,26 @@ class RunningServer:
         SERVING.set(1 if serving else 0)
 
     async def probe_backends(self) -> bool:
-        """Would a search succeed now: does the serving collection answer a search (a released one is
-        loaded first: a restarted Lite process reopens collections released)? And, for remote
-        encoders, is one server up? A restarted Milvus server reports the collection loaded long
-        before its searches answer, and searches meanwhile fail or come back incomplete."""
+        """Would a search succeed now: is the serving collection fully loaded (a released one is loaded
+        here: a restarted Lite process reopens collections released; one still loading answers a
+        one-hit search, incompletely) and does it answer a search? And, for remote encoders, is one
+        server up? A restarted Milvus server reports the collection loaded long before its searches
+        answer, and searches meanwhile fail or come back incomplete."""
         engine = self.servicer.engine
         if engine is None:
             return False
         bound = max(2.0, self.settings.health_probe_interval_s)
         collection = engine.pair.collection
         try:
-            loaded = await asyncio.wait_for(asyncio.to_thread(self.store.load_if_released, collection.name), bound)
-            if loaded:
-                await asyncio.wait_for(asyncio.to_thread(
-                    self.store.probe_search, collection.name, collection.dimension, bound), bound + 1.0)
+            if not await asyncio.wait_for(asyncio.to_thread(self.store.load_if_released, collection.name), bound):
+                return False
+            await asyncio.wait_for(asyncio.to_thread(
+                self.store.probe_search, collection.name, collection.dimension, bound), bound + 1.0)
         except (TimeoutError, SemsearchError) as exc:
             log.debug("health_probe_failed", reason=str(exc)[:300])
             return False
         except Exception as exc:  # unexpected: NOT_SERVING and said, never a dead health watch
             log.warning("health_probe_error", error=type(exc).__name__, reason=str(exc)[:300])
-            return False
-        if not loaded:
             return False
         try:  # a remote encoder may probe its servers: off the event loop, bounded
             return await asyncio.wait_for(asyncio.to_thread(engine.pair.encoder.healthy), bound)

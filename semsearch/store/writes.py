@@ -203,11 +203,8 @@ class StoreWrites(StoreReads):
             waiting = False
             duplicated = self._duplicated_documents(name, wanted, stored)
             for key, chunks in wanted.items():
-                step: list[ChunkRow] | None
-                if key in duplicated:  # rewritten whole: an upsert deletes every row of its ids
-                    step = _rewrite_whole(chunks, stored.get(key, set()), stamps, key)
-                else:
-                    step = _settle_step(chunks, stored.get(key, set()), stamps, key, stranded_since)
+                step = _settle_step(chunks, stored.get(key, set()), stamps, key, stranded_since,
+                                    duplicated=key in duplicated)
                 if step is WAIT:
                     waiting = True
                 elif step is not None:
@@ -326,33 +323,27 @@ class StoreWrites(StoreReads):
 WAIT: list[ChunkRow] = []  # `_settle_step`: stranded, still within its patience
 
 
-def _rewrite_whole(chunks: dict[int, ChunkRow], present: set[tuple[int, tuple[int, str]]],
-                   stamps: dict[tuple[str, str], int], key: tuple[str, str]) -> list[ChunkRow]:
-    """Every chunk of a document Milvus holds duplicate rows of: the newest version rewrites itself; a
-    superseded one takes the document over (its stamp moved past every version seen), since the newer
-    write may have returned before the duplicates formed. Either way one whole version a client sent."""
-    mine = (stamps[key], chunks[0].content_hash if 0 in chunks else "")
-    newest = max((version for _, version in present), default=mine)
-    if newest > mine:
-        stamps[key] = max(int(time.time() * 1000), newest[0] + 1)
-    return list(chunks.values())
-
-
 def _settle_step(chunks: dict[int, ChunkRow], present: set[tuple[int, tuple[int, str]]],
                  stamps: dict[tuple[str, str], int], key: tuple[str, str],
-                 stranded_since: dict[tuple[str, str], float]) -> list[ChunkRow] | None:
+                 stranded_since: dict[tuple[str, str], float], *, duplicated: bool = False) -> list[ChunkRow] | None:
     """What one document of a write needs now: the rows to write again (its stamp in `stamps`, moved
-    on for a take-over), WAIT, or None (whole, or cleanly superseded)."""
+    on for a take-over), WAIT, or None (whole, or cleanly superseded).
+
+    Rewritten whole, taken over if superseded: a document stranded past its patience, and one Milvus
+    holds duplicate rows of (`duplicated`: an upsert deletes every row of its ids; the newer write may
+    have returned before the duplicates formed). Either way one whole version a client sent."""
     mine = (stamps[key], chunks[0].content_hash if 0 in chunks else "")
     newest = max((version for _, version in present), default=mine)
-    if newest > mine and any(version == mine for _, version in present):
+    stranded = newest > mine and any(version == mine for _, version in present)
+    if stranded and not duplicated:
         since = stranded_since.setdefault(key, time.monotonic())
         if time.monotonic() - since < STRANDED_PATIENCE_S:
             return WAIT
-        del stranded_since[key]
-        stamps[key] = max(int(time.time() * 1000), newest[0] + 1)  # take the document over
-        return list(chunks.values())
     stranded_since.pop(key, None)
+    if stranded or duplicated:
+        if newest > mine:
+            stamps[key] = max(int(time.time() * 1000), newest[0] + 1)  # take the document over
+        return list(chunks.values())
     if newest > mine:
         return None  # superseded cleanly: the newer write repairs its own version
     have = {index for index, version in present if version == mine}
